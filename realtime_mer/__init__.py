@@ -1,0 +1,3 @@
+"""realtime-mer: real-time micro-expression recognition."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,32 @@
+"""Errors the product raises on bad input. The CLI turns each into a one-line message and a
+non-zero exit code; nothing in the library prints a traceback for a user's mistake."""
+
+from __future__ import annotations
+
+
+class MerError(Exception):
+    """Base of every error a user can cause and fix. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class InputError(MerError):
+    """A video, image or stream cannot be opened or decoded (missing, corrupt, not a video)."""
+
+    exit_code = 2
+
+
+class EngineError(MerError):
+    """An engine file or its manifest is missing, corrupt, or does not match what is asked."""
+
+    exit_code = 3
+
+
+class DatasetError(MerError):
+    """A training dataset folder or label file is missing, incomplete or inconsistent."""
+
+    exit_code = 4
+
+
+class BackendUnavailable(EngineError):
+    """An explicitly requested backend or device (TensorRT, CUDA) is not available here."""
