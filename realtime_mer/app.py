@@ -1,0 +1,202 @@
+"""The Gradio demo: a live webcam tab (annotated frames + event log) and an upload tab that runs
+``analyze`` on a file and offers its outputs.
+
+The streaming function is :meth:`LiveSession.process_rgb`; it holds one pipeline per browser
+session, so it can be tested on frames of a real video without a browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from realtime_mer.capture import Frame
+from realtime_mer.pipeline import FrameResult, Pipeline, PipelineOptions
+from realtime_mer.report import OUTPUT_FILES, EventRecord
+from realtime_mer.runtime import Backend
+
+log = logging.getLogger(__name__)
+
+EVENT_LOG_COLUMNS = ["time (s)", "kind", "class", "confidence", "duration (ms)"]
+_MAX_LOG_ROWS = 200
+
+
+@dataclass
+class LiveSession:
+    """Pipeline state of one live stream. Frames arrive as RGB (what the browser sends); their
+    time is the moment they arrive (the capture clock), since a browser stream has no pts."""
+
+    engine: Backend
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+    pipeline: Pipeline | None = None
+    events: list[EventRecord] = field(default_factory=list)
+    frames: int = 0
+    _t0: float | None = None
+    _last_arrival: float | None = None
+    _fps: float = 0.0
+
+    def process_rgb(self, image_rgb: np.ndarray | None, t_ms: float | None = None
+                    ) -> tuple[np.ndarray | None, list[list]]:
+        """One streamed frame → (annotated RGB frame, event log rows, newest first)."""
+        if image_rgb is None:
+            return None, self.log_rows()
+        if self.pipeline is None:
+            self.pipeline = Pipeline(self.options, engine=self.engine, source_name="webcam")
+        now = time.monotonic()
+        if t_ms is None:
+            self._t0 = now if self._t0 is None else self._t0
+            t_ms = (now - self._t0) * 1000.0
+        if self._last_arrival is not None and now > self._last_arrival:
+            rate = 1.0 / (now - self._last_arrival)
+            self._fps = rate if self._fps == 0 else 0.9 * self._fps + 0.1 * rate
+        self._last_arrival = now
+        image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+        result = self.pipeline.process(Frame(t_ms=t_ms, image_bgr=image_bgr, index=self.frames))
+        self.frames += 1
+        if result.event is not None:
+            self.events.append(result.event)
+            del self.events[:-_MAX_LOG_ROWS]
+        annotated = annotate(image_bgr, result, self.events[-1] if self.events else None,
+                             self._fps)
+        return cv2.cvtColor(annotated, cv2.COLOR_BGR2RGB), self.log_rows()
+
+    def log_rows(self) -> list[list]:
+        return [[round(e.apex_ms / 1000, 2), e.kind, e.label, round(e.confidence, 3),
+                 round(e.duration_ms)] for e in reversed(self.events)]
+
+    def reset(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.reset()
+        self.events.clear()
+        self.frames = 0
+        self._t0 = self._last_arrival = None
+        self._fps = 0.0
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+
+_GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (0, 165, 255)
+
+
+def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord | None,
+             fps: float = 0.0) -> np.ndarray:
+    """Face box, the spotting signal against its threshold, the last event."""
+    out = image_bgr.copy()
+    height, width = out.shape[:2]
+    scale = max(0.4, min(width, height) / 720)
+    face = result.face
+    if face.found and face.box_xyxy is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box_xyxy)
+        cv2.rectangle(out, (x0, y0), (x1, y1), _GREEN, 2)
+        if face.n_faces > 1:
+            _text(out, f"{face.n_faces} faces: tracking the largest", (x0, max(15, y0 - 8)),
+                  scale, _ORANGE)
+    else:
+        _text(out, "no face", (10, int(30 * scale) + 10), scale, _RED)
+    if result.signal is not None and result.threshold:
+        level = min(result.signal / (2 * result.threshold), 1.0)
+        bar_h = int(height * 0.4)
+        x, y = width - 30, height - 20
+        cv2.rectangle(out, (x, y - bar_h), (x + 14, y), _WHITE, 1)
+        colour = _RED if result.signal > result.threshold else _GREEN
+        cv2.rectangle(out, (x + 1, y - int(bar_h * level)), (x + 13, y - 1), colour, -1)
+        cv2.line(out, (x - 4, y - bar_h // 2), (x + 18, y - bar_h // 2), _ORANGE, 2)
+        _text(out, f"signal {result.signal:.2f} / thr {result.threshold:.2f}",
+              (10, height - 15), scale * 0.8, _WHITE)
+    if last_event is not None:
+        colour = _RED if last_event.kind == "micro" else _ORANGE
+        _text(out, f"last: {last_event.kind} {last_event.label} {last_event.confidence:.2f} "
+                   f"at {last_event.apex_ms / 1000:.1f}s", (10, int(60 * scale) + 10),
+              scale, colour)
+    if fps:
+        _text(out, f"{fps:.0f} fps", (width - int(110 * scale), int(30 * scale)), scale * 0.8,
+              _WHITE)
+    return out
+
+
+def _text(image, text, origin, scale, colour) -> None:
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOptions,
+                   progress=None):
+    """Upload tab: analyse a file into a fresh folder → (output files, timeline, event rows,
+    message)."""
+    from realtime_mer.analyze import analyze_video
+    from realtime_mer.errors import InputError
+
+    if not video_path:
+        return [], None, [], "Choose a video file first."
+    out_dir = Path(tempfile.mkdtemp(prefix="mer-analyze-"))
+
+    def report(done: int, expected: int | None) -> None:
+        if progress is not None and expected:
+            progress(min(done / expected, 1.0), desc=f"frame {done} of {expected}")
+
+    try:
+        result = analyze_video(video_path, out_dir, options=options, engine=engine,
+                               progress=report)
+    except InputError as error:
+        return [], None, [], f"Error: {error}"
+    files = [str(out_dir / name) for name in OUTPUT_FILES if (out_dir / name).exists()]
+    rows = [[round(e.apex_ms / 1000, 2), e.kind, e.label, round(e.confidence, 3),
+             round(e.duration_ms)] for e in result.events]
+    s = result.summary
+    message = (f"{s['frames']['processed']} frames, {s['frames']['without_face']} without a "
+               f"face; {s['events']['micro']} micro and {s['events']['macro']} macro events.")
+    if result.problems:
+        message += " Problems: " + "; ".join(result.problems) + " (events before it are kept)."
+    timeline = str(out_dir / "timeline.png") if (out_dir / "timeline.png").exists() else None
+    return files, timeline, rows, message
+
+
+def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
+    import gradio as gr
+
+    def stream(image, session: LiveSession | None):
+        if session is None:
+            session = LiveSession(engine=engine, options=options)
+        annotated, rows = session.process_rgb(image)
+        return annotated, rows, session
+
+    def clear(session: LiveSession | None):
+        if session is not None:
+            session.reset()
+        return None, [], session
+
+    def upload(video, progress=gr.Progress()):
+        return analyze_upload(video, engine, options, progress)
+
+    manifest = engine.manifest
+    with gr.Blocks(title="realtime-mer") as app:
+        gr.Markdown(
+            f"## realtime-mer: micro-expression recognition\nModel **{manifest.model}** "
+            f"({engine.name} on {engine.device}); classes: {', '.join(manifest.class_names)}.")
+        with gr.Tab("Live webcam"):
+            session = gr.State(None)
+            with gr.Row():
+                camera = gr.Image(sources=["webcam"], streaming=True, label="webcam")
+                annotated = gr.Image(label="annotated", streaming=True)
+            events = gr.Dataframe(headers=EVENT_LOG_COLUMNS, label="event log (newest first)")
+            reset = gr.Button("Reset")
+            camera.stream(stream, [camera, session], [annotated, events, session],
+                          stream_every=0.05, concurrency_limit=4)
+            reset.click(clear, [session], [annotated, events, session])
+        with gr.Tab("Analyze a file"):
+            video = gr.File(label="video file", file_types=["video"], type="filepath")
+            run = gr.Button("Analyze", variant="primary")
+            message = gr.Markdown()
+            timeline = gr.Image(label="timeline", type="filepath")
+            table = gr.Dataframe(headers=EVENT_LOG_COLUMNS, label="events")
+            files = gr.File(label="outputs", file_count="multiple")
+            run.click(upload, [video], [files, timeline, table, message])
+    return app

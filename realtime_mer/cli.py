@@ -1,0 +1,178 @@
+"""The ``mer`` command: analyse recorded videos, run the live demo, inspect the engine.
+
+Every error a user can cause ends with a one-line message on stderr and a non-zero exit code
+(2 bad input, 3 engine problem, 130 interrupted); tracebacks are shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from realtime_mer import __version__
+from realtime_mer.errors import InputError, MerError
+
+log = logging.getLogger("realtime_mer")
+
+EXIT_INPUT_DAMAGED = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mer", description="Real-time micro-expression recognition.")
+    parser.add_argument("--version", action="version", version=f"realtime-mer {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = commands.add_parser(
+        "analyze", help="find and classify micro-expressions in recorded videos",
+        description="Run the pipeline over each video and write events.jsonl (as events are "
+                    "found), events.csv, summary.json and timeline.png. With one video the "
+                    "files go straight into --out; with several, into --out/<video name>/.")
+    analyze.add_argument("videos", nargs="+", type=Path, metavar="VIDEO")
+    analyze.add_argument("--out", type=Path, required=True, metavar="DIR",
+                         help="output folder (created if missing)")
+    _add_engine_arguments(analyze)
+    analyze.add_argument("--max-side", type=int, default=1280, metavar="PX",
+                         help="downscale frames whose longer side exceeds this (default 1280; "
+                              "0 keeps full size)")
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    demo = commands.add_parser(
+        "demo", help="the live webcam demo (Gradio web app)",
+        description="Serve the Gradio app: webcam streaming with annotated frames and an event "
+                    "log, and an upload tab that analyses a file.")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share", action="store_true",
+                      help="also open a public Gradio share link (off by default)")
+    _add_engine_arguments(demo)
+
+    info = commands.add_parser("info", help="show the engine's manifest and the backends here")
+    _add_engine_arguments(info)
+    return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", type=Path, default=None, metavar="FILE",
+                        help="engine file with its .json manifest beside it (default: the "
+                             "shipped engines/ststnet_3db.onnx, or $MER_ENGINE)")
+    parser.add_argument("--backend", default="auto",
+                        choices=["auto", "onnxruntime", "torch", "tensorrt"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "info":
+            return _info(args)
+    except KeyboardInterrupt:
+        print("mer: interrupted; events found so far are kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MerError as error:
+        if args.debug:
+            raise
+        print(f"mer: error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 1
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mer: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _pipeline_options(args):
+    from realtime_mer.pipeline import PipelineOptions
+
+    return PipelineOptions(engine_path=str(args.engine) if args.engine else None,
+                           backend=args.backend, device=args.device)
+
+
+def _load_engine(args):
+    from realtime_mer.runtime import default_engine_path, load_engine
+
+    return load_engine(args.engine or default_engine_path(), backend=args.backend,
+                       device=args.device)
+
+
+def _analyze(args) -> int:
+    from tqdm import tqdm
+
+    from realtime_mer.analyze import analyze_video
+    from realtime_mer.capture import CaptureOptions
+
+    engine = _load_engine(args)  # fail on a bad engine before touching any video
+    options = _pipeline_options(args)
+    capture = CaptureOptions(max_side=args.max_side or None)
+    several = len(args.videos) > 1
+    exit_code = 0
+    for video in args.videos:
+        out_dir = args.out / video.stem if several else args.out
+        bar = None if args.no_progress else tqdm(
+            desc=video.name, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+        def progress(done: int, expected: int | None, bar=bar) -> None:
+            if bar is not None:
+                if expected and bar.total != expected:
+                    bar.total = expected
+                bar.update(done - bar.n)
+
+        try:
+            result = analyze_video(video, out_dir, options=options, capture=capture,
+                                   engine=engine, progress=progress)
+        except InputError as error:
+            print(f"mer: error: {video}: {error}", file=sys.stderr)
+            exit_code = max(exit_code, error.exit_code)
+            continue
+        finally:
+            if bar is not None:
+                bar.close()
+        s = result.summary
+        print(f"{video.name}: {s['frames']['processed']} frames "
+              f"({s['frames']['without_face']} without a face), "
+              f"{s['events']['micro']} micro / {s['events']['macro']} macro events, "
+              f"{s['throughput']['frames_per_s']:.1f} frames/s → {out_dir}")
+        for problem in result.problems:
+            print(f"mer: error: {video}: {problem}; the {len(result.events)} events found before "
+                  f"it are kept in {out_dir}", file=sys.stderr)
+            exit_code = max(exit_code, EXIT_INPUT_DAMAGED)
+    return exit_code
+
+
+def _demo(args) -> int:
+    from realtime_mer.app import build_app
+
+    engine = _load_engine(args)
+    app = build_app(engine=engine, options=_pipeline_options(args))
+    print(f"mer demo: serving on http://{args.host}:{args.port} (Ctrl+C to stop)")
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                       inbrowser=False)
+    return 0
+
+
+def _info(args) -> int:
+    engine = _load_engine(args)
+    manifest = engine.manifest
+    payload = {"engine": str(getattr(engine, "path", args.engine)), "backend": engine.name,
+               "device": str(engine.device), "manifest": manifest.to_dict()}
+    print(json.dumps(payload, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

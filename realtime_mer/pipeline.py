@@ -1,0 +1,200 @@
+"""The streaming pipeline: face → ring buffer → spotter → features → engine → events.
+
+One :class:`Pipeline` object takes frames one at a time (from a file or a webcam alike) and
+returns a :class:`FrameResult` per frame; an event, when the spotter closes one, is classified on
+the spot from the onset and apex crops held in the ring buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from realtime_mer.buffer import RingBuffer
+from realtime_mer.capture import Frame
+from realtime_mer.face import FaceAligner, FaceOptions, FaceResult
+from realtime_mer.features import FeatureOptions, flow_strain_map
+from realtime_mer.report import EventRecord
+from realtime_mer.runtime import Backend, default_engine_path, load_engine
+from realtime_mer.spotting import SpotEvent, Spotter, SpotterOptions
+from realtime_mer.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    face: FaceOptions = field(default_factory=FaceOptions)
+    spotter: SpotterOptions = field(default_factory=SpotterOptions)
+    features: FeatureOptions = field(default_factory=FeatureOptions)
+    engine_path: str | None = None  # None: the default engine shipped in engines/
+    backend: str = "auto"
+    device: str = "auto"
+    # Must hold an event's onset when its offset is found: the longest event the spotter closes
+    # plus its reference lag, with margin.
+    buffer_seconds: float = 4.0
+    # A face missing for longer than this breaks the sequence: the spotter and buffer restart,
+    # so no flow is ever computed across a cut, a turned-away head or a face that left.
+    face_gap_reset_ms: float = 300.0
+    fps_hint: float = 30.0
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    index: int
+    t_ms: float
+    face: FaceResult
+    signal: float | None
+    threshold: float | None
+    event: EventRecord | None
+    feature_map: np.ndarray | None = None  # (28, 28, 3) map of the event, for display
+
+
+class Pipeline:
+    """Wires the stages. ``process(frame)`` per frame; ``timer`` holds per-stage milliseconds."""
+
+    def __init__(self, options: PipelineOptions = PipelineOptions(),
+                 engine: Backend | None = None, source_name: str = "") -> None:
+        self.options = options
+        self.engine = engine or load_engine(
+            options.engine_path or default_engine_path(), backend=options.backend,
+            device=options.device)
+        self.class_names = list(self.engine.manifest.class_names)
+        self.source_name = source_name
+        self.timer = StageTimer(synchronize=_synchronizer(self.engine))
+        self.aligner = FaceAligner(options.face)
+        self.spotter = Spotter(options.spotter)
+        self.buffer = RingBuffer(
+            capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
+            crop_size=options.face.crop_size, n_landmarks=478)
+        self._last_face_ms: float | None = None
+        # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
+        # frame numbers as well as their times.
+        self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer.capacity)
+        self.frames_seen = 0
+        self.frames_with_face = 0
+        self.frames_with_several_faces = 0
+        self.sequence_restarts = 0
+
+    # -- per frame ---------------------------------------------------------------------------
+    def process(self, frame: Frame) -> FrameResult:
+        self.frames_seen += 1
+        self._recent_frames.append((frame.t_ms, frame.index))
+        with self.timer.stage("face"):
+            face = self.aligner.process(frame.image_bgr, frame.t_ms)
+        if face.n_faces > 1:
+            self.frames_with_several_faces += 1
+        if not face.found:
+            self._maybe_restart(frame.t_ms)
+            return FrameResult(frame.index, frame.t_ms, face, None, None, None)
+
+        self.frames_with_face += 1
+        if self._last_face_ms is not None and \
+                frame.t_ms - self._last_face_ms > self.options.face_gap_reset_ms:
+            self._restart_sequence()
+        self._last_face_ms = frame.t_ms
+
+        with self.timer.stage("buffer"):
+            self.buffer.push(frame.t_ms, face.crop, _pad_landmarks(face.landmarks))
+        with self.timer.stage("spotting"):
+            spot = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
+        record, feature_map = (None, None)
+        if spot is not None:
+            record, feature_map = self._classify(spot)
+        return FrameResult(frame.index, frame.t_ms, face, self.spotter.signal,
+                           self.spotter.threshold, record, feature_map)
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
+        for frame in frames:
+            yield self.process(frame)
+
+    def reset(self) -> None:
+        self.aligner.reset()
+        self._restart_sequence()
+        self._last_face_ms = None
+        self._recent_frames.clear()
+        self.timer.reset()
+        self.frames_seen = self.frames_with_face = self.frames_with_several_faces = 0
+        self.sequence_restarts = 0
+
+    def close(self) -> None:
+        self.aligner.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _maybe_restart(self, t_ms: float) -> None:
+        if self._last_face_ms is not None and \
+                t_ms - self._last_face_ms > self.options.face_gap_reset_ms:
+            self._restart_sequence()
+            self._last_face_ms = None
+
+    def _restart_sequence(self) -> None:
+        if len(self.buffer):
+            self.sequence_restarts += 1
+        self.spotter.reset()
+        self.buffer.reset()
+
+    def _classify(self, spot: SpotEvent) -> tuple[EventRecord, np.ndarray]:
+        with self.timer.stage("features"):
+            onset_crop, _, onset_t = self.buffer.get(_clamp(spot.onset_ms, self.buffer))
+            apex_crop, _, apex_t = self.buffer.get(_clamp(spot.apex_ms, self.buffer))
+            offset_t = _clamp(spot.offset_ms, self.buffer)
+            feature_map = flow_strain_map(onset_crop, apex_crop, self.options.features)
+        with self.timer.stage("engine"):
+            probabilities = self.engine.predict(
+                feature_map.transpose(2, 0, 1)[None].astype(np.float32))[0]
+        best = int(np.argmax(probabilities))
+        record = EventRecord(
+            onset_ms=float(spot.onset_ms), apex_ms=float(spot.apex_ms),
+            offset_ms=float(spot.offset_ms), duration_ms=float(spot.offset_ms - spot.onset_ms),
+            kind=spot.kind, label=self.class_names[best], confidence=float(probabilities[best]),
+            probabilities={n: float(p) for n, p in zip(self.class_names, probabilities)},
+            peak=float(spot.peak), threshold=float(spot.threshold),
+            onset_frame=self._frame_index(onset_t), apex_frame=self._frame_index(apex_t),
+            offset_frame=self._frame_index(offset_t), source=self.source_name,
+        )
+        log.debug("event %s", record)
+        return record, feature_map
+
+    def _frame_index(self, t_ms: float) -> int:
+        """Index of the recent frame nearest ``t_ms`` (-1 if none is remembered)."""
+        if not self._recent_frames:
+            return -1
+        times = np.fromiter((t for t, _ in self._recent_frames), float)
+        return self._recent_frames[int(np.argmin(np.abs(times - t_ms)))][1]
+
+
+def _clamp(t_ms: float, buffer: RingBuffer) -> float:
+    """Events can start before the oldest crop still held (a long macro-expression): use the
+    oldest one rather than fail."""
+    return float(min(max(t_ms, buffer.oldest_ms), buffer.newest_ms))
+
+
+def _pad_landmarks(landmarks: np.ndarray | None) -> np.ndarray:
+    padded = np.zeros((478, 2), np.float32)
+    if landmarks is not None:
+        n = min(len(landmarks), 478)
+        padded[:n] = landmarks[:n]
+    return padded
+
+
+def _synchronizer(engine: Backend):
+    if str(getattr(engine, "device", "cpu")).startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return None
+
+
+def engine_path_or_default(path: str | Path | None) -> Path:
+    return Path(path) if path else default_engine_path()

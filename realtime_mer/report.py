@@ -1,0 +1,172 @@
+"""Report stage: events as JSON Lines (flushed as found), CSV, summary JSON and a timeline plot.
+
+The JSON Lines file is the durable record: every event is written and flushed (and fsynced) the
+moment it is found, so a run that is interrupted or crashes on damaged input keeps what it found.
+The other outputs are derived at the end of a run from the same events.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EVENTS_JSONL = "events.jsonl"
+EVENTS_CSV = "events.csv"
+SUMMARY_JSON = "summary.json"
+TIMELINE_PNG = "timeline.png"
+OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One spotted expression, as reported. Times in milliseconds from the first frame."""
+
+    onset_ms: float
+    apex_ms: float
+    offset_ms: float
+    duration_ms: float
+    kind: str  # "micro" (≤ 0.5 s) or "macro"
+    label: str  # class name with the highest probability
+    confidence: float  # that probability
+    probabilities: dict[str, float]
+    peak: float  # spotting signal at the apex
+    threshold: float  # spotting threshold when the event was found
+    onset_frame: int
+    apex_frame: int
+    offset_frame: int
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CSV_COLUMNS = (
+    "source", "kind", "label", "confidence", "onset_ms", "apex_ms", "offset_ms", "duration_ms",
+    "onset_frame", "apex_frame", "offset_frame", "peak", "threshold",
+)
+
+
+class EventWriter:
+    """Appends events to a JSON Lines file, one flushed line per event."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, event: EventRecord) -> None:
+        self._file.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
+        self._file.flush()
+        # Events are rare (a few per minute), so paying for fsync buys durability cheaply.
+        os.fsync(self._file.fileno())
+        self.count += 1
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "EventWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_events(path: str | Path) -> list[EventRecord]:
+    """Read a JSON Lines file written by :class:`EventWriter` (a torn last line is skipped)."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            events.append(EventRecord(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            log.warning("skipping an unreadable line in %s", path)
+    return events
+
+
+def write_csv(path: str | Path, events: Sequence[EventRecord], class_names: Sequence[str]) -> None:
+    columns = list(CSV_COLUMNS) + [f"p_{name}" for name in class_names]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for event in events:
+            row = {key: getattr(event, key) for key in CSV_COLUMNS}
+            row.update({f"p_{name}": event.probabilities.get(name, "") for name in class_names})
+            writer.writerow(row)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename), so a summary is never half-written."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclass
+class SignalTrace:
+    """The spotting signal over time, kept for the timeline plot (NaN where no face)."""
+
+    times_ms: list[float] = field(default_factory=list)
+    signal: list[float] = field(default_factory=list)
+    threshold: list[float] = field(default_factory=list)
+
+    def append(self, t_ms: float, signal: float | None, threshold: float | None) -> None:
+        self.times_ms.append(t_ms)
+        self.signal.append(np.nan if signal is None else float(signal))
+        self.threshold.append(np.nan if threshold is None else float(threshold))
+
+
+_KIND_COLOURS = {"micro": "tab:red", "macro": "tab:blue"}
+
+
+def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRecord],
+                  title: str = "") -> None:
+    """Signal and threshold over time, each event shaded from onset to offset, apex marked and
+    labelled with its class and confidence."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    t_s = np.asarray(trace.times_ms, dtype=float) / 1000.0
+    fig, ax = plt.subplots(figsize=(12, 3.6), dpi=100)
+    ax.plot(t_s, trace.signal, lw=0.9, color="black", label="spotting signal")
+    ax.plot(t_s, trace.threshold, lw=0.9, ls="--", color="tab:orange", label="threshold")
+    for event in events:
+        colour = _KIND_COLOURS.get(event.kind, "tab:gray")
+        ax.axvspan(event.onset_ms / 1000, event.offset_ms / 1000, color=colour, alpha=0.18)
+        ax.axvline(event.apex_ms / 1000, color=colour, lw=0.8)
+        ax.annotate(f"{event.kind}: {event.label} {event.confidence:.2f}",
+                    (event.apex_ms / 1000, 1.0), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=7, color=colour)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("flow magnitude (px)")
+    if len(t_s):
+        ax.set_xlim(t_s[0], max(t_s[-1], t_s[0] + 1e-3))
+    ax.set_title(title or "micro-expression spotting", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
