@@ -1,0 +1,479 @@
+"""Capture stage: video files (PyAV) and live cameras (OpenCV in a thread) as a stream of ``Frame``.
+
+Timestamps are presentation times from the container (``pts * time_base``) or the capture clock,
+never ``index / fps``: phone videos and webcams have variable frame rates, and the spotter's
+windows are in milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+
+from realtime_mer.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Frame", "CaptureOptions", "VideoInfo", "VideoFileSource", "WebcamSource",
+    "open_video", "probe_video",
+]
+
+# FFmpeg happily "opens" some non-video files: still images through its image demuxers, and any
+# byte soup through the text-art demuxers (bin/tty/xbin/...), which decode to a picture of text.
+_IMAGE_FORMAT_SUFFIX = "_pipe"
+_IMAGE_FORMATS = {"image2", "image2pipe"}
+_TEXT_ART_FORMATS = {"bin", "tty", "xbin", "adf", "idf"}
+_TEXT_ART_CODECS = {"ansi", "bintext", "xbin", "idf"}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded picture. ``t_ms`` is relative to the source's first frame (files) or to
+    ``start()`` (cameras); ``index`` counts frames produced by the source, dropped ones included,
+    so a gap in ``index`` means frames were dropped."""
+
+    t_ms: float
+    image_bgr: np.ndarray
+    index: int
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """``max_side``: frames whose longer side exceeds it are downscaled (aspect kept), a guard
+    against 4K input costing the face stage 10x more for no gain. ``queue_size``: frames a live
+    source holds for a slow consumer before dropping the oldest."""
+
+    max_side: int | None = None
+    queue_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be None or >= 16, got {self.max_side}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container declares. ``width``/``height`` are the stored size before rotation and
+    ``max_side``; ``n_frames_declared`` is 0 where the container does not say;
+    ``variable_frame_rate`` is a hint from the header (average rate differs from the base rate),
+    the frames' own timestamps are authoritative either way."""
+
+    path: str
+    width: int
+    height: int
+    fps_nominal: float
+    n_frames_declared: int
+    duration_ms: float
+    variable_frame_rate: bool
+    codec: str
+
+
+def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    # Even sizes keep chroma-subsampled pixel formats happy in swscale.
+    new_w = max(2, int(round(width * scale / 2)) * 2)
+    new_h = max(2, int(round(height * scale / 2)) * 2)
+    return new_w, new_h
+
+
+def _downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    size = _scaled_size(image.shape[1], image.shape[0], max_side)
+    if size is None:
+        return image
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _check_path(path: str | os.PathLike) -> str:
+    text = os.fspath(path)
+    if "://" in text:
+        return text  # a stream URL: FFmpeg decides
+    p = Path(text)
+    if not p.exists():
+        raise InputError(f"video file not found: {text}")
+    if p.is_dir():
+        raise InputError(f"expected a video file, got a directory: {text}")
+    if not p.is_file():
+        raise InputError(f"not a regular file (device, pipe or socket?): {text}")
+    if p.stat().st_size == 0:
+        raise InputError(f"video file is empty (0 bytes): {text}")
+    return text
+
+
+def _open_container(path: str):
+    import av  # deferred: importing PyAV costs time that webcam-only users need not pay
+
+    try:
+        container = av.open(path, mode="r", timeout=10.0)
+    except av.error.FFmpegError as exc:
+        raise InputError(f"cannot open {path} as a video: {_ffmpeg_reason(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot open {path} as a video: {exc}") from None
+    try:
+        stream = _video_stream(container, path)
+    except BaseException:
+        container.close()
+        raise
+    return container, stream
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return reason.split(":")[0].strip() if reason else type(exc).__name__
+
+
+def _video_stream(container, path: str):
+    fmt = container.format.name
+    if fmt in _IMAGE_FORMATS or fmt.endswith(_IMAGE_FORMAT_SUFFIX):
+        raise InputError(
+            f"{path} is a still image ({fmt.replace(_IMAGE_FORMAT_SUFFIX, '')}), not a video; "
+            "give a video file or a camera"
+        )
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise InputError(f"{path} has no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    codec = stream.codec_context.name
+    if fmt in _TEXT_ART_FORMATS or codec in _TEXT_ART_CODECS:
+        raise InputError(
+            f"{path} is not a video file (FFmpeg recognised it only as text/{fmt} data)")
+    if not stream.codec_context.width or not stream.codec_context.height:
+        raise InputError(f"{path}: the video stream has no picture size; the file is damaged")
+    return stream
+
+
+def _info_from(container, stream, path: str) -> VideoInfo:
+    avg = float(stream.average_rate) if stream.average_rate else 0.0
+    base = float(stream.guessed_rate) if stream.guessed_rate else 0.0
+    fps = avg or base
+    if stream.duration is not None and stream.time_base is not None:
+        duration_ms = float(stream.duration * stream.time_base) * 1000.0
+    elif container.duration is not None:
+        duration_ms = container.duration / 1000.0  # AV_TIME_BASE is microseconds
+    else:
+        duration_ms = float("nan")
+    vfr = bool(avg and base and abs(avg - base) / base > 0.01)
+    return VideoInfo(
+        path=path,
+        width=int(stream.codec_context.width),
+        height=int(stream.codec_context.height),
+        fps_nominal=fps,
+        n_frames_declared=int(stream.frames or 0),
+        duration_ms=duration_ms,
+        variable_frame_rate=vfr,
+        codec=stream.codec_context.name,
+    )
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Read the container header only. Raises ``InputError`` for anything that is not a video."""
+    text = _check_path(path)
+    container, stream = _open_container(text)
+    try:
+        return _info_from(container, stream, text)
+    finally:
+        container.close()
+
+
+def open_video(path: str | os.PathLike, options: CaptureOptions | None = None) -> "VideoFileSource":
+    """Open a video file for iteration. The first frame is decoded here, so a file that opens
+    but cannot be decoded fails now with ``InputError`` rather than mid-pipeline."""
+    return VideoFileSource(path, options or CaptureOptions())
+
+
+class VideoFileSource:
+    """Iterator of ``Frame`` over a video file, decoded with PyAV.
+
+    Damage met after the first good frame (a truncated download, a corrupt packet) ends the
+    iteration instead of raising: the frames before it are still worth analysing. What happened
+    is kept in ``errors`` and ``truncated``.
+    """
+
+    def __init__(self, path: str | os.PathLike, options: CaptureOptions | None = None) -> None:
+        self.options = options or CaptureOptions()
+        self.path = _check_path(path)
+        self.errors: list[str] = []
+        self.truncated = False
+        self.frames_decoded = 0
+        self._container, self._stream = _open_container(self.path)
+        self.info = _info_from(self._container, self._stream, self.path)
+        # Frame-level threading is what makes 1080p decode keep up on few cores.
+        self._stream.thread_type = "AUTO"
+        self._frames = self._container.decode(self._stream)
+        self._t0_s: float | None = None
+        self._last_t_ms: float | None = None
+        self._step_ms = 1000.0 / self.info.fps_nominal if self.info.fps_nominal > 0 else 40.0
+        self._done = False
+        self._warned_no_pts = False
+        try:
+            first = next(self._frames)
+        except StopIteration:
+            self.close()
+            raise InputError(f"{self.path} contains no decodable video frames") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure before frame 1 is bad input
+            self.close()
+            raise InputError(f"cannot decode {self.path}: {_ffmpeg_reason(exc)}") from None
+        self._pending = first
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Frame]:
+        return self
+
+    def __next__(self) -> Frame:
+        if self._done:
+            raise StopIteration
+        if self._pending is not None:
+            av_frame, self._pending = self._pending, None
+        else:
+            av_frame = self._next_av_frame()
+            if av_frame is None:
+                self._finish()
+                raise StopIteration
+        return self._to_frame(av_frame)
+
+    def _next_av_frame(self):
+        import av
+
+        try:
+            return next(self._frames)
+        except StopIteration:
+            return None
+        except (av.error.FFmpegError, EOFError, OSError) as exc:
+            self._record(
+                f"decoding stopped after frame {self.frames_decoded}: {_ffmpeg_reason(exc)}")
+            return None
+
+    def _to_frame(self, av_frame) -> Frame:
+        t_ms = self._timestamp_ms(av_frame)
+        size = _scaled_size(av_frame.width, av_frame.height, self.options.max_side)
+        if size is None:
+            image = av_frame.to_ndarray(format="bgr24")
+        else:
+            # swscale does colour conversion and area scaling in one pass.
+            image = av_frame.to_ndarray(format="bgr24", width=size[0], height=size[1],
+                                        interpolation="AREA")
+        rotation = int(getattr(av_frame, "rotation", 0) or 0)
+        if rotation % 360:
+            # The display matrix says how a phone was held; faces lie sideways without it.
+            image = np.ascontiguousarray(np.rot90(image, k=(rotation // 90) % 4))
+        frame = Frame(t_ms=t_ms, image_bgr=image, index=self.frames_decoded)
+        self.frames_decoded += 1
+        return frame
+
+    def _timestamp_ms(self, av_frame) -> float:
+        if av_frame.pts is None or av_frame.time_base is None:
+            # Rare (raw elementary streams): fall back to the nominal step rather than fail.
+            t = 0.0 if self._last_t_ms is None else self._last_t_ms + self._step_ms
+            if not self._warned_no_pts:
+                self._warned_no_pts = True
+                log.warning("%s: frames carry no timestamps; using the nominal rate", self.path)
+        else:
+            t_s = float(av_frame.pts * av_frame.time_base)
+            if self._t0_s is None:
+                self._t0_s = t_s
+            t = (t_s - self._t0_s) * 1000.0
+        if self._last_t_ms is not None and t <= self._last_t_ms:
+            # Broken muxers repeat or reorder pts; downstream windows need strictly rising time.
+            log.debug("%s: non-increasing pts at frame %d", self.path, self.frames_decoded)
+            t = self._last_t_ms + 1e-3
+        self._last_t_ms = t
+        return t
+
+    def _finish(self) -> None:
+        declared = self.info.n_frames_declared
+        duration = self.info.duration_ms
+        if not self.truncated and declared and self.frames_decoded < declared:
+            # Containers like MP4 index every frame up front; when the bytes behind the index
+            # are missing the demuxer simply reports end of file, so compare with the index.
+            last = self._last_t_ms or 0.0
+            if math.isnan(duration) or last + 2 * self._step_ms < duration:
+                self._record(
+                    f"stream ended after {self.frames_decoded} of {declared} declared frames "
+                    f"({last / 1000:.2f} s of {duration / 1000:.2f} s); the file looks truncated"
+                )
+        self.close()
+
+    def _record(self, message: str) -> None:
+        log.warning("%s: %s", self.path, message)
+        self.errors.append(message)
+        self.truncated = True
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._done = True
+        self._pending = None
+        container, self._container = getattr(self, "_container", None), None
+        if container is not None:
+            container.close()
+
+    def __enter__(self) -> "VideoFileSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class WebcamSource:
+    """A live camera read by a daemon thread into a bounded queue.
+
+    ``device`` is an OpenCV camera index, a device path/URL, or any already-open object with
+    OpenCV's ``read()`` / ``isOpened()`` / ``release()`` (which is how tests drive it with a video
+    file). When the consumer is slower than the camera the OLDEST queued frame is dropped and
+    counted in ``dropped``: a live recognizer wants the present, not a growing backlog.
+    """
+
+    #: consecutive failed reads after which the camera is considered gone
+    max_failed_reads = 10
+    #: pause between failed reads, so a flaky camera gets a moment without a busy loop
+    retry_pause_s = 0.01
+
+    def __init__(self, device: int | str | Any = 0, options: CaptureOptions | None = None) -> None:
+        self.device = device
+        self.options = options or CaptureOptions()
+        self.dropped = 0
+        self.frames_captured = 0
+        self._queue: collections.deque[Frame] = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cap: Any = None
+        self._disconnected: str | None = None
+        self._t0: float | None = None
+
+    # -- lifetime --------------------------------------------------------------------------
+    def start(self) -> "WebcamSource":
+        if self._thread is not None:
+            return self
+        cap = self.device
+        if isinstance(cap, (int, str, os.PathLike)):
+            cap = cv2.VideoCapture(os.fspath(cap) if isinstance(cap, os.PathLike) else cap)
+        for name in ("read", "isOpened", "release"):
+            if not callable(getattr(cap, name, None)):
+                raise TypeError(f"device must be an index, a path or a capture object; {cap!r} "
+                                f"has no {name}()")
+        if not cap.isOpened():
+            cap.release()
+            raise InputError(f"cannot open camera {self.device!r} (not connected, busy, or no "
+                             "permission)")
+        self._cap = cap
+        self._stop.clear()
+        self._disconnected = None
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="mer-webcam", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop capturing and release the camera. Queued frames are discarded: after a restart
+        they would be stale."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=2.0)
+        with self._cond:
+            self._queue.clear()
+            self._cond.notify_all()
+
+    def __enter__(self) -> "WebcamSource":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- producer --------------------------------------------------------------------------
+    def _run(self) -> None:
+        cap = self._cap
+        failures = 0
+        index = 0
+        try:
+            while not self._stop.is_set():
+                ok, image = cap.read()
+                t = time.monotonic()
+                if not ok or image is None:
+                    failures += 1
+                    if failures >= self.max_failed_reads:
+                        self._mark_disconnected(f"camera disconnected ({failures} failed reads in "
+                                                f"a row after {index} frames)")
+                        return
+                    time.sleep(self.retry_pause_s)
+                    continue
+                failures = 0
+                frame = Frame(t_ms=(t - self._t0) * 1000.0,
+                              image_bgr=_downscale(image, self.options.max_side), index=index)
+                index += 1
+                self._put(frame)
+        except Exception as exc:  # noqa: BLE001 - a driver error must reach the consumer
+            self._mark_disconnected(f"camera disconnected: {exc}")
+        finally:
+            cap.release()
+            self._cap = None
+
+    def _put(self, frame: Frame) -> None:
+        with self._cond:
+            if len(self._queue) >= self.options.queue_size:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(frame)
+            self.frames_captured += 1
+            self._cond.notify()
+
+    def _mark_disconnected(self, message: str) -> None:
+        log.warning("%s", message)
+        with self._cond:
+            self._disconnected = message
+            self._cond.notify_all()
+
+    # -- consumer --------------------------------------------------------------------------
+    def read(self, timeout_s: float | None = 1.0) -> Frame | None:
+        """The oldest queued frame, waiting up to ``timeout_s`` (None: forever). Returns None on
+        timeout or after ``stop()``; raises ``InputError`` once the camera is gone and every frame
+        it delivered has been read."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while not self._queue:
+                if self._disconnected is not None:
+                    raise InputError(self._disconnected)
+                if self._thread is None:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            return self._queue.popleft()
+
+    def __iter__(self) -> Iterator[Frame]:
+        """Frames until the camera disconnects (ends quietly) or ``stop()`` is called."""
+        while True:
+            try:
+                frame = self.read(timeout_s=0.5)
+            except InputError:
+                return
+            if frame is None:
+                if self._thread is None:
+                    return
+                continue
+            yield frame
