@@ -200,3 +200,13 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
             files = gr.File(label="outputs", file_count="multiple")
             run.click(upload, [video], [files, timeline, table, message])
     return app
+
+
+def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           block: bool = True):
+    """Serve the app. Loopback only unless ``host`` says otherwise; no share link unless asked.
+    Returns the local URL (``block=False`` returns at once, for tests and embedding)."""
+    _, local_url, _ = app.queue().launch(
+        server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
+        prevent_thread_lock=not block)
+    return local_url

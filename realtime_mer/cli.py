@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "0 keeps full size)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    live = commands.add_parser(
+        "live", help="analyse a webcam or stream live, printing events as they are found",
+        description="Read a camera (OpenCV device index) or stream URL in a capture thread; "
+                    "frames the pipeline cannot keep up with are dropped oldest-first and "
+                    "counted. Writes the same files as analyze into --out; stops at --duration, "
+                    "when the camera disconnects, or on Ctrl+C (everything found is kept).")
+    live.add_argument("--camera", default="0", help="device index or stream URL (default 0)")
+    live.add_argument("--out", type=Path, default=Path("mer-live"), metavar="DIR")
+    live.add_argument("--duration", type=float, default=None, metavar="SECONDS")
+    _add_engine_arguments(live)
+    live.add_argument("--max-side", type=int, default=1280, metavar="PX")
+
     demo = commands.add_parser(
         "demo", help="the live webcam demo (Gradio web app)",
         description="Serve the Gradio app: webcam streaming with annotated frames and an event "
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "live":
+            return _live(args)
         if args.command == "demo":
             return _demo(args)
         if args.command == "info":
@@ -154,14 +168,37 @@ def _analyze(args) -> int:
     return exit_code
 
 
+def _live(args) -> int:
+    from realtime_mer.analyze import analyze_camera
+    from realtime_mer.capture import CaptureOptions
+
+    engine = _load_engine(args)
+    camera = int(args.camera) if args.camera.isdigit() else args.camera
+
+    def show(event) -> None:
+        print(f"{event.apex_ms / 1000:8.2f} s  {event.kind:5s}  {event.label:8s} "
+              f"{event.confidence:.2f}  ({event.duration_ms:.0f} ms)", flush=True)
+
+    result = analyze_camera(camera, args.out, duration_s=args.duration,
+                            options=_pipeline_options(args),
+                            capture=CaptureOptions(max_side=args.max_side or None),
+                            engine=engine, on_event=show)
+    frames = result.summary["frames"]
+    print(f"{frames['processed']} frames ({frames['dropped']} dropped, {frames['without_face']} "
+          f"without a face), {len(result.events)} events → {args.out}")
+    for problem in result.problems:
+        print(f"mer: error: {problem}; the {len(result.events)} events found before it are kept "
+              f"in {args.out}", file=sys.stderr)
+    return EXIT_INPUT_DAMAGED if result.problems else 0
+
+
 def _demo(args) -> int:
-    from realtime_mer.app import build_app
+    from realtime_mer.app import build_app, launch
 
     engine = _load_engine(args)
     app = build_app(engine=engine, options=_pipeline_options(args))
     print(f"mer demo: serving on http://{args.host}:{args.port} (Ctrl+C to stop)")
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                       inbrowser=False)
+    launch(app, host=args.host, port=args.port, share=args.share, block=True)
     return 0
 
 

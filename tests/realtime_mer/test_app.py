@@ -1,0 +1,77 @@
+"""The Gradio streaming function, driven directly with frames of a real video."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from realtime_mer.analyze import analyze_video
+from realtime_mer.app import LiveSession, analyze_upload, build_app
+from realtime_mer.capture import open_video
+from realtime_mer.runtime import default_engine_path, load_engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine(default_engine_path())
+
+
+def test_stream_gives_the_same_events_as_analyze(media_dir, engine, tmp_path):
+    """Frames pushed one by one as the browser would (RGB), with the video's own timestamps,
+    produce the events that `analyze` writes for the same file."""
+    path = media_dir / "WolfgangLanger_Pexels.mp4"
+    session = LiveSession(engine=engine)
+    rows = []
+    with open_video(path) as source:
+        for frame in source:
+            rgb = cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB)
+            annotated, rows = session.process_rgb(rgb, t_ms=frame.t_ms)
+            assert annotated.shape == rgb.shape and annotated.dtype == np.uint8
+    expected = analyze_video(path, tmp_path, engine=engine).events
+    assert len(rows) == len(expected) > 0
+    got = sorted((r[0], r[1], r[2]) for r in rows)
+    want = sorted((round(e.apex_ms / 1000, 2), e.kind, e.label) for e in expected)
+    assert got == want
+
+
+def test_annotation_marks_the_face_and_the_missing_face(media_dir, engine):
+    session = LiveSession(engine=engine)
+    with open_video(media_dir / "single_face.mp4") as source:
+        frame = next(iter(source))
+    rgb = cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB)
+    annotated, _ = session.process_rgb(rgb, t_ms=0.0)
+    assert session.pipeline.frames_with_face == 1
+    # the face box is drawn in green: some pixels changed to exactly that colour
+    green = np.all(annotated == np.array([80, 200, 80], np.uint8), axis=-1)
+    assert green.sum() > 100
+    blank = np.zeros_like(rgb)
+    annotated, _ = session.process_rgb(blank, t_ms=40.0)
+    assert not np.array_equal(annotated, blank)  # "no face" is written on the frame
+    assert session.pipeline.frames_with_face == 1
+
+
+def test_upload_tab_reports_errors_instead_of_raising(tmp_path, engine):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    files, timeline, rows, message = analyze_upload(str(bad), engine, LiveSession(engine).options)
+    assert files == [] and rows == [] and message.startswith("Error:")
+
+
+def test_demo_serves_on_loopback_by_default(engine):
+    import urllib.request
+
+    from realtime_mer import cli
+    from realtime_mer.app import launch
+
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.host == "127.0.0.1" and args.share is False
+    app = build_app(engine)
+    url = launch(app, host=args.host, port=None, share=args.share, block=False)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200
+            assert b"realtime-mer" in response.read()
+    finally:
+        app.close()
