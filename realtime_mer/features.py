@@ -1,0 +1,244 @@
+"""Features stage: an onset/apex pair of face crops → the 28×28×3 (u, v, strain) network input.
+
+This is the ONE function that makes the map the 3DB-trained networks expect; training reads the
+published maps with :func:`load_3db_map`, the live pipeline computes them with
+:func:`flow_strain_map`. The recipe was calibrated against the published map of the one 3DB
+sample whose onset/apex frames we have (``docs/FEATURES.md``, ``benchmarks/calibration.py``):
+
+1. both crops → greyscale → ``flow_size``×``flow_size`` (``cv2.INTER_AREA``);
+2. TV-L1 flow onset → apex at that size (OpenCV defaults except ``lambda_``, see below);
+3. optical strain at ``flow_size`` with *smoothed* (Sobel) derivatives;
+4. u, v and strain each area-averaged down to ``map_size``;
+5. each channel min-max normalised on its own to [0, 1].
+
+The published strain channel is what differs from the textbook recipe: it behaves like the
+magnitude of smoothed flow derivatives *averaged* over each 28×28 cell, not like central
+differences taken at full resolution and then resampled (strain r 0.67 → 0.87 with OpenCV's
+default TV-L1, 0.91 with the calibrated one; docs/FEATURES.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from realtime_mer.errors import InputError
+from realtime_mer.flow import FlowEstimator, TVL1Options, create_flow
+
+__all__ = [
+    "FeatureOptions", "FeatureExtractor", "flow_strain_map", "load_3db_map", "published_strain",
+    "normalise_minmax", "CHANNELS", "CALIBRATED_TVL1",
+]
+
+CHANNELS = ("u", "v", "strain")
+
+# OpenCV's default lambda_ is 0.15. On the calibration pair 0.2 matches the published u and v
+# better both on the raw pair (u r 0.92 → 0.95) and on a lightly blurred copy that undoes its GIF
+# quantisation (0.96 → 0.99); 0.25 scores a little higher on the raw pair only, which we read as
+# compensating that quantisation noise, not as a property of the published pipeline.
+CALIBRATED_TVL1 = TVL1Options(lambda_=0.2)
+
+_TVL1_NAMES = ("auto", "opencv-tvl1", "torch-tvl1")
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How the (u, v, strain) map is made. Defaults are the calibrated recipe.
+
+    flow_size: side (px) of the square the crops are resized to before TV-L1. 128 is the face
+        aligner's crop size (no resampling in the live pipeline); 96 to 128 calibrate alike,
+        160 is worse (TV-L1's smoothing is in pixels, so its scale relative to the face moves).
+    map_size: side of the output map (the networks take 28).
+    flow: estimator name for :func:`realtime_mer.flow.create_flow`.
+    tvl1: TV-L1 parameters, used when ``flow`` names a TV-L1 estimator.
+    strain_ksize: Sobel aperture (3, 5 or 7) of the flow derivatives in the strain. Strain r
+        on the calibration pair: 0.89 / 0.91 / 0.92; 5 is the middle of a flat optimum.
+    presmooth_sigma: Gaussian sigma (px, at the input crop's resolution) applied to both crops
+        before resizing; 0 = off. The calibration pair is a 26-grey-level GIF and 1.0 undoes
+        most of that quantisation noise; clean frames need none.
+    """
+
+    flow_size: int = 128
+    map_size: int = 28
+    flow: str = "opencv-tvl1"
+    tvl1: TVL1Options = field(default=CALIBRATED_TVL1)
+    strain_ksize: int = 5
+    presmooth_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.flow_size < 8:
+            raise ValueError(f"flow_size must be >= 8; got {self.flow_size}")
+        if not 1 <= self.map_size <= self.flow_size:
+            raise ValueError(
+                f"map_size must be in 1..flow_size ({self.flow_size}); got {self.map_size}")
+        if self.strain_ksize not in (3, 5, 7):
+            raise ValueError(f"strain_ksize must be 3, 5 or 7; got {self.strain_ksize}")
+        if self.presmooth_sigma < 0:
+            raise ValueError(f"presmooth_sigma must be >= 0; got {self.presmooth_sigma}")
+
+
+def _to_grey(image: np.ndarray, name: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    elif image.ndim == 3 and image.shape[2] in (3, 4):
+        code = cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
+        if image.dtype not in (np.uint8, np.uint16, np.float32):
+            image = image.astype(np.float32)
+        image = cv2.cvtColor(image, code)
+    if image.ndim != 2:
+        raise ValueError(f"{name} must be greyscale (H, W) or BGR (H, W, 3); got {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"{name} is empty (shape {image.shape})")
+    return image
+
+
+def _prepare(image: np.ndarray, options: FeatureOptions) -> np.ndarray:
+    image = image.astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise ValueError("images contain NaN or inf values")
+    if options.presmooth_sigma > 0:
+        image = cv2.GaussianBlur(image, (0, 0), options.presmooth_sigma)
+    size = (options.flow_size, options.flow_size)
+    if image.shape != size:
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image
+
+
+def published_strain(flow: np.ndarray, ksize: int = 5) -> np.ndarray:
+    """Optical strain magnitude as in the published 3DB maps, before their downsampling.
+
+    flow: (H, W, 2) float, pixels. Returns (H, W) float32, pixels per pixel:
+    |ε| = sqrt(u_x² + v_y² + ½ (u_y + v_x)²) with derivatives from a normalised Sobel kernel of
+    aperture ``ksize`` (reflected border).
+
+    Same formula as :func:`realtime_mer.flow.optical_strain`, different derivative: that one
+    uses plain central differences, which is the standard definition and what the spotter
+    needs. The published maps' strain is smoother than central differences can give (see the
+    module docstring), and the Sobel smoothing reproduces it; keep the two apart.
+    """
+    flow = np.asarray(flow, dtype=np.float32)
+    if flow.ndim != 3 or flow.shape[2] != 2:
+        raise ValueError(f"flow must be (H, W, 2); got {flow.shape}")
+    # normalize=True scales the kernel so that a ramp of slope 1 gives 1: units stay px/px.
+    kx = cv2.getDerivKernels(1, 0, ksize, normalize=True)
+    ky = cv2.getDerivKernels(0, 1, ksize, normalize=True)
+    u, v = flow[..., 0], flow[..., 1]
+    u_x = cv2.sepFilter2D(u, cv2.CV_32F, kx[0], kx[1])
+    u_y = cv2.sepFilter2D(u, cv2.CV_32F, ky[0], ky[1])
+    v_x = cv2.sepFilter2D(v, cv2.CV_32F, kx[0], kx[1])
+    v_y = cv2.sepFilter2D(v, cv2.CV_32F, ky[0], ky[1])
+    return np.sqrt(u_x**2 + v_y**2 + 0.5 * (u_y + v_x) ** 2).astype(np.float32)
+
+
+def normalise_minmax(channel: np.ndarray) -> np.ndarray:
+    """(H, W) → (H, W) float32 in [0, 1], min → 0, max → 1. A constant channel (no motion at
+    all) has no range to stretch and becomes all zeros rather than NaN."""
+    channel = np.asarray(channel, dtype=np.float32)
+    lo, hi = float(channel.min()), float(channel.max())
+    if not hi > lo:
+        return np.zeros_like(channel)
+    return ((channel - lo) / (hi - lo)).astype(np.float32)
+
+
+def _strain_map_from_flow(flow: np.ndarray, options: FeatureOptions) -> np.ndarray:
+    size = (options.map_size, options.map_size)
+    strain = published_strain(flow, options.strain_ksize)
+    # INTER_AREA averages each output cell; INTER_LINEAR would sample a few pixels of the
+    # high-resolution strain and alias (strain r 0.82 instead of 0.91 on the calibration pair).
+    channels = [cv2.resize(c, size, interpolation=cv2.INTER_AREA)
+                for c in (flow[..., 0], flow[..., 1], strain)]
+    return np.stack([normalise_minmax(c) for c in channels], axis=-1)
+
+
+def _new_estimator(options: FeatureOptions) -> FlowEstimator:
+    kwargs = {"options": options.tvl1} if options.flow in _TVL1_NAMES else {}
+    return create_flow(options.flow, **kwargs)
+
+
+# Building a cv2 TV-L1 object per call costs more than a small flow; the bare function shares
+# one per (flow, tvl1) setting. cv2 algorithm objects must not run calc() from two threads at
+# once, so threaded callers should each hold a FeatureExtractor (which owns its estimator).
+_FLOW_CACHE: dict[tuple, FlowEstimator] = {}
+
+
+def _estimator(options: FeatureOptions) -> FlowEstimator:
+    key = (options.flow, options.tvl1 if options.flow in _TVL1_NAMES else None)
+    estimator = _FLOW_CACHE.get(key)
+    if estimator is None:
+        estimator = _FLOW_CACHE[key] = _new_estimator(options)
+    return estimator
+
+
+def flow_strain_map(
+    onset: np.ndarray,
+    apex: np.ndarray,
+    options: FeatureOptions = FeatureOptions(),
+    flow: FlowEstimator | None = None,
+) -> np.ndarray:
+    """The 3DB-style network input for one onset/apex pair.
+
+    onset, apex: face crops of equal size, greyscale (H, W) uint8 (or float 0..255); BGR
+        (H, W, 3) or BGRA colour images are converted to grey with ``cv2.COLOR_BGR2GRAY``.
+        Any size; they are resized to ``options.flow_size`` square (aspect ratio not kept,
+        like the published maps of non-square crops).
+    options: the recipe (defaults = calibrated against the published maps).
+    flow: an estimator to use instead of ``create_flow(options.flow)`` (shared per options).
+
+    Returns (map_size, map_size, 3) float32 in [0, 1], channels (u, v, strain): u is horizontal
+    flow onset → apex (+ = rightward), v vertical (+ = downward), each min-max normalised on its
+    own, so 0 is the map's most leftward/upward motion, not zero motion.
+
+    Raises ValueError for crops of different size, empty crops, non-finite values or shapes that
+    are not images.
+    """
+    onset = _to_grey(onset, "onset")
+    apex = _to_grey(apex, "apex")
+    if onset.shape != apex.shape:
+        raise ValueError(f"onset and apex differ in size: {onset.shape} vs {apex.shape}")
+    estimator = flow if flow is not None else _estimator(options)
+    uv = estimator.compute(_prepare(onset, options), _prepare(apex, options))
+    return _strain_map_from_flow(np.asarray(uv, dtype=np.float32), options)
+
+
+class FeatureExtractor:
+    """Stage object for the pipeline: ``FeatureExtractor(options).process(onset, apex)`` →
+    (map_size, map_size, 3) float32 map, as :func:`flow_strain_map`. Owns its flow estimator
+    (not the shared one), so extractors in different threads do not share a cv2 object."""
+
+    def __init__(self, options: FeatureOptions = FeatureOptions(),
+                 flow: FlowEstimator | None = None) -> None:
+        self.options = options
+        self._flow = flow if flow is not None else _new_estimator(options)
+
+    def process(self, onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
+        return flow_strain_map(onset, apex, self.options, self._flow)
+
+    def reset(self) -> None:
+        """No state carries over between pairs; present for the stage convention."""
+
+
+def load_3db_map(path: str | Path) -> np.ndarray:
+    """Read a published 3DB feature map (``data/megc2019_3db/flow/*.png``).
+
+    The PNG stores R = u, G = v, B = strain (each 0..255); ``cv2.imread`` returns BGR, so its
+    channel 0 is strain. Returns (H, W, 3) float32 in [0, 1] with channels (u, v, strain), the
+    layout :func:`flow_strain_map` produces. Raises InputError for a missing, unreadable or
+    non-colour file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"3DB feature map not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError(f"cannot read {path} as an image (corrupt or not a PNG?)")
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise InputError(
+            f"{path} is not a 3-channel (u, v, strain) map; its shape is {image.shape}")
+    if image.dtype != np.uint8:
+        raise InputError(f"{path} must be 8-bit; it is {image.dtype}")
+    bgr = image[..., :3]
+    return (bgr[..., ::-1].astype(np.float32) / 255.0).copy()
