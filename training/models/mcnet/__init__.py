@@ -1,0 +1,15 @@
+"""MCNet (Chang et al., Mathematics 2025, 13, 2330). See README.md."""
+
+from __future__ import annotations
+
+from training.models.mcnet.model import MCCFM, RKCB, CBAM, ChebyshevKAN1x1, MCNet, MobileNetV3SmallTrunk
+from training.models.registry import register_model
+
+__all__ = ["MCNet", "MobileNetV3SmallTrunk", "ChebyshevKAN1x1", "CBAM", "RKCB", "MCCFM", "mcnet"]
+
+
+@register_model("mcnet")
+def mcnet(**kwargs) -> MCNet:
+    """MCNet; kwargs: num_classes=3, in_channels=3, use_kan=True, use_rkcb=True, use_mccfm=True,
+    kan_degree=3, mccfm_heads=8, head_hidden=1024, dropout=0.2."""
+    return MCNet(**kwargs)
