@@ -13,8 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def find_shared_dir() -> Path | None:
     env = os.environ.get("MER_SHARED")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO_ROOT.parent / "shared")
+    # An explicit MER_SHARED wins, even when it points nowhere: that is how a run is made to
+    # behave like a fresh clone without ../shared.
+    candidates = [Path(env)] if env else [REPO_ROOT.parent / "shared"]
     for candidate in candidates:
         if (candidate / "data" / "megc2019_3db").is_dir() or (candidate / "media").is_dir():
             return candidate
