@@ -1,0 +1,185 @@
+"""``python -m training {loso,train,export}``: LOSO evaluation, full-data training, ONNX export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("MER_SHARED")
+    base = Path(env) if env else REPO_ROOT.parent / "shared"
+    return base / "data" / "megc2019_3db"
+
+
+def _add_schedule(p: argparse.ArgumentParser) -> None:
+    from training.loso import LosoConfig
+
+    d = LosoConfig()
+    g = p.add_argument_group("schedule (fixed; the same for every fold and for export)")
+    g.add_argument("--model", default=d.model, help="registered model name (default %(default)s)")
+    g.add_argument("--model-kwargs", default="{}", help="JSON dict of model keyword arguments")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    g.add_argument("--optimizer", default=d.optimizer, choices=("adam", "adamw", "sgd"))
+    g.add_argument("--lr", type=float, default=d.lr, help="default %(default)s")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="default %(default)s")
+    g.add_argument("--no-class-balance", action="store_true",
+                   help="plain cross-entropy instead of inverse-frequency class weights")
+    g.add_argument("--augment", default=d.augment, choices=("none", "hflip"),
+                   help="hflip: mirror and u -> 1 - u with probability 0.5 (default)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="epochs between evaluations for the LEAKY best-epoch number only")
+
+
+def _config(args):
+    from training.loso import LosoConfig
+
+    return LosoConfig(
+        model=args.model, model_kwargs=json.loads(args.model_kwargs), epochs=args.epochs,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
+        augment=args.augment, seed=args.seed, eval_every=args.eval_every,
+    )
+
+
+def _setup(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+
+
+def cmd_loso(args) -> int:
+    from training.data import load_megc3db
+    from training.loso import run_loso
+
+    _setup(args)
+    data = load_megc3db(args.data)
+    cfg = _config(args)
+    folds = None
+    if args.folds:
+        if "," in args.folds:
+            folds = [int(f) for f in args.folds.split(",")]
+        else:
+            folds = list(range(int(args.folds)))
+    run_dir = args.run_dir or f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
+    print(f"LOSO {cfg.model}: {len(data)} samples, {len(data.subject_list)} subjects, "
+          f"run dir {run_dir}", flush=True)
+    t0 = time.time()
+    res = run_loso(data, cfg, run_dir, folds=folds, chunk_size=args.chunk_size,
+                   device=args.device, checkpoint_every=args.checkpoint_every,
+                   results_path=args.out, progress=lambda m: print(m, flush=True),
+                   invocation={"command": "python -m training " + " ".join(sys.argv[1:])})
+    print(f"honest  UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}  "
+          f"({res['folds_run']} folds, {time.time() - t0:.0f} s this session)")
+    lk = res["leaky_best_epoch"]
+    print(f"LEAKY best-epoch-per-subject  UF1 {lk['uf1']:.4f}  UAR {lk['uar']:.4f}")
+    for db, r in res["per_database"].items():
+        print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
+    print(f"results: {Path(run_dir) / 'results.json'}" + (f" and {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from training.data import load_megc3db
+    from training.export import train_full
+
+    _setup(args)
+    data = load_megc3db(args.data)
+    cfg = _config(args)
+    model = train_full(data, cfg, device=args.device, progress=lambda m: print(m, flush=True))
+    from training.export import save_weights
+
+    save_weights(model, cfg, args.out)
+    print(f"weights: {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from training.data import load_megc3db
+    from training.export import export_default
+
+    _setup(args)
+    data = load_megc3db(args.data)
+    cfg = _config(args)
+    info = export_default(data, cfg, args.out, loso_results=args.loso_results,
+                          weights=args.weights, device=args.device,
+                          progress=lambda m: print(m, flush=True))
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train and evaluate micro-expression networks on the 3DB flow maps "
+                    "(leave-one-subject-out), train the default model on all data and export "
+                    "it to an ONNX engine with its manifest.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--data", default=str(default_data_dir()),
+                        help="3DB folder with labels.csv and flow/ (default %(default)s)")
+        sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        sp.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default)")
+        _add_schedule(sp)
+
+    sp = sub.add_parser("loso", help="leave-one-subject-out evaluation with pooled UF1/UAR",
+                        description="Run (or resume) LOSO. Prints progress per fold; writes "
+                                    "RUN_DIR/results.json (and --out).")
+    common(sp)
+    sp.add_argument("--run-dir", help="per-fold state, for resume (default runs/loso_...)")
+    sp.add_argument("--out", help="also write the results JSON here")
+    sp.add_argument("--folds", help="N (first N folds) or a comma list of fold indices")
+    sp.add_argument("--chunk-size", type=int, default=68,
+                    help="folds trained together as one vectorised ensemble (default 68)")
+    sp.add_argument("--checkpoint-every", type=int, default=25,
+                    help="epochs between resume checkpoints (default 25)")
+    sp.set_defaults(func=cmd_loso)
+
+    sp = sub.add_parser("train", help="train on all samples with the fixed schedule")
+    common(sp)
+    sp.add_argument("--out", required=True, help="weights file (.pt, state dict of tensors)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("export", help="train on all samples (or load --weights) and export "
+                                       "ONNX + manifest")
+    common(sp)
+    sp.add_argument("--out", default=str(REPO_ROOT / "engines" / "ststnet_3db.onnx"),
+                    help="engine path; the manifest is written beside it as <out>.json")
+    sp.add_argument("--loso-results", default=str(REPO_ROOT / "docs" / "results" /
+                                                  "ststnet_loso.json"),
+                    help="LOSO results file whose honest UF1/UAR go into the manifest")
+    sp.add_argument("--weights", help="weights from `train` instead of training again")
+    sp.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from realtime_mer.errors import MerError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

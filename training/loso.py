@@ -1,0 +1,477 @@
+"""Leave-one-subject-out (LOSO) evaluation with a fixed schedule, pooled predictions and resume.
+
+Every fold is trained for the same fixed number of epochs and scored once, at the end; nothing is
+chosen by looking at the held-out subject. The "best epoch per test subject" number that much
+published code reports is computed beside it from periodic evaluations, and kept apart under the
+key ``leaky_best_epoch`` so it can be compared with papers but never mistaken for the honest one.
+
+Speed: the networks are tiny, so one fold at a time leaves a CPU idle between kernel launches.
+Folds are therefore trained together, several at once, as one vectorised ensemble
+(``torch.func.stack_module_state`` + ``vmap``): each fold keeps its own weights, BatchNorm
+statistics, optimiser state, mini-batches and augmentation draws, all seeded by the fold's index,
+so a fold's result does not depend on which folds share its chunk. Adam (and its weight decay)
+acts element-wise, so one optimiser over the stacked parameters is exactly one optimiser per
+fold.
+
+Resume: the run directory holds ``config.json``, one ``fold_XX.json`` per finished fold and a
+checkpoint of the chunk in progress (saved every ``checkpoint_every`` epochs, read back with
+``torch.load(weights_only=True)``). Rerunning the same command skips finished folds and
+continues the chunk from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from realtime_mer.errors import DatasetError
+from training.data.megc3db import CLASS_NAMES, Megc3DB
+from training.metrics import evaluate, per_database
+from training.models import create_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LosoConfig", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit"]
+
+RESULTS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LosoConfig:
+    """The whole training schedule. It is written to the run directory and the results file;
+    a resumed run must have the same one."""
+
+    model: str = "ststnet"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 300
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    class_balanced: bool = True
+    augment: str = "hflip"  # "none" or "hflip" (mirror and u -> 1 - u, probability 0.5)
+    # Fixed per-channel normalisation (u, v, strain), applied after augmentation. Chosen a
+    # priori (maps are in [0, 1]), so it carries no statistic of any held-out subject.
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    seed: int = 0
+    eval_every: int = 10  # epochs between evaluations used only for the leaky number
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of adam, adamw, sgd")
+        if self.augment not in ("none", "hflip"):
+            raise ValueError(f"augment {self.augment!r} is not one of none, hflip")
+        if self.eval_every < 1:
+            raise ValueError("eval_every must be >= 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LosoConfig":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+def hflip_maps(x: torch.Tensor) -> torch.Tensor:
+    """Mirror (N, 3, H, W) (u, v, strain) maps in [0, 1] left-right.
+
+    Mirroring the face also reverses horizontal motion, so u must be negated. The published u is
+    min-max normalised per map, u' = (u - min)/(max - min); for -u that is (max - u)/(max - min)
+    = 1 - u'. v and strain only move with the pixels.
+    """
+    out = torch.flip(x, dims=(-1,)).clone()
+    out[:, 0] = 1.0 - out[:, 0]
+    return out
+
+
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10,
+        )
+        sha = out.stdout.strip()
+        return sha if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha) else None
+    except Exception:
+        return None
+
+
+def _make_optimizer(cfg: LosoConfig, params):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # SGD with momentum is element-wise too, so stacking stays exact.
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+class _Stream:
+    """An endless stream of a fold's training indices: reshuffled permutations back to back."""
+
+    def __init__(self, indices: np.ndarray, gen: torch.Generator) -> None:
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.gen = gen
+        self.buf = torch.empty(0, dtype=torch.long)
+
+    def take(self, n: int) -> torch.Tensor:
+        while self.buf.numel() < n:
+            perm = torch.randperm(self.indices.numel(), generator=self.gen)
+            self.buf = torch.cat([self.buf, self.indices[perm]])
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def train_models(
+    x: np.ndarray,
+    y: np.ndarray,
+    train_sets: list[np.ndarray],
+    cfg: LosoConfig,
+    fold_ids: list[int],
+    *,
+    device: str = "cpu",
+    eval_hook: Callable[[int, Callable[[np.ndarray], torch.Tensor]], None] | None = None,
+    state: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+    on_epoch: Callable[[int], None] | None = None,
+) -> tuple[list[torch.nn.Module], dict]:
+    """Train one model per entry of ``train_sets`` (indices into ``x``), all at once.
+
+    x: (N, 3, H, W) float32 maps in [0, 1]; y: (N,) int. ``fold_ids`` seed each model (init,
+    batches, flips) so a model's run does not depend on the others. ``eval_hook(epoch,
+    predict)`` is called every ``cfg.eval_every`` epochs and at the end; ``predict`` maps an
+    (M, T) index array into ``x`` (row m for model m) to (M, T, C) probabilities in eval mode. ``state``/``checkpoint`` resume
+    and save training. Returns the trained models (eval mode, CPU) and the final state.
+    """
+    n_models = len(train_sets)
+    num_classes = len(CLASS_NAMES)
+    for tr, fid in zip(train_sets, fold_ids):
+        counts = np.bincount(y[tr], minlength=num_classes)
+        if (counts == 0).any():
+            missing = [CLASS_NAMES[c] for c in np.flatnonzero(counts == 0)]
+            raise DatasetError(
+                f"fold {fid}: the training set has no sample of class(es) {missing}; "
+                "a model cannot learn a class it never sees"
+            )
+
+    models = []
+    for fid in fold_ids:
+        torch.manual_seed(cfg.seed * 100_003 + fid)
+        models.append(create_model(cfg.model, **cfg.model_kwargs))
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+    buffers = {k: v.detach().to(device) for k, v in buffers.items()}
+    opt = _make_optimizer(cfg, list(params.values()))
+
+    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * fid) for fid in fold_ids]
+    streams = [_Stream(tr, g) for tr, g in zip(train_sets, gens)]
+    # One definition of "an epoch" for all folds: as many batches as cover the average
+    # training set once (training sets differ by one subject only).
+    steps = max(1, math.ceil(float(np.mean([len(t) for t in train_sets])) / cfg.batch_size))
+
+    xs = torch.as_tensor(x, dtype=torch.float32)
+    x_dev = normalise(xs, cfg.mean, cfg.std).to(device)
+    x_flip = normalise(hflip_maps(xs), cfg.mean, cfg.std).to(device)
+    y_dev = torch.as_tensor(y, dtype=torch.long).to(device)
+    class_w = []
+    for tr in train_sets:
+        counts = np.bincount(y[tr], minlength=num_classes).astype(np.float64)
+        w = counts.sum() / (num_classes * counts) if cfg.class_balanced else np.ones(num_classes)
+        class_w.append(w)
+    class_w = torch.as_tensor(np.stack(class_w), dtype=torch.float32, device=device)  # (M, C)
+
+    start_epoch = 0
+    history: dict = {}
+    if state is not None:
+        if state["fold_ids"] != list(fold_ids):
+            raise ValueError("checkpoint belongs to other folds")
+        for k in params:
+            params[k].data.copy_(state["params"][k].to(device))
+        for k in buffers:
+            buffers[k].copy_(state["buffers"][k].to(device))
+        opt.load_state_dict(state["optimizer"])
+        for g, s in zip(gens, state["generators"]):
+            g.set_state(s)
+        for st, buf in zip(streams, state["stream_bufs"]):
+            st.buf = buf.clone()
+        start_epoch = int(state["epoch"])
+
+    def fwd(p, b, xb):
+        return functional_call(base, (p, b), (xb,))
+
+    train_fwd = vmap(fwd, in_dims=(0, 0, 0))
+
+    def predict(index: np.ndarray) -> torch.Tensor:
+        base.eval()
+        with torch.no_grad():
+            xb = x_dev[torch.as_tensor(index, dtype=torch.long, device=device)]
+            out = torch.softmax(train_fwd(params, buffers, xb), dim=-1).cpu()
+        base.train()
+        return out
+
+    def snapshot(epoch: int) -> dict:
+        return {
+            "fold_ids": list(fold_ids),
+            "epoch": epoch,
+            "params": {k: v.detach().cpu().clone() for k, v in params.items()},
+            "buffers": {k: v.detach().cpu().clone() for k, v in buffers.items()},
+            "optimizer": opt.state_dict(),
+            "generators": [g.get_state() for g in gens],
+            "stream_bufs": [s.buf.clone() for s in streams],
+        }
+
+    base.train()
+    rows = torch.arange(n_models, device=device).unsqueeze(1)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        for _ in range(steps):
+            idx = torch.stack([s.take(cfg.batch_size) for s in streams])  # (M, B)
+            if cfg.augment == "hflip":
+                flip = torch.stack([torch.rand(cfg.batch_size, generator=g) < 0.5 for g in gens])
+                flip = flip.to(device)
+            idx = idx.to(device)
+            xb = x_dev[idx]
+            if cfg.augment == "hflip":
+                xb = torch.where(flip[:, :, None, None, None], x_flip[idx], xb)
+            yb = y_dev[idx]
+            logits = train_fwd(params, buffers, xb)  # (M, B, C)
+            ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+            w = class_w[rows, yb]  # (M, B)
+            # Weighted mean per model (PyTorch's weighted-CE convention), summed over models so
+            # each model's gradient is its own loss's gradient.
+            loss = ((ce.view_as(w) * w).sum(1) / w.sum(1)).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
+        if eval_hook is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            eval_hook(epoch, predict)
+        if checkpoint is not None and checkpoint_every and epoch % checkpoint_every == 0 \
+                and epoch < cfg.epochs:
+            checkpoint(snapshot(epoch))
+
+    trained = []
+    for i in range(n_models):
+        m = copy.deepcopy(models[i])
+        m.load_state_dict({**{k: v[i].detach().cpu() for k, v in params.items()},
+                           **{k: v[i].detach().cpu() for k, v in buffers.items()}})
+        trained.append(m.eval())
+    return trained, snapshot(cfg.epochs)
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run_loso(
+    data: Megc3DB,
+    cfg: LosoConfig,
+    run_dir: str | Path,
+    *,
+    folds: list[int] | None = None,
+    chunk_size: int = 68,
+    device: str = "cpu",
+    checkpoint_every: int = 25,
+    results_path: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    invocation: dict | None = None,
+) -> dict:
+    """Run (or resume) LOSO over ``data``'s subjects and return the results dict.
+
+    folds: indices into ``data.subject_list`` to run (default: all; a subset gives a partial,
+    clearly marked result). chunk_size: folds trained together. The results are also written to
+    ``run_dir/results.json`` and, if given, ``results_path``.
+    """
+    say = progress or (lambda msg: log.info(msg))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subjects = data.subject_list
+    all_folds = list(range(len(subjects)))
+    folds = all_folds if folds is None else sorted(set(int(f) for f in folds))
+    bad = [f for f in folds if f < 0 or f >= len(subjects)]
+    if bad:
+        raise ValueError(f"fold index(es) {bad} outside 0..{len(subjects) - 1}")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+
+    config_doc = {"config": cfg.to_dict(), "n_samples": len(data), "subjects": subjects,
+                  "format": RESULTS_FORMAT}
+    cfg_path = run_dir / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != config_doc:
+            raise ValueError(
+                f"{run_dir} holds a run with a different configuration or data "
+                f"({cfg_path}); use a new --run-dir or delete it"
+            )
+    else:
+        _atomic_write_json(cfg_path, config_doc)
+
+    test_idx = {f: np.flatnonzero(data.subjects == subjects[f]) for f in all_folds}
+    fold_file = lambda f: run_dir / f"fold_{f:02d}.json"  # noqa: E731
+    pending = [f for f in folds if not fold_file(f).exists()]
+    if len(pending) < len(folds):
+        say(f"resuming: {len(folds) - len(pending)} of {len(folds)} folds already done")
+
+    for c0 in range(0, len(pending), chunk_size):
+        chunk = pending[c0:c0 + chunk_size]
+        ckpt_path = run_dir / f"chunk_{chunk[0]:02d}_{chunk[-1]:02d}.pt"
+        state = None
+        if ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if state.get("fold_ids") != chunk:
+                state = None
+            else:
+                say(f"folds {chunk[0]}..{chunk[-1]}: resuming from epoch {state['epoch']}")
+        history: dict[int, list] = {f: [] for f in chunk}
+        if state is not None:
+            history = {int(k): v for k, v in json.loads(state.pop("history_json")).items()}
+        timing = {"t0": time.perf_counter(),
+                  "prior_s": float(state["elapsed_s"]) if state is not None else 0.0}
+
+        # Each model sees only its own test subject, padded to a common length (cheap: the
+        # leaky bookkeeping must not cost as much as training).
+        width = max(len(test_idx[f]) for f in chunk)
+        padded = np.stack([np.resize(test_idx[f], width) for f in chunk])
+
+        def eval_hook(epoch: int, predict) -> None:
+            probs = predict(padded)  # (M, T, C)
+            for j, f in enumerate(chunk):
+                p = probs[j, :len(test_idx[f])]
+                history[f].append({"epoch": epoch,
+                                   "pred": p.argmax(-1).tolist(),
+                                   "correct": int((p.argmax(-1).numpy()
+                                                   == data.y[test_idx[f]]).sum())})
+
+        def save(snap: dict) -> None:
+            snap["history_json"] = json.dumps(history)
+            snap["elapsed_s"] = timing["prior_s"] + time.perf_counter() - timing["t0"]
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(snap, tmp)
+            os.replace(tmp, ckpt_path)
+
+        def on_epoch(epoch: int) -> None:
+            if epoch == 1 or epoch % max(1, cfg.epochs // 10) == 0 or epoch == cfg.epochs:
+                el = timing["prior_s"] + time.perf_counter() - timing["t0"]
+                say(f"folds {chunk[0]}..{chunk[-1]} ({len(chunk)}): epoch {epoch}/{cfg.epochs}"
+                    f"  {el:.0f} s")
+
+        train_sets = [np.setdiff1d(np.arange(len(data)), test_idx[f]) for f in chunk]
+        models, _ = train_models(
+            data.x, data.y, train_sets, cfg, chunk, device=device, eval_hook=eval_hook,
+            state=state, checkpoint=save, checkpoint_every=checkpoint_every, on_epoch=on_epoch,
+        )
+        elapsed = timing["prior_s"] + time.perf_counter() - timing["t0"]
+        with torch.no_grad():
+            for f, m in zip(chunk, models):
+                xb = normalise(torch.as_tensor(data.x[test_idx[f]]), cfg.mean, cfg.std)
+                p = torch.softmax(m(xb), -1).numpy()
+                _atomic_write_json(fold_file(f), {
+                    "fold": f, "subject": subjects[f], "indices": test_idx[f].tolist(),
+                    "probs": p.tolist(), "pred": p.argmax(-1).tolist(),
+                    "history": history[f],
+                    "chunk": [chunk[0], chunk[-1]], "chunk_wall_s": elapsed,
+                })
+                acc = float((p.argmax(-1) == data.y[test_idx[f]]).mean())
+                say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+
+    info = {"device": str(device), "chunk_size": chunk_size, **(invocation or {})}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+    return _collect(data, cfg, run_dir, folds, results_path, info)
+
+
+def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
+             results_path, info: dict) -> dict:
+    subjects = data.subject_list
+    y_true, y_pred, idx_all, probs_all = [], [], [], []
+    leaky_pred, leaky_epochs, wall = [], {}, {}
+    for f in folds:
+        doc = json.loads((run_dir / f"fold_{f:02d}.json").read_text())
+        idx = doc["indices"]
+        idx_all += idx
+        y_pred += doc["pred"]
+        probs_all += doc["probs"]
+        y_true += data.y[idx].tolist()
+        # Leaky: the evaluation epoch with the most correct test predictions (earliest on ties).
+        best = max(doc["history"], key=lambda h: (h["correct"], -h["epoch"]))
+        leaky_pred += best["pred"]
+        leaky_epochs[subjects[f]] = best["epoch"]
+        wall[tuple(doc["chunk"])] = doc["chunk_wall_s"]
+    dbs = data.databases[idx_all]
+    honest = evaluate(y_true, y_pred)
+    leaky = evaluate(y_true, leaky_pred)
+    results = {
+        "format": RESULTS_FORMAT,
+        "protocol": "LOSO, fixed schedule, predictions of all folds pooled, scored once",
+        "complete": len(folds) == len(subjects),
+        "folds_run": len(folds),
+        "config": cfg.to_dict(),
+        "dataset": {"name": "MEGC2019 3DB composite", "root": data.root, "n_samples": len(data),
+                    "n_subjects": len(subjects), "class_counts": list(data.class_counts()),
+                    "class_names": list(CLASS_NAMES)},
+        "environment": {"torch": torch.__version__, "numpy": np.__version__,
+                        "git_commit": git_commit(), "threads": torch.get_num_threads(),
+                        **info},
+        "wall_time_s": float(sum(wall.values())),
+        "uf1": honest["uf1"],
+        "uar": honest["uar"],
+        "accuracy": honest["accuracy"],
+        "confusion_matrix": honest["confusion_matrix"],
+        "per_class": honest["per_class"],
+        "per_database": {db: {k: v for k, v in r.items() if k != "per_class"}
+                         for db, r in per_database(y_true, y_pred, dbs).items()},
+        "leaky_best_epoch": {
+            "WARNING": "LEAKY, paper-comparable only: each test subject's epoch was chosen by "
+                       "looking at that subject's labels. Not an estimate of performance.",
+            "eval_every": cfg.eval_every,
+            "uf1": leaky["uf1"], "uar": leaky["uar"], "accuracy": leaky["accuracy"],
+            "confusion_matrix": leaky["confusion_matrix"],
+            "per_database": {db: {"uf1": r["uf1"], "uar": r["uar"]}
+                             for db, r in per_database(y_true, leaky_pred, dbs).items()},
+            "best_epoch_per_subject": leaky_epochs,
+        },
+        "predictions": [
+            {"index": int(i), "file": os.path.basename(str(data.files[i])),
+             "subject": str(data.subjects[i]), "database": str(data.databases[i]),
+             "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
+            for i, p, pr in zip(idx_all, y_pred, probs_all)
+        ],
+    }
+    _atomic_write_json(run_dir / "results.json", results)
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(Path(results_path), results)
+    return results
