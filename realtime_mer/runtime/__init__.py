@@ -1,0 +1,18 @@
+"""Engines behind one interface: load an exported network with its manifest and predict class
+probabilities from (u, v, strain) maps. Never imports ``training``."""
+
+from realtime_mer.runtime.backends import (
+    BACKENDS,
+    Backend,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    TorchBackend,
+    default_engine_path,
+    load_engine,
+)
+from realtime_mer.runtime.manifest import Manifest, manifest_path
+
+__all__ = [
+    "BACKENDS", "Backend", "Manifest", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend",
+    "default_engine_path", "load_engine", "manifest_path",
+]

@@ -1,0 +1,286 @@
+"""Engine backends behind one interface: ONNX Runtime, torch (torch.export programs) and
+TensorRT (torch-tensorrt, imported lazily). Chosen by file type and availability."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from realtime_mer.errors import BackendUnavailable, EngineError, InputError
+from realtime_mer.runtime.manifest import Manifest, manifest_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "TensorRTBackend", "load_engine",
+           "default_engine_path", "BACKENDS"]
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+_DEFAULT_ENGINE = "ststnet_3db.onnx"
+
+
+def default_engine_path() -> Path:
+    """``$MER_ENGINE`` if set, else the repository's ``engines/ststnet_3db.onnx``."""
+    env = os.environ.get("MER_ENGINE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "engines" / _DEFAULT_ENGINE
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Backend:
+    """A loaded engine. ``predict(maps)`` takes raw (N, 3, 28, 28) float32 maps in [0, 1]
+    (channels as in ``manifest.input['channels']``), applies the manifest's normalisation and
+    returns (N, C) float32 probabilities summing to 1 (classes ``manifest.class_names``)."""
+
+    name = "base"
+
+    def __init__(self, path: Path, manifest: Manifest, device: str) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.device = device
+        c = manifest.input["shape"][1]
+        self._mean = np.asarray(manifest.normalization["mean"], np.float32).reshape(1, c, 1, 1)
+        self._std = np.asarray(manifest.normalization["std"], np.float32).reshape(1, c, 1, 1)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.class_names)
+
+    def _prepare(self, maps: np.ndarray) -> np.ndarray:
+        x = np.asarray(maps)
+        spec = self.manifest.input["shape"]
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or list(x.shape[1:]) != list(spec[1:]):
+            raise InputError(f"engine input must be (N, {spec[1]}, {spec[2]}, {spec[3]}) "
+                             f"{self.manifest.input['layout']}, got {tuple(np.shape(maps))}")
+        if x.shape[0] == 0:
+            raise InputError("empty batch")
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise InputError("maps contain NaN or infinity")
+        return np.ascontiguousarray((x - self._mean) / self._std)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:  # (N, C) network output
+        raise NotImplementedError
+
+    def predict(self, maps: np.ndarray) -> np.ndarray:
+        out = np.asarray(self._run(self._prepare(maps)), dtype=np.float32)
+        if self.manifest.output.get("kind", "logits") == "logits":
+            out = _softmax(out)
+        return out.astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path.name}, device={self.device!r})"
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise BackendUnavailable(
+                f"device='cuda' asked for ONNX Runtime, but this onnxruntime has no "
+                f"CUDAExecutionProvider (available: {available}); install onnxruntime-gpu"
+            )
+        if device == "auto":
+            if "CUDAExecutionProvider" in available:
+                device = "cuda"
+            else:
+                log.info("ONNX Runtime: no CUDAExecutionProvider, running on CPU")
+                device = "cpu"
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
+                     else ["CPUExecutionProvider"])
+        super().__init__(path, manifest, device)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        self._check_io()
+
+    def _check_io(self) -> None:
+        m = self.manifest
+        ins = self.session.get_inputs()
+        if len(ins) != 1:
+            raise EngineError(f"{self.path}: the model has {len(ins)} inputs; expected one")
+        i = ins[0]
+        if i.name != m.input["name"]:
+            raise EngineError(f"{self.path}: model input is named {i.name!r} but the manifest "
+                              f"says {m.input['name']!r}")
+        if i.type != "tensor(float)":
+            raise EngineError(f"{self.path}: model input type {i.type}; manifest says float32")
+        spec = m.input["shape"]
+        if len(i.shape) != len(spec) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(i.shape, spec)
+        ):
+            raise EngineError(f"{self.path}: model input shape {i.shape} does not match the "
+                              f"manifest's {spec}")
+        out_shape = self.session.get_outputs()[0].shape
+        c = len(m.class_names)
+        if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != c):
+            raise EngineError(f"{self.path}: model output shape {out_shape} does not give one "
+                              f"score per class ({c} classes in the manifest)")
+        self._input_name = i.name
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input_name: x})[0]
+
+
+def _torch_device(device: str, what: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"device='cuda' asked for {what}, but torch sees no CUDA device")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        log.info("%s: no CUDA device, running on CPU", what)
+        return "cpu"
+    if device not in ("cpu", "cuda"):
+        raise EngineError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def _load_exported(path: Path):
+    import torch
+
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:
+        raise EngineError(f"{path}: not a loadable torch.export program ({exc})") from exc
+
+
+class TorchBackend(Backend):
+    """A ``torch.export`` program (``.pt2``, saved with ``torch.export.save``)."""
+
+    name = "torch"
+
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
+        import torch
+
+        device = _torch_device(device, "the torch backend")
+        super().__init__(path, manifest, device)
+        self.module = _load_exported(path).module().to(device)
+        self._torch = torch
+        self._probe()
+
+    def _probe(self) -> None:
+        spec = self.manifest.input["shape"]
+        x = np.zeros([2, *spec[1:]], np.float32)
+        try:
+            out = self._run(x)
+        except Exception as exc:
+            raise EngineError(f"{self.path}: the program does not accept the manifest's input "
+                              f"spec {spec} ({exc})") from exc
+        if out.shape != (2, len(self.manifest.class_names)):
+            raise EngineError(f"{self.path}: output shape {out.shape} for 2 inputs; expected "
+                              f"(2, {len(self.manifest.class_names)})")
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.no_grad():
+            out = self.module(self._torch.from_numpy(x).to(self.device))
+        return out.float().cpu().numpy()
+
+
+class TensorRTBackend(TorchBackend):
+    """torch-tensorrt compilation of a ``torch.export`` program, on CUDA only."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
+        import torch
+
+        if device == "cpu":
+            raise BackendUnavailable("TensorRT runs on CUDA only; device='cpu' was asked")
+        try:
+            import torch_tensorrt  # noqa: F401  (optional dependency, imported only here)
+        except Exception as exc:
+            raise BackendUnavailable(f"torch_tensorrt cannot be imported ({exc}); install "
+                                     "realtime-mer[tensorrt]") from exc
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("TensorRT needs a CUDA device; torch sees none")
+        Backend.__init__(self, path, manifest, "cuda")
+        self._torch = torch
+        spec = manifest.input["shape"]
+        ep = _load_exported(path)
+        try:
+            inputs = [torch_tensorrt.Input(min_shape=[1, *spec[1:]], opt_shape=[8, *spec[1:]],
+                                           max_shape=[256, *spec[1:]], dtype=torch.float32)]
+            self.module = torch_tensorrt.dynamo.compile(ep, inputs=inputs)
+        except Exception as exc:
+            raise EngineError(f"{path}: TensorRT compilation failed ({exc})") from exc
+        self._probe()
+
+
+def _suffix_format(path: Path) -> str:
+    s = path.suffix.lower()
+    if s == ".onnx":
+        return "onnx"
+    if s in (".pt2", ".ep"):
+        return "torch_export"
+    raise EngineError(f"{path}: unknown engine type {s!r} (expected .onnx or .pt2)")
+
+
+def load_engine(path: str | Path | None = None, backend: str = "auto",
+                device: str = "auto") -> Backend:
+    """Load an engine and verify it against its manifest (``<path>.json``).
+
+    backend: "auto" (by file type: .onnx → ONNX Runtime; .pt2 → TensorRT where torch_tensorrt
+    and CUDA are present, else torch), "onnxruntime", "torch" or "tensorrt". device: "auto",
+    "cpu" or "cuda". "auto" falls back with a logged reason; an explicit request that cannot be
+    met raises BackendUnavailable. Missing/corrupt files, hash or input-spec mismatch raise
+    EngineError.
+    """
+    path = Path(path) if path is not None else default_engine_path()
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise EngineError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if not path.is_file():
+        raise EngineError(f"engine file {path} is missing")
+    manifest = Manifest.load(manifest_path(path))
+    fmt = _suffix_format(path)
+    if manifest.format != fmt:
+        raise EngineError(f"{path}: manifest says format {manifest.format!r}, file is {fmt!r}")
+    digest = _sha256(path)
+    if digest != manifest.sha256:
+        raise EngineError(f"{path}: sha256 {digest[:16]}… does not match the manifest's "
+                          f"{manifest.sha256[:16]}… (engine and manifest are out of step)")
+
+    if fmt == "onnx":
+        if backend not in ("auto", "onnxruntime"):
+            raise BackendUnavailable(f"backend {backend!r} cannot run an ONNX file here; "
+                                     "use onnxruntime or export a .pt2 program")
+        return OnnxRuntimeBackend(path, manifest, device)
+    if backend == "onnxruntime":
+        raise EngineError(f"{path}: ONNX Runtime cannot run a torch.export program")
+    if backend == "tensorrt":
+        return TensorRTBackend(path, manifest, device)
+    if backend == "auto" and device != "cpu":
+        try:
+            return TensorRTBackend(path, manifest, device)
+        except BackendUnavailable as exc:
+            log.info("TensorRT not used (%s); falling back to the torch backend", exc)
+    return TorchBackend(path, manifest, device)
