@@ -71,11 +71,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, input_size: int = 28,
-                in_channels: int = 3) -> None:
-    """torch.onnx.export with a dynamic batch axis; weights stored inside the one file."""
+def export_onnx(model: torch.nn.Module, path: str | Path,
+                example: torch.Tensor | None = None) -> None:
+    """torch.onnx.export with a dynamic batch axis; weights stored inside the one file.
+    ``example``: a batch (N >= 2) of the model's input (default (2, 3, 28, 28))."""
     model = model.eval().cpu()
-    example = torch.rand(2, in_channels, input_size, input_size)
+    if example is None:
+        example = torch.rand(2, 3, 28, 28)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)

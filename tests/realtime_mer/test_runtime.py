@@ -1,0 +1,254 @@
+"""Runtime: the shipped engine, its manifest checks, backends and their error paths."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realtime_mer.errors import BackendUnavailable, EngineError, InputError
+from realtime_mer.runtime import Manifest, default_engine_path, load_engine, manifest_path
+
+ENGINE = default_engine_path()
+HAS_TRT = importlib.util.find_spec("torch_tensorrt") is not None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not ENGINE.is_file():
+        pytest.skip(f"{ENGINE} not built (python -m training export)")
+    return load_engine(ENGINE, device="cpu")
+
+
+def _copy(tmp_path: Path, name: str = "e.onnx") -> Path:
+    dst = tmp_path / name
+    shutil.copy(ENGINE, dst)
+    shutil.copy(manifest_path(ENGINE), manifest_path(dst))
+    return dst
+
+
+def _rewrite_manifest(path: Path, **changes) -> None:
+    d = json.loads(manifest_path(path).read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(d.get(key), dict):
+            d[key] = {**d[key], **value}
+        else:
+            d[key] = value
+    manifest_path(path).write_text(json.dumps(d))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shipped_engine_manifest(engine):
+    m = engine.manifest
+    assert engine.name == "onnxruntime" and engine.device == "cpu"
+    assert m.class_names == ["negative", "positive", "surprise"]
+    assert m.input["shape"] == ["N", 3, 28, 28] and m.input["channels"] == ["u", "v", "strain"]
+    assert m.sha256 == _sha(ENGINE)
+    assert m.loso is not None and 0 < m.loso["uf1"] <= 1
+    assert ENGINE.stat().st_size < 100_000
+
+
+def test_predictions_equal_onnxruntime_direct(engine):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((5, 3, 28, 28), dtype=np.float32)
+    p = engine.predict(x)
+    assert p.shape == (5, 3) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    sess = ort.InferenceSession(str(ENGINE), providers=["CPUExecutionProvider"])
+    mean = np.array(engine.manifest.normalization["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.array(engine.manifest.normalization["std"], np.float32).reshape(1, 3, 1, 1)
+    logits = sess.run(None, {"maps": (x - mean) / std})[0]
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(p, e / e.sum(1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(engine.predict(x[0]), p[:1], atol=1e-6)  # single map
+
+
+def test_training_maps_fit(engine, megc_dir):
+    # Not a generalisation score (that is LOSO's job): the engine was trained on these maps.
+    import csv
+
+    from realtime_mer.features import load_3db_map
+
+    rows = list(csv.DictReader((megc_dir / "labels.csv").open()))
+    x = np.stack([load_3db_map(megc_dir / r["flow_file"]) for r in rows]).transpose(0, 3, 1, 2)
+    y = np.array([int(r["label"]) for r in rows])
+    acc = float((engine.predict(x).argmax(1) == y).mean())
+    assert acc >= 0.9
+
+
+def test_bad_input(engine):
+    with pytest.raises(InputError):
+        engine.predict(np.zeros((2, 28, 28, 3), np.float32))
+    with pytest.raises(InputError):
+        engine.predict(np.full((1, 3, 28, 28), np.nan, np.float32))
+
+
+def test_missing_engine_and_manifest(tmp_path):
+    with pytest.raises(EngineError, match="missing"):
+        load_engine(tmp_path / "nope.onnx")
+    if not ENGINE.is_file():
+        pytest.skip("no shipped engine")
+    dst = tmp_path / "e.onnx"
+    shutil.copy(ENGINE, dst)
+    with pytest.raises(EngineError, match="manifest"):
+        load_engine(dst)
+
+
+def test_hash_mismatch(tmp_path):
+    if not ENGINE.is_file():
+        pytest.skip("no shipped engine")
+    dst = _copy(tmp_path)
+    with dst.open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(EngineError, match="sha256"):
+        load_engine(dst)
+
+
+def test_corrupt_onnx_with_matching_hash(tmp_path):
+    if not ENGINE.is_file():
+        pytest.skip("no shipped engine")
+    dst = _copy(tmp_path)
+    dst.write_bytes(b"this is not an onnx model" * 10)
+    _rewrite_manifest(dst, sha256=_sha(dst))
+    with pytest.raises(EngineError, match="cannot load"):
+        load_engine(dst)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"input": {"shape": ["N", 3, 32, 32]}}, "shape"),
+    ({"input": {"name": "x"}}, "named"),
+    ({"class_names": ["a", "b"]}, "per class"),
+    ({"input": {"channels": ["u", "v"]}}, "channel"),
+    ({"normalization": {"mean": [0.5], "std": [0.5]}}, "normalization"),
+    ({"format": "torch_export"}, "format"),
+])
+def test_manifest_mismatch(tmp_path, change, msg):
+    if not ENGINE.is_file():
+        pytest.skip("no shipped engine")
+    dst = _copy(tmp_path)
+    _rewrite_manifest(dst, **change)
+    with pytest.raises(EngineError, match=msg):
+        load_engine(dst)
+
+
+def test_manifest_not_json(tmp_path):
+    if not ENGINE.is_file():
+        pytest.skip("no shipped engine")
+    dst = _copy(tmp_path)
+    manifest_path(dst).write_text("{ nope")
+    with pytest.raises(EngineError, match="JSON"):
+        load_engine(dst)
+
+
+def test_manifest_roundtrip():
+    if not ENGINE.is_file():
+        pytest.skip("no shipped engine")
+    m = Manifest.load(manifest_path(ENGINE))
+    assert Manifest.from_json(m.to_json()) == m
+
+
+def test_default_engine_path_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MER_ENGINE", str(tmp_path / "x.onnx"))
+    assert default_engine_path() == tmp_path / "x.onnx"
+    monkeypatch.delenv("MER_ENGINE")
+    assert default_engine_path().name == "ststnet_3db.onnx"
+    assert default_engine_path().parent.name == "engines"
+
+
+@pytest.fixture(scope="module")
+def pt2_engine(tmp_path_factory, engine):
+    """A torch.export program of an STSTNet with the shipped engine's manifest fields."""
+    import torch
+
+    from training.export import sha256_file
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("ststnet").eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    ep = torch.export.export(model, (torch.rand(2, 3, 28, 28),), dynamic_shapes=({0: batch},))
+    path = tmp_path_factory.mktemp("pt2") / "m.pt2"
+    torch.export.save(ep, str(path))
+    d = engine.manifest.to_dict()
+    d.update(format="torch_export", sha256=sha256_file(path))
+    Manifest.from_dict(d).save(manifest_path(path))
+    return path, model
+
+
+def test_torch_backend_matches_eager(pt2_engine):
+    import torch
+
+    path, model = pt2_engine
+    b = load_engine(path, backend="torch", device="cpu")
+    assert b.name == "torch" and b.device == "cpu"
+    x = np.random.default_rng(1).random((4, 3, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.from_numpy((x - 0.5) / 0.5)), 1).numpy()
+    np.testing.assert_allclose(b.predict(x), ref, atol=1e-5)
+    auto = load_engine(path, device="auto")  # falls back to torch where TensorRT is absent
+    assert auto.name in ("torch", "tensorrt")
+    with pytest.raises(EngineError, match="ONNX Runtime"):
+        load_engine(path, backend="onnxruntime")
+
+
+def test_torch_backend_spec_mismatch(pt2_engine, tmp_path):
+    path, _ = pt2_engine
+    dst = tmp_path / "m.pt2"
+    shutil.copy(path, dst)
+    shutil.copy(manifest_path(path), manifest_path(dst))
+    _rewrite_manifest(dst, input={"shape": ["N", 3, 32, 32]})
+    with pytest.raises(EngineError, match="input spec"):
+        load_engine(dst, backend="torch", device="cpu")
+
+
+@pytest.mark.skipif(HAS_TRT, reason="torch_tensorrt is installed; the unavailable path is moot")
+def test_tensorrt_explicit_unavailable(pt2_engine):
+    path, _ = pt2_engine
+    with pytest.raises(BackendUnavailable, match="torch_tensorrt"):
+        load_engine(path, backend="tensorrt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="torch_tensorrt is not importable")
+def test_tensorrt_backend(pt2_engine):
+    if not _cuda():
+        pytest.skip("no CUDA device")
+    path, model = pt2_engine
+    b = load_engine(path, backend="tensorrt", device="cuda")
+    x = np.random.default_rng(2).random((3, 3, 28, 28), dtype=np.float32)
+    ref = load_engine(path, backend="torch", device="cpu").predict(x)
+    got = b.predict(x)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() >= 0.99 and (ref.argmax(1) == got.argmax(1)).all()
+
+
+def test_explicit_cuda_without_cuda(pt2_engine):
+    if _cuda():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(BackendUnavailable):
+        load_engine(ENGINE, device="cuda")
+    path, _ = pt2_engine
+    with pytest.raises(BackendUnavailable):
+        load_engine(path, backend="torch", device="cuda")
+
+
+def test_unknown_backend_and_device():
+    with pytest.raises(EngineError):
+        load_engine(ENGINE, backend="tflite")
+    with pytest.raises(EngineError):
+        load_engine(ENGINE, device="tpu")

@@ -1,0 +1,122 @@
+"""Short LOSO runs on a small synthetic set: end to end, resume, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from realtime_mer.errors import DatasetError
+from training.data.megc3db import Megc3DB
+from training.loso import LosoConfig, hflip_maps, run_loso
+
+torch.set_num_threads(1)
+
+
+def _synthetic(n_subjects: int = 4, per_subject: int = 9, seed: int = 0) -> Megc3DB:
+    """Separable maps: the class sets the mean of one channel."""
+    rng = np.random.default_rng(seed)
+    n = n_subjects * per_subject
+    y = np.tile(np.arange(3), n // 3 + 1)[:n].astype(np.int64)
+    x = rng.random((n, 3, 28, 28), dtype=np.float32) * 0.3
+    for i, c in enumerate(y):
+        x[i, c] += 0.6
+    subjects = np.repeat([f"casme2/s{i}" for i in range(n_subjects)], per_subject)
+    dbs = np.array(["casme2"] * n)
+    return Megc3DB(x=x, y=y, subjects=subjects, databases=dbs,
+                   videos=np.array([f"v{i}" for i in range(n)]),
+                   files=np.array([f"f{i}.png" for i in range(n)]), root="synthetic")
+
+
+CFG = LosoConfig(epochs=4, batch_size=8, eval_every=2, lr=5e-3)
+
+
+def test_short_loso_end_to_end(tmp_path):
+    data = _synthetic()
+    out = tmp_path / "res.json"
+    res = run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], results_path=out,
+                   checkpoint_every=2)
+    assert res["folds_run"] == 3 and res["complete"] is False
+    assert len(res["predictions"]) == 27
+    assert res["uf1"] > 0.9  # separable data
+    assert "LEAKY" in res["leaky_best_epoch"]["WARNING"]
+    saved = json.loads(out.read_text())
+    for key in ("model", "model_kwargs", "epochs", "lr", "batch_size", "optimizer", "seed",
+                "augment"):
+        assert key in saved["config"]
+    assert saved["environment"]["torch"] == torch.__version__
+    assert "wall_time_s" in saved and saved["per_database"]["casme2"]["n"] == 27
+    assert not list((tmp_path / "run").glob("chunk_*.pt"))  # checkpoint removed when done
+
+
+def test_resume_skips_done_folds_and_checkpoint(tmp_path):
+    data = _synthetic()
+    ref = run_loso(data, CFG, tmp_path / "ref", folds=[0, 1, 2])
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(msg: str) -> None:
+        if "epoch 3/4" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], checkpoint_every=2,
+                 progress=interrupt)
+    assert list((tmp_path / "run").glob("chunk_*.pt"))
+    msgs: list[str] = []
+    res = run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], checkpoint_every=2,
+                   progress=msgs.append)
+    assert any("resuming from epoch 2" in m for m in msgs)
+    a = np.array([p["probs"] for p in ref["predictions"]])
+    b = np.array([p["probs"] for p in res["predictions"]])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # A finished fold is not trained again.
+    msgs.clear()
+    run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], progress=msgs.append)
+    assert any("3 of 3 folds already done" in m for m in msgs)
+    assert not any("epoch" in m for m in msgs)
+
+
+def test_fold_result_independent_of_chunking(tmp_path):
+    data = _synthetic()
+    together = run_loso(data, CFG, tmp_path / "a", folds=[0, 1], chunk_size=2)
+    alone = run_loso(data, CFG, tmp_path / "b", folds=[0, 1], chunk_size=1)
+    a = np.array([p["probs"] for p in together["predictions"]])
+    b = np.array([p["probs"] for p in alone["predictions"]])
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_config_mismatch_refused(tmp_path):
+    data = _synthetic()
+    run_loso(data, CFG, tmp_path / "run", folds=[0])
+    with pytest.raises(ValueError, match="different configuration"):
+        run_loso(data, LosoConfig(epochs=5, batch_size=8), tmp_path / "run", folds=[0])
+
+
+def test_training_set_missing_a_class(tmp_path):
+    data = _synthetic()
+    y = data.y.copy()
+    y[(data.subjects != "casme2/s0") & (y == 2)] = 1  # only s0 has surprise
+    bad = Megc3DB(**{**data.__dict__, "y": y})
+    with pytest.raises(DatasetError, match="surprise"):
+        run_loso(bad, CFG, tmp_path / "run", folds=[0])
+
+
+def test_hflip_negates_u_and_mirrors():
+    x = torch.rand(2, 3, 28, 28)
+    f = hflip_maps(x)
+    assert torch.allclose(f[:, 0], 1 - torch.flip(x[:, 0], dims=(-1,)))
+    assert torch.equal(f[:, 1:], torch.flip(x[:, 1:], dims=(-1,)))
+    assert torch.allclose(hflip_maps(f), x, atol=1e-6)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError):
+        LosoConfig(augment="rotate")
+    with pytest.raises(ValueError):
+        LosoConfig(epochs=0)
+    cfg = LosoConfig.from_dict(CFG.to_dict())
+    assert cfg == CFG
