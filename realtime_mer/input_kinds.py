@@ -1,14 +1,12 @@
 """Input builders for the four papers' networks: one function per input kind, numpy in and out,
 shared by training (from the 3DB maps or from frames) and the live pipeline.
 
-| network        | input                                   | built by                                  |
-|----------------|-----------------------------------------|-------------------------------------------|
-| STSTNet, AHMSA | (28, 28, 3) (u, v, strain) map          | ``features.flow_strain_map``; AHMSA may   |
-|                |                                         | take ``five_region_crop`` of it           |
-| MJFN           | (224, 224, 3) colour-coded flow         | ``colour_coded_flow``                     |
-| MCNet          | (224, 224, 3) colour-coded magnified,   | ``mcnet_input`` (= ``magnify_flow`` +     |
-|                | AU-region-weighted flow                 | ``au_region_mask`` + ``colour_coded_flow``)|
-| 3D-ResNet50    | (16, 134, 134, 3) flow stack            | ``flow_stack`` (+ ``clip_layout``)        |
+- STSTNet, AHMSA-Net: (28, 28, 3) (u, v, strain) map from ``features.flow_strain_map``;
+  AHMSA-Net may take its :func:`five_region_crop`.
+- MJFN: (224, 224, 3) colour-coded flow, :func:`colour_coded_flow`.
+- MCNet: (224, 224, 3) colour-coded magnified, AU-region-weighted flow, :func:`mcnet_input`
+  (= :func:`magnify_flow` + :func:`au_region_mask` + :func:`colour_coded_flow`).
+- multi-scale 3D-ResNet50: (16, 134, 134, 3) flow stack, :func:`flow_stack` (+ :func:`clip_layout`).
 
 From a published 3DB map, ``uv_from_3db_map`` recovers signed (u, v) up to the lost per-map
 scale, so MJFN and MCNet can be trained on the same 442 samples.

@@ -64,7 +64,8 @@ def _all_outputs(model, x):
 
 def _assert_close(reference: torch.Tensor, got, what: str) -> None:
     got = torch.as_tensor(got).to(reference.dtype)
-    assert got.shape == reference.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(reference.shape)}"
+    assert got.shape == reference.shape, (
+        f"{what}: shape {tuple(got.shape)} vs {tuple(reference.shape)}")
     cos = torch.nn.functional.cosine_similarity(reference.flatten(1), got.flatten(1), dim=1)
     assert (cos >= COSINE_MIN).all(), f"{what}: cosine {cos.tolist()} < {COSINE_MIN}"
     assert torch.equal(reference.argmax(1), got.argmax(1)), f"{what}: argmax differs"

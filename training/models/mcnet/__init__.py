@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from training.models.mcnet.model import MCCFM, RKCB, CBAM, ChebyshevKAN1x1, MCNet, MobileNetV3SmallTrunk
+from training.models.mcnet.model import (CBAM, MCCFM, RKCB, ChebyshevKAN1x1, MCNet,
+                                         MobileNetV3SmallTrunk)
 from training.models.registry import register_model
 
 __all__ = ["MCNet", "MobileNetV3SmallTrunk", "ChebyshevKAN1x1", "CBAM", "RKCB", "MCCFM", "mcnet"]
