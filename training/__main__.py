@@ -38,7 +38,12 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                    help="hflip: mirror and u -> 1 - u with probability 0.5 (default)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="epochs between evaluations for the LEAKY best-epoch number only")
+                   help="epochs between evaluations (the LEAKY best-epoch number; the "
+                        "candidates of --select-epochs nested)")
+    g.add_argument("--select-epochs", default=d.select_epochs, choices=("fixed", "nested"),
+                   help="fixed: score after --epochs; nested: per fold, the epoch chosen by "
+                        "an inner subject-wise CV on its training subjects only")
+    g.add_argument("--inner-folds", type=int, default=d.inner_folds)
 
 
 def _config(args):
@@ -49,6 +54,7 @@ def _config(args):
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
         augment=args.augment, seed=args.seed, eval_every=args.eval_every,
+        select_epochs=args.select_epochs, inner_folds=args.inner_folds,
     )
 
 

@@ -69,7 +69,12 @@ class LosoConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     seed: int = 0
-    eval_every: int = 10  # epochs between evaluations used only for the leaky number
+    eval_every: int = 10  # epochs between evaluations (leaky number; nested candidates)
+    # "fixed": every fold is scored after ``epochs``. "nested": each fold's epoch count is
+    # chosen among the evaluation epochs by an inner subject-wise CV on that fold's training
+    # subjects only (``inner_folds`` groups); the test subject is never looked at.
+    select_epochs: str = "fixed"
+    inner_folds: int = 5
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -80,6 +85,10 @@ class LosoConfig:
             raise ValueError(f"augment {self.augment!r} is not one of none, hflip")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
+        if self.select_epochs not in ("fixed", "nested"):
+            raise ValueError(f"select_epochs {self.select_epochs!r} is not fixed or nested")
+        if self.inner_folds < 2:
+            raise ValueError("inner_folds must be >= 2")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -88,7 +97,7 @@ class LosoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LosoConfig":
-        d = dict(d)
+        d = {"select_epochs": "fixed", "inner_folds": 5, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -370,6 +379,7 @@ def run_loso(
                 p = probs[j, :len(test_idx[f])]
                 history[f].append({"epoch": epoch,
                                    "pred": p.argmax(-1).tolist(),
+                                   "probs": np.round(p.numpy(), 6).tolist(),
                                    "correct": int((p.argmax(-1).numpy()
                                                    == data.y[test_idx[f]]).sum())})
 
@@ -407,23 +417,98 @@ def run_loso(
         if ckpt_path.exists():
             ckpt_path.unlink()
 
+    nested = None
+    if cfg.select_epochs == "nested":
+        nested = select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
+                                      device=device, progress=say)
     info = {"device": str(device), "chunk_size": chunk_size, **(invocation or {})}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name()
-    return _collect(data, cfg, run_dir, folds, results_path, info)
+    return _collect(data, cfg, run_dir, folds, results_path, info, nested)
+
+
+def _inner_groups(train_subjects: list[str], k: int) -> list[list[str]]:
+    # Round robin over the subjects in dataset order (one database after another), so the
+    # split is deterministic and every inner group holds subjects of every database.
+    return [train_subjects[g::k] for g in range(k)]
+
+
+def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int], *,
+                         chunk_size: int = 68, device: str = "cpu",
+                         progress: Callable[[str], None] | None = None) -> dict:
+    """For each outer fold, the evaluation epoch with the best pooled UF1 of an inner
+    subject-wise CV over the fold's training subjects (earliest on ties). Uses only training
+    subjects' labels. Cached in ``run_dir/nested_epochs.json``."""
+    from training.metrics import uf1_uar
+
+    say = progress or log.info
+    cache = Path(run_dir) / "nested_epochs.json"
+    if cache.exists():
+        doc = json.loads(cache.read_text())
+        if all(str(f) in doc["chosen"] for f in folds):
+            return doc
+    subjects = data.subject_list
+    jobs = []  # (outer fold, inner group, train idx, val idx)
+    for f in folds:
+        rest = [s for s in subjects if s != subjects[f]]
+        for g, group in enumerate(_inner_groups(rest, cfg.inner_folds)):
+            val = np.flatnonzero(np.isin(data.subjects, group))
+            train = np.flatnonzero(~np.isin(data.subjects, group + [subjects[f]]))
+            jobs.append((f, g, train, val))
+    preds: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    t0 = time.perf_counter()
+    for c0 in range(0, len(jobs), chunk_size):
+        chunk = jobs[c0:c0 + chunk_size]
+        width = max(len(j[3]) for j in chunk)
+        padded = np.stack([np.resize(j[3], width) for j in chunk])
+
+        def hook(epoch: int, predict, chunk=chunk, padded=padded) -> None:
+            probs = predict(padded)
+            for m, (f, g, _, val) in enumerate(chunk):
+                preds.setdefault((f, g), {})[epoch] = probs[m, :len(val)].argmax(-1).numpy()
+
+        # Seeds distinct from the outer folds' (which use 0..67).
+        ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
+        train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
+                     eval_hook=hook)
+        say(f"nested selection: {min(c0 + chunk_size, len(jobs))}/{len(jobs)} inner models "
+            f"trained  {time.perf_counter() - t0:.0f} s")
+    chosen, curves = {}, {}
+    for f in folds:
+        fjobs = [j for j in jobs if j[0] == f]
+        yv = np.concatenate([data.y[j[3]] for j in fjobs])
+        epochs = sorted(preds[(f, 0)])
+        curve = []
+        for e in epochs:
+            pv = np.concatenate([preds[(f, j[1])][e] for j in fjobs])
+            curve.append(uf1_uar(yv, pv)[0])
+        best = int(np.argmax(curve))  # first maximum: the earliest epoch on ties
+        chosen[str(f)] = epochs[best]
+        curves[str(f)] = [round(v, 4) for v in curve]
+    doc = {"chosen": chosen, "inner_uf1_curves": curves, "epochs": epochs,
+           "inner_folds": cfg.inner_folds, "wall_s": time.perf_counter() - t0}
+    _atomic_write_json(cache, doc)
+    return doc
 
 
 def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
-             results_path, info: dict) -> dict:
+             results_path, info: dict, nested: dict | None = None) -> dict:
     subjects = data.subject_list
     y_true, y_pred, idx_all, probs_all = [], [], [], []
     leaky_pred, leaky_epochs, wall = [], {}, {}
+    final_pred = []
     for f in folds:
         doc = json.loads((run_dir / f"fold_{f:02d}.json").read_text())
         idx = doc["indices"]
         idx_all += idx
-        y_pred += doc["pred"]
-        probs_all += doc["probs"]
+        final_pred += doc["pred"]
+        if nested is not None:
+            entry = next(h for h in doc["history"] if h["epoch"] == nested["chosen"][str(f)])
+            y_pred += entry["pred"]
+            probs_all += entry["probs"]
+        else:
+            y_pred += doc["pred"]
+            probs_all += doc["probs"]
         y_true += data.y[idx].tolist()
         # Leaky: the evaluation epoch with the most correct test predictions (earliest on ties).
         best = max(doc["history"], key=lambda h: (h["correct"], -h["epoch"]))
@@ -435,7 +520,9 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
     leaky = evaluate(y_true, leaky_pred)
     results = {
         "format": RESULTS_FORMAT,
-        "protocol": "LOSO, fixed schedule, predictions of all folds pooled, scored once",
+        "protocol": ("LOSO, predictions of all folds pooled, scored once; epochs: "
+                     + ("fixed" if nested is None else
+                        "per fold by nested subject-wise CV on its training subjects only")),
         "complete": len(folds) == len(subjects),
         "folds_run": len(folds),
         "config": cfg.to_dict(),
@@ -453,6 +540,16 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
         "per_class": honest["per_class"],
         "per_database": {db: {k: v for k, v in r.items() if k != "per_class"}
                          for db, r in per_database(y_true, y_pred, dbs).items()},
+        **({} if nested is None else {"nested_selection": {
+            "chosen_epochs": {subjects[int(f)]: e for f, e in nested["chosen"].items()},
+            "median_epochs": float(np.median(list(nested["chosen"].values()))),
+            "inner_folds": nested["inner_folds"], "wall_s": nested["wall_s"],
+            "inner_uf1_curves": {subjects[int(f)]: c
+                                 for f, c in nested["inner_uf1_curves"].items()},
+            "candidate_epochs": nested["epochs"],
+            "fixed_final_epoch_same_run": {
+                k: evaluate(y_true, final_pred)[k] for k in ("uf1", "uar", "accuracy")},
+        }}),
         "leaky_best_epoch": {
             "WARNING": "LEAKY, paper-comparable only: each test subject's epoch was chosen by "
                        "looking at that subject's labels. Not an estimate of performance.",
