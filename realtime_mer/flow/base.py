@@ -26,6 +26,14 @@ class TVL1Options:
     median_filtering: int = 5
     use_initial_flow: bool = False
 
+    @classmethod
+    def fast(cls) -> "TVL1Options":
+        """A cheap setting for per-frame signals (spotting), not for the network maps: 3 scales,
+        2 warps, 10 inner × 2 outer iterations, 3×3 median. Its end-point error against the
+        default setting is measured in ``docs/BENCHMARKS.md`` ("Optical flow")."""
+        return cls(nscales=3, warps=2, inner_iterations=10, outer_iterations=2,
+                   median_filtering=3)
+
 
 @runtime_checkable
 class FlowEstimator(Protocol):
