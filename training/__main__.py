@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine path; the manifest is written beside it as <out>.json")
     sp.add_argument("--loso-results", default=str(REPO_ROOT / "docs" / "results" /
                                                   "ststnet_loso.json"),
-                    help="LOSO results file whose honest UF1/UAR go into the manifest")
+                    help="LOSO results file (same schedule) whose honest UF1/UAR go into the "
+                         "manifest; '' for none")
     sp.add_argument("--weights", help="weights from `train` instead of training again")
     sp.set_defaults(func=cmd_export)
     return p
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except MerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ValueError as exc:  # a configuration that does not fit (resume, results, ...)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -133,8 +133,16 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     loso = None
     if loso_results and Path(loso_results).is_file():
         r = json.loads(Path(loso_results).read_text())
-        if r.get("config", {}).get("model") != cfg.model:
-            raise ValueError(f"{loso_results} is for model {r.get('config', {}).get('model')!r}")
+        ignore = ("eval_every", "select_epochs", "inner_folds")
+        theirs = {k: v for k, v in r.get("config", {}).items() if k not in ignore}
+        ours = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+        if theirs != ours:
+            # A manifest must not claim scores measured with another model or schedule.
+            raise ValueError(
+                f"{loso_results} was run with another configuration than this export "
+                f"({ {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours[k]} }); "
+                "pass the matching --loso-results"
+            )
         loso = {"protocol": "LOSO, 68 subjects, pooled, fixed schedule (honest)",
                 "uf1": r["uf1"], "uar": r["uar"], "complete": r.get("complete"),
                 "results_file": Path(loso_results).name,
