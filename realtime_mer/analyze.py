@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -94,6 +94,8 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
                 return
             yield frame
 
+    # A live source must not stall while an event is classified: frames would be dropped.
+    options = replace(options, classify_in_background=True)
     try:
         facts = {"camera": str(device), "duration_limit_s": duration_s}
         return _run(frames(), Path(out_dir), f"camera {device}", facts, options, engine,
@@ -129,6 +131,11 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             if progress is not None:
                 progress(count, expected)
             read_start = time.perf_counter()
+        for event, _ in pipeline.finish():  # events still being classified in the background
+            writer.write(event)
+            result.events.append(event)
+            if on_event is not None:
+                on_event(event)
         if count == 0 and not problems():
             result.problems.append("the input gave no decodable frames")
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -47,7 +47,9 @@ class LiveSession:
         if image_rgb is None:
             return None, self.log_rows()
         if self.pipeline is None:
-            self.pipeline = Pipeline(self.options, engine=self.engine, source_name="webcam")
+            # Classification runs beside the stream so a browser frame is never held up by it.
+            self.pipeline = Pipeline(replace(self.options, classify_in_background=True),
+                                     engine=self.engine, source_name="webcam")
         now = time.monotonic()
         if t_ms is None:
             self._t0 = now if self._t0 is None else self._t0
@@ -65,6 +67,12 @@ class LiveSession:
         annotated = annotate(image_bgr, result, self.events[-1] if self.events else None,
                              self._fps)
         return cv2.cvtColor(annotated, cv2.COLOR_BGR2RGB), self.log_rows()
+
+    def finish(self) -> list[list]:
+        """Collect events still being classified (end of a stream) → the event log rows."""
+        if self.pipeline is not None:
+            self.events.extend(event for event, _ in self.pipeline.finish())
+        return self.log_rows()
 
     def log_rows(self) -> list[list]:
         return [[round(e.apex_ms / 1000, 2), e.kind, e.label, round(e.confidence, 3),

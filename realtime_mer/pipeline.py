@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,7 +19,7 @@ import numpy as np
 from realtime_mer.buffer import RingBuffer
 from realtime_mer.capture import Frame
 from realtime_mer.face import FaceAligner, FaceOptions, FaceResult
-from realtime_mer.features import FeatureOptions, flow_strain_map
+from realtime_mer.features import FeatureExtractor, FeatureOptions
 from realtime_mer.report import EventRecord
 from realtime_mer.runtime import Backend, default_engine_path, load_engine
 from realtime_mer.spotting import SpotEvent, Spotter, SpotterOptions
@@ -42,6 +43,10 @@ class PipelineOptions:
     # so no flow is ever computed across a cut, a turned-away head or a face that left.
     face_gap_reset_ms: float = 300.0
     fps_hint: float = 30.0
+    # Live sources: classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread
+    # so the per-frame loop never stalls and drops frames; the event then arrives with a later
+    # frame. Files are classified inline, so results come back in order with their frame.
+    classify_in_background: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Pipeline:
         self.timer = StageTimer(synchronize=_synchronizer(self.engine))
         self.aligner = FaceAligner(options.face)
         self.spotter = Spotter(options.spotter)
+        self._features = FeatureExtractor(options.features)
         self.buffer = RingBuffer(
             capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
             crop_size=options.face.crop_size, n_landmarks=478)
@@ -76,6 +82,9 @@ class Pipeline:
         # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
         # frame numbers as well as their times.
         self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer.capacity)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-classify") \
+            if options.classify_in_background else None
+        self._pending: deque[Future] = deque()
         self.frames_seen = 0
         self.frames_with_face = 0
         self.frames_with_several_faces = 0
@@ -105,15 +114,28 @@ class Pipeline:
             spot = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
         record, feature_map = (None, None)
         if spot is not None:
-            record, feature_map = self._classify(spot)
+            job = self._event_job(spot)
+            if self._executor is not None:
+                self._pending.append(self._executor.submit(self._classify, job))
+            else:
+                record, feature_map = self._classify(job)
+        if record is None and self._pending and self._pending[0].done():
+            record, feature_map = self._pending.popleft().result()
         return FrameResult(frame.index, frame.t_ms, face, self.spotter.signal,
                            self.spotter.threshold, record, feature_map)
+
+    def finish(self) -> list[tuple[EventRecord, np.ndarray]]:
+        """Wait for events still being classified in the background (end of a stream)."""
+        done = [future.result() for future in self._pending]
+        self._pending.clear()
+        return done
 
     def run(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
         for frame in frames:
             yield self.process(frame)
 
     def reset(self) -> None:
+        self.finish()
         self.aligner.reset()
         self._restart_sequence()
         self._last_face_ms = None
@@ -123,6 +145,8 @@ class Pipeline:
         self.sequence_restarts = 0
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         self.aligner.close()
 
     def __enter__(self) -> "Pipeline":
@@ -144,12 +168,20 @@ class Pipeline:
         self.spotter.reset()
         self.buffer.reset()
 
-    def _classify(self, spot: SpotEvent) -> tuple[EventRecord, np.ndarray]:
+    def _event_job(self, spot: SpotEvent) -> _EventJob:
+        """What classifying an event needs, copied out of the ring buffer (whose slots the next
+        frames overwrite)."""
+        onset = self.buffer.get(_clamp(spot.onset_ms, self.buffer))
+        apex = self.buffer.get(_clamp(spot.apex_ms, self.buffer))
+        offset_t = _clamp(spot.offset_ms, self.buffer)
+        return _EventJob(spot, onset.crop.copy(), apex.crop.copy(),
+                         self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
+                         self._frame_index(offset_t))
+
+    def _classify(self, job: _EventJob) -> tuple[EventRecord, np.ndarray]:
+        spot = job.spot
         with self.timer.stage("features"):
-            onset_crop, _, onset_t = self.buffer.get(_clamp(spot.onset_ms, self.buffer))
-            apex_crop, _, apex_t = self.buffer.get(_clamp(spot.apex_ms, self.buffer))
-            offset_t = _clamp(spot.offset_ms, self.buffer)
-            feature_map = flow_strain_map(onset_crop, apex_crop, self.options.features)
+            feature_map = self._features.process(job.onset_crop, job.apex_crop)
         with self.timer.stage("engine"):
             probabilities = self.engine.predict(
                 feature_map.transpose(2, 0, 1)[None].astype(np.float32))[0]
@@ -160,8 +192,8 @@ class Pipeline:
             kind=spot.kind, label=self.class_names[best], confidence=float(probabilities[best]),
             probabilities={n: float(p) for n, p in zip(self.class_names, probabilities)},
             peak=float(spot.peak), threshold=float(spot.threshold),
-            onset_frame=self._frame_index(onset_t), apex_frame=self._frame_index(apex_t),
-            offset_frame=self._frame_index(offset_t), source=self.source_name,
+            onset_frame=job.onset_frame, apex_frame=job.apex_frame,
+            offset_frame=job.offset_frame, source=self.source_name,
         )
         log.debug("event %s", record)
         return record, feature_map
@@ -172,6 +204,16 @@ class Pipeline:
             return -1
         times = np.fromiter((t for t, _ in self._recent_frames), float)
         return self._recent_frames[int(np.argmin(np.abs(times - t_ms)))][1]
+
+
+@dataclass(frozen=True)
+class _EventJob:
+    spot: SpotEvent
+    onset_crop: np.ndarray
+    apex_crop: np.ndarray
+    onset_frame: int
+    apex_frame: int
+    offset_frame: int
 
 
 def _clamp(t_ms: float, buffer: RingBuffer) -> float:
