@@ -335,7 +335,8 @@ class TorchTVL1:
         on CUDA only: on a small CPU the first compile takes minutes (cached on disk by
         torch afterwards); pass ``compile=True`` for batched CPU work, where it is what makes
         ours faster than OpenCV (docs/BENCHMARKS.md).
-    compact: drop converged pairs from the working batch (CPU default; not with CUDA graphs).
+    compact: drop converged pairs from the working batch (default: on for CPU eager only; not
+        with CUDA graphs, and off when compiled, see the comment in ``__init__``).
     check_every: the host reads the per-pair "still iterating" flags every this many iterations
         (a device synchronisation); between checks, converged pairs are frozen on the device, so
         the result does not depend on it, only the time does. Default: 1 on CPU,
@@ -395,7 +396,10 @@ class TorchTVL1:
             self.cuda_graphs = False
         # compaction drops converged pairs from the working batch, so a batch costs the sum of
         # its pairs' iterations rather than N × the slowest; it changes shapes, so not with graphs
-        self.compact = (not self.cuda_graphs) if compact is None else bool(compact)
+        # Not with compile either: the changing batch sizes trip the compiled kernels' shape
+        # guards, and past torch's recompile limit the functions fall back to slow eager code.
+        self.compact = (not self.cuda_graphs and not self.compile) if compact is None else (
+            bool(compact))
         if self.compact and self.cuda_graphs:
             raise ValueError("compact=True and cuda_graphs=True exclude each other")
         if self.compile:
