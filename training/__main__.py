@@ -23,10 +23,12 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     from training.loso import LosoConfig
 
     d = LosoConfig()
-    g = p.add_argument_group("schedule (fixed; the same for every fold and for export)")
+    g = p.add_argument_group("schedule (the same for every fold and for export)")
     g.add_argument("--model", default=d.model, help="registered model name (default %(default)s)")
     g.add_argument("--model-kwargs", default="{}", help="JSON dict of model keyword arguments")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs trained (fixed) or the longest candidate (nested); "
+                        "default %(default)s")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     g.add_argument("--optimizer", default=d.optimizer, choices=("adam", "adamw", "sgd"))
     g.add_argument("--lr", type=float, default=d.lr, help="default %(default)s")
@@ -40,10 +42,14 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="epochs between evaluations (the LEAKY best-epoch number; the "
                         "candidates of --select-epochs nested)")
-    g.add_argument("--select-epochs", default=d.select_epochs, choices=("fixed", "nested"),
-                   help="fixed: score after --epochs; nested: per fold, the epoch chosen by "
-                        "an inner subject-wise CV on its training subjects only")
-    g.add_argument("--inner-folds", type=int, default=d.inner_folds)
+    g.add_argument("--select-epochs", default="nested", choices=("fixed", "nested"),
+                   help="how the epoch count is set. nested (default, the product's protocol): "
+                        "an inner subject-wise CV over the training subjects only (per LOSO "
+                        "fold: the fold's training subjects; train/export: all subjects) picks "
+                        "it among --eval-every, 2*--eval-every, ..., --epochs by pooled inner "
+                        "UF1, earliest on ties. fixed: --epochs, chosen a priori")
+    g.add_argument("--inner-folds", type=int, default=d.inner_folds,
+                   help="inner groups of the nested selection (default %(default)s)")
 
 
 def _config(args):
@@ -80,7 +86,8 @@ def cmd_loso(args) -> int:
             folds = [int(f) for f in args.folds.split(",")]
         else:
             folds = list(range(int(args.folds)))
-    run_dir = args.run_dir or f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
+    run_dir = args.run_dir or (f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
+                               + ("_nested" if cfg.select_epochs == "nested" else ""))
     print(f"LOSO {cfg.model}: {len(data)} samples, {len(data.subject_list)} subjects, "
           f"run dir {run_dir}", flush=True)
     t0 = time.time()
@@ -100,17 +107,23 @@ def cmd_loso(args) -> int:
 
 def cmd_train(args) -> int:
     from training.data import load_megc3db
-    from training.export import train_full
+    from training.export import fit_full, save_weights
 
     _setup(args)
     data = load_megc3db(args.data)
     cfg = _config(args)
-    model = train_full(data, cfg, device=args.device, progress=lambda m: print(m, flush=True))
-    from training.export import save_weights
-
-    save_weights(model, cfg, args.out)
-    print(f"weights: {args.out}")
+    model, selection = fit_full(data, cfg, device=args.device,
+                                progress=lambda m: print(m, flush=True))
+    save_weights(model, cfg, args.out, selection)
+    trained = selection["chosen_epochs"] if selection else cfg.epochs
+    print(f"weights: {args.out} ({trained} epochs, {cfg.select_epochs} epoch count)")
     return 0
+
+
+def default_loso_results(select_epochs: str) -> Path:
+    """The LOSO results file made with the same epoch selection as the export."""
+    name = "ststnet_loso_nested.json" if select_epochs == "nested" else "ststnet_loso.json"
+    return REPO_ROOT / "docs" / "results" / name
 
 
 def cmd_export(args) -> int:
@@ -120,7 +133,9 @@ def cmd_export(args) -> int:
     _setup(args)
     data = load_megc3db(args.data)
     cfg = _config(args)
-    info = export_default(data, cfg, args.out, loso_results=args.loso_results,
+    loso_results = (args.loso_results if args.loso_results is not None
+                    else default_loso_results(cfg.select_epochs))
+    info = export_default(data, cfg, args.out, loso_results=loso_results,
                           weights=args.weights, device=args.device,
                           progress=lambda m: print(m, flush=True))
     print(json.dumps(info, indent=1))
@@ -157,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="epochs between resume checkpoints (default 25)")
     sp.set_defaults(func=cmd_loso)
 
-    sp = sub.add_parser("train", help="train on all samples with the fixed schedule")
+    sp = sub.add_parser("train", help="train on all samples with the LOSO schedule (epoch "
+                                      "count by --select-epochs, default nested)")
     common(sp)
     sp.add_argument("--out", required=True, help="weights file (.pt, state dict of tensors)")
     sp.set_defaults(func=cmd_train)
@@ -167,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--out", default=str(REPO_ROOT / "engines" / "ststnet_3db.onnx"),
                     help="engine path; the manifest is written beside it as <out>.json")
-    sp.add_argument("--loso-results", default=str(REPO_ROOT / "docs" / "results" /
-                                                  "ststnet_loso.json"),
-                    help="LOSO results file (same schedule) whose honest UF1/UAR go into the "
-                         "manifest; '' for none")
+    sp.add_argument("--loso-results", default=None,
+                    help="LOSO results file (same schedule and epoch selection; refused "
+                         "otherwise) whose honest UF1/UAR go into the manifest (default: "
+                         "docs/results/ststnet_loso_nested.json with --select-epochs nested, "
+                         "docs/results/ststnet_loso.json with fixed); '' for none")
     sp.add_argument("--weights", help="weights from `train` instead of training again")
     sp.set_defaults(func=cmd_export)
     return p

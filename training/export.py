@@ -1,5 +1,13 @@
-"""Train the default model on all 3DB samples with the fixed LOSO schedule and export it as an
-ONNX engine plus manifest (``engines/ststnet_3db.onnx`` + ``.onnx.json``).
+"""Train the default model on all 3DB samples with the LOSO schedule and export it as an ONNX
+engine plus manifest (``engines/ststnet_3db.onnx`` + ``.onnx.json``).
+
+The epoch count is set the way the quoted LOSO score was estimated. ``select_epochs="fixed"``:
+``cfg.epochs``, chosen a priori. ``select_epochs="nested"`` (the CLI default): the nested rule of
+the LOSO evaluation applied to the whole data set (:func:`training.loso.select_epochs_full`: an
+inner subject-wise CV over all subjects picks the count among the evaluation epochs), then one
+model is trained on every sample for that many epochs. The selection (rule, candidates, inner
+scores, choice) is written into the manifest, and a LOSO results file is only quoted if it was
+made with the same schedule and the same selection rule.
 
 The normalisation is NOT baked into the graph: the manifest states mean/std and the runtime
 applies them, so the engine's input is the plain network input and the manifest is the single
@@ -8,6 +16,7 @@ place that says how to get there from a [0, 1] map.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,21 +28,25 @@ import numpy as np
 import torch
 
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.loso import LosoConfig, git_commit, normalise, train_models
+from training.loso import LosoConfig, git_commit, normalise, select_epochs_full, train_models
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_full", "save_weights", "load_weights", "export_onnx", "export_default",
-           "check_export", "sha256_file"]
+__all__ = ["train_full", "fit_full", "save_weights", "load_weights", "load_selection",
+           "export_onnx", "export_default", "check_export", "sha256_file", "check_loso_results"]
 
 INPUT_NAME = "maps"
 OUTPUT_NAME = "logits"
 
 
 def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
-               progress: Callable[[str], None] | None = None) -> torch.nn.Module:
-    """One model trained on every sample with exactly the LOSO schedule (eval mode, CPU)."""
+               progress: Callable[[str], None] | None = None,
+               epochs: int | None = None) -> torch.nn.Module:
+    """One model trained on every sample with exactly the LOSO schedule (eval mode, CPU), for
+    ``epochs`` epochs (default ``cfg.epochs``). No selection here: see :func:`fit_full`."""
     say = progress or log.info
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=int(epochs))
     fold_id = len(data.subject_list)  # a seed stream of its own, distinct from every LOSO fold
     t0 = time.perf_counter()
 
@@ -46,11 +59,34 @@ def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
     return models[0]
 
 
-def save_weights(model: torch.nn.Module, cfg: LosoConfig, path: str | Path) -> None:
-    """State dict of tensors plus the config as a JSON string (loadable with weights_only)."""
+def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size: int = 68,
+             progress: Callable[[str], None] | None = None
+             ) -> tuple[torch.nn.Module, dict | None]:
+    """The product's training protocol: with ``cfg.select_epochs == "nested"`` the epoch count
+    is chosen by :func:`select_epochs_full` (inner CV over all subjects), then the model is
+    trained on all samples for that count; with "fixed" for ``cfg.epochs``. Returns the model
+    and the selection record (None for fixed)."""
+    say = progress or log.info
+    selection = None
+    epochs = cfg.epochs
+    if cfg.select_epochs == "nested":
+        selection = select_epochs_full(data, cfg, chunk_size=chunk_size, device=device,
+                                       progress=say)
+        epochs = selection["chosen_epochs"]
+        say("nested selection on all subjects: inner UF1 "
+            + ", ".join(f"{e}:{u:.4f}" for e, u in zip(selection["candidate_epochs"],
+                                                         selection["inner_uf1"]))
+            + f"; chosen {epochs} epochs ({selection['wall_s']:.0f} s)")
+    return train_full(data, cfg, device=device, progress=say, epochs=epochs), selection
+
+
+def save_weights(model: torch.nn.Module, cfg: LosoConfig, path: str | Path,
+                 selection: dict | None = None) -> None:
+    """State dict of tensors plus the config (and the epoch selection record, if any) as JSON
+    strings (loadable with weights_only)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "config_json": json.dumps(cfg.to_dict())},
-               path)
+    torch.save({"state_dict": model.state_dict(), "config_json": json.dumps(cfg.to_dict()),
+                "selection_json": json.dumps(selection)}, path)
 
 
 def load_weights(path: str | Path) -> tuple[torch.nn.Module, LosoConfig]:
@@ -61,6 +97,12 @@ def load_weights(path: str | Path) -> tuple[torch.nn.Module, LosoConfig]:
     model = create_model(cfg.model, **cfg.model_kwargs)
     model.load_state_dict(doc["state_dict"])
     return model.eval(), cfg
+
+
+def load_selection(path: str | Path) -> dict | None:
+    """The epoch selection record saved with the weights (None: fixed schedule, or none)."""
+    doc = torch.load(path, map_location="cpu", weights_only=True)
+    return json.loads(doc.get("selection_json", "null"))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -117,10 +159,22 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     say = progress or log.info
     if weights:
         model, cfg = load_weights(weights)
+        selection = load_selection(weights)
+        if cfg.select_epochs == "nested" and selection is None:
+            raise ValueError(f"{weights} holds no epoch selection record although its schedule "
+                             "says select_epochs=nested; train it again with `train`")
     else:
+        selection = None
+    # Refuse a mismatching LOSO results file before spending minutes on training.
+    loso_doc = None
+    if loso_results and Path(loso_results).is_file():
+        loso_doc = json.loads(Path(loso_results).read_text())
+        check_loso_results(loso_doc, cfg, str(loso_results))
+    if not weights:
         t0 = time.perf_counter()
-        model = train_full(data, cfg, device=device, progress=say)
+        model, selection = fit_full(data, cfg, device=device, progress=say)
         say(f"trained on {len(data)} samples in {time.perf_counter() - t0:.0f} s")
+    epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
     export_onnx(model, out)
     x = normalise(torch.as_tensor(data.x), cfg.mean, cfg.std).numpy()
@@ -131,23 +185,13 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         train_acc = float((model(torch.as_tensor(x)).argmax(1).numpy() == data.y).mean())
 
     loso = None
-    if loso_results and Path(loso_results).is_file():
-        r = json.loads(Path(loso_results).read_text())
-        ignore = ("eval_every", "select_epochs", "inner_folds")
-        theirs = {k: v for k, v in r.get("config", {}).items() if k not in ignore}
-        ours = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-        if theirs != ours:
-            # A manifest must not claim scores measured with another model or schedule.
-            raise ValueError(
-                f"{loso_results} was run with another configuration than this export "
-                f"({ {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours[k]} }); "
-                "pass the matching --loso-results"
-            )
-        loso = {"protocol": "LOSO, 68 subjects, pooled, fixed schedule (honest)",
-                "uf1": r["uf1"], "uar": r["uar"], "complete": r.get("complete"),
-                "results_file": Path(loso_results).name,
-                "leaky_best_epoch_uf1": r["leaky_best_epoch"]["uf1"],
-                "leaky_best_epoch_uar": r["leaky_best_epoch"]["uar"]}
+    if loso_doc is not None:
+        loso = _loso_block(loso_doc, cfg, loso_results)
+    if selection is not None:
+        epoch_selection = {"mode": "nested", **selection}
+    else:
+        epoch_selection = {"mode": "fixed",
+                           "rule": f"fixed: {cfg.epochs} epochs, chosen before any run"}
     manifest = Manifest(
         model=cfg.model,
         model_kwargs=dict(cfg.model_kwargs),
@@ -161,7 +205,11 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         training={"data": "MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 "
                           "(u, v, strain) maps", "n_samples": len(data),
                   "n_subjects": len(data.subject_list),
-                  "class_counts": list(data.class_counts()), "schedule": cfg.to_dict(),
+                  "class_counts": list(data.class_counts()),
+                  # "epochs" of the config is the longest candidate when select_epochs is
+                  # nested; the model was trained for "epochs_trained".
+                  "schedule": {**cfg.to_dict(), "epochs_trained": epochs_trained,
+                               "epoch_selection": epoch_selection},
                   "train_accuracy": train_acc, "git_commit": git_commit()},
         loso=loso,
         sha256=sha256_file(out),
@@ -172,3 +220,71 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     manifest.save(Path(str(out) + ".json"))
     say(f"engine {out} ({out.stat().st_size} bytes), manifest {out}.json; export check {check}")
     return manifest.to_dict()
+
+
+def _schedule_key(cfg_dict: dict) -> dict:
+    """What must agree between a LOSO results file and an export: the whole schedule and the
+    epoch selection rule. eval_every and inner_folds only matter to the nested rule (its
+    candidates and inner groups), so they are compared only then."""
+    d = LosoConfig.from_dict(cfg_dict).to_dict()  # old files: select_epochs "fixed"
+    if d["select_epochs"] == "fixed":
+        d.pop("eval_every")
+        d.pop("inner_folds")
+    return d
+
+
+def check_loso_results(r: dict, cfg: LosoConfig, name: str = "LOSO results") -> None:
+    """Refuse results measured with another model, schedule or epoch selection rule: a manifest
+    must not claim scores estimated for a different training procedure."""
+    if "config" not in r:
+        raise ValueError(f"{name} has no config; it cannot be matched to this export")
+    theirs, ours = _schedule_key(r["config"]), _schedule_key(cfg.to_dict())
+    if theirs != ours:
+        diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)}
+        raise ValueError(
+            f"{name} was run with another configuration or epoch selection than this export "
+            f"(results file, export: {diff}); pass the matching --loso-results "
+            f"(--select-epochs nested: docs/results/ststnet_loso_nested.json; fixed: "
+            f"docs/results/ststnet_loso.json)"
+        )
+    if ours["select_epochs"] == "nested" and "nested_selection" not in r:
+        raise ValueError(f"{name} says select_epochs=nested but holds no nested_selection")
+
+
+def _cite(path) -> str:
+    """The results file as a repository-relative path when it lies in the repository."""
+    p = Path(path).resolve()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return p.name
+
+
+def _loso_block(r: dict, cfg: LosoConfig, path) -> dict:
+    n = r.get("dataset", {}).get("n_subjects", "all")
+    leaky = {"leaky_best_epoch_uf1": r["leaky_best_epoch"]["uf1"],
+             "leaky_best_epoch_uar": r["leaky_best_epoch"]["uar"],
+             "leaky_warning": "LEAKY, paper-comparable only: each test subject's epoch chosen "
+                              "on that subject's labels; not an estimate of performance"}
+    if cfg.select_epochs == "nested":
+        ns = r["nested_selection"]
+        fixed = ns.get("fixed_final_epoch_same_run", {})
+        return {
+            "protocol": f"LOSO, {n} subjects, pooled; each fold's epoch count chosen by nested "
+                        "subject-wise CV on its training subjects only (honest) -- the rule "
+                        "that chose this engine's epoch count",
+            "uf1": r["uf1"], "uar": r["uar"], "accuracy": r.get("accuracy"),
+            "complete": r.get("complete"), "results_file": _cite(path),
+            "median_chosen_epochs": ns.get("median_epochs"),
+            "fixed_schedule_uf1": fixed.get("uf1"), "fixed_schedule_uar": fixed.get("uar"),
+            "fixed_schedule_protocol": f"same run, every fold scored after {cfg.epochs} epochs "
+                                       "chosen a priori (honest; the pre-registered estimator)",
+            "note": "the nested protocol was adopted after the fixed-schedule result had been "
+                    "seen; it is a second honest estimator, not a pre-registered one",
+            **leaky,
+        }
+    return {"protocol": f"LOSO, {n} subjects, pooled, fixed schedule (honest)",
+            "uf1": r["uf1"], "uar": r["uar"], "accuracy": r.get("accuracy"),
+            "complete": r.get("complete"), "results_file": _cite(path), **leaky}

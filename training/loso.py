@@ -45,7 +45,8 @@ from training.models import create_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LosoConfig", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit"]
+__all__ = ["LosoConfig", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
+           "select_epochs_nested", "select_epochs_full", "NESTED_RULE"]
 
 RESULTS_FORMAT = 1
 
@@ -433,28 +434,35 @@ def _inner_groups(train_subjects: list[str], k: int) -> list[list[str]]:
     return [train_subjects[g::k] for g in range(k)]
 
 
-def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int], *,
-                         chunk_size: int = 68, device: str = "cpu",
-                         progress: Callable[[str], None] | None = None) -> dict:
-    """For each outer fold, the evaluation epoch with the best pooled UF1 of an inner
-    subject-wise CV over the fold's training subjects (earliest on ties). Uses only training
-    subjects' labels. Cached in ``run_dir/nested_epochs.json``."""
-    from training.metrics import uf1_uar
+# The rule, in words, written beside every choice it makes (results files, manifests).
+NESTED_RULE = ("inner subject-wise CV over the training subjects only: {k} groups by round "
+               "robin over the subjects in dataset order; one model per group trained on the "
+               "other groups with the same schedule (seed id 10000 + {k} * key + group), "
+               "evaluated every eval_every epochs; the candidate epoch with the best pooled "
+               "inner UF1 (all groups' validation predictions pooled) is chosen, the earliest "
+               "on ties")
 
-    say = progress or log.info
-    cache = Path(run_dir) / "nested_epochs.json"
-    if cache.exists():
-        doc = json.loads(cache.read_text())
-        if all(str(f) in doc["chosen"] for f in folds):
-            return doc
-    subjects = data.subject_list
-    jobs = []  # (outer fold, inner group, train idx, val idx)
-    for f in folds:
-        rest = [s for s in subjects if s != subjects[f]]
-        for g, group in enumerate(_inner_groups(rest, cfg.inner_folds)):
-            val = np.flatnonzero(np.isin(data.subjects, group))
-            train = np.flatnonzero(~np.isin(data.subjects, group + [subjects[f]]))
-            jobs.append((f, g, train, val))
+
+def _inner_jobs(data: Megc3DB, cfg: LosoConfig, key: int,
+                exclude: list[str]) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(key, inner group, train idx, val idx) for the inner CV over every subject not in
+    ``exclude`` (the outer test subject; nothing for training on all data)."""
+    rest = [s for s in data.subject_list if s not in exclude]
+    if len(rest) < cfg.inner_folds:
+        raise ValueError(f"{len(rest)} training subjects cannot form {cfg.inner_folds} "
+                         "inner groups (--inner-folds)")
+    jobs = []
+    for g, group in enumerate(_inner_groups(rest, cfg.inner_folds)):
+        val = np.flatnonzero(np.isin(data.subjects, group))
+        train = np.flatnonzero(~np.isin(data.subjects, group + list(exclude)))
+        jobs.append((key, g, train, val))
+    return jobs
+
+
+def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
+                 device: str, say: Callable[[str], None]) -> dict:
+    """Train every inner model (vectorised, ``chunk_size`` at a time) and return
+    {(key, group): {epoch: validation predictions}}."""
     preds: dict[tuple[int, int], dict[int, np.ndarray]] = {}
     t0 = time.perf_counter()
     for c0 in range(0, len(jobs), chunk_size):
@@ -467,28 +475,88 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
             for m, (f, g, _, val) in enumerate(chunk):
                 preds.setdefault((f, g), {})[epoch] = probs[m, :len(val)].argmax(-1).numpy()
 
-        # Seeds distinct from the outer folds' (which use 0..67).
+        # Seeds distinct from the outer folds' (which use 0..67) and the full model's (68).
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
         train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
                      eval_hook=hook)
         say(f"nested selection: {min(c0 + chunk_size, len(jobs))}/{len(jobs)} inner models "
             f"trained  {time.perf_counter() - t0:.0f} s")
+    return preds
+
+
+def _choose(data: Megc3DB, jobs: list, preds: dict, key: int) -> tuple[list[int], list, list]:
+    """Candidate epochs, pooled inner (UF1, UAR) per candidate, and the index of the chosen
+    one (first maximum of UF1: the earliest epoch on ties)."""
+    from training.metrics import uf1_uar
+
+    kjobs = [j for j in jobs if j[0] == key]
+    yv = np.concatenate([data.y[j[3]] for j in kjobs])
+    epochs = sorted(preds[(key, kjobs[0][1])])
+    scores = []
+    for e in epochs:
+        pv = np.concatenate([preds[(key, j[1])][e] for j in kjobs])
+        scores.append(uf1_uar(yv, pv))
+    best = int(np.argmax([s[0] for s in scores]))
+    return epochs, scores, best
+
+
+def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int], *,
+                         chunk_size: int = 68, device: str = "cpu",
+                         progress: Callable[[str], None] | None = None) -> dict:
+    """For each outer fold, the evaluation epoch with the best pooled UF1 of an inner
+    subject-wise CV over the fold's training subjects (earliest on ties). Uses only training
+    subjects' labels. Cached in ``run_dir/nested_epochs.json``."""
+    say = progress or log.info
+    cache = Path(run_dir) / "nested_epochs.json"
+    if cache.exists():
+        doc = json.loads(cache.read_text())
+        if all(str(f) in doc["chosen"] for f in folds):
+            return doc
+    subjects = data.subject_list
+    jobs = []  # (outer fold, inner group, train idx, val idx)
+    for f in folds:
+        jobs += _inner_jobs(data, cfg, f, [subjects[f]])
+    t0 = time.perf_counter()
+    preds = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
     chosen, curves = {}, {}
     for f in folds:
-        fjobs = [j for j in jobs if j[0] == f]
-        yv = np.concatenate([data.y[j[3]] for j in fjobs])
-        epochs = sorted(preds[(f, 0)])
-        curve = []
-        for e in epochs:
-            pv = np.concatenate([preds[(f, j[1])][e] for j in fjobs])
-            curve.append(uf1_uar(yv, pv)[0])
-        best = int(np.argmax(curve))  # first maximum: the earliest epoch on ties
+        epochs, scores, best = _choose(data, jobs, preds, f)
         chosen[str(f)] = epochs[best]
-        curves[str(f)] = [round(v, 4) for v in curve]
+        curves[str(f)] = [round(s[0], 4) for s in scores]
     doc = {"chosen": chosen, "inner_uf1_curves": curves, "epochs": epochs,
            "inner_folds": cfg.inner_folds, "wall_s": time.perf_counter() - t0}
     _atomic_write_json(cache, doc)
     return doc
+
+
+def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
+                       device: str = "cpu",
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """The nested rule applied to the whole data set, for the model trained on all of it.
+
+    Exactly the inner CV of :func:`select_epochs_nested`, with no subject held out: the same
+    round-robin grouping (over all subjects), the same schedule, candidates and criterion.
+    The inner models' seed key is ``len(subjects)``, the seed id of the full model itself
+    (an outer fold f uses key f), so the seeds follow the same rule and collide with no
+    LOSO model. Returns the selection record that goes into the manifest."""
+    say = progress or log.info
+    subjects = data.subject_list
+    key = len(subjects)
+    jobs = _inner_jobs(data, cfg, key, [])
+    t0 = time.perf_counter()
+    preds = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
+    epochs, scores, best = _choose(data, jobs, preds, key)
+    return {
+        "rule": NESTED_RULE.format(k=cfg.inner_folds),
+        "inner_folds": cfg.inner_folds,
+        "inner_groups": _inner_groups(subjects, cfg.inner_folds),
+        "inner_seed_ids": [10_000 + key * cfg.inner_folds + g for g in range(cfg.inner_folds)],
+        "candidate_epochs": epochs,
+        "inner_uf1": [round(float(s[0]), 6) for s in scores],
+        "inner_uar": [round(float(s[1]), 6) for s in scores],
+        "chosen_epochs": int(epochs[best]),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],

@@ -1,0 +1,125 @@
+"""Full-data training: the nested epoch selection applied to all subjects, and the export's
+refusal of LOSO results made with another schedule or epoch selection rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.megc3db import Megc3DB
+from training.export import check_loso_results, export_default, fit_full
+from training.loso import LosoConfig, _inner_groups, select_epochs_full
+
+torch.set_num_threads(1)
+
+
+def _noisy(n_subjects: int = 6, per_subject: int = 9, seed: int = 1) -> Megc3DB:
+    """Weakly separable maps, so the inner scores differ between candidate epochs."""
+    rng = np.random.default_rng(seed)
+    n = n_subjects * per_subject
+    y = np.tile(np.arange(3), n // 3 + 1)[:n].astype(np.int64)
+    x = rng.random((n, 3, 28, 28), dtype=np.float32)
+    for i, c in enumerate(y):
+        x[i, c] += 0.03
+    return Megc3DB(x=x, y=y, subjects=np.repeat([f"casme2/s{i}" for i in range(n_subjects)],
+                                                per_subject),
+                   databases=np.array(["casme2"] * n),
+                   videos=np.array([f"v{i}" for i in range(n)]),
+                   files=np.array([f"f{i}.png" for i in range(n)]), root="synthetic")
+
+
+NESTED = LosoConfig(epochs=8, batch_size=8, eval_every=2, lr=5e-3, select_epochs="nested",
+                    inner_folds=3)
+
+
+def test_full_data_nested_selection_picks_argmax_of_inner_scores():
+    data = _noisy()
+    sel = select_epochs_full(data, NESTED)
+    assert sel["candidate_epochs"] == [2, 4, 6, 8]
+    assert len(sel["inner_uf1"]) == len(sel["inner_uar"]) == 4
+    assert sel["chosen_epochs"] in sel["candidate_epochs"]
+    assert sel["chosen_epochs"] == sel["candidate_epochs"][int(np.argmax(sel["inner_uf1"]))]
+    # The grouping is the inner-CV rule of the LOSO evaluation, over all subjects.
+    assert sel["inner_groups"] == _inner_groups(data.subject_list, 3)
+    assert sorted(sum(sel["inner_groups"], [])) == sorted(data.subject_list)
+    # Seeds follow the LOSO inner rule with the full model's key (= number of subjects).
+    assert sel["inner_seed_ids"] == [10_000 + 6 * 3 + g for g in range(3)]
+    assert "earliest on ties" in sel["rule"]
+    assert select_epochs_full(data, NESTED)["inner_uf1"] == sel["inner_uf1"]  # deterministic
+
+
+def test_fit_full_trains_for_the_chosen_count():
+    data = _noisy()
+    msgs: list[str] = []
+    model, sel = fit_full(data, NESTED, progress=msgs.append)
+    e = sel["chosen_epochs"]
+    assert any(f"chosen {e} epochs" in m for m in msgs)
+    full = [m for m in msgs if m.startswith("full training")]
+    assert full and all(f"/{e} " in m for m in full) and f"epoch {e}/{e}" in full[-1]
+    msgs.clear()
+    _, none = fit_full(data, LosoConfig(epochs=3, batch_size=8, lr=5e-3), progress=msgs.append)
+    assert none is None and "epoch 3/3" in msgs[-1]
+
+
+def test_too_few_subjects_for_inner_groups():
+    with pytest.raises(ValueError, match="inner groups"):
+        select_epochs_full(_noisy(n_subjects=2), NESTED)
+
+
+def _results(cfg: LosoConfig) -> dict:
+    return {"config": cfg.to_dict(), "uf1": 0.7, "uar": 0.71, "accuracy": 0.72,
+            "complete": True, "dataset": {"n_subjects": 6},
+            "leaky_best_epoch": {"uf1": 0.8, "uar": 0.81},
+            **({"nested_selection": {"median_epochs": 4.0, "fixed_final_epoch_same_run":
+                                     {"uf1": 0.68, "uar": 0.69, "accuracy": 0.7}}}
+               if cfg.select_epochs == "nested" else {})}
+
+
+def test_loso_results_with_other_selection_refused(tmp_path):
+    fixed = LosoConfig(epochs=8, batch_size=8, eval_every=2, lr=5e-3)
+    check_loso_results(_results(NESTED), NESTED)
+    check_loso_results(_results(fixed), fixed)
+    # Old fixed results files have no select_epochs/inner_folds; eval_every is irrelevant.
+    old = _results(fixed)
+    for k in ("select_epochs", "inner_folds"):
+        old["config"].pop(k)
+    old["config"]["eval_every"] = 5
+    check_loso_results(old, fixed)
+    with pytest.raises(ValueError, match="select_epochs"):
+        check_loso_results(_results(fixed), NESTED)
+    with pytest.raises(ValueError, match="select_epochs"):
+        check_loso_results(_results(NESTED), fixed)
+    other_inner = dataclasses.replace(NESTED, inner_folds=4)
+    with pytest.raises(ValueError, match="inner_folds"):
+        check_loso_results(_results(other_inner), NESTED)
+    with pytest.raises(ValueError, match="epochs"):
+        check_loso_results(_results(dataclasses.replace(NESTED, epochs=10)), NESTED)
+    # export_default refuses before it trains anything.
+    path = tmp_path / "loso_fixed.json"
+    path.write_text(json.dumps(_results(fixed)))
+    with pytest.raises(ValueError, match="another configuration or epoch selection"):
+        export_default(_noisy(), NESTED, tmp_path / "e.onnx", loso_results=path)
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_export_nested_manifest(tmp_path):
+    data = _noisy()
+    cfg = LosoConfig(epochs=4, batch_size=8, eval_every=2, lr=5e-3, select_epochs="nested",
+                     inner_folds=3)
+    res = tmp_path / "loso_nested.json"
+    res.write_text(json.dumps(_results(cfg)))
+    m = export_default(data, cfg, tmp_path / "e.onnx", loso_results=res)
+    sched = m["training"]["schedule"]
+    sel = sched["epoch_selection"]
+    assert sel["mode"] == "nested" and sched["select_epochs"] == "nested"
+    assert sched["epochs_trained"] == sel["chosen_epochs"] in sel["candidate_epochs"]
+    assert len(sel["inner_uf1"]) == len(sel["candidate_epochs"])
+    loso = m["loso"]
+    assert loso["uf1"] == 0.7 and loso["fixed_schedule_uf1"] == 0.68
+    assert loso["fixed_schedule_uar"] == 0.69 and "after" in loso["note"]
+    assert "LEAKY" in loso["leaky_warning"] and loso["leaky_best_epoch_uf1"] == 0.8
+    assert m["export_check"]["min_cosine"] >= 0.99 and m["export_check"]["argmax_equal"]
