@@ -12,6 +12,15 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
+def _one_by_one(estimator, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """OpenCV has no batched flow: (N, H, W) pairs → (N, H, W, 2), one call per pair."""
+    if len(prev) != len(nxt):
+        raise ValueError(f"batches differ in length: {len(prev)} vs {len(nxt)}")
+    if len(prev) == 0:
+        return np.zeros((0,) + np.shape(prev)[1:] + (2,), np.float32)
+    return np.stack([estimator.compute(p, n) for p, n in zip(prev, nxt)])
+
+
 class OpenCVTVL1:
     """``cv2.optflow.DualTVL1OpticalFlow`` (CPU), the reference TV-L1 implementation."""
 
@@ -40,8 +49,7 @@ class OpenCVTVL1:
         return self._tvl1.calc(_as_uint8(prev), _as_uint8(nxt), None)
 
     def compute_batch(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-        return np.stack([self.compute(p, n) for p, n in zip(prev, nxt)]) if len(prev) else (
-            np.zeros((0,) + np.shape(prev)[1:] + (2,), np.float32))
+        return _one_by_one(self, prev, nxt)
 
 
 class DISFlow:
@@ -67,5 +75,4 @@ class DISFlow:
         return self._dis.calc(_as_uint8(prev), _as_uint8(nxt), None)
 
     def compute_batch(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-        return np.stack([self.compute(p, n) for p, n in zip(prev, nxt)]) if len(prev) else (
-            np.zeros((0,) + np.shape(prev)[1:] + (2,), np.float32))
+        return _one_by_one(self, prev, nxt)
