@@ -152,24 +152,26 @@ def _analyze(args) -> int:
     exit_code = 0
     for video in args.videos:
         out_dir = args.out / video.stem if several else args.out
-        bar = None if args.no_progress else tqdm(
-            desc=video.name, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
+        bars: list = []  # the bar appears with the first frame, not for a file that fails
 
-        def progress(done: int, expected: int | None, bar=bar) -> None:
-            if bar is not None:
-                if expected and bar.total != expected:
-                    bar.total = expected
-                bar.update(done - bar.n)
+        def progress(done: int, expected: int | None, bars=bars, name=video.name) -> None:
+            if args.no_progress:
+                return
+            if not bars:
+                bars.append(tqdm(desc=name, total=expected, unit="frame", file=sys.stderr,
+                                 dynamic_ncols=True, leave=True))
+            bars[0].update(done - bars[0].n)
 
         try:
             result = analyze_video(video, out_dir, options=options, capture=capture,
                                    engine=engine, progress=progress)
         except InputError as error:
-            print(f"mer: error: {video}: {error}", file=sys.stderr)
+            where = "" if str(video) in str(error) else f"{video}: "
+            print(f"mer: error: {where}{error}", file=sys.stderr)
             exit_code = max(exit_code, error.exit_code)
             continue
         finally:
-            if bar is not None:
+            for bar in bars:
                 bar.close()
         s = result.summary
         print(f"{video.name}: {s['frames']['processed']} frames "
