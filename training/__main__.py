@@ -1,4 +1,5 @@
-"""``python -m training {loso,train,export}``: LOSO evaluation, full-data training, ONNX export."""
+"""``python -m training {loso,train,export,preprocess}``: LOSO evaluation, full-data training,
+ONNX export, raw-database preprocessing."""
 
 from __future__ import annotations
 
@@ -142,6 +143,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    from training.data.raw import make_adapter, preprocess
+
+    adapter = make_adapter(args.database, args.root, args.sheet, smic_apex=args.smic_apex)
+    res = preprocess(adapter, args.cache, kinds=args.kinds.split(","), flow=args.flow,
+                     align=not args.no_align,
+                     progress=lambda i, n, s, st: print(f"[{i}/{n}] {s.sample_id} {st}",
+                                                        flush=True))
+    print(adapter.report.summary())
+    print(f"{res.computed} computed, {res.cached} cached, {len(res.failed)} failed; "
+          f"index {res.index_path}")
+    for sample_id, reason in res.failed:
+        print(f"  failed {sample_id}: {reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training",
@@ -190,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "docs/results/ststnet_loso.json with fixed); '' for none")
     sp.add_argument("--weights", help="weights from `train` instead of training again")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
+                                           "network inputs (training/data/README.md)")
+    sp.add_argument("--database", required=True, choices=("casme2", "samm", "smic", "casme3"))
+    sp.add_argument("--root", required=True, help="the database's frame folder")
+    sp.add_argument("--sheet", help="annotation sheet, CSV (or .xlsx with openpyxl); not SMIC")
+    sp.add_argument("--cache", required=True, help="cache folder (resumable)")
+    sp.add_argument("--kinds", default="map28", help="comma list of map28, colour224, stack16")
+    sp.add_argument("--flow", default="opencv-tvl1",
+                    help="flow implementation: opencv-tvl1, torch-tvl1, dis, auto")
+    sp.add_argument("--no-align", action="store_true",
+                    help="use frames as they are (already cropped faces)")
+    sp.add_argument("--smic-apex", default="max_flow", choices=("max_flow", "middle"))
+    sp.set_defaults(func=cmd_preprocess)
     return p
 
 
