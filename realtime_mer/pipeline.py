@@ -42,6 +42,10 @@ class PipelineOptions:
     # A face missing for longer than this breaks the sequence: the spotter and buffer restart,
     # so no flow is ever computed across a cut, a turned-away head or a face that left.
     face_gap_reset_ms: float = 300.0
+    # A face box that jumps by more than this fraction of its width from one frame to the next
+    # is another face or a camera cut (edited interviews, several people taking turns as the
+    # largest face): the sequence restarts, as after a gap, instead of spotting the jump.
+    face_jump_reset: float = 0.5
     fps_hint: float = 30.0
     # Live sources: classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread
     # so the per-frame loop never stalls and drops frames; the event then arrives with a later
@@ -79,6 +83,7 @@ class Pipeline:
             capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
             crop_size=options.face.crop_size, n_landmarks=478)
         self._last_face_ms: float | None = None
+        self._last_box: tuple | None = None
         # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
         # frame numbers as well as their times.
         self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer.capacity)
@@ -103,10 +108,12 @@ class Pipeline:
             return FrameResult(frame.index, frame.t_ms, face, None, None, None)
 
         self.frames_with_face += 1
-        if self._last_face_ms is not None and \
-                frame.t_ms - self._last_face_ms > self.options.face_gap_reset_ms:
+        if self._last_face_ms is not None and (
+                frame.t_ms - self._last_face_ms > self.options.face_gap_reset_ms
+                or _jumped(self._last_box, face.box_xyxy, self.options.face_jump_reset)):
             self._restart_sequence()
         self._last_face_ms = frame.t_ms
+        self._last_box = face.box_xyxy
 
         with self.timer.stage("buffer"):
             self.buffer.push(frame.t_ms, face.crop, _pad_landmarks(face.landmarks))
@@ -214,6 +221,18 @@ class _EventJob:
     onset_frame: int
     apex_frame: int
     offset_frame: int
+
+
+def _jumped(previous, current, fraction: float) -> bool:
+    """True when the face box moved or resized by more than ``fraction`` of its width."""
+    if previous is None or current is None:
+        return False
+    px0, py0, px1, py1 = previous
+    cx0, cy0, cx1, cy1 = current
+    width = max(px1 - px0, 1.0)
+    shift = np.hypot((cx0 + cx1 - px0 - px1) / 2, (cy0 + cy1 - py0 - py1) / 2)
+    resize = abs((cx1 - cx0) - width)
+    return shift > fraction * width or resize > fraction * width
 
 
 def _clamp(t_ms: float, buffer: RingBuffer) -> float:
