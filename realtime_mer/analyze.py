@@ -14,9 +14,9 @@ from realtime_mer import __version__
 from realtime_mer.capture import CaptureOptions, Frame, WebcamSource, open_video
 from realtime_mer.errors import InputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
-from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, SUMMARY_JSON, TIMELINE_PNG,
-                                 EventRecord, EventWriter, SignalTrace, plot_timeline, write_csv,
-                                 write_json)
+from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, REPORT_HTML, SUMMARY_JSON,
+                                 TIMELINE_PNG, EventRecord, EventWriter, SignalTrace,
+                                 plot_timeline, write_csv, write_html, write_json)
 from realtime_mer.runtime import Backend
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class AnalysisResult:
     source: str
     out_dir: Path
     events: list[EventRecord] = field(default_factory=list)
+    feature_maps: list = field(default_factory=list)  # (28, 28, 3) map per event, same order
     summary: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # damage or disconnection met mid-run
     interrupted: bool = False
@@ -126,14 +127,16 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             if frame_result.event is not None:
                 writer.write(frame_result.event)
                 result.events.append(frame_result.event)
+                result.feature_maps.append(frame_result.feature_map)
                 if on_event is not None:
                     on_event(frame_result.event)
             if progress is not None:
                 progress(count, expected)
             read_start = time.perf_counter()
-        for event, _ in pipeline.finish():  # events still being classified in the background
+        for event, feature_map in pipeline.finish():  # still being classified in the background
             writer.write(event)
             result.events.append(event)
+            result.feature_maps.append(feature_map)
             if on_event is not None:
                 on_event(event)
         if count == 0 and not problems():
@@ -199,3 +202,5 @@ def _write_outputs(out_dir: Path, result: AnalysisResult, class_names, trace) ->
         plot_timeline(out_dir / TIMELINE_PNG, trace, result.events, title=result.source)
     except Exception as error:  # a plot must never cost the user the events
         log.warning("could not draw the timeline: %s", error)
+    write_html(out_dir / REPORT_HTML, result.summary, result.events, out_dir / TIMELINE_PNG,
+               result.feature_maps)

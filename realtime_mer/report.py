@@ -23,7 +23,8 @@ EVENTS_JSONL = "events.jsonl"
 EVENTS_CSV = "events.csv"
 SUMMARY_JSON = "summary.json"
 TIMELINE_PNG = "timeline.png"
-OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG)
+REPORT_HTML = "report.html"
+OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG, REPORT_HTML)
 
 
 @dataclass(frozen=True)
@@ -170,3 +171,70 @@ def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRe
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+
+def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[EventRecord],
+               timeline_png: str | Path | None = None,
+               feature_maps: Sequence[np.ndarray | None] = ()) -> None:
+    """A self-contained HTML report (no external files or scripts): summary, the timeline image
+    and a table of events with each event's (u, v, strain) feature map, all embedded."""
+    import base64
+    import html
+
+    import cv2
+
+    def png_data(image_bgr: np.ndarray) -> str:
+        ok, encoded = cv2.imencode(".png", image_bgr)
+        return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode() if ok \
+            else ""
+
+    def map_image(feature_map: np.ndarray | None) -> str:
+        if feature_map is None:
+            return ""
+        # (u, v, strain) in [0, 1] → RGB as the published maps store it, enlarged for the eye
+        rgb = np.clip(feature_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        big = cv2.resize(rgb[..., ::-1], (112, 112), interpolation=cv2.INTER_NEAREST)
+        return f'<img alt="feature map" src="{png_data(big)}">'
+
+    esc = html.escape
+    timeline = ""
+    if timeline_png is not None and Path(timeline_png).exists():
+        data = base64.b64encode(Path(timeline_png).read_bytes()).decode()
+        timeline = f'<img style="max-width:100%" alt="timeline" src="data:image/png;base64,{data}">'
+    frames = summary.get("frames", {})
+    counts = summary.get("events", {})
+    facts = summary.get("input", {})
+    rows = []
+    maps = list(feature_maps) + [None] * (len(events) - len(feature_maps))
+    for event, feature_map in zip(events, maps):
+        probabilities = ", ".join(f"{esc(k)} {v:.2f}" for k, v in event.probabilities.items())
+        rows.append(
+            f"<tr><td>{event.onset_ms / 1000:.2f}</td><td>{event.apex_ms / 1000:.2f}</td>"
+            f"<td>{event.offset_ms / 1000:.2f}</td><td>{event.duration_ms:.0f}</td>"
+            f"<td>{esc(event.kind)}</td><td><b>{esc(event.label)}</b> {event.confidence:.2f}</td>"
+            f"<td>{probabilities}</td><td>{map_image(feature_map)}</td></tr>")
+    problems = "".join(f"<li>{esc(p)}</li>" for p in summary.get("problems", []))
+    body = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>realtime-mer report: {esc(str(facts.get('path', facts.get('camera', ''))))}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:middle}}
+.bad{{color:#b00}}</style></head><body>
+<h1>Micro-expression report</h1>
+<p>Input: <code>{esc(str(facts.get('path', facts.get('camera', ''))))}</code>
+{esc(str(facts.get('width', '')))}×{esc(str(facts.get('height', '')))},
+{frames.get('processed', 0)} frames ({frames.get('without_face', 0)} without a face,
+{frames.get('with_several_faces', 0)} with several faces, {frames.get('dropped', 0)} dropped).
+Events: {counts.get('micro', 0)} micro, {counts.get('macro', 0)} macro.
+Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
+({esc(str(summary.get('engine', {}).get('backend', '')))}).</p>
+{f'<p class="bad">Incomplete run:</p><ul class="bad">{problems}</ul>' if problems else ''}
+{'<p class="bad">Interrupted: the events found before the interruption are listed.</p>' if summary.get('interrupted') else ''}
+{timeline}
+<h2>Events</h2>
+<table><tr><th>onset (s)</th><th>apex (s)</th><th>offset (s)</th><th>duration (ms)</th>
+<th>kind</th><th>class</th><th>probabilities</th><th>flow map (R u, G v, B strain)</th></tr>
+{''.join(rows) or '<tr><td colspan="8">no events</td></tr>'}
+</table></body></html>
+"""
+    Path(path).write_text(body, encoding="utf-8")

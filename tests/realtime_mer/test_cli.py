@@ -49,6 +49,12 @@ def test_analyze_writes_all_outputs_with_complete_events(wolfgang_run):
         assert event.confidence == max(event.probabilities.values())
     csv_rows = (out / "events.csv").read_text().strip().splitlines()
     assert len(csv_rows) == len(events) + 1
+    page = (out / "report.html").read_text()
+    # self-contained: one table row per event (+ header), images embedded, nothing fetched
+    assert page.count("<tr>") == len(events) + 1
+    assert page.count('alt="feature map" src="data:image/png;base64,') == len(events)
+    assert 'alt="timeline" src="data:image/png;base64,' in page
+    assert "http://" not in page and "https://" not in page
 
 
 def test_truncated_video_keeps_events_found_before_the_damage(media_dir, tmp_path, capsys,
