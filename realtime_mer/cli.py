@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze", help="find and classify micro-expressions in recorded videos",
         description="Run the pipeline over each video and write events.jsonl (as events are "
-                    "found), events.csv, summary.json and timeline.png. With one video the "
+                    "found), events.csv, summary.json, timeline.png and report.html. With one video the "
                     "files go straight into --out; with several, into --out/<video name>/.")
     analyze.add_argument("videos", nargs="+", type=Path, metavar="VIDEO")
     analyze.add_argument("--out", type=Path, required=True, metavar="DIR",
