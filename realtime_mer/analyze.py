@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from realtime_mer import __version__
+from realtime_mer.annotate import AnnotatedVideoWriter, annotate
 from realtime_mer.capture import CaptureOptions, Frame, WebcamSource, open_video
 from realtime_mer.errors import InputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
@@ -21,6 +22,7 @@ from realtime_mer.runtime import Backend
 
 log = logging.getLogger(__name__)
 
+ANNOTATED_MP4 = "annotated.mp4"
 ProgressCallback = Callable[[int, int | None], None]  # (frames done, frames expected or None)
 EventCallback = Callable[[EventRecord], None]
 
@@ -45,9 +47,11 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
                   capture: CaptureOptions = CaptureOptions(),
                   engine: Backend | None = None,
                   progress: ProgressCallback | None = None,
-                  on_event: EventCallback | None = None) -> AnalysisResult:
+                  on_event: EventCallback | None = None,
+                  annotated_video: bool = False) -> AnalysisResult:
     """Analyse a video file: events.jsonl (written as events are found), events.csv,
-    summary.json and timeline.png in ``out_dir``.
+    summary.json, timeline.png and report.html in ``out_dir`` (and annotated.mp4 when
+    ``annotated_video``).
 
     Raises :class:`InputError` before writing anything when the file cannot be opened as a
     video. Damage met later (a truncated file) ends the run early: the outputs are still written,
@@ -66,7 +70,8 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
         return _run(iter(source), Path(out_dir), path.name, facts, options, engine,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
                     expected=info.n_frames_declared or None, progress=progress,
-                    on_event=on_event)
+                    on_event=on_event, annotated_video=annotated_video,
+                    fps_hint=info.fps_nominal or 30.0)
 
 
 def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float | None = None,
@@ -109,13 +114,15 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
 def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
          options: PipelineOptions, engine: Backend | None, *, problems: Callable[[], list[str]],
          dropped: Callable[[], int], expected: int | None, progress: ProgressCallback | None,
-         on_event: EventCallback | None) -> AnalysisResult:
+         on_event: EventCallback | None, annotated_video: bool = False,
+         fps_hint: float = 30.0) -> AnalysisResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = AnalysisResult(source=name, out_dir=out_dir)
     trace = SignalTrace()
     started = time.perf_counter()
     pipeline = Pipeline(options, engine=engine, source_name=name)
     writer = EventWriter(out_dir / EVENTS_JSONL)
+    video = AnnotatedVideoWriter(out_dir / ANNOTATED_MP4, fps_hint) if annotated_video else None
     count = 0
     try:
         read_start = time.perf_counter()
@@ -130,6 +137,10 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
                 result.feature_maps.append(frame_result.feature_map)
                 if on_event is not None:
                     on_event(frame_result.event)
+            if video is not None:
+                with pipeline.timer.stage("annotate"):
+                    video.write(annotate(frame.image_bgr, frame_result,
+                                         result.events[-1] if result.events else None), frame.t_ms)
             if progress is not None:
                 progress(count, expected)
             read_start = time.perf_counter()
@@ -146,6 +157,11 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         raise
     finally:
         writer.close()
+        if video is not None:
+            try:
+                video.close()
+            except Exception as error:  # the annotated copy must never cost the report
+                result.problems.append(f"could not finish {ANNOTATED_MP4}: {error}")
         result.problems.extend(problems())
         result.summary = _summary(facts, pipeline, result, count, dropped(), trace,
                                   time.perf_counter() - started)

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from realtime_mer.annotate import annotate
 from realtime_mer.capture import Frame
 from realtime_mer.pipeline import FrameResult, Pipeline, PipelineOptions
 from realtime_mer.report import OUTPUT_FILES, EventRecord
@@ -89,50 +90,6 @@ class LiveSession:
     def close(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
-
-
-_GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (0, 165, 255)
-
-
-def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord | None,
-             fps: float = 0.0) -> np.ndarray:
-    """Face box, the spotting signal against its threshold, the last event."""
-    out = image_bgr.copy()
-    height, width = out.shape[:2]
-    scale = max(0.4, min(width, height) / 720)
-    face = result.face
-    if face.found and face.box_xyxy is not None:
-        x0, y0, x1, y1 = (int(round(v)) for v in face.box_xyxy)
-        cv2.rectangle(out, (x0, y0), (x1, y1), _GREEN, 2)
-        if face.n_faces > 1:
-            _text(out, f"{face.n_faces} faces: tracking the largest", (x0, max(15, y0 - 8)),
-                  scale, _ORANGE)
-    else:
-        _text(out, "no face", (10, int(30 * scale) + 10), scale, _RED)
-    if result.signal is not None and result.threshold:
-        level = min(result.signal / (2 * result.threshold), 1.0)
-        bar_h = int(height * 0.4)
-        x, y = width - 30, height - 20
-        cv2.rectangle(out, (x, y - bar_h), (x + 14, y), _WHITE, 1)
-        colour = _RED if result.signal > result.threshold else _GREEN
-        cv2.rectangle(out, (x + 1, y - int(bar_h * level)), (x + 13, y - 1), colour, -1)
-        cv2.line(out, (x - 4, y - bar_h // 2), (x + 18, y - bar_h // 2), _ORANGE, 2)
-        _text(out, f"signal {result.signal:.2f} / thr {result.threshold:.2f}",
-              (10, height - 15), scale * 0.8, _WHITE)
-    if last_event is not None:
-        colour = _RED if last_event.kind == "micro" else _ORANGE
-        _text(out, f"last: {last_event.kind} {last_event.label} {last_event.confidence:.2f} "
-                   f"at {last_event.apex_ms / 1000:.1f}s", (10, int(60 * scale) + 10),
-              scale, colour)
-    if fps:
-        _text(out, f"{fps:.0f} fps", (width - int(110 * scale), int(30 * scale)), scale * 0.8,
-              _WHITE)
-    return out
-
-
-def _text(image, text, origin, scale, colour) -> None:
-    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
 def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOptions,

@@ -19,6 +19,7 @@ log = logging.getLogger("realtime_mer")
 
 EXIT_INPUT_DAMAGED = 2
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70  # EX_SOFTWARE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--max-side", type=int, default=1280, metavar="PX",
                          help="downscale frames whose longer side exceeds this (default 1280; "
                               "0 keeps full size)")
+    analyze.add_argument("--video", action="store_true",
+                         help="also write annotated.mp4: the input with the face box, the "
+                              "spotting signal and the events drawn on it")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     live = commands.add_parser(
@@ -100,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mer: error: {error}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:  # a bug, not the user's doing: say so, keep the output short
+        if args.debug:
+            raise
+        print(f"mer: internal error: {type(error).__name__}: {error} (outputs written so far "
+              "are kept; rerun with --debug for the traceback and please report it)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     return 1
 
 
@@ -164,7 +175,7 @@ def _analyze(args) -> int:
 
         try:
             result = analyze_video(video, out_dir, options=options, capture=capture,
-                                   engine=engine, progress=progress)
+                                   engine=engine, progress=progress, annotated_video=args.video)
         except InputError as error:
             where = "" if str(video) in str(error) else f"{video}: "
             print(f"mer: error: {where}{error}", file=sys.stderr)

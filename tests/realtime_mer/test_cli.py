@@ -239,3 +239,19 @@ def test_huge_frames_are_downscaled(media_dir, tmp_path):
     assert summary["input"]["width"] == 3840
     assert summary["frames"]["processed"] == 12
     assert summary["frames"]["with_face"] == 12
+
+
+def test_annotated_video_keeps_every_frame_and_its_time(media_dir, tmp_path):
+    from realtime_mer.capture import open_video
+
+    source = media_dir / "single_face.mp4"
+    out = tmp_path / "out"
+    assert run_cli(str(source), "--out", str(out), "--video") == 0
+    with open_video(source) as original, open_video(out / "annotated.mp4") as annotated:
+        times_in = [f.t_ms for f in original]
+        frames_out = list(annotated)
+    assert len(frames_out) == len(times_in)
+    assert max(abs(a - f.t_ms) for a, f in zip(times_in, frames_out)) <= 1.0  # ms pts
+    # the face box is drawn (green) on a frame where the face was found
+    green = (abs(frames_out[10].image_bgr.astype(int) - (80, 200, 80)).sum(axis=-1) < 60)
+    assert green.sum() > 100

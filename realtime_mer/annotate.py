@@ -1,0 +1,103 @@
+"""Drawing the pipeline's state on a frame: face box, spotting signal against its threshold, the
+last event. Used by the live app and by the annotated video of ``analyze``."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+
+from realtime_mer.pipeline import FrameResult
+from realtime_mer.report import EventRecord
+
+_GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (0, 165, 255)
+
+
+def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord | None,
+             fps: float = 0.0) -> np.ndarray:
+    """Face box, the spotting signal against its threshold, the last event."""
+    out = image_bgr.copy()
+    height, width = out.shape[:2]
+    scale = max(0.4, min(width, height) / 720)
+    face = result.face
+    if face.found and face.box_xyxy is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box_xyxy)
+        cv2.rectangle(out, (x0, y0), (x1, y1), _GREEN, 2)
+        if face.n_faces > 1:
+            _text(out, f"{face.n_faces} faces: tracking the largest", (x0, max(15, y0 - 8)),
+                  scale, _ORANGE)
+    else:
+        _text(out, "no face", (10, int(30 * scale) + 10), scale, _RED)
+    if result.signal is not None and result.threshold:
+        level = min(result.signal / (2 * result.threshold), 1.0)
+        bar_h = int(height * 0.4)
+        x, y = width - 30, height - 20
+        cv2.rectangle(out, (x, y - bar_h), (x + 14, y), _WHITE, 1)
+        colour = _RED if result.signal > result.threshold else _GREEN
+        cv2.rectangle(out, (x + 1, y - int(bar_h * level)), (x + 13, y - 1), colour, -1)
+        cv2.line(out, (x - 4, y - bar_h // 2), (x + 18, y - bar_h // 2), _ORANGE, 2)
+        _text(out, f"signal {result.signal:.2f} / thr {result.threshold:.2f}",
+              (10, height - 15), scale * 0.8, _WHITE)
+    if last_event is not None:
+        colour = _RED if last_event.kind == "micro" else _ORANGE
+        _text(out, f"last: {last_event.kind} {last_event.label} {last_event.confidence:.2f} "
+                   f"at {last_event.apex_ms / 1000:.1f}s", (10, int(60 * scale) + 10),
+              scale, colour)
+    if fps:
+        _text(out, f"{fps:.0f} fps", (width - int(110 * scale), int(30 * scale)), scale * 0.8,
+              _WHITE)
+    return out
+
+
+def _text(image, text, origin, scale, colour) -> None:
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+class AnnotatedVideoWriter:
+    """Writes annotated frames to an H.264 MP4 with PyAV, keeping each frame's own timestamp
+    (variable frame rates survive). Frames are resized to the first frame's size."""
+
+    def __init__(self, path, fps_hint: float = 30.0) -> None:
+        self.path = path
+        self._container = av.open(str(path), mode="w")
+        self._stream = None
+        self._fps_hint = fps_hint
+        self._last_pts = -1
+        self.frames = 0
+
+    def write(self, image_bgr: np.ndarray, t_ms: float) -> None:
+        if self._stream is None:
+            height, width = image_bgr.shape[:2]
+            self._stream = self._container.add_stream("libx264", rate=round(self._fps_hint))
+            # even sizes: yuv420p needs them
+            self._stream.width, self._stream.height = width - width % 2, height - height % 2
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.codec_context.time_base = Fraction(1, 1000)  # pts in milliseconds
+        width, height = self._stream.width, self._stream.height
+        if image_bgr.shape[1] != width or image_bgr.shape[0] != height:
+            image_bgr = cv2.resize(image_bgr, (width, height))
+        frame = av.VideoFrame.from_ndarray(image_bgr, format="bgr24")
+        frame.pts = max(int(round(t_ms)), self._last_pts + 1)
+        frame.time_base = Fraction(1, 1000)
+        self._last_pts = frame.pts
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        if self._stream is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        self._container.close()
+        self._container = None
+
+    def __enter__(self) -> "AnnotatedVideoWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
