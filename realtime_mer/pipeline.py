@@ -105,7 +105,8 @@ class Pipeline:
             self.frames_with_several_faces += 1
         if not face.found:
             self._maybe_restart(frame.t_ms)
-            return FrameResult(frame.index, frame.t_ms, face, None, None, None)
+            record, feature_map = self._completed_in_background()
+            return FrameResult(frame.index, frame.t_ms, face, None, None, record, feature_map)
 
         self.frames_with_face += 1
         if self._last_face_ms is not None and (
@@ -116,7 +117,7 @@ class Pipeline:
         self._last_box = face.box_xyxy
 
         with self.timer.stage("buffer"):
-            self.buffer.push(frame.t_ms, face.crop, _pad_landmarks(face.landmarks))
+            self.buffer.push(frame.t_ms, face.crop, face.landmarks)
         with self.timer.stage("spotting"):
             spot = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
         record, feature_map = (None, None)
@@ -126,10 +127,15 @@ class Pipeline:
                 self._pending.append(self._executor.submit(self._classify, job))
             else:
                 record, feature_map = self._classify(job)
-        if record is None and self._pending and self._pending[0].done():
-            record, feature_map = self._pending.popleft().result()
+        if record is None:
+            record, feature_map = self._completed_in_background()
         return FrameResult(frame.index, frame.t_ms, face, self.spotter.signal,
                            self.spotter.threshold, record, feature_map)
+
+    def _completed_in_background(self) -> tuple[EventRecord | None, np.ndarray | None]:
+        if self._pending and self._pending[0].done():
+            return self._pending.popleft().result()
+        return None, None
 
     def finish(self) -> list[tuple[EventRecord, np.ndarray]]:
         """Wait for events still being classified in the background (end of a stream)."""
@@ -239,14 +245,6 @@ def _clamp(t_ms: float, buffer: RingBuffer) -> float:
     """Events can start before the oldest crop still held (a long macro-expression): use the
     oldest one rather than fail."""
     return float(min(max(t_ms, buffer.oldest_ms), buffer.newest_ms))
-
-
-def _pad_landmarks(landmarks: np.ndarray | None) -> np.ndarray:
-    padded = np.zeros((478, 2), np.float32)
-    if landmarks is not None:
-        n = min(len(landmarks), 478)
-        padded[:n] = landmarks[:n]
-    return padded
 
 
 def _synchronizer(engine: Backend):
