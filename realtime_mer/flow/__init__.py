@@ -44,9 +44,10 @@ def create_flow(name: str = "auto", **kwargs) -> FlowEstimator:
 
     ``"torch-tvl1"``: :class:`~realtime_mer.flow.torch_tvl1.TorchTVL1` (kwargs: options, device,
     dtype, compile, ...). ``"auto"``: TorchTVL1 on CUDA when a GPU is there, else the OpenCV
-    reference on CPU: on a CPU ours is faster only batched and compiled, and its first compile
-    takes minutes (``docs/BENCHMARKS.md``, "Optical flow"), so a one-pair-at-a-time caller is
-    better served by OpenCV. ``auto`` logs which one it chose.
+    reference on CPU: on a 2-core CPU ours is 3-4x faster once compiled, batch 1 included, but
+    its first compile there takes minutes when torch's on-disk cache is cold
+    (``docs/BENCHMARKS.md``, "Optical flow"); ask for ``"torch-tvl1"`` by name to use it on CPU.
+    ``auto`` logs which one it chose.
     """
     if name == "auto":
         if _cuda_available():

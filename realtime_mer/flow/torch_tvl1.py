@@ -41,6 +41,7 @@ __all__ = ["TorchTVL1", "tvl1_flow", "strain_tensor"]
 _FLT_EPSILON = float(np.finfo(np.float32).eps)
 _MIN_LEVEL_SIDE = 16  # OpenCV stops adding pyramid levels below this side length
 _MAP_SUBPIXELS = 32  # cv2.remap quantises map coordinates to 1/32 px (INTER_TAB_SIZE)
+_CPU_BATCH = 4  # pairs iterated together on CPU (see TorchTVL1's cpu_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,17 +332,20 @@ class TorchTVL1:
         iteration state (half the memory traffic; error measured in ``docs/BENCHMARKS.md``). The
         pyramid, warping and output stay float32.
     compile: fuse the inner iteration, the median and the warp with ``torch.compile``
-        (``dynamic=True``: one compile serves every level and batch size). ``None`` (default) =
-        on CUDA only: on a small CPU the first compile takes minutes (cached on disk by
-        torch afterwards); pass ``compile=True`` for batched CPU work, where it is what makes
-        ours faster than OpenCV (docs/BENCHMARKS.md).
+        (``dynamic=True``: one compile serves every level and batch size of 2 or more; batch 1
+        compiles once more). Default on, CPU and CUDA: it is what makes ours faster than OpenCV
+        on both (docs/BENCHMARKS.md). The first call in a fresh machine compiles for minutes on
+        a small CPU; torch caches the result on disk, and a later process starts in ~20 s.
     compact: drop converged pairs from the working batch (default: on for CPU eager only; not
         with CUDA graphs, and off when compiled, see the comment in ``__init__``).
     check_every: the host reads the per-pair "still iterating" flags every this many iterations
         (a device synchronisation); between checks, converged pairs are frozen on the device, so
-        the result does not depend on it, only the time does. Default: 1 on CPU,
-        ``inner_iterations`` on CUDA. Must divide ``inner_iterations`` or be a multiple of it;
-        otherwise it is lowered to a divisor.
+        the result does not depend on it, only the time does. Default: 1 on CPU eager, 5 on CPU
+        compiled (the 5 iterations are one compiled call), ``inner_iterations`` on CUDA. Must
+        divide ``inner_iterations`` or be a multiple of it; otherwise it is lowered to a divisor.
+    cpu_batch: on CPU, the pairs of a batch go through the pyramid in groups of this many
+        (default 4; 0 = all at once): a group's state stays in cache and iterates only as long
+        as its own slowest pair. Not used on CUDA.
     cuda_graphs: replay the ``check_every`` iterations as a CUDA graph (CUDA only; default on).
 
     Input: greyscale images, numpy or torch, uint8 or float (0..255 scale, like OpenCV's 8-bit
@@ -357,7 +361,7 @@ class TorchTVL1:
     def __init__(self, options: TVL1Options = TVL1Options(), device="auto",
                  dtype: torch.dtype = torch.float32, compile: bool | None = None,
                  check_every: int | None = None, cuda_graphs: bool | None = None,
-                 compact: bool | None = None) -> None:
+                 compact: bool | None = None, cpu_batch: int | None = None) -> None:
         if options.gamma != 0.0:
             raise ValueError("TorchTVL1 implements gamma = 0 only (OpenCV's default)")
         if options.use_initial_flow:
@@ -377,13 +381,15 @@ class TorchTVL1:
         self.dtype = dtype
         if dtype != torch.float32 and self.device.type != "cuda":
             raise ValueError("half precision is offered on CUDA only (it is slower on CPU)")
-        self.compile = (self.device.type == "cuda") if compile is None else bool(compile)
+        self.compile = True if compile is None else bool(compile)
         inner = options.inner_iterations
         if check_every is None:
             # a host check is free on CPU (check every iteration, as OpenCV does); on CUDA it is a
             # synchronisation that also ends a CUDA graph replay: once per outer iteration (30)
             # measured 1.3x faster than every 10 on an H100 (docs/BENCHMARKS.md)
-            check_every = inner if self.device.type == "cuda" else 1
+            # On CPU compiled, every 5 iterations: one compiled call per 5 iterations (the
+            # per-call overhead dominates small levels and small batches; see _ChunkSteps)
+            check_every = inner if self.device.type == "cuda" else (5 if self.compile else 1)
         k = max(1, int(check_every))
         if k < inner:
             while inner % k:
@@ -412,6 +418,15 @@ class TorchTVL1:
             self._warp = warp_bicubic
             self._step = tvl1_step
             self._median = median_filter_sort if self.device.type == "cpu" else median_filter
+        # CPU compiled: the ``check_every`` iterations (and the median that may start them) are
+        # one compiled function, so a call into compiled code costs one guard check and one set
+        # of kernels per chunk instead of per iteration (the per-call overhead dominates the
+        # small pyramid levels and batch 1; docs/BENCHMARKS.md)
+        self._fused_chunks = self.compile and self.device.type == "cpu"
+        self._chunk_fns: dict = {}
+        if cpu_batch is None:
+            cpu_batch = _CPU_BATCH if self.device.type == "cpu" else 0
+        self.cpu_batch = max(0, int(cpu_batch))
         self._graphs: dict = {}
         self.last_stats: _RunStats | None = None
 
@@ -449,7 +464,22 @@ class TorchTVL1:
         i1 = nxt.to(self.device, torch.float32)
         if not bool(torch.isfinite(i0).all() & torch.isfinite(i1).all()):
             raise ValueError("images contain NaN or inf values")
-        return self._flow(i0, i1)
+        m = self.cpu_batch if self.device.type == "cpu" else 0
+        if not m or len(i0) <= m:
+            return self._flow(i0, i1)
+        # CPU: pairs go through the whole pyramid in groups of ``cpu_batch``: a group's state
+        # stays in cache, and a group iterates only as long as its own slowest pair
+        flows, stats = [], []
+        for start in range(0, len(i0), m):
+            stop = min(start + m, len(i0))
+            if stop - start == 1 and m > 1:  # no group of 1 (a recompile): take 2
+                start -= 1
+                flows[-1] = flows[-1][:-1]
+            flows.append(self._flow(i0[start:stop], i1[start:stop]))
+            stats.append(self.last_stats.iterations)
+        self.last_stats = _RunStats(iterations=[
+            [max(w) for w in zip(*levels)] for levels in zip(*stats)])
+        return torch.cat(flows)
 
     def _flow(self, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
         o = self.options
@@ -539,6 +569,12 @@ class TorchTVL1:
 
     def _run_steps(self, k, med, u1, u2, p, consts, active, l_t, theta, taut, stop_error):
         args = (u1, u2, *p, *consts, active)
+        if self._fused_chunks:
+            fn = self._chunk_fns.get((k, med))
+            if fn is None:
+                fn = torch.compile(_ChunkSteps(k, med), dynamic=True, fullgraph=True)
+                self._chunk_fns[(k, med)] = fn
+            return fn(*args, l_t, theta, taut, stop_error)
         if not self.cuda_graphs:
             return tvl1_steps(self._step, self._median, k, med, *args, l_t, theta, taut,
                               stop_error)
@@ -549,6 +585,19 @@ class TorchTVL1:
                                   (l_t, theta, taut, stop_error))
             self._graphs[key] = graph
         return graph(args)
+
+
+class _ChunkSteps:
+    """``k`` iterations (after a ``med``×``med`` median if ``med`` > 1) as one function of the
+    state, for ``torch.compile`` on CPU: built from the uncompiled blocks, so the whole chunk
+    becomes one graph."""
+
+    def __init__(self, k: int, med: int) -> None:
+        self.k, self.med = k, med
+        self.__name__ = f"tvl1_chunk_{k}_{med}"
+
+    def __call__(self, *args):
+        return tvl1_steps(tvl1_step, median_filter, self.k, self.med, *args)
 
 
 class _GraphedSteps:

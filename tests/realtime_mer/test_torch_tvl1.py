@@ -263,6 +263,20 @@ def test_batch_equals_singles():
     np.testing.assert_allclose(batch, plain, atol=BATCH_ATOL)
 
 
+def test_cpu_groups_equal_one_batch():
+    """cpu_batch: groups of 2 (and a last group of 1 merged into 2) give the one-batch flows."""
+    rng = np.random.default_rng(7)
+    base = cv2.GaussianBlur((rng.random((5, 32, 32)) * 255).astype(np.float32), (0, 0), 2)
+    prev = np.clip(base, 0, 255).astype(np.uint8)
+    nxt = np.stack([np.roll(p, 1 + k % 2, axis=k % 2) for k, p in enumerate(prev)])
+    opts = TVL1Options(nscales=2, warps=2, inner_iterations=10, outer_iterations=2)
+    whole = TorchTVL1(opts, device="cpu", compile=False, cpu_batch=0).compute_batch(prev, nxt)
+    est = TorchTVL1(opts, device="cpu", compile=False, cpu_batch=2)
+    grouped = est.compute_batch(prev, nxt)
+    np.testing.assert_allclose(grouped, whole, atol=BATCH_ATOL)
+    assert len(est.last_stats.iterations) == 2
+
+
 def test_tensor_api_and_registration():
     est = create_flow("torch-tvl1", device="cpu", compile=False,
                       options=TVL1Options(nscales=1, warps=1, inner_iterations=3,
