@@ -11,7 +11,6 @@ import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -254,6 +253,3 @@ def _synchronizer(engine: Backend):
         return torch.cuda.synchronize
     return None
 
-
-def engine_path_or_default(path: str | Path | None) -> Path:
-    return Path(path) if path else default_engine_path()
