@@ -28,6 +28,12 @@ EVENT_LOG_COLUMNS = ["time (s)", "kind", "class", "confidence", "duration (ms)"]
 _MAX_LOG_ROWS = 200
 
 
+def event_row(event: EventRecord) -> list:
+    """One row of the event tables, in the order of ``EVENT_LOG_COLUMNS``."""
+    return [round(event.apex_ms / 1000, 2), event.kind, event.label,
+            round(event.confidence, 3), round(event.duration_ms)]
+
+
 @dataclass
 class LiveSession:
     """Pipeline state of one live stream. Frames arrive as RGB (what the browser sends); their
@@ -76,8 +82,7 @@ class LiveSession:
         return self.log_rows()
 
     def log_rows(self) -> list[list]:
-        return [[round(e.apex_ms / 1000, 2), e.kind, e.label, round(e.confidence, 3),
-                 round(e.duration_ms)] for e in reversed(self.events)]
+        return [event_row(e) for e in reversed(self.events)]
 
     def reset(self) -> None:
         if self.pipeline is not None:
@@ -113,8 +118,7 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
     except InputError as error:
         return [], None, [], f"Error: {error}"
     files = [str(out_dir / name) for name in OUTPUT_FILES if (out_dir / name).exists()]
-    rows = [[round(e.apex_ms / 1000, 2), e.kind, e.label, round(e.confidence, 3),
-             round(e.duration_ms)] for e in result.events]
+    rows = [event_row(e) for e in result.events]
     s = result.summary
     message = (f"{s['frames']['processed']} frames, {s['frames']['without_face']} without a "
                f"face; {s['events']['micro']} micro and {s['events']['macro']} macro events.")

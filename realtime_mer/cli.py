@@ -136,11 +136,12 @@ def _configure_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _pipeline_options(args):
+def _pipeline_options():
+    # The engine is loaded once by _load_engine and handed to the pipeline, so the options keep
+    # their defaults (their engine fields are only for callers that let the pipeline load one).
     from realtime_mer.pipeline import PipelineOptions
 
-    return PipelineOptions(engine_path=str(args.engine) if args.engine else None,
-                           backend=args.backend, device=args.device)
+    return PipelineOptions()
 
 
 def _load_engine(args):
@@ -157,7 +158,7 @@ def _analyze(args) -> int:
     from realtime_mer.capture import CaptureOptions
 
     engine = _load_engine(args)  # fail on a bad engine before touching any video
-    options = _pipeline_options(args)
+    options = _pipeline_options()
     capture = CaptureOptions(max_side=args.max_side or None)
     several = len(args.videos) > 1
     exit_code = 0
@@ -208,7 +209,7 @@ def _live(args) -> int:
               f"{event.confidence:.2f}  ({event.duration_ms:.0f} ms)", flush=True)
 
     result = analyze_camera(camera, args.out, duration_s=args.duration,
-                            options=_pipeline_options(args),
+                            options=_pipeline_options(),
                             capture=CaptureOptions(max_side=args.max_side or None),
                             engine=engine, on_event=show)
     frames = result.summary["frames"]
@@ -224,7 +225,7 @@ def _demo(args) -> int:
     from realtime_mer.app import build_app, launch
 
     engine = _load_engine(args)
-    app = build_app(engine=engine, options=_pipeline_options(args))
+    app = build_app(engine=engine, options=_pipeline_options())
     print(f"mer demo: serving on http://{args.host}:{args.port} (Ctrl+C to stop)")
     launch(app, host=args.host, port=args.port, share=args.share, block=True)
     return 0

@@ -80,7 +80,8 @@ class FeatureOptions:
             raise ValueError(f"presmooth_sigma must be >= 0; got {self.presmooth_sigma}")
 
 
-def _to_grey(image: np.ndarray, name: str) -> np.ndarray:
+def to_grey(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """(H, W) greyscale of a grey, BGR or BGRA image; ValueError naming ``name`` otherwise."""
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
@@ -195,8 +196,8 @@ def flow_strain_map(
     Raises ValueError for crops of different size, empty crops, non-finite values or shapes that
     are not images.
     """
-    onset = _to_grey(onset, "onset")
-    apex = _to_grey(apex, "apex")
+    onset = to_grey(onset, "onset")
+    apex = to_grey(apex, "apex")
     if onset.shape != apex.shape:
         raise ValueError(f"onset and apex differ in size: {onset.shape} vs {apex.shape}")
     estimator = flow if flow is not None else _estimator(options)

@@ -24,6 +24,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from realtime_mer.features import to_grey
+
 __all__ = [
     "MIDDLEBURY_NCOLS", "colour_wheel", "colour_coded_flow", "flow_direction_from_colour",
     "magnify_flow", "magnify_frame", "au_region_mask", "mcnet_input", "five_region_windows",
@@ -365,15 +367,6 @@ def five_region_crop(map28: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def _grey(frame: np.ndarray) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.ndim == 3 and frame.shape[2] == 3:
-        return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-    if frame.ndim == 2:
-        return frame
-    raise ValueError(f"frames must be (H, W) grey or (H, W, 3) BGR, got {frame.shape}")
-
-
 def flow_stack(frames: Sequence[np.ndarray], n: int = 16, size: int = 134,
                flow: str | object = "opencv-tvl1", reference: str = "first") -> np.ndarray:
     """The multi-scale 3D-ResNet50's flow sequence from raw (aligned face) frames.
@@ -407,7 +400,7 @@ def flow_stack(frames: Sequence[np.ndarray], n: int = 16, size: int = 134,
 
     def get(i: int) -> np.ndarray:
         if i not in cache:
-            cache[i] = cv2.resize(_grey(frames[i]), (size, size), interpolation=cv2.INTER_AREA)
+            cache[i] = cv2.resize(to_grey(frames[i], "frame"), (size, size), interpolation=cv2.INTER_AREA)
         return cache[i]
 
     # Short clips repeat targets: each distinct (source, target) pair is computed once.

@@ -17,7 +17,6 @@ place that says how to get there from a [0, 1] map.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -27,13 +26,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from realtime_mer.runtime import sha256_file
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.loso import LosoConfig, git_commit, normalise, select_epochs_full, train_models
 
 log = logging.getLogger(__name__)
 
 __all__ = ["train_full", "fit_full", "save_weights", "load_weights", "load_selection",
-           "export_onnx", "export_default", "check_export", "sha256_file", "check_loso_results"]
+           "export_onnx", "export_default", "check_export", "check_loso_results"]
 
 INPUT_NAME = "maps"
 OUTPUT_NAME = "logits"
@@ -103,14 +103,6 @@ def load_selection(path: str | Path) -> dict | None:
     """The epoch selection record saved with the weights (None: fixed schedule, or none)."""
     doc = torch.load(path, map_location="cpu", weights_only=True)
     return json.loads(doc.get("selection_json", "null"))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path,

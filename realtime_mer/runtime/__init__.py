@@ -9,10 +9,11 @@ from realtime_mer.runtime.backends import (
     TorchBackend,
     default_engine_path,
     load_engine,
+    sha256_file,
 )
 from realtime_mer.runtime.manifest import Manifest, manifest_path
 
 __all__ = [
     "BACKENDS", "Backend", "Manifest", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend",
-    "default_engine_path", "load_engine", "manifest_path",
+    "default_engine_path", "load_engine", "manifest_path", "sha256_file",
 ]

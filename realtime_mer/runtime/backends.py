@@ -30,9 +30,10 @@ def default_engine_path() -> Path:
     return Path(__file__).resolve().parents[2] / "engines" / _DEFAULT_ENGINE
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (the manifest's ``sha256``)."""
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -264,7 +265,7 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
     fmt = _suffix_format(path)
     if manifest.format != fmt:
         raise EngineError(f"{path}: manifest says format {manifest.format!r}, file is {fmt!r}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != manifest.sha256:
         raise EngineError(f"{path}: sha256 {digest[:16]}… does not match the manifest's "
                           f"{manifest.sha256[:16]}… (engine and manifest are out of step)")

@@ -178,7 +178,7 @@ def pt2_engine(tmp_path_factory, engine):
     """A torch.export program of an STSTNet with the shipped engine's manifest fields."""
     import torch
 
-    from training.export import sha256_file
+    from realtime_mer.runtime import sha256_file
     from training.models import create_model
 
     torch.manual_seed(0)
