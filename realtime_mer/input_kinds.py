@@ -29,7 +29,8 @@ from realtime_mer.features import to_grey
 __all__ = [
     "MIDDLEBURY_NCOLS", "colour_wheel", "colour_coded_flow", "flow_direction_from_colour",
     "magnify_flow", "magnify_frame", "au_region_mask", "mcnet_input", "five_region_windows",
-    "five_region_crop", "flow_stack", "clip_layout", "uv_from_3db_map",
+    "five_region_crop", "flow_stack", "clip_layout", "uv_from_3db_map", "NETWORK_INPUT_KINDS",
+    "network_inputs",
 ]
 
 # Hue segments of the Middlebury colour wheel (Baker et al., IJCV 2011): red→yellow 15,
@@ -445,3 +446,35 @@ def uv_from_3db_map(map28: np.ndarray, zero: str = "median") -> tuple[np.ndarray
         ref = float(np.median(ch)) if zero == "median" else float(ch.mean())
         out.append((ch - ref).astype(np.float32))
     return out[0], out[1]
+
+
+# What a network can be fed from the (u, v, strain) maps that both the 3DB files and the live
+# pipeline produce: the maps themselves, or the colour-coded flow image (MJFN, MCNet's base).
+NETWORK_INPUT_KINDS = ("map28", "colour")
+
+
+def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = None) -> np.ndarray:
+    """Turn a batch of (N, 3, H, W) (u, v, strain) maps in [0, 1] into network inputs.
+
+    ``kind="map28"``: the maps, unchanged (``size`` must be None or H). ``kind="colour"``: per
+    map, signed (u, v) by :func:`uv_from_3db_map`, then :func:`colour_coded_flow` at
+    ``size``×``size`` (default 224), scaled to [0, 1]; returns (N, 3, size, size) float32.
+    Training (the LOSO runner, export) and the runtime both call this, so an engine is fed at
+    run time exactly what it was trained on.
+    """
+    x = np.asarray(maps, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"maps must be (N, 3, H, W), got {x.shape}")
+    if kind == "map28":
+        if size is not None and size != x.shape[-1]:
+            raise ValueError(f"input kind 'map28' keeps the maps' size {x.shape[-1]}; got "
+                             f"size={size}")
+        return x
+    if kind == "colour":
+        size = 224 if size is None else int(size)
+        out = np.empty((x.shape[0], 3, size, size), np.float32)
+        for i, m in enumerate(x):
+            u, v = uv_from_3db_map(np.moveaxis(m, 0, -1))
+            out[i] = np.moveaxis(colour_coded_flow(u, v, size), -1, 0) / np.float32(255.0)
+        return out
+    raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(NETWORK_INPUT_KINDS)}")

@@ -51,6 +51,13 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                         "UF1, earliest on ties. fixed: --epochs, chosen a priori")
     g.add_argument("--inner-folds", type=int, default=d.inner_folds,
                    help="inner groups of the nested selection (default %(default)s)")
+    g.add_argument("--input-kind", default=d.input_kind, choices=("map28", "colour"),
+                   help="what the network is fed, built from the (u, v, strain) maps: map28 "
+                        "(the maps; default) or colour (the colour-coded flow image: mjfn, "
+                        "mcnet); the runtime builds the same")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="side of the colour image (default 224); must match the model's "
+                        "input_size")
 
 
 def _config(args):
@@ -62,6 +69,7 @@ def _config(args):
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
         augment=args.augment, seed=args.seed, eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
+        input_kind=args.input_kind, input_size=args.input_size,
     )
 
 

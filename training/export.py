@@ -28,7 +28,8 @@ import torch
 
 from realtime_mer.runtime import sha256_file
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.loso import LosoConfig, git_commit, normalise, select_epochs_full, train_models
+from training.loso import (LosoConfig, git_commit, model_inputs, select_epochs_full,
+                           train_models)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,8 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         say(f"trained on {len(data)} samples in {time.perf_counter() - t0:.0f} s")
     epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
-    export_onnx(model, out)
-    x = normalise(torch.as_tensor(data.x), cfg.mean, cfg.std).numpy()
+    export_onnx(model, out, example=model_inputs(data.x[:2], cfg))
+    x = model_inputs(data.x, cfg).numpy()
     check = check_export(model, out, x)
     if check["min_cosine"] < 0.99 or not check["argmax_equal"]:
         raise RuntimeError(f"exported engine disagrees with the eager model: {check}")
@@ -188,8 +189,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         model=cfg.model,
         model_kwargs=dict(cfg.model_kwargs),
         format="onnx",
-        input={"name": INPUT_NAME, "shape": ["N", 3, 28, 28], "dtype": "float32",
-               "layout": "NCHW", "channels": ["u", "v", "strain"], "value_range": [0.0, 1.0]},
+        input=_input_spec(cfg, x.shape[-1]),
         output={"name": OUTPUT_NAME, "kind": "logits", "shape": ["N", len(CLASS_NAMES)]},
         normalization={"mean": list(cfg.mean), "std": list(cfg.std), "applied_by": "runtime",
                        "formula": "(x - mean[c]) / std[c] per channel, then the engine"},
@@ -212,6 +212,18 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     manifest.save(Path(str(out) + ".json"))
     say(f"engine {out} ({out.stat().st_size} bytes), manifest {out}.json; export check {check}")
     return manifest.to_dict()
+
+
+def _input_spec(cfg: LosoConfig, side: int) -> dict:
+    if cfg.input_kind == "map28":
+        return {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
+                "layout": "NCHW", "channels": ["u", "v", "strain"], "value_range": [0.0, 1.0],
+                "kind": "map28"}
+    return {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
+            "layout": "NCHW", "channels": ["red", "green", "blue"], "value_range": [0.0, 1.0],
+            "kind": cfg.input_kind,
+            "built_from": "(N, 3, H, W) (u, v, strain) maps in [0, 1] by "
+                          "realtime_mer.input_kinds.network_inputs (the runtime does this)"}
 
 
 def _schedule_key(cfg_dict: dict) -> dict:

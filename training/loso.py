@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from realtime_mer.errors import DatasetError
+from realtime_mer.input_kinds import NETWORK_INPUT_KINDS, network_inputs
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.metrics import evaluate, per_database
 from training.models import create_model
@@ -46,7 +47,7 @@ from training.models import create_model
 log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
-           "select_epochs_nested", "select_epochs_full", "NESTED_RULE"]
+           "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs"]
 
 RESULTS_FORMAT = 1
 
@@ -76,6 +77,11 @@ class LosoConfig:
     # subjects only (``inner_folds`` groups); the test subject is never looked at.
     select_epochs: str = "fixed"
     inner_folds: int = 5
+    # What the network is fed, built from the maps by realtime_mer.input_kinds.network_inputs
+    # (the runtime applies the same function): "map28" (the maps) or "colour" (the
+    # colour-coded flow image at input_size x input_size; MJFN, MCNet).
+    input_kind: str = "map28"
+    input_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -90,6 +96,9 @@ class LosoConfig:
             raise ValueError(f"select_epochs {self.select_epochs!r} is not fixed or nested")
         if self.inner_folds < 2:
             raise ValueError("inner_folds must be >= 2")
+        if self.input_kind not in NETWORK_INPUT_KINDS:
+            raise ValueError(f"input_kind {self.input_kind!r} is not one of "
+                             f"{', '.join(NETWORK_INPUT_KINDS)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -98,7 +107,8 @@ class LosoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LosoConfig":
-        d = {"select_epochs": "fixed", "inner_folds": 5, **d}
+        d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
+             "input_size": None, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -119,6 +129,13 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def model_inputs(maps: np.ndarray | torch.Tensor, cfg: LosoConfig) -> torch.Tensor:
+    """(N, 3, 28, 28) maps in [0, 1] → the normalised tensor the network of ``cfg`` is fed
+    (input kind, then the fixed normalisation), exactly as the runtime prepares it."""
+    x = network_inputs(np.asarray(maps, dtype=np.float32), cfg.input_kind, cfg.input_size)
+    return normalise(torch.as_tensor(x), cfg.mean, cfg.std)
 
 
 def git_commit() -> str | None:
@@ -208,8 +225,9 @@ def train_models(
     steps = max(1, math.ceil(float(np.mean([len(t) for t in train_sets])) / cfg.batch_size))
 
     xs = torch.as_tensor(x, dtype=torch.float32)
-    x_dev = normalise(xs, cfg.mean, cfg.std).to(device)
-    x_flip = normalise(hflip_maps(xs), cfg.mean, cfg.std).to(device)
+    # The flip acts on the maps (where mirroring the motion is exact), before the input kind.
+    x_dev = model_inputs(xs, cfg).to(device)
+    x_flip = model_inputs(hflip_maps(xs), cfg).to(device) if cfg.augment == "hflip" else None
     y_dev = torch.as_tensor(y, dtype=torch.long).to(device)
     class_w = []
     for tr in train_sets:
@@ -237,7 +255,11 @@ def train_models(
     def fwd(p, b, xb):
         return functional_call(base, (p, b), (xb,))
 
-    train_fwd = vmap(fwd, in_dims=(0, 0, 0))
+    # Dropout (MJFN, MCNet) draws from the global generator: seeded here, so a run is
+    # reproducible for a given chunk, but unlike init, batches and flips these draws are not
+    # per fold (a fold's dropout masks depend on which folds share its chunk).
+    torch.manual_seed(cfg.seed * 1_000_033 + int(fold_ids[0]))
+    train_fwd = vmap(fwd, in_dims=(0, 0, 0), randomness="different")
 
     def predict(index: np.ndarray) -> torch.Tensor:
         base.eval()
@@ -405,8 +427,7 @@ def run_loso(
         elapsed = timing["prior_s"] + time.perf_counter() - timing["t0"]
         with torch.no_grad():
             for f, m in zip(chunk, models):
-                xb = normalise(torch.as_tensor(data.x[test_idx[f]]), cfg.mean, cfg.std)
-                p = torch.softmax(m(xb), -1).numpy()
+                p = torch.softmax(m(model_inputs(data.x[test_idx[f]], cfg)), -1).numpy()
                 _atomic_write_json(fold_file(f), {
                     "fold": f, "subject": subjects[f], "indices": test_idx[f].tolist(),
                     "probs": p.tolist(), "pred": p.argmax(-1).tolist(),

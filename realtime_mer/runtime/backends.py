@@ -67,16 +67,26 @@ class Backend:
     def _prepare(self, maps: np.ndarray) -> np.ndarray:
         x = np.asarray(maps)
         spec = self.manifest.input["shape"]
+        # "kind" (absent in older manifests: the maps themselves) says how the engine's input
+        # is built from the (N, 3, H, W) maps: input_kinds.network_inputs, as in training.
+        kind = self.manifest.input.get("kind", "map28")
         if x.ndim == 3:
             x = x[None]
-        if x.ndim != 4 or list(x.shape[1:]) != list(spec[1:]):
-            raise InputError(f"engine input must be (N, {spec[1]}, {spec[2]}, {spec[3]}) "
-                             f"{self.manifest.input['layout']}, got {tuple(np.shape(maps))}")
+        expected = list(spec[1:]) if kind == "map28" else [3]
+        if x.ndim != 4 or list(x.shape[1:1 + len(expected)]) != expected:
+            want = (f"(N, {spec[1]}, {spec[2]}, {spec[3]})" if kind == "map28"
+                    else "(N, 3, H, W) (u, v, strain) maps")
+            raise InputError(f"engine input must be {want} {self.manifest.input['layout']}, "
+                             f"got {tuple(np.shape(maps))}")
         if x.shape[0] == 0:
             raise InputError("empty batch")
         x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
             raise InputError("maps contain NaN or infinity")
+        if kind != "map28":
+            from realtime_mer.input_kinds import network_inputs
+
+            x = network_inputs(x, kind, int(spec[-1]))
         return np.ascontiguousarray((x - self._mean) / self._std)
 
     def _run(self, x: np.ndarray) -> np.ndarray:  # (N, C) network output

@@ -295,3 +295,47 @@ def test_uv_from_3db_map_on_real_maps(megc_dir):
         assert -1.0 <= u.min() and u.max() <= 1.0 and u.max() - u.min() == pytest.approx(1.0)
         img = ik.colour_coded_flow(u, v, 224)
         assert img.shape == (224, 224, 3)
+
+
+def _3db_batch(megc_dir: Path, limit: int = 6) -> np.ndarray:
+    names = sorted(p.stem for p in (megc_dir / "flow").glob("*.png"))[:limit]
+    return np.stack([np.moveaxis(_read_3db(megc_dir, n), -1, 0) for n in names])
+
+
+def test_network_inputs_colour_is_the_per_map_builder(megc_dir):
+    maps = _3db_batch(megc_dir)
+    x = ik.network_inputs(maps, "colour", 112)
+    assert x.shape == (len(maps), 3, 112, 112) and x.dtype == np.float32
+    for m, xi in zip(maps, x):
+        ref = ik.colour_coded_flow(*ik.uv_from_3db_map(np.moveaxis(m, 0, -1)), 112)
+        np.testing.assert_allclose(np.moveaxis(xi, 0, -1) * 255.0, ref, atol=1e-3)
+    np.testing.assert_array_equal(ik.network_inputs(maps, "map28"), maps)
+
+
+def test_network_inputs_colour_of_a_mirrored_map_is_the_mirrored_motion(megc_dir):
+    """Training mirrors the maps (u -> 1 - u) before building the input: the colour image of a
+    mirrored map must show the mirrored picture with directions reflected, theta -> pi - theta."""
+    maps = _3db_batch(megc_dir, limit=3)
+    flipped = maps[..., ::-1].copy()
+    flipped[:, 0] = 1.0 - flipped[:, 0]
+    a = ik.network_inputs(maps, "colour", 112)
+    b = ik.network_inputs(flipped, "colour", 112)
+    for xa, xb in zip(a, b):
+        img_a = np.round(np.moveaxis(xa, 0, -1) * 255).astype(np.uint8)
+        img_b = np.round(np.moveaxis(xb, 0, -1) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(img_b.min(axis=2), img_a[:, ::-1].min(axis=2))
+        moving = 255 - img_a[:, ::-1].min(axis=2) > 60  # saturated: direction well defined
+        theta_a = ik.flow_direction_from_colour(img_a)[:, ::-1]
+        theta_b = ik.flow_direction_from_colour(img_b)
+        err = _angle_error_deg(theta_b[moving], np.pi - theta_a[moving])
+        assert moving.sum() > 100 and np.median(err) < 2.0
+
+
+def test_network_inputs_refuses_bad_requests():
+    maps = np.zeros((2, 3, 28, 28), np.float32)
+    with pytest.raises(ValueError, match="unknown input kind"):
+        ik.network_inputs(maps, "stack16")
+    with pytest.raises(ValueError, match="keeps the maps' size"):
+        ik.network_inputs(maps, "map28", 112)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        ik.network_inputs(maps[0], "colour")

@@ -123,3 +123,26 @@ def test_export_nested_manifest(tmp_path):
     assert loso["fixed_schedule_uar"] == 0.69 and "after" in loso["note"]
     assert "LEAKY" in loso["leaky_warning"] and loso["leaky_best_epoch_uf1"] == 0.8
     assert m["export_check"]["min_cosine"] >= 0.99 and m["export_check"]["argmax_equal"]
+
+
+def test_colour_input_engine_is_fed_like_training(tmp_path):
+    """An engine trained on the colour-coded image (MJFN) declares its input kind; the runtime,
+    given the plain (u, v, strain) maps, builds the same input as training did."""
+    from realtime_mer.runtime import load_engine
+    from training.loso import model_inputs
+
+    data = _noisy(n_subjects=3, per_subject=3)
+    cfg = LosoConfig(model="mjfn", model_kwargs={"input_size": 112}, input_kind="colour",
+                     input_size=112, epochs=1, batch_size=4, select_epochs="fixed")
+    m = export_default(data, cfg, tmp_path / "mjfn.onnx", loso_results=None)
+    assert m["input"]["kind"] == "colour" and m["input"]["shape"] == ["N", 3, 112, 112]
+    engine = load_engine(tmp_path / "mjfn.onnx", backend="onnxruntime")
+    got = engine.predict(data.x)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "mjfn.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"maps": model_inputs(data.x, cfg).numpy()})[0]
+    ref = torch.softmax(torch.as_tensor(logits), -1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    with pytest.raises(Exception, match="maps"):
+        engine.predict(np.zeros((1, 2, 28, 28), np.float32))
