@@ -875,12 +875,19 @@ def _write_index(out_dir: Path, rows, options, options_hash, report: RawReport) 
                   lambda fh: fh.write(json.dumps(meta, indent=1, default=str)), "w")
 
 
-def load_preprocessed(cache_dir: str | Path, databases: Sequence[str] | None = None):
-    """The cached ``map28`` inputs of every database under ``cache_dir`` (or ``databases``)
-    as a :class:`~training.data.megc3db.Megc3DB` (x (N, 3, 28, 28) float32, subjects
-    ``"<database>/<subject>"``), ready for the LOSO runner. Samples that failed are left out.
-    Raises DatasetError when there is no index or a listed file is missing or lacks map28."""
+def load_preprocessed(cache_dir: str | Path, databases: Sequence[str] | None = None,
+                      kind: str = "map28"):
+    """The cached inputs of every database under ``cache_dir`` (or ``databases``) as a
+    :class:`~training.data.megc3db.Megc3DB` (subjects ``"<database>/<subject>"``). ``kind``:
+    ``"map28"`` gives x (N, 3, 28, 28) float32, ready for the LOSO runner; ``"stack16"`` the
+    3D network's clips, x (N, 3, T, H, W) float32 (:func:`~realtime_mer.input_kinds.
+    clip_layout`). Samples that failed are left out. Raises DatasetError when there is no index
+    or a listed file is missing or lacks ``kind``."""
+    from realtime_mer.input_kinds import clip_layout
     from training.data.megc3db import Megc3DB
+
+    if kind not in ("map28", "stack16"):
+        raise ValueError(f"kind must be 'map28' or 'stack16', got {kind!r}")
 
     cache_dir = Path(cache_dir)
     if databases is None:
@@ -900,17 +907,18 @@ def load_preprocessed(cache_dir: str | Path, databases: Sequence[str] | None = N
                 path = index.parent / row["file"]
                 try:
                     with np.load(path) as z:
-                        maps.append(np.asarray(z["map28"], dtype=np.float32))
+                        maps.append(np.asarray(z[kind], dtype=np.float32))
                 except FileNotFoundError:
                     raise DatasetError(f"{index}: {path} is missing") from None
                 except KeyError:
-                    raise DatasetError(f"{path} has no map28 (preprocess with kinds including "
-                                       f"'map28')") from None
+                    raise DatasetError(f"{path} has no {kind} (preprocess with kinds including "
+                                       f"'{kind}')") from None
                 rows.append((row, str(path)))
     if not rows:
         raise DatasetError(f"{cache_dir}: no preprocessed samples")
     return Megc3DB(
-        x=np.ascontiguousarray(np.stack(maps).transpose(0, 3, 1, 2)),
+        x=(np.ascontiguousarray(np.stack(maps).transpose(0, 3, 1, 2)) if kind == "map28"
+           else np.stack([clip_layout(m) for m in maps])),
         y=np.array([int(r["label"]) for r, _ in rows], dtype=np.int64),
         subjects=np.array([f"{r['database']}/{r['subject']}" for r, _ in rows]),
         databases=np.array([r["database"] for r, _ in rows]),

@@ -1,0 +1,161 @@
+"""LOSO training speed: folds one at a time vs folds trained together (vectorised ensemble).
+
+    python benchmarks/loso.py [--models ststnet ahmsa mjfn] [--folds 8] [--epochs 2]
+                              [--repeats 3] [--threads 2] [--device cpu]
+                              [--out docs/results/loso_bench.json]
+
+For each network, the first ``--folds`` LOSO folds of the real 3DB data (their real training
+sets) are trained with the runner's own ``train_models`` in two ways, side by side in one run:
+
+- **sequential**: one fold after another (``--chunk-size 1`` of ``python -m training loso``);
+- **parallel**: all of them at once, one ``torch.func`` vectorised ensemble (the default,
+  ``--chunk-size 68``).
+
+Each way trains ``--epochs`` + 1 epochs; the first epoch is a warm-up (allocation, input
+building) and the time of the remaining ones is taken from the runner's per-epoch callback.
+Every time is the median of ``--repeats`` runs, and the two ways alternate within a repeat so
+that a noisy shared machine hurts both alike. The table gives seconds per fold-epoch, the
+parallel speed-up, and the projected wall time of a full 68-fold LOSO run of the network's
+documented schedule (``EPOCHS`` below) at the parallel rate (a linear projection: a chunk of 68
+folds is assumed to cost 68/``--folds`` times a chunk of ``--folds``).
+
+Prints a markdown table and writes the same rows to ``--out`` (JSON) and ``--out`` with ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.data import load_megc3db  # noqa: E402
+from training.loso import LosoConfig, train_models  # noqa: E402
+
+# name -> (model kwargs, input kind, input size, epochs of its LOSO schedule in docs/RESULTS.md)
+NETWORKS = {
+    "ststnet": ({}, "map28", None, 300),
+    "ahmsa": ({}, "map28", None, 40),
+    "mjfn": ({"input_size": 112}, "colour", 112, 40),
+    "mcnet": ({}, "colour", 112, 40),
+}
+
+
+def _default_data() -> Path:
+    import os
+
+    env = os.environ.get("MER_SHARED")
+    base = Path(env) if env else ROOT.parent / "shared"
+    return base / "data" / "megc2019_3db"
+
+
+def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str) -> float:
+    """Seconds for epochs 2..cfg.epochs of one ``train_models`` call (epoch 1 is warm-up)."""
+    marks: dict[int, float] = {}
+
+    def on_epoch(epoch: int) -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        marks[epoch] = time.perf_counter()
+
+    train_models(data.x, data.y, train_sets, cfg, fold_ids, device=device, on_epoch=on_epoch)
+    return marks[cfg.epochs] - marks[1]
+
+
+def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device: str) -> dict:
+    kwargs, kind, size, schedule_epochs = NETWORKS[name]
+    cfg = LosoConfig(model=name, model_kwargs=kwargs, input_kind=kind, input_size=size,
+                     epochs=epochs + 1, eval_every=10_000)
+    subjects = data.subject_list
+    fold_ids = list(range(folds))
+    train_sets = [np.flatnonzero(data.subjects != subjects[f]) for f in fold_ids]
+    seq, par = [], []
+    for r in range(repeats):
+        order = ("seq", "par") if r % 2 == 0 else ("par", "seq")
+        for way in order:
+            if way == "seq":
+                seq.append(sum(time_epochs(data, [t], [f], cfg, device)
+                               for t, f in zip(train_sets, fold_ids)))
+            else:
+                par.append(time_epochs(data, train_sets, fold_ids, cfg, device))
+            print(f"  {name} repeat {r + 1}/{repeats} {way}: "
+                  f"{(seq if way == 'seq' else par)[-1]:.1f} s", flush=True)
+    fold_epochs = folds * epochs
+    s_seq = statistics.median(seq) / fold_epochs
+    s_par = statistics.median(par) / fold_epochs
+    return {
+        "network": name, "input": f"{kind}{'' if size is None else f' {size}'}",
+        "folds": folds, "epochs_timed": epochs, "repeats": repeats,
+        "seq_s_per_fold_epoch": round(s_seq, 4), "par_s_per_fold_epoch": round(s_par, 4),
+        "speedup": round(s_seq / s_par, 2),
+        "schedule_epochs": schedule_epochs,
+        "projected_full_loso_min_parallel": round(s_par * 68 * schedule_epochs / 60, 1),
+        "projected_full_loso_min_sequential": round(s_seq * 68 * schedule_epochs / 60, 1),
+        "seq_runs_s": [round(t, 2) for t in seq], "par_runs_s": [round(t, 2) for t in par],
+    }
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        f"LOSO training speed, {env['device']} ({env['threads']} threads, {env['machine']}), "
+        f"torch {env['torch']}; medians of the repeats; s per fold-epoch = wall time / "
+        "(folds x epochs timed).",
+        "",
+        "| network | input | folds | sequential s/fold-epoch | parallel s/fold-epoch | speed-up "
+        "| schedule | projected 68-fold run, parallel | sequential |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['network']} | {r['input']} | {r['folds']} | {r['seq_s_per_fold_epoch']:.3f} "
+            f"| {r['par_s_per_fold_epoch']:.3f} | {r['speedup']:.2f}x | {r['schedule_epochs']} ep "
+            f"| {r['projected_full_loso_min_parallel']:.0f} min "
+            f"| {r['projected_full_loso_min_sequential']:.0f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["ststnet", "ahmsa", "mjfn"],
+                   choices=sorted(NETWORKS))
+    p.add_argument("--data", type=Path, default=_default_data())
+    p.add_argument("--folds", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2, help="epochs timed (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "loso_bench.json")
+    args = p.parse_args(argv)
+    if args.folds < 2 or args.epochs < 1 or args.repeats < 1:
+        p.error("--folds must be >= 2, --epochs and --repeats >= 1")
+    if not (args.data / "labels.csv").is_file():
+        print(f"error: no 3DB data at {args.data} (set --data or MER_SHARED)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    data = load_megc3db(args.data)
+    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+           "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
+           "cpu_count": __import__("os").cpu_count()}
+    rows = []
+    for name in args.models:
+        rows.append(bench_network(name, data, args.folds, args.epochs, args.repeats,
+                                  args.device))
+    md = markdown(rows, env)
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
