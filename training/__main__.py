@@ -129,10 +129,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def default_loso_results(select_epochs: str) -> Path:
-    """The LOSO results file made with the same epoch selection as the export."""
-    name = "ststnet_loso_nested.json" if select_epochs == "nested" else "ststnet_loso.json"
-    return REPO_ROOT / "docs" / "results" / name
+def default_loso_results(cfg, results_dir: Path | None = None) -> Path | None:
+    """The complete LOSO results file in docs/results made with exactly this schedule and
+    epoch selection (the one a manifest may quote), or None."""
+    from training.export import check_loso_results
+
+    for path in sorted((results_dir or REPO_ROOT / "docs" / "results").glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+            if not (doc.get("complete") and "uf1" in doc):
+                continue
+            check_loso_results(doc, cfg, str(path))
+        except (ValueError, TypeError, KeyError):
+            continue
+        return path
+    return None
 
 
 def cmd_export(args) -> int:
@@ -143,8 +154,13 @@ def cmd_export(args) -> int:
     data = load_megc3db(args.data)
     cfg = _config(args)
     loso_results = (args.loso_results if args.loso_results is not None
-                    else default_loso_results(cfg.select_epochs))
-    info = export_default(data, cfg, args.out, loso_results=loso_results,
+                    else default_loso_results(cfg))
+    if loso_results is None:
+        print("note: no complete LOSO results file in docs/results matches this schedule; the "
+              "manifest will quote no LOSO score (run `python -m training loso` first)",
+              file=sys.stderr)
+    out = args.out or str(REPO_ROOT / "engines" / f"{cfg.model}_3db.onnx")
+    info = export_default(data, cfg, out, loso_results=loso_results,
                           weights=args.weights, device=args.device,
                           progress=lambda m: print(m, flush=True))
     print(json.dumps(info, indent=1))
@@ -230,13 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="train on all samples (or load --weights) and export "
                                        "ONNX + manifest")
     common(sp)
-    sp.add_argument("--out", default=str(REPO_ROOT / "engines" / "ststnet_3db.onnx"),
-                    help="engine path; the manifest is written beside it as <out>.json")
+    sp.add_argument("--out", default=None,
+                    help="engine path (default engines/<model>_3db.onnx); the manifest is "
+                         "written beside it as <out>.json")
     sp.add_argument("--loso-results", default=None,
                     help="LOSO results file (same schedule and epoch selection; refused "
-                         "otherwise) whose honest UF1/UAR go into the manifest (default: "
-                         "docs/results/ststnet_loso_nested.json with --select-epochs nested, "
-                         "docs/results/ststnet_loso.json with fixed); '' for none")
+                         "otherwise) whose honest UF1/UAR go into the manifest (default: the "
+                         "complete one in docs/results made with this schedule); '' for none")
     sp.add_argument("--weights", help="weights from `train` instead of training again")
     sp.set_defaults(func=cmd_export)
 

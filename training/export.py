@@ -1,5 +1,5 @@
-"""Train the default model on all 3DB samples with the LOSO schedule and export it as an ONNX
-engine plus manifest (``engines/ststnet_3db.onnx`` + ``.onnx.json``).
+"""Train a model on all 3DB samples with its LOSO schedule and export it as an ONNX engine plus
+manifest (``engines/<model>_3db.onnx`` + ``.onnx.json``).
 
 The epoch count is set the way the quoted LOSO score was estimated. ``select_epochs="fixed"``:
 ``cfg.epochs``, chosen a priori. ``select_epochs="nested"`` (the CLI default): the nested rule of
@@ -248,9 +248,8 @@ def check_loso_results(r: dict, cfg: LosoConfig, name: str = "LOSO results") -> 
                 if theirs.get(k) != ours.get(k)}
         raise ValueError(
             f"{name} was run with another configuration or epoch selection than this export "
-            f"(results file, export: {diff}); pass the matching --loso-results "
-            f"(--select-epochs nested: docs/results/ststnet_loso_nested.json; fixed: "
-            f"docs/results/ststnet_loso.json)"
+            f"(results file, export: {diff}); pass the --loso-results file of the same "
+            f"schedule (docs/RESULTS.md lists each run's command)"
         )
     if ours["select_epochs"] == "nested" and "nested_selection" not in r:
         raise ValueError(f"{name} says select_epochs=nested but holds no nested_selection")

@@ -146,3 +146,18 @@ def test_colour_input_engine_is_fed_like_training(tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
     with pytest.raises(Exception, match="maps"):
         engine.predict(np.zeros((1, 2, 28, 28), np.float32))
+
+
+def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
+    from training.__main__ import default_loso_results
+
+    fixed = dataclasses.replace(NESTED, select_epochs="fixed")
+    for name, cfg in (("a_nested.json", NESTED), ("b_fixed.json", fixed)):
+        (tmp_path / name).write_text(json.dumps({**_results(cfg), "complete": True}))
+    (tmp_path / "c_partial.json").write_text(json.dumps(
+        {**_results(dataclasses.replace(fixed, lr=0.1)), "complete": False}))
+    (tmp_path / "d_bench.json").write_text(json.dumps({"rows": []}))
+    assert default_loso_results(NESTED, tmp_path).name == "a_nested.json"
+    assert default_loso_results(fixed, tmp_path).name == "b_fixed.json"
+    assert default_loso_results(dataclasses.replace(fixed, lr=0.1), tmp_path) is None
+    assert default_loso_results(dataclasses.replace(fixed, model="ahmsa"), tmp_path) is None
