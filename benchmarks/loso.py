@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -51,8 +52,6 @@ NETWORKS = {
 
 
 def _default_data() -> Path:
-    import os
-
     env = os.environ.get("MER_SHARED")
     base = Path(env) if env else ROOT.parent / "shared"
     return base / "data" / "megc2019_3db"
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_megc3db(args.data)
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
            "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
-           "cpu_count": __import__("os").cpu_count()}
+           "cpu_count": os.cpu_count()}
     rows = []
     for name in args.models:
         rows.append(bench_network(name, data, args.folds, args.epochs, args.repeats,

@@ -128,6 +128,7 @@ def test_export_nested_manifest(tmp_path):
 def test_colour_input_engine_is_fed_like_training(tmp_path):
     """An engine trained on the colour-coded image (MJFN) declares its input kind; the runtime,
     given the plain (u, v, strain) maps, builds the same input as training did."""
+    from realtime_mer.errors import InputError
     from realtime_mer.runtime import load_engine
     from training.loso import model_inputs
 
@@ -144,7 +145,7 @@ def test_colour_input_engine_is_fed_like_training(tmp_path):
     logits = sess.run(None, {"maps": model_inputs(data.x, cfg).numpy()})[0]
     ref = torch.softmax(torch.as_tensor(logits), -1).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)
-    with pytest.raises(Exception, match="maps"):
+    with pytest.raises(InputError, match=r"\(N, 3, H, W\) \(u, v, strain\) maps"):
         engine.predict(np.zeros((1, 2, 28, 28), np.float32))
 
 
