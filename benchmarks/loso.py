@@ -1,4 +1,4 @@
-"""LOSO training speed: folds one at a time vs folds trained together (vectorised ensemble).
+"""LOSO training speed: folds one at a time, as one vectorised ensemble, or in worker processes.
 
     python benchmarks/loso.py [--models ststnet ahmsa mjfn] [--folds 8] [--epochs 2]
                               [--repeats 3] [--threads 2] [--device cpu]
@@ -9,7 +9,10 @@ sets) are trained with the runner's own ``train_models`` in two ways, side by si
 
 - **sequential**: one fold after another (``--chunk-size 1`` of ``python -m training loso``);
 - **parallel**: all of them at once, one ``torch.func`` vectorised ensemble (the default,
-  ``--chunk-size 68``).
+  ``--chunk-size 68``);
+- **workers**: the folds shared round robin by ``--threads`` spawned processes of one thread
+  each, every process training its folds one at a time (``--workers 2 --chunk-size 1``). Its
+  time is the slowest process's sum of timed epochs (they run side by side).
 
 Each way trains ``--epochs`` + 1 epochs; the first epoch is a warm-up (allocation, input
 building) and the time of the remaining ones is taken from the runner's per-epoch callback.
@@ -70,27 +73,55 @@ def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str) -> flo
     return marks[cfg.epochs] - marks[1]
 
 
-def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device: str) -> dict:
-    kwargs, kind, size, schedule_epochs = NETWORKS[name]
-    cfg = LosoConfig(model=name, model_kwargs=kwargs, input_kind=kind, input_size=size,
-                     epochs=epochs + 1, eval_every=10_000)
+def _config(name: str, epochs: int) -> LosoConfig:
+    kwargs, kind, size, _ = NETWORKS[name]
+    return LosoConfig(model=name, model_kwargs=kwargs, input_kind=kind, input_size=size,
+                      epochs=epochs + 1, eval_every=10_000)
+
+
+def _worker_sum(name: str, data_dir: str, fold_ids: list[int], epochs: int) -> float:
+    """In a worker process: one thread, the given folds one after another."""
+    torch.set_num_threads(1)
+    data = load_megc3db(data_dir)
+    cfg = _config(name, epochs)
+    return sum(time_epochs(data, [np.flatnonzero(data.subjects != data.subject_list[f])], [f],
+                           cfg, "cpu") for f in fold_ids)
+
+
+def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device: str,
+                  workers: int = 0, pool=None) -> dict:
+    _, kind, size, schedule_epochs = NETWORKS[name]
+    cfg = _config(name, epochs)
     subjects = data.subject_list
     fold_ids = list(range(folds))
     train_sets = [np.flatnonzero(data.subjects != subjects[f]) for f in fold_ids]
-    seq, par = [], []
+    times: dict[str, list[float]] = {"seq": [], "par": [], "workers": []}
+    ways = ["seq", "par"] + (["workers"] if pool is not None else [])
     for r in range(repeats):
-        order = ("seq", "par") if r % 2 == 0 else ("par", "seq")
+        order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: noise hits all alike
         for way in order:
             if way == "seq":
-                seq.append(sum(time_epochs(data, [t], [f], cfg, device)
-                               for t, f in zip(train_sets, fold_ids)))
+                t = sum(time_epochs(data, [tr], [f], cfg, device)
+                        for tr, f in zip(train_sets, fold_ids))
+            elif way == "par":
+                t = time_epochs(data, train_sets, fold_ids, cfg, device)
             else:
-                par.append(time_epochs(data, train_sets, fold_ids, cfg, device))
-            print(f"  {name} repeat {r + 1}/{repeats} {way}: "
-                  f"{(seq if way == 'seq' else par)[-1]:.1f} s", flush=True)
+                shares = [fold_ids[w::workers] for w in range(workers)]
+                t = max(pool.starmap(_worker_sum, [(name, str(data.root), s, epochs)
+                                                   for s in shares]))
+            times[way].append(t)
+            print(f"  {name} repeat {r + 1}/{repeats} {way}: {t:.1f} s", flush=True)
     fold_epochs = folds * epochs
-    s_seq = statistics.median(seq) / fold_epochs
-    s_par = statistics.median(par) / fold_epochs
+    s_seq = statistics.median(times["seq"]) / fold_epochs
+    s_par = statistics.median(times["par"]) / fold_epochs
+    seq, par = times["seq"], times["par"]
+    extra = {}
+    if times["workers"]:
+        s_w = statistics.median(times["workers"]) / fold_epochs
+        extra = {"workers": workers, "workers_s_per_fold_epoch": round(s_w, 4),
+                 "workers_speedup": round(s_seq / s_w, 2),
+                 "projected_full_loso_min_workers": round(s_w * 68 * schedule_epochs / 60, 1),
+                 "workers_runs_s": [round(t, 2) for t in times["workers"]]}
     return {
         "network": name, "input": f"{kind}{'' if size is None else f' {size}'}",
         "folds": folds, "epochs_timed": epochs, "repeats": repeats,
@@ -100,6 +131,7 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
         "projected_full_loso_min_parallel": round(s_par * 68 * schedule_epochs / 60, 1),
         "projected_full_loso_min_sequential": round(s_seq * 68 * schedule_epochs / 60, 1),
         "seq_runs_s": [round(t, 2) for t in seq], "par_runs_s": [round(t, 2) for t in par],
+        **extra,
     }
 
 
@@ -109,16 +141,21 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"torch {env['torch']}; medians of the repeats; s per fold-epoch = wall time / "
         "(folds x epochs timed).",
         "",
-        "| network | input | folds | sequential s/fold-epoch | parallel s/fold-epoch | speed-up "
-        "| schedule | projected 68-fold run, parallel | sequential |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| network | input | folds | s/fold-epoch: sequential | vectorised (speed-up) "
+        "| worker processes (speed-up) | schedule | projected 68-fold run: sequential "
+        "| vectorised | workers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        w = r.get("workers_s_per_fold_epoch")
         lines.append(
             f"| {r['network']} | {r['input']} | {r['folds']} | {r['seq_s_per_fold_epoch']:.3f} "
-            f"| {r['par_s_per_fold_epoch']:.3f} | {r['speedup']:.2f}x | {r['schedule_epochs']} ep "
+            f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
+            + (f"| {w:.3f} ({r['workers_speedup']:.2f}x, {r['workers']} procs) " if w else "| - ")
+            + f"| {r['schedule_epochs']} ep "
+            f"| {r['projected_full_loso_min_sequential']:.0f} min "
             f"| {r['projected_full_loso_min_parallel']:.0f} min "
-            f"| {r['projected_full_loso_min_sequential']:.0f} min |")
+            + (f"| {r['projected_full_loso_min_workers']:.0f} min |" if w else "| - |"))
     return "\n".join(lines) + "\n"
 
 
@@ -145,9 +182,19 @@ def main(argv: list[str] | None = None) -> int:
            "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
            "cpu_count": os.cpu_count()}
     rows = []
-    for name in args.models:
-        rows.append(bench_network(name, data, args.folds, args.epochs, args.repeats,
-                                  args.device))
+    pool = None
+    if args.device == "cpu" and args.threads > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(args.threads)
+    try:
+        for name in args.models:
+            rows.append(bench_network(name, data, args.folds, args.epochs, args.repeats,
+                                      args.device, workers=args.threads, pool=pool))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     md = markdown(rows, env)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,8 @@ def cmd_loso(args) -> int:
     res = run_loso(data, cfg, run_dir, folds=folds, chunk_size=args.chunk_size,
                    device=args.device, checkpoint_every=args.checkpoint_every,
                    results_path=args.out, progress=lambda m: print(m, flush=True),
-                   invocation={"command": "python -m training " + " ".join(sys.argv[1:])})
+                   invocation={"command": "python -m training " + " ".join(sys.argv[1:])},
+                   workers=args.workers)
     print(f"honest  UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}  "
           f"({res['folds_run']} folds, {time.time() - t0:.0f} s this session)")
     lk = res["leaky_best_epoch"]
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--folds", help="N (first N folds) or a comma list of fold indices")
     sp.add_argument("--chunk-size", type=int, default=68,
                     help="folds trained together as one vectorised ensemble (default 68)")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="CPU worker processes sharing the folds, each with THREADS/WORKERS "
+                         "torch threads (default 1). On a CPU, small networks train fastest "
+                         "with --workers 2 --chunk-size 1 (docs/results/loso_bench.md)")
     sp.add_argument("--checkpoint-every", type=int, default=25,
                     help="epochs between resume checkpoints (default 25)")
     sp.set_defaults(func=cmd_loso)

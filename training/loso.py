@@ -13,6 +13,10 @@ so a fold's result does not depend on which folds share its chunk. Adam (and its
 acts element-wise, so one optimiser over the stacked parameters is exactly one optimiser per
 fold.
 
+On a CPU with few cores, vectorising pays only for the larger networks; small ones train
+faster as separate worker processes (``workers``), each running its share of the folds with
+its own threads. The folds are the same either way: a fold's seeds depend on its index only.
+
 Resume: the run directory holds ``config.json``, one ``fold_XX.json`` per finished fold and a
 checkpoint of the chunk in progress (saved every ``checkpoint_every`` epochs, read back with
 ``torch.load(weights_only=True)``). Rerunning the same command skips finished folds and
@@ -259,7 +263,15 @@ def train_models(
     # reproducible for a given chunk, but unlike init, batches and flips these draws are not
     # per fold (a fold's dropout masks depend on which folds share its chunk).
     torch.manual_seed(cfg.seed * 1_000_033 + int(fold_ids[0]))
-    train_fwd = vmap(fwd, in_dims=(0, 0, 0), randomness="different")
+    if n_models == 1:
+        # One model: call it directly on views of the stacked tensors (gradients and
+        # BatchNorm statistic updates reach the stacked state); vmap's per-call overhead
+        # would dominate a small network's step on a CPU.
+        def train_fwd(p, b, xb):
+            return fwd({k: v[0] for k, v in p.items()}, {k: v[0] for k, v in b.items()},
+                       xb[0]).unsqueeze(0)
+    else:
+        train_fwd = vmap(fwd, in_dims=(0, 0, 0), randomness="different")
 
     def predict(index: np.ndarray) -> torch.Tensor:
         base.eval()
@@ -337,12 +349,15 @@ def run_loso(
     results_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     invocation: dict | None = None,
+    workers: int = 1,
 ) -> dict:
     """Run (or resume) LOSO over ``data``'s subjects and return the results dict.
 
     folds: indices into ``data.subject_list`` to run (default: all; a subset gives a partial,
-    clearly marked result). chunk_size: folds trained together. The results are also written to
-    ``run_dir/results.json`` and, if given, ``results_path``.
+    clearly marked result). chunk_size: folds trained together. workers: CPU worker processes
+    that share the folds (and their nested epoch selection), each with
+    ``torch.get_num_threads() // workers`` threads; they print their own progress. The results
+    are also written to ``run_dir/results.json`` and, if given, ``results_path``.
     """
     say = progress or (lambda msg: log.info(msg))
     run_dir = Path(run_dir)
@@ -355,6 +370,11 @@ def run_loso(
         raise ValueError(f"fold index(es) {bad} outside 0..{len(subjects) - 1}")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    if workers > 1 and not str(device).startswith("cpu"):
+        raise ValueError("worker processes are for CPU runs; on a GPU the folds of a chunk "
+                         "already train at once (use --chunk-size)")
 
     config_doc = {"config": cfg.to_dict(), "n_samples": len(data), "subjects": subjects,
                   "format": RESULTS_FORMAT}
@@ -369,11 +389,134 @@ def run_loso(
     else:
         _atomic_write_json(cfg_path, config_doc)
 
-    test_idx = {f: np.flatnonzero(data.subjects == subjects[f]) for f in all_folds}
-    fold_file = lambda f: run_dir / f"fold_{f:02d}.json"  # noqa: E731
-    pending = [f for f in folds if not fold_file(f).exists()]
+    _check_training_sets(data, folds)
+    pending = [f for f in folds if not (run_dir / f"fold_{f:02d}.json").exists()]
     if len(pending) < len(folds):
         say(f"resuming: {len(folds) - len(pending)} of {len(folds)} folds already done")
+    t0 = time.perf_counter()
+    try:
+        if workers > 1:
+            _run_workers(data, cfg, run_dir, folds, pending, workers=workers,
+                         chunk_size=chunk_size, device=device,
+                         checkpoint_every=checkpoint_every, say=say)
+        else:
+            _train_outer_folds(data, cfg, run_dir, pending, chunk_size=chunk_size,
+                               device=device, checkpoint_every=checkpoint_every, say=say)
+        nested = None
+        if cfg.select_epochs == "nested":
+            nested = select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
+                                          device=device, progress=say)
+    finally:
+        # Wall-clock time of all training sessions of this run directory (an interrupted
+        # session counts too: its time was spent).
+        _add_elapsed(run_dir, time.perf_counter() - t0)
+    info = {"device": str(device), "chunk_size": chunk_size, "workers": workers,
+            **(invocation or {})}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+    return _collect(data, cfg, run_dir, folds, results_path, info, nested)
+
+
+def _check_training_sets(data: Megc3DB, folds: list[int]) -> None:
+    """Refuse, before any training, a fold whose training subjects lack a class."""
+    subjects = data.subject_list
+    for f in folds:
+        counts = np.bincount(data.y[data.subjects != subjects[f]], minlength=len(CLASS_NAMES))
+        if (counts == 0).any():
+            missing = [CLASS_NAMES[c] for c in np.flatnonzero(counts == 0)]
+            raise DatasetError(
+                f"fold {f} ({subjects[f]}): the training set has no sample of class(es) "
+                f"{missing}; a model cannot learn a class it never sees"
+            )
+
+
+def _add_elapsed(run_dir: Path, seconds: float) -> None:
+    path = run_dir / "elapsed.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"wall_s": 0.0, "sessions": 0}
+    doc["wall_s"] += seconds
+    doc["sessions"] += 1
+    _atomic_write_json(path, doc)
+
+
+def _elapsed(run_dir: Path) -> float | None:
+    path = run_dir / "elapsed.json"
+    return float(json.loads(path.read_text())["wall_s"]) if path.exists() else None
+
+
+def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
+                 pending: list[int], *, workers: int, chunk_size: int, device: str,
+                 checkpoint_every: int, say: Callable[[str], None]) -> None:
+    """Share the folds round robin among ``workers`` spawned processes. Each trains its
+    pending outer folds, then (nested) selects its folds' epochs; everything lands in the run
+    directory as per-fold files, so the parent only collects, and a rerun resumes."""
+    import multiprocessing
+
+    nested_todo = (_nested_todo(run_dir, folds) if cfg.select_epochs == "nested" else [])
+    threads = max(1, torch.get_num_threads() // workers)
+    shares = []
+    for w in range(workers):
+        mine = set(folds[w::workers])
+        outer = [f for f in pending if f in mine]
+        inner = [f for f in nested_todo if f in mine]
+        if outer or inner:
+            shares.append((outer, inner))
+    if not shares:
+        return
+    ctx = multiprocessing.get_context("spawn")  # fork after torch init is unsafe
+    procs = [ctx.Process(target=_worker_main, name=f"loso-worker-{i}",
+                         args=(i, data, cfg, str(run_dir), outer, inner, chunk_size, device,
+                               checkpoint_every, threads))
+             for i, (outer, inner) in enumerate(shares)]
+    say(f"{len(procs)} worker processes, {threads} torch thread(s) each")
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+        raise
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{', '.join(failed)} failed (the error is printed above); the "
+                           f"folds finished so far are kept in {run_dir}: rerun the same "
+                           "command to resume")
+
+
+def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, outer: list[int],
+                 inner: list[int], chunk_size: int, device: str, checkpoint_every: int,
+                 threads: int) -> None:
+    import sys
+
+    torch.set_num_threads(threads)
+
+    def say(msg: str) -> None:
+        print(f"[worker {worker}] {msg}", flush=True)
+
+    try:
+        _train_outer_folds(data, cfg, Path(run_dir), outer, chunk_size=chunk_size,
+                           device=device, checkpoint_every=checkpoint_every, say=say)
+        if inner:
+            select_epochs_nested(data, cfg, Path(run_dir), inner, chunk_size=chunk_size,
+                                 device=device, progress=say)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the parent reports which worker failed and how to resume
+        say(f"error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: list[int], *,
+                       chunk_size: int, device: str, checkpoint_every: int,
+                       say: Callable[[str], None]) -> None:
+    """Train and score the outer folds ``pending`` (``chunk_size`` at a time), writing
+    ``fold_XX.json`` for each and resuming a chunk from its checkpoint."""
+    subjects = data.subject_list
+    test_idx = {f: np.flatnonzero(data.subjects == subjects[f]) for f in pending}
+    fold_file = lambda f: run_dir / f"fold_{f:02d}.json"  # noqa: E731
 
     for c0 in range(0, len(pending), chunk_size):
         chunk = pending[c0:c0 + chunk_size]
@@ -438,15 +581,6 @@ def run_loso(
                 say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
         if ckpt_path.exists():
             ckpt_path.unlink()
-
-    nested = None
-    if cfg.select_epochs == "nested":
-        nested = select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
-                                      device=device, progress=say)
-    info = {"device": str(device), "chunk_size": chunk_size, **(invocation or {})}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name()
-    return _collect(data, cfg, run_dir, folds, results_path, info, nested)
 
 
 def _inner_groups(train_subjects: list[str], k: int) -> list[list[str]]:
@@ -521,33 +655,60 @@ def _choose(data: Megc3DB, jobs: list, preds: dict, key: int) -> tuple[list[int]
     return epochs, scores, best
 
 
+def _nested_file(run_dir: Path, fold: int) -> Path:
+    return Path(run_dir) / f"nested_{fold:02d}.json"
+
+
+def _nested_todo(run_dir: Path, folds: list[int]) -> list[int]:
+    """Folds whose nested epoch choice is not yet in the run directory."""
+    legacy = Path(run_dir) / "nested_epochs.json"  # one file for all folds (older runs)
+    done = set(json.loads(legacy.read_text())["chosen"]) if legacy.exists() else set()
+    return [f for f in folds if str(f) not in done and not _nested_file(run_dir, f).exists()]
+
+
 def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int], *,
                          chunk_size: int = 68, device: str = "cpu",
                          progress: Callable[[str], None] | None = None) -> dict:
     """For each outer fold, the evaluation epoch with the best pooled UF1 of an inner
     subject-wise CV over the fold's training subjects (earliest on ties). Uses only training
-    subjects' labels. Cached in ``run_dir/nested_epochs.json``."""
+    subjects' labels. Each fold's choice is cached in ``run_dir/nested_XX.json`` as soon as
+    its inner models are trained, so an interrupted selection resumes."""
     say = progress or log.info
-    cache = Path(run_dir) / "nested_epochs.json"
-    if cache.exists():
-        doc = json.loads(cache.read_text())
-        if all(str(f) in doc["chosen"] for f in folds):
-            return doc
+    run_dir = Path(run_dir)
     subjects = data.subject_list
-    jobs = []  # (outer fold, inner group, train idx, val idx)
+    todo = _nested_todo(run_dir, folds)
+    # Folds in groups whose inner models make about one vectorised chunk.
+    group = max(1, chunk_size // cfg.inner_folds)
+    for g0 in range(0, len(todo), group):
+        part = todo[g0:g0 + group]
+        jobs = []  # (outer fold, inner group, train idx, val idx)
+        for f in part:
+            jobs += _inner_jobs(data, cfg, f, [subjects[f]])
+        t0 = time.perf_counter()
+        preds = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
+        share = (time.perf_counter() - t0) / len(part)
+        for f in part:
+            epochs, scores, best = _choose(data, jobs, preds, f)
+            _atomic_write_json(_nested_file(run_dir, f), {
+                "fold": f, "chosen": epochs[best], "epochs": epochs,
+                "inner_uf1": [round(s[0], 4) for s in scores], "wall_s": share})
+        say(f"nested selection: epochs chosen for {min(g0 + group, len(todo))}/{len(todo)} "
+            "folds")
+    legacy = run_dir / "nested_epochs.json"
+    old = json.loads(legacy.read_text()) if legacy.exists() else None
+    chosen, curves, walls, epochs = {}, {}, [], None
     for f in folds:
-        jobs += _inner_jobs(data, cfg, f, [subjects[f]])
-    t0 = time.perf_counter()
-    preds = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
-    chosen, curves = {}, {}
-    for f in folds:
-        epochs, scores, best = _choose(data, jobs, preds, f)
-        chosen[str(f)] = epochs[best]
-        curves[str(f)] = [round(s[0], 4) for s in scores]
-    doc = {"chosen": chosen, "inner_uf1_curves": curves, "epochs": epochs,
-           "inner_folds": cfg.inner_folds, "wall_s": time.perf_counter() - t0}
-    _atomic_write_json(cache, doc)
-    return doc
+        if old is not None and str(f) in old["chosen"]:
+            chosen[str(f)] = old["chosen"][str(f)]
+            curves[str(f)] = old["inner_uf1_curves"][str(f)]
+            epochs = old["epochs"]
+            continue
+        rec = json.loads(_nested_file(run_dir, f).read_text())
+        chosen[str(f)], curves[str(f)], epochs = rec["chosen"], rec["inner_uf1"], rec["epochs"]
+        walls.append(rec["wall_s"])
+    wall = float(sum(walls)) + (float(old["wall_s"]) if old is not None else 0.0)
+    return {"chosen": chosen, "inner_uf1_curves": curves, "epochs": epochs,
+            "inner_folds": cfg.inner_folds, "wall_s": wall}
 
 
 def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
@@ -622,6 +783,9 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
                         "git_commit": git_commit(), "threads": torch.get_num_threads(),
                         **info},
         "wall_time_s": float(sum(wall.values())),
+        # Wall clock of the whole run (outer folds, nested selection, worker processes
+        # running side by side), summed over the sessions of a resumed run.
+        "total_wall_time_s": _elapsed(run_dir),
         "uf1": honest["uf1"],
         "uar": honest["uar"],
         "accuracy": honest["accuracy"],

@@ -90,6 +90,50 @@ def test_fold_result_independent_of_chunking(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_worker_processes_train_the_same_folds(tmp_path):
+    data = _synthetic()
+    serial = run_loso(data, CFG, tmp_path / "a", folds=[0, 1, 2], chunk_size=1)
+    parallel = run_loso(data, CFG, tmp_path / "b", folds=[0, 1, 2], chunk_size=1, workers=2)
+    a = np.array([p["probs"] for p in serial["predictions"]])
+    b = np.array([p["probs"] for p in parallel["predictions"]])
+    # Same seeds, same single thread per process: only summation order could differ.
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert parallel["environment"]["workers"] == 2
+    assert parallel["total_wall_time_s"] > 0
+
+
+NESTED = dataclasses.replace(CFG, select_epochs="nested", inner_folds=2)
+
+
+def test_nested_selection_in_workers_matches_serial_and_resumes(tmp_path):
+    data = _synthetic()
+    serial = run_loso(data, NESTED, tmp_path / "a", folds=[0, 1], chunk_size=1)
+    parallel = run_loso(data, NESTED, tmp_path / "b", folds=[0, 1], chunk_size=1, workers=2)
+    assert (parallel["nested_selection"]["chosen_epochs"]
+            == serial["nested_selection"]["chosen_epochs"])
+    assert ([p["pred"] for p in parallel["predictions"]]
+            == [p["pred"] for p in serial["predictions"]])
+    assert sorted(p.name for p in (tmp_path / "b").glob("nested_*.json")) == [
+        "nested_00.json", "nested_01.json"]
+    msgs: list[str] = []
+    again = run_loso(data, NESTED, tmp_path / "b", folds=[0, 1], chunk_size=1, workers=2,
+                     progress=msgs.append)
+    assert not any("worker" in m or "trained" in m for m in msgs)  # nothing retrained
+    assert again["uf1"] == parallel["uf1"]
+
+
+def test_worker_failure_is_reported_with_resume_hint(tmp_path):
+    data = _synthetic()
+    bad = dataclasses.replace(CFG, model_kwargs={"no_such_option": 1})
+    with pytest.raises(RuntimeError, match="rerun the same command to resume"):
+        run_loso(data, bad, tmp_path / "run", folds=[0, 1], chunk_size=1, workers=2)
+
+
+def test_workers_refused_on_gpu(tmp_path):
+    with pytest.raises(ValueError, match="worker processes are for CPU"):
+        run_loso(_synthetic(), CFG, tmp_path / "run", folds=[0], device="cuda", workers=2)
+
+
 def test_config_mismatch_refused(tmp_path):
     data = _synthetic()
     run_loso(data, CFG, tmp_path / "run", folds=[0])
