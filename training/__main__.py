@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from realtime_mer.errors import MerError
+    from training.loso import LosoWorkerError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -307,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a configuration that does not fit (resume, results, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LosoWorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished folds and checkpoints are kept; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

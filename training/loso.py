@@ -50,10 +50,14 @@ from training.models import create_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LosoConfig", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
+__all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
            "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs"]
 
 RESULTS_FORMAT = 1
+
+
+class LosoWorkerError(RuntimeError):
+    """A worker process of a parallel LOSO run failed (its own error was printed)."""
 
 
 @dataclass(frozen=True)
@@ -376,6 +380,9 @@ def run_loso(
         raise ValueError("worker processes are for CPU runs; on a GPU the folds of a chunk "
                          "already train at once (use --chunk-size)")
 
+    # Checked before the run directory records the configuration, so a fixed command reruns.
+    _check_training_sets(data, folds)
+    _check_model(data, cfg)
     config_doc = {"config": cfg.to_dict(), "n_samples": len(data), "subjects": subjects,
                   "format": RESULTS_FORMAT}
     cfg_path = run_dir / "config.json"
@@ -389,7 +396,6 @@ def run_loso(
     else:
         _atomic_write_json(cfg_path, config_doc)
 
-    _check_training_sets(data, folds)
     pending = [f for f in folds if not (run_dir / f"fold_{f:02d}.json").exists()]
     if len(pending) < len(folds):
         say(f"resuming: {len(folds) - len(pending)} of {len(folds)} folds already done")
@@ -428,6 +434,24 @@ def _check_training_sets(data: Megc3DB, folds: list[int]) -> None:
                 f"fold {f} ({subjects[f]}): the training set has no sample of class(es) "
                 f"{missing}; a model cannot learn a class it never sees"
             )
+
+
+def _check_model(data: Megc3DB, cfg: LosoConfig) -> None:
+    """Build the network and run it on two samples, so that a network name, options or input
+    kind that do not fit fail here, before any training (and not inside a worker)."""
+    try:
+        model = create_model(cfg.model, **cfg.model_kwargs).eval()
+        with torch.no_grad():
+            out = model(model_inputs(data.x[:2], cfg))
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"network {cfg.model!r} with options {cfg.model_kwargs} does not "
+                         f"accept input kind {cfg.input_kind!r} (size {cfg.input_size}): "
+                         f"{type(exc).__name__}: {exc}") from None
+    if tuple(out.shape) != (2, len(CLASS_NAMES)):
+        raise ValueError(f"network {cfg.model!r} gives outputs of shape {tuple(out.shape)[1:]}, "
+                         f"not ({len(CLASS_NAMES)},)")
 
 
 def _add_elapsed(run_dir: Path, seconds: float) -> None:
@@ -481,7 +505,7 @@ def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int]
         raise
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"{', '.join(failed)} failed (the error is printed above); the "
+        raise LosoWorkerError(f"{', '.join(failed)} failed (the error is printed above); the "
                            f"folds finished so far are kept in {run_dir}: rerun the same "
                            "command to resume")
 
@@ -523,7 +547,12 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
         ckpt_path = run_dir / f"chunk_{chunk[0]:02d}_{chunk[-1]:02d}.pt"
         state = None
         if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a damaged checkpoint costs its chunk, not the run
+                say(f"folds {chunk[0]}..{chunk[-1]}: checkpoint {ckpt_path.name} is unreadable "
+                    f"({type(exc).__name__}); training the chunk from the start")
+                state = {}
             if state.get("fold_ids") != chunk:
                 state = None
             else:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ import torch
 
 from realtime_mer.errors import DatasetError
 from training.data.megc3db import Megc3DB
-from training.loso import LosoConfig, hflip_maps, run_loso
+from training.loso import LosoConfig, LosoWorkerError, hflip_maps, run_loso
 
 torch.set_num_threads(1)
 
@@ -122,11 +127,56 @@ def test_nested_selection_in_workers_matches_serial_and_resumes(tmp_path):
     assert again["uf1"] == parallel["uf1"]
 
 
-def test_worker_failure_is_reported_with_resume_hint(tmp_path):
+def test_killed_worker_is_reported_and_the_rerun_completes_the_run(tmp_path):
+    """A worker killed mid-run (say by the OOM killer) fails the run with a resume hint;
+    rerunning the same call finishes it, with the same predictions as an uninterrupted run."""
+    data = _synthetic()
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        while True:
+            children = [c for c in multiprocessing.active_children()
+                        if c.name.startswith("loso-worker")]
+            if children:
+                time.sleep(0.5)  # still importing torch: spawn takes seconds
+                os.kill(children[0].pid, signal.SIGKILL)
+                killed.append(children[0].pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    with pytest.raises(LosoWorkerError, match="rerun the same command to resume"):
+        run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2, 3], chunk_size=1, workers=2)
+    killer.join(timeout=60)
+    assert killed
+    res = run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2, 3], chunk_size=1, workers=2)
+    ref = run_loso(data, CFG, tmp_path / "ref", folds=[0, 1, 2, 3], chunk_size=1)
+    np.testing.assert_allclose(np.array([p["probs"] for p in res["predictions"]]),
+                               np.array([p["probs"] for p in ref["predictions"]]), atol=1e-5)
+
+
+def test_network_that_does_not_fit_is_refused_before_the_run_dir_records_it(tmp_path):
     data = _synthetic()
     bad = dataclasses.replace(CFG, model_kwargs={"no_such_option": 1})
-    with pytest.raises(RuntimeError, match="rerun the same command to resume"):
-        run_loso(data, bad, tmp_path / "run", folds=[0, 1], chunk_size=1, workers=2)
+    with pytest.raises(ValueError, match="no_such_option"):
+        run_loso(data, bad, tmp_path / "run", folds=[0], workers=2)
+    assert not (tmp_path / "run" / "config.json").exists()
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        run_loso(data, dataclasses.replace(CFG, model="nope"), tmp_path / "run", folds=[0])
+    run_loso(data, CFG, tmp_path / "run", folds=[0])  # the fixed command runs in that dir
+
+
+def test_unreadable_checkpoint_restarts_its_chunk(tmp_path):
+    data = _synthetic()
+    run_dir = tmp_path / "run"
+    ref = run_loso(data, CFG, tmp_path / "ref", folds=[0])
+    run_dir.mkdir()
+    (run_dir / "chunk_00_00.pt").write_bytes(b"not a checkpoint")
+    msgs: list[str] = []
+    res = run_loso(data, CFG, run_dir, folds=[0], progress=msgs.append)
+    assert any("unreadable" in m for m in msgs)
+    assert [p["probs"] for p in res["predictions"]] == [p["probs"] for p in ref["predictions"]]
 
 
 def test_workers_refused_on_gpu(tmp_path):
