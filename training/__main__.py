@@ -107,6 +107,10 @@ def cmd_loso(args) -> int:
                    workers=args.workers)
     print(f"honest  UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}  "
           f"({res['folds_run']} folds, {time.time() - t0:.0f} s this session)")
+    if "nested_cv_ensemble" in res:
+        ens = res["nested_cv_ensemble"]
+        print(f"honest  CV ensemble ({ens['n_models']} models per fold)  UF1 {ens['uf1']:.4f}  "
+              f"UAR {ens['uar']:.4f}")
     lk = res["leaky_best_epoch"]
     print(f"LEAKY best-epoch-per-subject  UF1 {lk['uf1']:.4f}  UAR {lk['uar']:.4f}")
     for db, r in res["per_database"].items():

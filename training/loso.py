@@ -644,20 +644,30 @@ def _inner_jobs(data: Megc3DB, cfg: LosoConfig, key: int,
 
 
 def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
-                 device: str, say: Callable[[str], None]) -> dict:
-    """Train every inner model (vectorised, ``chunk_size`` at a time) and return
-    {(key, group): {epoch: validation predictions}}."""
+                 device: str, say: Callable[[str], None],
+                 test_of: dict[int, np.ndarray] | None = None) -> tuple[dict, dict]:
+    """Train every inner model (vectorised, ``chunk_size`` at a time). Returns
+    {(key, group): {epoch: validation predictions}} and, for the keys in ``test_of`` (outer
+    fold -> its test indices), {(key, group): {epoch: test probabilities}}: the inner models
+    also predict the outer test subject, for the CV ensemble (never used to choose)."""
+    test_of = test_of or {}
     preds: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    test_probs: dict[tuple[int, int], dict[int, np.ndarray]] = {}
     t0 = time.perf_counter()
     for c0 in range(0, len(jobs), chunk_size):
         chunk = jobs[c0:c0 + chunk_size]
-        width = max(len(j[3]) for j in chunk)
-        padded = np.stack([np.resize(j[3], width) for j in chunk])
+        rows = [np.concatenate([j[3], test_of.get(j[0], np.empty(0, np.int64))]) for j in chunk]
+        width = max(len(r) for r in rows)
+        padded = np.stack([np.resize(r, width) for r in rows])
 
         def hook(epoch: int, predict, chunk=chunk, padded=padded) -> None:
             probs = predict(padded)
             for m, (f, g, _, val) in enumerate(chunk):
                 preds.setdefault((f, g), {})[epoch] = probs[m, :len(val)].argmax(-1).numpy()
+                if f in test_of:
+                    n_test = len(test_of[f])
+                    test_probs.setdefault((f, g), {})[epoch] = \
+                        probs[m, len(val):len(val) + n_test].numpy()
 
         # Seeds distinct from the outer folds' (which use 0..67) and the full model's (68).
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
@@ -665,7 +675,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
                      eval_hook=hook)
         say(f"nested selection: {min(c0 + chunk_size, len(jobs))}/{len(jobs)} inner models "
             f"trained  {time.perf_counter() - t0:.0f} s")
-    return preds
+    return preds, test_probs
 
 
 def _choose(data: Megc3DB, jobs: list, preds: dict, key: int) -> tuple[list[int], list, list]:
@@ -714,18 +724,26 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
         for f in part:
             jobs += _inner_jobs(data, cfg, f, [subjects[f]])
         t0 = time.perf_counter()
-        preds = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
+        test_of = {f: np.flatnonzero(data.subjects == subjects[f]) for f in part}
+        preds, test_probs = _train_inner(data, cfg, jobs, chunk_size=chunk_size,
+                                         device=device, say=say, test_of=test_of)
         share = (time.perf_counter() - t0) / len(part)
         for f in part:
             epochs, scores, best = _choose(data, jobs, preds, f)
+            # The inner models' mean prediction of the test subject at the chosen epoch
+            # (the chosen epoch only: other epochs would invite a leaky choice).
+            inner_mean = np.mean([test_probs[(f, g)][epochs[best]]
+                                  for g in range(cfg.inner_folds)], axis=0)
             _atomic_write_json(_nested_file(run_dir, f), {
                 "fold": f, "chosen": epochs[best], "epochs": epochs,
-                "inner_uf1": [round(s[0], 4) for s in scores], "wall_s": share})
+                "inner_uf1": [round(s[0], 4) for s in scores], "wall_s": share,
+                "test_indices": test_of[f].tolist(),
+                "inner_test_probs_mean": np.round(inner_mean, 6).tolist()})
         say(f"nested selection: epochs chosen for {min(g0 + group, len(todo))}/{len(todo)} "
             "folds")
     legacy = run_dir / "nested_epochs.json"
     old = json.loads(legacy.read_text()) if legacy.exists() else None
-    chosen, curves, walls, epochs = {}, {}, [], None
+    chosen, curves, walls, epochs, inner_probs = {}, {}, [], None, {}
     for f in folds:
         if old is not None and str(f) in old["chosen"]:
             chosen[str(f)] = old["chosen"][str(f)]
@@ -735,9 +753,13 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
         rec = json.loads(_nested_file(run_dir, f).read_text())
         chosen[str(f)], curves[str(f)], epochs = rec["chosen"], rec["inner_uf1"], rec["epochs"]
         walls.append(rec["wall_s"])
+        if "inner_test_probs_mean" in rec:
+            inner_probs[str(f)] = rec["inner_test_probs_mean"]
     wall = float(sum(walls)) + (float(old["wall_s"]) if old is not None else 0.0)
     return {"chosen": chosen, "inner_uf1_curves": curves, "epochs": epochs,
-            "inner_folds": cfg.inner_folds, "wall_s": wall}
+            "inner_folds": cfg.inner_folds, "wall_s": wall,
+            # complete only when every fold has it (runs older than the CV ensemble lack it)
+            "inner_test_probs_mean": inner_probs if len(inner_probs) == len(folds) else None}
 
 
 def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
@@ -755,7 +777,7 @@ def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
     key = len(subjects)
     jobs = _inner_jobs(data, cfg, key, [])
     t0 = time.perf_counter()
-    preds = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
+    preds, _ = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
     epochs, scores, best = _choose(data, jobs, preds, key)
     return {
         "rule": NESTED_RULE.format(k=cfg.inner_folds),
@@ -770,12 +792,28 @@ def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
     }
 
 
+def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) -> dict:
+    pred = probs.argmax(-1)
+    r = evaluate(y_true, pred)
+    return {
+        "description": (f"honest: per fold, the mean probability of the outer model and the "
+                        f"{k} inner models of its nested selection, all at the chosen epoch "
+                        "(no test label used)"),
+        "n_models": k + 1,
+        "uf1": r["uf1"], "uar": r["uar"], "accuracy": r["accuracy"],
+        "confusion_matrix": r["confusion_matrix"],
+        "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
+                         for db, d in per_database(y_true, pred, dbs).items()},
+        "probs": np.round(probs, 6).tolist(),
+    }
+
+
 def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
              results_path, info: dict, nested: dict | None = None) -> dict:
     subjects = data.subject_list
     y_true, y_pred, idx_all, probs_all = [], [], [], []
     leaky_pred, leaky_epochs, wall = [], {}, {}
-    final_pred = []
+    final_pred, ensemble_probs = [], []
     for f in folds:
         doc = json.loads((run_dir / f"fold_{f:02d}.json").read_text())
         idx = doc["indices"]
@@ -785,6 +823,12 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
             entry = next(h for h in doc["history"] if h["epoch"] == nested["chosen"][str(f)])
             y_pred += entry["pred"]
             probs_all += entry["probs"]
+            if nested.get("inner_test_probs_mean") is not None:
+                # CV ensemble: the outer model and the k inner models, equal weights.
+                k = nested["inner_folds"]
+                ens = (np.asarray(entry["probs"])
+                       + k * np.asarray(nested["inner_test_probs_mean"][str(f)])) / (k + 1)
+                ensemble_probs.append(ens)
         else:
             y_pred += doc["pred"]
             probs_all += doc["probs"]
@@ -832,6 +876,9 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
             "fixed_final_epoch_same_run": {
                 k: evaluate(y_true, final_pred)[k] for k in ("uf1", "uar", "accuracy")},
         }}),
+        **({} if len(ensemble_probs) != len(folds) or not folds else {
+            "nested_cv_ensemble": _ensemble_block(np.concatenate(ensemble_probs), y_true, dbs,
+                                                  nested["inner_folds"])}),
         "leaky_best_epoch": {
             "WARNING": "LEAKY, paper-comparable only: each test subject's epoch was chosen by "
                        "looking at that subject's labels. Not an estimate of performance.",

@@ -127,6 +127,36 @@ def test_nested_selection_in_workers_matches_serial_and_resumes(tmp_path):
     assert again["uf1"] == parallel["uf1"]
 
 
+def test_cv_ensemble_averages_the_outer_and_the_retrained_inner_models(tmp_path):
+    """The ensemble's probabilities are the mean of the outer model and the inner models at
+    the chosen epoch; the inner models are rebuilt here from their documented seed ids and
+    training sets, independently of the runner's bookkeeping."""
+    from training.loso import _inner_jobs, train_models
+
+    data = _synthetic()
+    res = run_loso(data, NESTED, tmp_path / "run", folds=[0, 1], chunk_size=1)
+    ens = res["nested_cv_ensemble"]
+    assert ens["n_models"] == NESTED.inner_folds + 1
+    outer = np.array([p["probs"] for p in res["predictions"]])
+    k = NESTED.inner_folds
+    offset = 0
+    for f in (0, 1):
+        chosen = res["nested_selection"]["chosen_epochs"][data.subject_list[f]]
+        test = np.flatnonzero(data.subjects == data.subject_list[f])
+        inner = []
+        for key, g, train, _ in _inner_jobs(data, NESTED, f, [data.subject_list[f]]):
+            cfg = dataclasses.replace(NESTED, epochs=chosen)
+            (model,), _ = train_models(data.x, data.y, [train], cfg, [10_000 + key * k + g])
+            with torch.no_grad():
+                inner.append(torch.softmax(model(torch.as_tensor(
+                    (data.x[test] - 0.5) / 0.5)), -1).numpy())
+        want = (outer[offset:offset + len(test)] + np.sum(inner, axis=0)) / (k + 1)
+        got = np.array(ens["probs"][offset:offset + len(test)])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        offset += len(test)
+    assert 0.0 <= ens["uf1"] <= 1.0 and set(ens["per_database"]) == {"casme2"}
+
+
 def test_killed_worker_is_reported_and_the_rerun_completes_the_run(tmp_path):
     """A worker killed mid-run (say by the OOM killer) fails the run with a resume hint;
     rerunning the same call finishes it, with the same predictions as an uninterrupted run."""
