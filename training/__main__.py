@@ -164,9 +164,10 @@ def cmd_export(args) -> int:
         print("note: no complete LOSO results file in docs/results matches this schedule; the "
               "manifest will quote no LOSO score (run `python -m training loso` first)",
               file=sys.stderr)
-    out = args.out or str(REPO_ROOT / "engines" / f"{cfg.model}_3db.onnx")
+    name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if args.ensemble else cfg.model
+    out = args.out or str(REPO_ROOT / "engines" / f"{name}_3db.onnx")
     info = export_default(data, cfg, out, loso_results=loso_results,
-                          weights=args.weights, device=args.device,
+                          weights=args.weights, device=args.device, ensemble=args.ensemble,
                           progress=lambda m: print(m, flush=True))
     print(json.dumps(info, indent=1))
     return 0
@@ -256,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "ONNX + manifest")
     common(sp)
     sp.add_argument("--out", default=None,
-                    help="engine path (default engines/<model>_3db.onnx); the manifest is "
+                    help="engine path (default engines/<model>_3db.onnx, "
+                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble); the manifest is "
                          "written beside it as <out>.json")
+    sp.add_argument("--ensemble", action="store_true",
+                    help="export the CV ensemble (nested only): the full model and the inner "
+                         "models of its epoch selection, probabilities averaged; quotes the "
+                         "LOSO run's nested_cv_ensemble score")
     sp.add_argument("--loso-results", default=None,
                     help="LOSO results file (same schedule and epoch selection; refused "
                          "otherwise) whose honest UF1/UAR go into the manifest (default: the "

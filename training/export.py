@@ -28,16 +28,35 @@ import torch
 
 from realtime_mer.runtime import sha256_file
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.loso import (LosoConfig, git_commit, model_inputs, select_epochs_full,
-                           train_models)
+from training.loso import (LosoConfig, _inner_jobs, git_commit, model_inputs,
+                           select_epochs_full, train_models)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_full", "fit_full", "save_weights", "load_weights", "load_selection",
+__all__ = ["ProbabilityAverage", "train_full", "fit_full", "save_weights", "load_weights", "load_selection",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
 
 INPUT_NAME = "maps"
 OUTPUT_NAME = "logits"
+
+
+class ProbabilityAverage(torch.nn.Module):
+    """Equal-weight average of its members' class probabilities, returned as log-probabilities:
+    logits whose softmax is that average, so an ensemble engine is used like any other."""
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=-1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+ENSEMBLE_RULE = ("CV ensemble: the model trained on all samples and the {k} inner models of "
+                 "its nested epoch selection (each trained on the other inner groups), all for "
+                 "the chosen epoch count, class probabilities averaged with equal weights; the "
+                 "LOSO score quoted is the same construction per fold (nested_cv_ensemble)")
 
 
 def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
@@ -61,13 +80,17 @@ def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
 
 
 def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size: int = 68,
-             progress: Callable[[str], None] | None = None
+             progress: Callable[[str], None] | None = None, ensemble: bool = False
              ) -> tuple[torch.nn.Module, dict | None]:
     """The product's training protocol: with ``cfg.select_epochs == "nested"`` the epoch count
     is chosen by :func:`select_epochs_full` (inner CV over all subjects), then the model is
-    trained on all samples for that count; with "fixed" for ``cfg.epochs``. Returns the model
-    and the selection record (None for fixed)."""
+    trained on all samples for that count; with "fixed" for ``cfg.epochs``. ``ensemble``
+    (nested only): return the CV ensemble (:class:`ProbabilityAverage` of the full model and
+    the inner models). Returns the model and the selection record (None for fixed)."""
     say = progress or log.info
+    if ensemble and cfg.select_epochs != "nested":
+        raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
+                         "models: use --select-epochs nested")
     selection = None
     epochs = cfg.epochs
     if cfg.select_epochs == "nested":
@@ -78,7 +101,21 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
             + ", ".join(f"{e}:{u:.4f}" for e, u in zip(selection["candidate_epochs"],
                                                          selection["inner_uf1"]))
             + f"; chosen {epochs} epochs ({selection['wall_s']:.0f} s)")
-    return train_full(data, cfg, device=device, progress=say, epochs=epochs), selection
+    model = train_full(data, cfg, device=device, progress=say, epochs=epochs)
+    if not ensemble:
+        return model, selection
+    # The inner models again, from their seeds, stopped at the chosen epoch count (the
+    # selection kept only their validation predictions).
+    key = len(data.subject_list)
+    jobs = _inner_jobs(data, cfg, key, [])
+    say(f"CV ensemble: training the {len(jobs)} inner models for {epochs} epochs")
+    inner, _ = train_models(data.x, data.y, [j[2] for j in jobs],
+                            dataclasses.replace(cfg, epochs=epochs),
+                            [10_000 + key * cfg.inner_folds + g for _, g, _, _ in jobs],
+                            device=device)
+    selection = {**selection, "ensemble": {"members": 1 + len(inner),
+                                           "rule": ENSEMBLE_RULE.format(k=len(inner))}}
+    return ProbabilityAverage([model, *inner]).eval(), selection
 
 
 def save_weights(model: torch.nn.Module, cfg: LosoConfig, path: str | Path,
@@ -140,7 +177,7 @@ def check_export(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray) -
 
 def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                    loso_results: str | Path | None = None, weights: str | Path | None = None,
-                   device: str = "cpu",
+                   device: str = "cpu", ensemble: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Train on all of ``data`` (or load ``weights``), export ONNX to ``out``, write
     ``<out>.json``, verify the export on the real maps; returns the manifest dict."""
@@ -150,6 +187,11 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     from realtime_mer.runtime.manifest import Manifest
 
     say = progress or log.info
+    if weights and ensemble:
+        raise ValueError("--ensemble trains its members here; it cannot start from --weights")
+    if ensemble and cfg.select_epochs != "nested":
+        raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
+                         "models: use --select-epochs nested")
     if weights:
         model, cfg = load_weights(weights)
         selection = load_selection(weights)
@@ -163,9 +205,12 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     if loso_results and Path(loso_results).is_file():
         loso_doc = json.loads(Path(loso_results).read_text())
         check_loso_results(loso_doc, cfg, str(loso_results))
+        if ensemble and "nested_cv_ensemble" not in loso_doc:
+            raise ValueError(f"{loso_results} holds no nested_cv_ensemble score to quote for "
+                             "an ensemble engine (it predates the CV ensemble; rerun the LOSO)")
     if not weights:
         t0 = time.perf_counter()
-        model, selection = fit_full(data, cfg, device=device, progress=say)
+        model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble)
         say(f"trained on {len(data)} samples in {time.perf_counter() - t0:.0f} s")
     epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
@@ -179,7 +224,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
 
     loso = None
     if loso_doc is not None:
-        loso = _loso_block(loso_doc, cfg, loso_results)
+        loso = _loso_block(loso_doc, cfg, loso_results, ensemble=ensemble)
     if selection is not None:
         epoch_selection = {"mode": "nested", **selection}
     else:
@@ -202,7 +247,9 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                   # nested; the model was trained for "epochs_trained".
                   "schedule": {**cfg.to_dict(), "epochs_trained": epochs_trained,
                                "epoch_selection": epoch_selection},
-                  "train_accuracy": train_acc, "git_commit": git_commit()},
+                  "train_accuracy": train_acc, "git_commit": git_commit(),
+                  **({"ensemble": selection["ensemble"]}
+                     if selection is not None and "ensemble" in selection else {})},
         loso=loso,
         sha256=sha256_file(out),
         versions={"torch": torch.__version__, "onnx": onnx.__version__,
@@ -265,8 +312,12 @@ def _cite(path) -> str:
         return p.name
 
 
-def _loso_block(r: dict, cfg: LosoConfig, path) -> dict:
+def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
     n = r.get("dataset", {}).get("n_subjects", "all")
+    if ensemble:
+        ens = r["nested_cv_ensemble"]
+        single = {"single_model_uf1": r["uf1"], "single_model_uar": r["uar"]}
+        r = {**r, "uf1": ens["uf1"], "uar": ens["uar"], "accuracy": ens["accuracy"]}
     leaky = {"leaky_best_epoch_uf1": r["leaky_best_epoch"]["uf1"],
              "leaky_best_epoch_uar": r["leaky_best_epoch"]["uar"],
              "leaky_warning": "LEAKY, paper-comparable only: each test subject's epoch chosen "
@@ -277,7 +328,10 @@ def _loso_block(r: dict, cfg: LosoConfig, path) -> dict:
         return {
             "protocol": f"LOSO, {n} subjects, pooled; each fold's epoch count chosen by nested "
                         "subject-wise CV on its training subjects only (honest) -- the rule "
-                        "that chose this engine's epoch count",
+                        "that chose this engine's epoch count"
+                        + ("; scored as the CV ensemble of the outer and inner models, like "
+                           "this engine" if ensemble else ""),
+            **(single if ensemble else {}),
             "uf1": r["uf1"], "uar": r["uar"], "accuracy": r.get("accuracy"),
             "complete": r.get("complete"), "results_file": _cite(path),
             "median_chosen_epochs": ns.get("median_epochs"),

@@ -125,6 +125,47 @@ def test_export_nested_manifest(tmp_path):
     assert m["export_check"]["min_cosine"] >= 0.99 and m["export_check"]["argmax_equal"]
 
 
+def test_cv_ensemble_engine_is_the_mean_of_its_members_and_quotes_the_ensemble_score(tmp_path):
+    from realtime_mer.runtime import load_engine
+    from training.export import train_full
+    from training.loso import _inner_jobs, run_loso, train_models
+
+    data = _noisy()
+    cfg = dataclasses.replace(NESTED, epochs=4)
+    res = run_loso(data, cfg, tmp_path / "run", results_path=tmp_path / "loso.json")
+    m = export_default(data, cfg, tmp_path / "cv.onnx", loso_results=tmp_path / "loso.json",
+                       ensemble=True)
+    assert m["training"]["ensemble"]["members"] == cfg.inner_folds + 1
+    assert m["loso"]["uf1"] == res["nested_cv_ensemble"]["uf1"]
+    assert m["loso"]["single_model_uf1"] == res["uf1"]
+    assert "CV ensemble" in m["loso"]["protocol"]
+    # The members rebuilt independently from their documented seeds and training sets.
+    epochs = m["training"]["schedule"]["epochs_trained"]
+    members = [train_full(data, cfg, epochs=epochs)]
+    key = len(data.subject_list)
+    for _, g, train, _ in _inner_jobs(data, cfg, key, []):
+        (inner,), _ = train_models(data.x, data.y, [train],
+                                   dataclasses.replace(cfg, epochs=epochs),
+                                   [10_000 + key * cfg.inner_folds + g])
+        members.append(inner)
+    x = torch.as_tensor((data.x - 0.5) / 0.5)
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(mm(x), -1) for mm in members]).mean(0).numpy()
+    got = load_engine(tmp_path / "cv.onnx", backend="onnxruntime").predict(data.x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cv_ensemble_needs_nested_selection_and_an_ensemble_score(tmp_path):
+    fixed = LosoConfig(epochs=2, batch_size=8, lr=5e-3)
+    with pytest.raises(ValueError, match="--select-epochs nested"):
+        export_default(_noisy(), fixed, tmp_path / "e.onnx", loso_results=None, ensemble=True)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(_results(NESTED)))  # no nested_cv_ensemble
+    with pytest.raises(ValueError, match="no nested_cv_ensemble"):
+        export_default(_noisy(), NESTED, tmp_path / "e.onnx", loso_results=path, ensemble=True)
+    assert not (tmp_path / "e.onnx").exists()
+
+
 def test_colour_input_engine_is_fed_like_training(tmp_path):
     """An engine trained on the colour-coded image (MJFN) declares its input kind; the runtime,
     given the plain (u, v, strain) maps, builds the same input as training did."""
