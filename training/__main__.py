@@ -134,15 +134,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-def default_loso_results(cfg, results_dir: Path | None = None) -> Path | None:
+def default_loso_results(cfg, results_dir: Path | None = None,
+                         ensemble: bool = False) -> Path | None:
     """The complete LOSO results file in docs/results made with exactly this schedule and
-    epoch selection (the one a manifest may quote), or None."""
+    epoch selection (the one a manifest may quote; for an ensemble, one that scored the CV
+    ensemble), or None."""
     from training.export import check_loso_results
 
     for path in sorted((results_dir or REPO_ROOT / "docs" / "results").glob("*.json")):
         try:
             doc = json.loads(path.read_text())
             if not (doc.get("complete") and "uf1" in doc):
+                continue
+            if ensemble and "nested_cv_ensemble" not in doc:
                 continue
             check_loso_results(doc, cfg, str(path))
         except (ValueError, TypeError, KeyError):
@@ -159,7 +163,7 @@ def cmd_export(args) -> int:
     data = load_megc3db(args.data)
     cfg = _config(args)
     loso_results = (args.loso_results if args.loso_results is not None
-                    else default_loso_results(cfg))
+                    else default_loso_results(cfg, ensemble=args.ensemble))
     if loso_results is None:
         print("note: no complete LOSO results file in docs/results matches this schedule; the "
               "manifest will quote no LOSO score (run `python -m training loso` first)",

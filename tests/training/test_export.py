@@ -203,3 +203,8 @@ def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
     assert default_loso_results(fixed, tmp_path).name == "b_fixed.json"
     assert default_loso_results(dataclasses.replace(fixed, lr=0.1), tmp_path) is None
     assert default_loso_results(dataclasses.replace(fixed, model="ahmsa"), tmp_path) is None
+    # An ensemble engine needs a run that scored the CV ensemble.
+    assert default_loso_results(NESTED, tmp_path, ensemble=True) is None
+    (tmp_path / "e_nested_ens.json").write_text(json.dumps(
+        {**_results(NESTED), "nested_cv_ensemble": {"uf1": 0.72, "uar": 0.73}}))
+    assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
