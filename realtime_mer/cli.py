@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", type=Path, default=None, metavar="FILE",
                         help="engine file with its .json manifest beside it (default: the "
-                             "shipped engines/ststnet_3db.onnx, or $MER_ENGINE)")
+                             "shipped engines/ststnet_cv6_3db.onnx, or $MER_ENGINE)")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "onnxruntime", "torch", "tensorrt"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
