@@ -1,11 +1,16 @@
 """Benchmark of `mer analyze` on the real videos: per-stage median and p95 milliseconds and the
 overall frames per second, compared with each video's own frame rate.
 
-    python benchmarks/pipeline.py [--repeats 3] [--out docs/BENCHMARK_PIPELINE.md]
+    python benchmarks/pipeline.py [--repeats 3] [--engines engines/*.onnx] [--out docs/BENCHMARK_PIPELINE.md]
 
 Each video is analysed --repeats times in this one run; the table reports the median over
 repeats of each stage's per-frame median/p95, and the median throughput. Videos come from
 ../shared/media (or $MER_SHARED/media).
+
+A second table times the engines (every engine in engines/ with its manifest, or --engines)
+side by side on the same real 3DB maps, one event at a time, calls interleaved round robin so
+that a noisy shared machine slows them alike; the ratio to the default engine is taken within
+this run.
 """
 
 from __future__ import annotations
@@ -80,6 +85,56 @@ def run(repeats: int) -> list[dict]:
     return rows
 
 
+def shared_maps(n: int) -> "np.ndarray":
+    """The first n real 3DB maps (the events an engine sees in the pipeline are maps like these)."""
+    import numpy as np
+
+    from training.data.megc3db import load_megc3db
+
+    root = Path(os.environ.get("MER_SHARED", REPO.parent / "shared")) / "data" / "megc2019_3db"
+    return np.asarray(load_megc3db(root).x[:n], dtype=np.float32)
+
+
+def time_engines(paths: list[Path], calls: int) -> list[dict]:
+    """Per-event engine latency (predict on one map), engines interleaved call by call."""
+    engines = [load_engine(p) for p in paths]
+    maps = shared_maps(calls)
+    for engine in engines:  # warm-up: first calls allocate and pick kernels
+        for m in maps[:5]:
+            engine.predict(m[None])
+    times: list[list[float]] = [[] for _ in engines]
+    for m in maps:
+        for k, engine in enumerate(engines):
+            t0 = time.perf_counter()
+            engine.predict(m[None])
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    default = default_engine_path().resolve()
+    base = next((statistics.median(t) for p, t in zip(paths, times) if p.resolve() == default),
+                None)
+    rows = []
+    for p, engine, t in zip(paths, engines, times):
+        med = statistics.median(t)
+        rows.append({"engine": p.name, "bytes": p.stat().st_size,
+                     "members": (engine.manifest.training.get("ensemble") or {}).get("members", 1),
+                     "loso_uf1": (engine.manifest.loso or {}).get("uf1"),
+                     "median_ms": med, "p95_ms": sorted(t)[int(0.95 * (len(t) - 1))],
+                     "calls": len(t), "x_default": med / base if base else None,
+                     "default": p.resolve() == default})
+    return rows
+
+
+def engine_table(rows: list[dict]) -> str:
+    lines = ["| engine | bytes | networks | honest LOSO UF1 | median ms / event | p95 ms | × default |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['engine']}** (default)" if r["default"] else r["engine"]
+        uf1 = f"{r['loso_uf1']:.4f}" if r["loso_uf1"] is not None else "-"
+        ratio = f"{r['x_default']:.2f}" if r["x_default"] is not None else "-"
+        lines.append(f"| {name} | {r['bytes']:,} | {r['members']} | {uf1} | "
+                     f"{r['median_ms']:.3f} | {r['p95_ms']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ["video", "size", "frames", "face", "events", "fps", "× real time"] + [
         f"{s} med/p95 ms" for s in STAGES]
@@ -97,23 +152,41 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", type=Path, nargs="*", default=None, metavar="FILE",
+                        help="engines to time side by side (default: every engine in engines/ "
+                             "with a manifest)")
+    parser.add_argument("--calls", type=int, default=200,
+                        help="events (real 3DB maps) per engine in the engine table")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     args = parser.parse_args()
+    engine_paths = args.engines if args.engines is not None else sorted(
+        p for p in (REPO / "engines").glob("*.onnx") if p.with_name(p.name + ".json").exists())
     started = time.time()
     rows = run(args.repeats)
     text = table(rows)
     print(text)
+    engine_rows = time_engines(engine_paths, args.calls) if engine_paths else []
+    engines_text = engine_table(engine_rows) if engine_rows else ""
+    engines_arg = (" --engines " + " ".join(str(p) for p in args.engines)) if args.engines else ""
+    print(engines_text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             "# Pipeline benchmark (`mer analyze` on the real videos)\n\n"
             f"Machine: {machine()}. Command: `python benchmarks/pipeline.py --repeats "
-            f"{args.repeats} --out {args.out}`; {time.strftime('%Y-%m-%d')}, "
+            f"{args.repeats} --calls {args.calls}{engines_arg} --out {args.out}`; "
+            f"{time.strftime('%Y-%m-%d')}, "
             f"{time.time() - started:.0f} s.\n\nPer-stage milliseconds per frame are the median "
             "over repeats of each run's median and 95th percentile (features and engine run "
             "once per event, not per frame); fps is whole-run frames per second including "
-            "decoding, × real time is fps over the video's own frame rate.\n\n" + text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+            "decoding, × real time is fps over the video's own frame rate. The pipeline uses "
+            f"the default engine, `{default_engine_path().name}`.\n\n" + text + "\n\n"
+            "## Engines side by side (ONNX Runtime, one event = one map, "
+            f"{args.calls} real 3DB maps, calls interleaved)\n\n" + engines_text + "\n\n"
+            "The per-frame stages do not use the engine, so frames per second do not depend on "
+            "it; an event's engine call is a fraction of a percent of its flow features.\n")
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"videos": rows, "engines": engine_rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
