@@ -35,9 +35,12 @@ VIDEOS = ("WolfgangLanger_Pexels.mp4", "single_face.mp4", "face_noface.mov", "no
 STAGES = ("decode", "face", "buffer", "spotting", "features", "engine")
 
 
+def shared_root() -> Path:
+    return Path(os.environ.get("MER_SHARED", REPO.parent / "shared"))
+
+
 def shared_media() -> Path:
-    root = Path(os.environ.get("MER_SHARED", REPO.parent / "shared"))
-    media = root / "media"
+    media = shared_root() / "media"
     if not media.is_dir():
         sys.exit(f"benchmark needs the real videos in {media} (set MER_SHARED)")
     return media
@@ -91,8 +94,7 @@ def shared_maps(n: int) -> "np.ndarray":
 
     from training.data.megc3db import load_megc3db
 
-    root = Path(os.environ.get("MER_SHARED", REPO.parent / "shared")) / "data" / "megc2019_3db"
-    return np.asarray(load_megc3db(root).x[:n], dtype=np.float32)
+    return np.asarray(load_megc3db(shared_root() / "data" / "megc2019_3db").x[:n], np.float32)
 
 
 def time_engines(paths: list[Path], calls: int) -> list[dict]:
@@ -109,17 +111,17 @@ def time_engines(paths: list[Path], calls: int) -> list[dict]:
             engine.predict(m[None])
             times[k].append((time.perf_counter() - t0) * 1e3)
     default = default_engine_path().resolve()
-    base = next((statistics.median(t) for p, t in zip(paths, times) if p.resolve() == default),
-                None)
+    medians = [statistics.median(t) for t in times]
+    is_default = [p.resolve() == default for p in paths]
+    base = next((m for m, d in zip(medians, is_default) if d), None)
     rows = []
-    for p, engine, t in zip(paths, engines, times):
-        med = statistics.median(t)
+    for p, engine, t, med, d in zip(paths, engines, times, medians, is_default):
         rows.append({"engine": p.name, "bytes": p.stat().st_size,
                      "members": (engine.manifest.training.get("ensemble") or {}).get("members", 1),
                      "loso_uf1": (engine.manifest.loso or {}).get("uf1"),
                      "median_ms": med, "p95_ms": sorted(t)[int(0.95 * (len(t) - 1))],
                      "calls": len(t), "x_default": med / base if base else None,
-                     "default": p.resolve() == default})
+                     "default": d})
     return rows
 
 
