@@ -30,7 +30,7 @@ __all__ = [
     "MIDDLEBURY_NCOLS", "colour_wheel", "colour_coded_flow", "flow_direction_from_colour",
     "magnify_flow", "magnify_frame", "au_region_mask", "mcnet_input", "five_region_windows",
     "five_region_crop", "flow_stack", "clip_layout", "uv_from_3db_map", "NETWORK_INPUT_KINDS",
-    "network_inputs",
+    "LANDMARK_KINDS", "INPUT_OPTIONS", "hflip_landmarks", "network_inputs",
 ]
 
 # Hue segments of the Middlebury colour wheel (Baker et al., IJCV 2011): red→yellow 15,
@@ -449,32 +449,107 @@ def uv_from_3db_map(map28: np.ndarray, zero: str = "median") -> tuple[np.ndarray
 
 
 # What a network can be fed from the (u, v, strain) maps that both the 3DB files and the live
-# pipeline produce: the maps themselves, or the colour-coded flow image (MJFN, MCNet's base).
-NETWORK_INPUT_KINDS = ("map28", "colour")
+# pipeline produce: the maps themselves, AHMSA-Net's five-region recombination of them, the
+# colour-coded flow image (MJFN), or MCNet's magnified, AU-weighted colour image. The last two
+# of the four are built from the face's five landmarks (LANDMARK_KINDS).
+NETWORK_INPUT_KINDS = ("map28", "regions5", "colour", "mcnet")
+LANDMARK_KINDS = ("regions5", "mcnet")
+# The options a kind accepts (``network_inputs(..., options=...)``), with their defaults.
+INPUT_OPTIONS = {
+    "map28": {},
+    "regions5": {},
+    "colour": {},
+    "mcnet": {"use_omam": True, "use_oaum": True, "alpha": 2.0},
+}
+
+# Mirroring a face swaps its left and right points: eyes (0, 1) and mouth corners (3, 4).
+_MIRROR_ORDER = (1, 0, 2, 4, 3)
 
 
-def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = None) -> np.ndarray:
+def hflip_landmarks(landmarks: np.ndarray, size: float) -> np.ndarray:
+    """Five-point landmarks of the left-right mirrored map.
+
+    landmarks: (N, 5, 2) or (5, 2) (x, y) in the "normalised × size" frame of
+    ``landmarks5.csv`` (0 = left edge, ``size`` = right edge); x → size − x, and the image-left
+    and image-right points trade places so the order stays (left eye, right eye, nose, left
+    mouth corner, right mouth corner). NaN rows stay NaN.
+    """
+    pts = np.array(landmarks, dtype=np.float64, copy=True)
+    if pts.shape[-2:] != (5, 2):
+        raise ValueError(f"landmarks must be (..., 5, 2), got {pts.shape}")
+    pts[..., 0] = float(size) - pts[..., 0]
+    return pts[..., list(_MIRROR_ORDER), :]
+
+
+def _landmarks_for(landmarks: np.ndarray | None, n: int, size: int) -> np.ndarray:
+    """(N, 5, 2) landmarks for a batch of ``size``×``size`` maps; None, or a row holding NaN
+    (no face found on the apex frame), gives the aligned-face template: the live pipeline's
+    crops are aligned to it, and it is the 3DB landmarks' median."""
+    from realtime_mer.face import CANONICAL_POINTS_28
+
+    template = CANONICAL_POINTS_28 * (size / 28.0)
+    if landmarks is None:
+        return np.broadcast_to(template, (n, 5, 2)).copy()
+    pts = np.asarray(landmarks, dtype=np.float64)
+    if pts.shape != (n, 5, 2):
+        raise ValueError(f"landmarks must be (N, 5, 2) = ({n}, 5, 2) for {n} maps, got "
+                         f"{pts.shape}")
+    missing = ~np.isfinite(pts).all(axis=(1, 2))
+    if missing.any():
+        pts = pts.copy()
+        pts[missing] = template
+    return pts
+
+
+def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = None,
+                   landmarks: np.ndarray | None = None, options: dict | None = None
+                   ) -> np.ndarray:
     """Turn a batch of (N, 3, H, W) (u, v, strain) maps in [0, 1] into network inputs.
 
-    ``kind="map28"``: the maps, unchanged (``size`` must be None or H). ``kind="colour"``: per
-    map, signed (u, v) by :func:`uv_from_3db_map`, then :func:`colour_coded_flow` at
-    ``size``×``size`` (default 224), scaled to [0, 1]; returns (N, 3, size, size) float32.
-    Training (the LOSO runner, export) and the runtime both call this, so an engine is fed at
-    run time exactly what it was trained on.
+    - ``"map28"``: the maps, unchanged (``size`` must be None or H).
+    - ``"regions5"``: AHMSA-Net's :func:`five_region_crop` of each map (same shape).
+    - ``"colour"``: per map, signed (u, v) by :func:`uv_from_3db_map`, then
+      :func:`colour_coded_flow` at ``size``×``size`` (default 224), scaled to [0, 1].
+    - ``"mcnet"``: per map, signed (u, v), then :func:`mcnet_input` (OMAM magnification and
+      OAUM region weighting, switched by ``options`` ``use_omam``/``use_oaum``, gain
+      ``alpha``) at ``size``×``size`` (default 224), scaled to [0, 1].
+
+    landmarks: (N, 5, 2) five points per map (:func:`au_region_mask` order) in the map's
+    "normalised × H" frame, for the kinds in :data:`LANDMARK_KINDS`; None or a NaN row means
+    the aligned-face template (``face.CANONICAL_POINTS_28``). Returns float32, (N, 3, H, W) or
+    (N, 3, size, size). Training (the LOSO runner, export) and the runtime both call this, so
+    an engine is fed at run time exactly what it was trained on.
     """
     x = np.asarray(maps, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"maps must be (N, 3, H, W), got {x.shape}")
-    if kind == "map28":
+    if kind not in NETWORK_INPUT_KINDS:
+        raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(NETWORK_INPUT_KINDS)}")
+    opts = dict(INPUT_OPTIONS[kind])
+    unknown = sorted(set(options or {}) - set(opts))
+    if unknown:
+        raise ValueError(f"input kind {kind!r} has no option(s) {unknown}; known: "
+                         f"{sorted(opts) or 'none'}")
+    opts.update(options or {})
+    if kind in ("map28", "regions5"):
         if size is not None and size != x.shape[-1]:
-            raise ValueError(f"input kind 'map28' keeps the maps' size {x.shape[-1]}; got "
+            raise ValueError(f"input kind {kind!r} keeps the maps' size {x.shape[-1]}; got "
                              f"size={size}")
-        return x
-    if kind == "colour":
-        size = 224 if size is None else int(size)
-        out = np.empty((x.shape[0], 3, size, size), np.float32)
-        for i, m in enumerate(x):
-            u, v = uv_from_3db_map(np.moveaxis(m, 0, -1))
-            out[i] = np.moveaxis(colour_coded_flow(u, v, size), -1, 0) / np.float32(255.0)
-        return out
-    raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(NETWORK_INPUT_KINDS)}")
+        if kind == "map28":
+            return x
+        pts = _landmarks_for(landmarks, x.shape[0], x.shape[-1])
+        return np.stack([np.moveaxis(five_region_crop(np.moveaxis(m, 0, -1), p), -1, 0)
+                         for m, p in zip(x, pts)]).astype(np.float32, copy=False)
+    size = 224 if size is None else int(size)
+    out = np.empty((x.shape[0], 3, size, size), np.float32)
+    pts = _landmarks_for(landmarks, x.shape[0], x.shape[-1]) if kind == "mcnet" else None
+    for i, m in enumerate(x):
+        u, v = uv_from_3db_map(np.moveaxis(m, 0, -1))
+        if kind == "colour":
+            img = colour_coded_flow(u, v, size)
+        else:
+            img = mcnet_input(u, v, pts[i], alpha=float(opts["alpha"]), size=size,
+                              frame_size=float(x.shape[-1]), use_omam=bool(opts["use_omam"]),
+                              use_oaum=bool(opts["use_oaum"]))
+        out[i] = np.moveaxis(img, -1, 0) / np.float32(255.0)
+    return out

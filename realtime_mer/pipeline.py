@@ -17,7 +17,7 @@ import numpy as np
 
 from realtime_mer.buffer import RingBuffer
 from realtime_mer.capture import Frame
-from realtime_mer.face import FaceAligner, FaceOptions, FaceResult
+from realtime_mer.face import ALIGN_LANDMARKS, FaceAligner, FaceOptions, FaceResult
 from realtime_mer.features import FeatureExtractor, FeatureOptions
 from realtime_mer.report import EventRecord
 from realtime_mer.runtime import Backend, default_engine_path, load_engine
@@ -188,15 +188,16 @@ class Pipeline:
         offset_t = _clamp(spot.offset_ms, self.buffer)
         return _EventJob(spot, onset.crop.copy(), apex.crop.copy(),
                          self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
-                         self._frame_index(offset_t))
+                         self._frame_index(offset_t), self._map_landmarks(apex.landmarks))
 
     def _classify(self, job: _EventJob) -> tuple[EventRecord, np.ndarray]:
         spot = job.spot
         with self.timer.stage("features"):
             feature_map = self._features.process(job.onset_crop, job.apex_crop)
         with self.timer.stage("engine"):
+            landmarks = None if job.apex_landmarks5 is None else job.apex_landmarks5[None]
             probabilities = self.engine.predict(
-                feature_map.transpose(2, 0, 1)[None].astype(np.float32))[0]
+                feature_map.transpose(2, 0, 1)[None].astype(np.float32), landmarks)[0]
         best = int(np.argmax(probabilities))
         record = EventRecord(
             onset_ms=float(spot.onset_ms), apex_ms=float(spot.apex_ms),
@@ -209,6 +210,19 @@ class Pipeline:
         )
         log.debug("event %s", record)
         return record, feature_map
+
+    def _map_landmarks(self, landmarks: np.ndarray) -> np.ndarray | None:
+        """The apex's five alignment points (eyes, nose tip, mouth corners) in the feature
+        map's frame, for engines whose input locates facial regions (None: not needed, or
+        unknown, and the engine then uses the aligned-face template)."""
+        if not getattr(self.engine, "uses_landmarks", False) or landmarks is None \
+                or len(landmarks) <= max(ALIGN_LANDMARKS):
+            return None
+        pts = np.asarray(landmarks, np.float64)[list(ALIGN_LANDMARKS)]
+        if not np.isfinite(pts).all():
+            return None
+        # Crop pixels (centres at integers) → the maps' "normalised × size" frame.
+        return (pts + 0.5) * (self._features.options.map_size / self.options.face.crop_size)
 
     def _frame_index(self, t_ms: float) -> int:
         """Index of the recent frame nearest ``t_ms`` (-1 if none is remembered)."""
@@ -226,6 +240,7 @@ class _EventJob:
     onset_frame: int
     apex_frame: int
     offset_frame: int
+    apex_landmarks5: np.ndarray | None = None
 
 
 def _jumped(previous, current, fraction: float) -> bool:

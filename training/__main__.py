@@ -51,13 +51,19 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                         "UF1, earliest on ties. fixed: --epochs, chosen a priori")
     g.add_argument("--inner-folds", type=int, default=d.inner_folds,
                    help="inner groups of the nested selection (default %(default)s)")
-    g.add_argument("--input-kind", default=d.input_kind, choices=("map28", "colour"),
+    g.add_argument("--input-kind", default=d.input_kind,
+                   choices=("map28", "regions5", "colour", "mcnet"),
                    help="what the network is fed, built from the (u, v, strain) maps: map28 "
-                        "(the maps; default) or colour (the colour-coded flow image: mjfn, "
-                        "mcnet); the runtime builds the same")
+                        "(the maps; default), regions5 (AHMSA-Net's five-region "
+                        "recombination, from landmarks5.csv), colour (the colour-coded flow "
+                        "image: mjfn) or mcnet (MCNet's magnified, AU-weighted colour image, "
+                        "from landmarks5.csv); the runtime builds the same")
     g.add_argument("--input-size", type=int, default=None,
                    help="side of the colour image (default 224); must match the model's "
                         "input_size")
+    g.add_argument("--input-options", default="{}",
+                   help='JSON dict of the input kind\'s switches, e.g. mcnet: '
+                        '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
 
 
 def _config(args):
@@ -70,6 +76,7 @@ def _config(args):
         augment=args.augment, seed=args.seed, eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
         input_kind=args.input_kind, input_size=args.input_size,
+        input_options=json.loads(args.input_options),
     )
 
 

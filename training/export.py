@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from realtime_mer.runtime import sha256_file
+from realtime_mer.input_kinds import LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.loso import (LosoConfig, _inner_jobs, git_commit, model_inputs,
                            select_epochs_full, train_models)
@@ -75,7 +76,7 @@ def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
             say(f"full training: epoch {epoch}/{cfg.epochs}  {time.perf_counter() - t0:.0f} s")
 
     models, _ = train_models(data.x, data.y, [np.arange(len(data))], cfg, [fold_id],
-                             device=device, on_epoch=on_epoch)
+                             device=device, on_epoch=on_epoch, landmarks=data.landmarks)
     return models[0]
 
 
@@ -112,7 +113,7 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
     inner, _ = train_models(data.x, data.y, [j[2] for j in jobs],
                             dataclasses.replace(cfg, epochs=epochs),
                             [10_000 + key * cfg.inner_folds + g for _, g, _, _ in jobs],
-                            device=device)
+                            device=device, landmarks=data.landmarks)
     selection = {**selection, "ensemble": {"members": 1 + len(inner),
                                            "rule": ENSEMBLE_RULE.format(k=len(inner))}}
     return ProbabilityAverage([model, *inner]).eval(), selection
@@ -214,8 +215,9 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         say(f"trained on {len(data)} samples in {time.perf_counter() - t0:.0f} s")
     epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
-    export_onnx(model, out, example=model_inputs(data.x[:2], cfg))
-    x = model_inputs(data.x, cfg).numpy()
+    lm = data.landmarks
+    export_onnx(model, out, example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
+    x = model_inputs(data.x, cfg, lm).numpy()
     check = check_export(model, out, x)
     if check["min_cosine"] < 0.99 or not check["argmax_equal"]:
         raise RuntimeError(f"exported engine disagrees with the eager model: {check}")
@@ -266,11 +268,19 @@ def _input_spec(cfg: LosoConfig, side: int) -> dict:
         return {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
                 "layout": "NCHW", "channels": ["u", "v", "strain"], "value_range": [0.0, 1.0],
                 "kind": "map28"}
-    return {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
-            "layout": "NCHW", "channels": ["red", "green", "blue"], "value_range": [0.0, 1.0],
+    channels = (["u", "v", "strain"] if cfg.input_kind == "regions5"
+                else ["red", "green", "blue"])
+    spec = {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
+            "layout": "NCHW", "channels": channels, "value_range": [0.0, 1.0],
             "kind": cfg.input_kind,
             "built_from": "(N, 3, H, W) (u, v, strain) maps in [0, 1] by "
                           "realtime_mer.input_kinds.network_inputs (the runtime does this)"}
+    if cfg.input_options:
+        spec["options"] = dict(cfg.input_options)
+    if cfg.input_kind in LANDMARK_KINDS:
+        spec["landmarks"] = ("five points per map (eyes, nose tip, mouth corners) in the maps' "
+                             "frame; the apex frame's, or the aligned-face template")
+    return spec
 
 
 def _schedule_key(cfg_dict: dict) -> dict:

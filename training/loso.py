@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from realtime_mer.errors import DatasetError
-from realtime_mer.input_kinds import NETWORK_INPUT_KINDS, network_inputs
+from realtime_mer.input_kinds import (INPUT_OPTIONS, LANDMARK_KINDS, NETWORK_INPUT_KINDS,
+                                      hflip_landmarks, network_inputs)
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.metrics import evaluate, per_database
 from training.models import create_model
@@ -86,10 +87,13 @@ class LosoConfig:
     select_epochs: str = "fixed"
     inner_folds: int = 5
     # What the network is fed, built from the maps by realtime_mer.input_kinds.network_inputs
-    # (the runtime applies the same function): "map28" (the maps) or "colour" (the
-    # colour-coded flow image at input_size x input_size; MJFN, MCNet).
+    # (the runtime applies the same function): "map28" (the maps), "regions5" (AHMSA-Net's
+    # five-region recombination), "colour" (the colour-coded flow image at input_size x
+    # input_size; MJFN) or "mcnet" (MCNet's magnified, AU-weighted colour image);
+    # input_options are the kind's switches (mcnet: use_omam, use_oaum, alpha).
     input_kind: str = "map28"
     input_size: int | None = None
+    input_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -107,6 +111,10 @@ class LosoConfig:
         if self.input_kind not in NETWORK_INPUT_KINDS:
             raise ValueError(f"input_kind {self.input_kind!r} is not one of "
                              f"{', '.join(NETWORK_INPUT_KINDS)}")
+        unknown = sorted(set(self.input_options) - set(INPUT_OPTIONS[self.input_kind]))
+        if unknown:
+            raise ValueError(f"input kind {self.input_kind!r} has no option(s) {unknown}; "
+                             f"known: {sorted(INPUT_OPTIONS[self.input_kind]) or 'none'}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -116,7 +124,7 @@ class LosoConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LosoConfig":
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
-             "input_size": None, **d}
+             "input_size": None, "input_options": {}, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -139,10 +147,13 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def model_inputs(maps: np.ndarray | torch.Tensor, cfg: LosoConfig) -> torch.Tensor:
-    """(N, 3, 28, 28) maps in [0, 1] → the normalised tensor the network of ``cfg`` is fed
-    (input kind, then the fixed normalisation), exactly as the runtime prepares it."""
-    x = network_inputs(np.asarray(maps, dtype=np.float32), cfg.input_kind, cfg.input_size)
+def model_inputs(maps: np.ndarray | torch.Tensor, cfg: LosoConfig,
+                 landmarks: np.ndarray | None = None) -> torch.Tensor:
+    """(N, 3, 28, 28) maps in [0, 1] (and, for the kinds that locate facial regions, their
+    (N, 5, 2) landmarks) → the normalised tensor the network of ``cfg`` is fed (input kind,
+    then the fixed normalisation), exactly as the runtime prepares it."""
+    x = network_inputs(np.asarray(maps, dtype=np.float32), cfg.input_kind, cfg.input_size,
+                       landmarks=landmarks, options=cfg.input_options)
     return normalise(torch.as_tensor(x), cfg.mean, cfg.std)
 
 
@@ -196,10 +207,12 @@ def train_models(
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     on_epoch: Callable[[int], None] | None = None,
+    landmarks: np.ndarray | None = None,
 ) -> tuple[list[torch.nn.Module], dict]:
     """Train one model per entry of ``train_sets`` (indices into ``x``), all at once.
 
-    x: (N, 3, H, W) float32 maps in [0, 1]; y: (N,) int. ``fold_ids`` seed each model (init,
+    x: (N, 3, H, W) float32 maps in [0, 1]; y: (N,) int; landmarks: (N, 5, 2) or None, for the
+    input kinds that locate facial regions (mirrored with the maps by the flip). ``fold_ids`` seed each model (init,
     batches, flips) so a model's run does not depend on the others. ``eval_hook(epoch,
     predict)`` is called every ``cfg.eval_every`` epochs and at the end; ``predict`` maps an
     (M, T) index array into ``x`` (row m for model m) to (M, T, C) probabilities in eval mode. ``state``/``checkpoint`` resume
@@ -234,8 +247,11 @@ def train_models(
 
     xs = torch.as_tensor(x, dtype=torch.float32)
     # The flip acts on the maps (where mirroring the motion is exact), before the input kind.
-    x_dev = model_inputs(xs, cfg).to(device)
-    x_flip = model_inputs(hflip_maps(xs), cfg).to(device) if cfg.augment == "hflip" else None
+    x_dev = model_inputs(xs, cfg, landmarks).to(device)
+    flipped_landmarks = (None if landmarks is None
+                         else hflip_landmarks(landmarks, float(xs.shape[-1])))
+    x_flip = (model_inputs(hflip_maps(xs), cfg, flipped_landmarks).to(device)
+              if cfg.augment == "hflip" else None)
     y_dev = torch.as_tensor(y, dtype=torch.long).to(device)
     class_w = []
     for tr in train_sets:
@@ -333,6 +349,11 @@ def train_models(
                            **{k: v[i].detach().cpu() for k, v in buffers.items()}})
         trained.append(m.eval())
     return trained, snapshot(cfg.epochs)
+
+
+def _rows(landmarks: np.ndarray | None, index) -> np.ndarray | None:
+    """The landmarks of some samples (None stays None)."""
+    return None if landmarks is None else landmarks[index]
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -439,10 +460,13 @@ def _check_training_sets(data: Megc3DB, folds: list[int]) -> None:
 def _check_model(data: Megc3DB, cfg: LosoConfig) -> None:
     """Build the network and run it on two samples, so that a network name, options or input
     kind that do not fit fail here, before any training (and not inside a worker)."""
+    if cfg.input_kind in LANDMARK_KINDS and data.landmarks is None:
+        raise DatasetError(f"input kind {cfg.input_kind!r} locates facial regions, but "
+                           f"{data.root} has no landmarks5.csv")
     try:
         model = create_model(cfg.model, **cfg.model_kwargs).eval()
         with torch.no_grad():
-            out = model(model_inputs(data.x[:2], cfg))
+            out = model(model_inputs(data.x[:2], cfg, _rows(data.landmarks, slice(0, 2))))
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
     except (TypeError, RuntimeError, ValueError) as exc:
@@ -595,11 +619,14 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
         models, _ = train_models(
             data.x, data.y, train_sets, cfg, chunk, device=device, eval_hook=eval_hook,
             state=state, checkpoint=save, checkpoint_every=checkpoint_every, on_epoch=on_epoch,
+            landmarks=data.landmarks,
         )
         elapsed = timing["prior_s"] + time.perf_counter() - timing["t0"]
         with torch.no_grad():
             for f, m in zip(chunk, models):
-                p = torch.softmax(m(model_inputs(data.x[test_idx[f]], cfg)), -1).numpy()
+                p = torch.softmax(m(model_inputs(data.x[test_idx[f]], cfg,
+                                                 _rows(data.landmarks, test_idx[f]))),
+                                  -1).numpy()
                 _atomic_write_json(fold_file(f), {
                     "fold": f, "subject": subjects[f], "indices": test_idx[f].tolist(),
                     "probs": p.tolist(), "pred": p.argmax(-1).tolist(),
@@ -672,7 +699,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         # Seeds distinct from the outer folds' (which use 0..67) and the full model's (68).
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
         train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
-                     eval_hook=hook)
+                     eval_hook=hook, landmarks=data.landmarks)
         say(f"nested selection: {min(c0 + chunk_size, len(jobs))}/{len(jobs)} inner models "
             f"trained  {time.perf_counter() - t0:.0f} s")
     return preds, test_probs

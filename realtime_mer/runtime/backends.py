@@ -48,9 +48,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 class Backend:
-    """A loaded engine. ``predict(maps)`` takes raw (N, 3, 28, 28) float32 maps in [0, 1]
-    (channels as in ``manifest.input['channels']``), applies the manifest's normalisation and
-    returns (N, C) float32 probabilities summing to 1 (classes ``manifest.class_names``)."""
+    """A loaded engine. ``predict(maps, landmarks=None)`` takes raw (N, 3, 28, 28) float32
+    (u, v, strain) maps in [0, 1] (and, for engines whose input kind locates facial regions,
+    their (N, 5, 2) landmarks in the maps' frame; None means the aligned-face template),
+    builds the engine's input kind, applies the manifest's normalisation and returns (N, C)
+    float32 probabilities summing to 1 (classes ``manifest.class_names``)."""
 
     name = "base"
 
@@ -66,7 +68,14 @@ class Backend:
     def class_names(self) -> list[str]:
         return list(self.manifest.class_names)
 
-    def _prepare(self, maps: np.ndarray) -> np.ndarray:
+    @property
+    def uses_landmarks(self) -> bool:
+        """Whether the input kind is built from the face's five landmarks."""
+        from realtime_mer.input_kinds import LANDMARK_KINDS
+
+        return self.manifest.input.get("kind", "map28") in LANDMARK_KINDS
+
+    def _prepare(self, maps: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         x = np.asarray(maps)
         spec = self.manifest.input["shape"]
         # "kind" (absent in older manifests: the maps themselves) says how the engine's input
@@ -74,9 +83,10 @@ class Backend:
         kind = self.manifest.input.get("kind", "map28")
         if x.ndim == 3:
             x = x[None]
-        expected = list(spec[1:]) if kind == "map28" else [3]
+        same_shape = kind in ("map28", "regions5")
+        expected = list(spec[1:]) if same_shape else [3]
         if x.ndim != 4 or list(x.shape[1:1 + len(expected)]) != expected:
-            want = (f"(N, {spec[1]}, {spec[2]}, {spec[3]})" if kind == "map28"
+            want = (f"(N, {spec[1]}, {spec[2]}, {spec[3]})" if same_shape
                     else "(N, 3, H, W) (u, v, strain) maps")
             raise InputError(f"engine input must be {want} {self.manifest.input['layout']}, "
                              f"got {tuple(np.shape(maps))}")
@@ -88,14 +98,26 @@ class Backend:
         if kind != "map28":
             from realtime_mer.input_kinds import network_inputs
 
-            x = network_inputs(x, kind, int(spec[-1]))
+            if landmarks is not None:
+                landmarks = np.asarray(landmarks, dtype=np.float64)
+                if landmarks.ndim == 2:
+                    landmarks = landmarks[None]
+                if landmarks.shape != (x.shape[0], 5, 2):
+                    raise InputError(f"landmarks must be (N, 5, 2) for {x.shape[0]} map(s), "
+                                     f"got {tuple(np.shape(landmarks))}")
+            try:
+                x = network_inputs(x, kind, None if same_shape else int(spec[-1]),
+                                   landmarks=landmarks,
+                                   options=self.manifest.input.get("options"))
+            except ValueError as exc:
+                raise InputError(f"engine input {kind!r} cannot be built: {exc}") from exc
         return np.ascontiguousarray((x - self._mean) / self._std)
 
     def _run(self, x: np.ndarray) -> np.ndarray:  # (N, C) network output
         raise NotImplementedError
 
-    def predict(self, maps: np.ndarray) -> np.ndarray:
-        out = np.asarray(self._run(self._prepare(maps)), dtype=np.float32)
+    def predict(self, maps: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        out = np.asarray(self._run(self._prepare(maps, landmarks)), dtype=np.float32)
         if self.manifest.output.get("kind", "logits") == "logits":
             out = _softmax(out)
         return out.astype(np.float32)

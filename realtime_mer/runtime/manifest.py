@@ -24,8 +24,8 @@ class Manifest:
     """What an engine is and how to feed it.
 
     input: {name, shape ["N", 3, 28, 28], dtype "float32", layout "NCHW", channels [u, v,
-    strain], value_range [0, 1], kind "map28" | "colour" (how the input is built from the maps,
-    ``input_kinds.network_inputs``; absent = "map28")}; normalization: {mean, std, applied_by "runtime"}; output:
+    strain], value_range [0, 1], kind "map28" | "regions5" | "colour" | "mcnet" (how the input is built from the
+    maps, ``input_kinds.network_inputs``; absent = "map28"), options (the kind's switches)}; normalization: {mean, std, applied_by "runtime"}; output:
     {name, kind "logits" | "probabilities", shape}; loso: honest LOSO UF1/UAR; sha256 of the
     engine file; versions of the exporting tools.
     """
@@ -68,9 +68,17 @@ class Manifest:
             raise EngineError(f"{source}: input spec needs {list(_INPUT_KEYS)}, got {inp!r}")
         if inp["layout"] != "NCHW" or inp["dtype"] != "float32" or len(inp["shape"]) != 4:
             raise EngineError(f"{source}: only float32 NCHW 4-D inputs are supported, got {inp}")
-        if inp.get("kind", "map28") not in ("map28", "colour"):
-            raise EngineError(f"{source}: unknown input kind {inp['kind']!r} (known: map28, "
-                              "colour); this engine needs a newer realtime_mer")
+        from realtime_mer.input_kinds import INPUT_OPTIONS, NETWORK_INPUT_KINDS
+
+        kind = inp.get("kind", "map28")
+        if kind not in NETWORK_INPUT_KINDS:
+            raise EngineError(f"{source}: unknown input kind {kind!r} (known: "
+                              f"{', '.join(NETWORK_INPUT_KINDS)}); this engine needs a newer "
+                              "realtime_mer")
+        unknown = sorted(set(inp.get("options") or {}) - set(INPUT_OPTIONS[kind]))
+        if unknown:
+            raise EngineError(f"{source}: input kind {kind!r} has no option(s) {unknown}; this "
+                              "engine needs a newer realtime_mer")
         if len(inp["channels"]) != inp["shape"][1]:
             raise EngineError(f"{source}: {len(inp['channels'])} channel names for "
                               f"{inp['shape'][1]} channels")

@@ -339,3 +339,75 @@ def test_network_inputs_refuses_bad_requests():
         ik.network_inputs(maps, "map28", 112)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         ik.network_inputs(maps[0], "colour")
+
+
+def _3db_batch_with_landmarks(megc_dir: Path, limit: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rows = _landmarks(megc_dir, limit=limit)
+    maps = np.stack([np.moveaxis(_read_3db(megc_dir, n), -1, 0) for n, _ in rows])
+    return maps, np.stack([p for _, p in rows])
+
+
+def test_network_inputs_landmark_kinds_are_the_per_map_builders(megc_dir):
+    maps, pts = _3db_batch_with_landmarks(megc_dir)
+    regions = ik.network_inputs(maps, "regions5", landmarks=pts)
+    mcnet = ik.network_inputs(maps, "mcnet", 112, landmarks=pts)
+    assert regions.shape == maps.shape and mcnet.shape == (len(maps), 3, 112, 112)
+    for m, p, r, c in zip(maps, pts, regions, mcnet):
+        hwc = np.moveaxis(m, 0, -1)
+        np.testing.assert_array_equal(np.moveaxis(r, 0, -1), ik.five_region_crop(hwc, p))
+        ref = ik.mcnet_input(*ik.uv_from_3db_map(hwc), p, size=112)
+        np.testing.assert_allclose(np.moveaxis(c, 0, -1) * 255.0, ref, atol=1e-3)
+    # Both preprocessing switches off: MCNet's input is the plain colour-coded flow.
+    off = ik.network_inputs(maps, "mcnet", 112, landmarks=pts,
+                            options={"use_omam": False, "use_oaum": False})
+    np.testing.assert_array_equal(off, ik.network_inputs(maps, "colour", 112))
+    # Each switch changes the image on its own.
+    for opts in ({"use_omam": False}, {"use_oaum": False}):
+        part = ik.network_inputs(maps, "mcnet", 112, landmarks=pts, options=opts)
+        assert np.abs(part - mcnet).mean() > 0.005 and np.abs(part - off).mean() > 0.005
+
+
+def test_network_inputs_without_landmarks_use_the_aligned_face_template(megc_dir):
+    from realtime_mer.face import CANONICAL_POINTS_28
+
+    maps, pts = _3db_batch_with_landmarks(megc_dir, limit=3)
+    template = np.broadcast_to(CANONICAL_POINTS_28, pts.shape)
+    for kind in ("regions5", "mcnet"):
+        ref = ik.network_inputs(maps, kind, landmarks=template)
+        np.testing.assert_array_equal(ik.network_inputs(maps, kind), ref)
+        missing = pts.copy()
+        missing[1] = np.nan  # no face found on that apex frame
+        got = ik.network_inputs(maps, kind, landmarks=missing)
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[0], ik.network_inputs(maps[:1], kind,
+                                                                landmarks=pts[:1])[0])
+
+
+def test_hflip_landmarks_mirrors_the_regions(megc_dir):
+    _, pts = _3db_batch_with_landmarks(megc_dir, limit=20)
+    flipped = ik.hflip_landmarks(pts, 28)
+    np.testing.assert_allclose(ik.hflip_landmarks(flipped, 28), pts)
+    # Left stays left: the image-left eye of the mirrored face is left of its right eye.
+    assert (flipped[:, 0, 0] < flipped[:, 1, 0]).all() and (flipped[:, 3, 0] < flipped[:, 4, 0]).all()
+    for p, q in zip(pts, flipped):
+        a = ik.au_region_mask(p, 112, frame_size=28)[:, ::-1]
+        b = ik.au_region_mask(q, 112, frame_size=28)
+        # x -> 28 - x is the mirror of the edge-based frame; the mask draws at x * 4 as pixel
+        # index, whose mirror is 111 - 4x: the mirrored mask sits one column to the right.
+        a, b = a[:, :-1], b[:, 1:]
+        iou = (a * b).sum() / np.maximum(a, b).sum()
+        assert iou > 0.98, iou
+
+
+def test_network_inputs_refuses_bad_landmarks_and_options():
+    maps = np.full((2, 3, 28, 28), 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"\(N, 5, 2\)"):
+        ik.network_inputs(maps, "regions5", landmarks=np.zeros((1, 5, 2)))
+    with pytest.raises(ValueError, match="no option"):
+        ik.network_inputs(maps, "mcnet", 56, options={"gain": 3})
+    with pytest.raises(ValueError, match="no option"):
+        ik.network_inputs(maps, "colour", 56, options={"use_omam": False})
+    with pytest.raises(ValueError, match="keeps the maps' size"):
+        ik.network_inputs(maps, "regions5", 56)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 5, 2\)"):
+        ik.hflip_landmarks(np.zeros((4, 2)), 28)

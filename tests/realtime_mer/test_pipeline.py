@@ -52,3 +52,52 @@ def test_without_the_guard_the_cut_is_seen_as_motion(media_dir):
         assert pipeline.sequence_restarts == 0
     assert all(r.signal < 0.5 * r.threshold for r in results[55:60])
     assert any(r.signal > r.threshold for r in results[60:63])
+
+
+def _landmark_engine(tmp_path):
+    """A tiny engine whose input is AHMSA-Net's five-region crop (built from landmarks)."""
+    import numpy as np
+
+    from training.data.megc3db import Megc3DB
+    from training.export import export_default
+    from training.loso import LosoConfig
+
+    rng = np.random.default_rng(0)
+    n = 9
+    data = Megc3DB(x=rng.random((n, 3, 28, 28), dtype=np.float32),
+                   y=np.arange(n) % 3, subjects=np.array(["casme2/a"] * n),
+                   databases=np.array(["casme2"] * n), videos=np.array([str(i) for i in range(n)]),
+                   files=np.array([str(i) for i in range(n)]), root="synthetic",
+                   landmarks=np.full((n, 5, 2), np.nan))
+    cfg = LosoConfig(epochs=1, batch_size=4, select_epochs="fixed", input_kind="regions5")
+    export_default(data, cfg, tmp_path / "regions.onnx", loso_results=None)
+    return load_engine(tmp_path / "regions.onnx", backend="onnxruntime")
+
+
+def test_events_give_the_engine_the_apex_landmarks_in_the_map_frame(media_dir, tmp_path):
+    """For an engine that locates facial regions, the apex frame's five alignment points are
+    passed in the 28x28 map's frame: on a real aligned face they sit within a pixel or two of
+    the 3DB template the crops are aligned to; a plain engine gets none."""
+    import cv2
+    import numpy as np
+
+    from realtime_mer.face import ALIGN_LANDMARKS, CANONICAL_POINTS_28, canonical_points
+
+    image = cv2.imread(str(media_dir / "single_face.jpg"))
+    with Pipeline(PipelineOptions(), engine=_landmark_engine(tmp_path)) as pipeline:
+        face = pipeline.aligner.process(image, 0.0)
+        assert face.found
+        pts = pipeline._map_landmarks(face.landmarks)
+        assert pts.shape == (5, 2)
+        # The alignment anchors the eyes; nose and mouth follow this face (a smile widens
+        # the mouth), which is why the apex's own points are passed and not the template.
+        assert np.abs(pts[:2] - CANONICAL_POINTS_28[:2]).max() < 1.0
+        assert np.abs(pts - CANONICAL_POINTS_28).max() < 2.5
+        # Exactly the template where the crop's points are exactly the template's.
+        exact = np.zeros((478, 2), np.float32)
+        exact[list(ALIGN_LANDMARKS)] = canonical_points(pipeline.options.face.crop_size)
+        np.testing.assert_allclose(pipeline._map_landmarks(exact), CANONICAL_POINTS_28,
+                                   atol=1e-4)
+        assert pipeline._map_landmarks(np.full((478, 2), np.nan, np.float32)) is None
+    with Pipeline(PipelineOptions(), engine=load_engine(default_engine_path())) as pipeline:
+        assert pipeline._map_landmarks(face.landmarks) is None

@@ -144,6 +144,8 @@ def test_corrupt_onnx_with_matching_hash(tmp_path):
     ({"input": {"channels": ["u", "v"]}}, "channel"),
     ({"normalization": {"mean": [0.5], "std": [0.5]}}, "normalization"),
     ({"format": "torch_export"}, "format"),
+    ({"input": {"kind": "stack16"}}, "unknown input kind"),
+    ({"input": {"kind": "mcnet", "options": {"gain": 2}}}, "no option"),
 ])
 def test_manifest_mismatch(tmp_path, change, msg):
     if not ENGINE.is_file():

@@ -103,3 +103,52 @@ def test_missing_column(tmp_path):
     csv.write_text(csv.read_text().replace("flow_file", "file", 1))
     with pytest.raises(DatasetError, match="missing column"):
         load_megc3db(root, check_counts=False)
+
+
+LANDMARK_HEADER = ("subject,video,found," + ",".join(
+    f"{p}_{a}" for p in ("eye_image_left", "eye_image_right", "nose_tip", "mouth_image_left",
+                         "mouth_image_right") for a in ("x", "y")) + "\n")
+
+
+def test_real_landmarks_follow_the_label_rows(megc_dir):
+    import csv
+
+    d = load_megc3db(megc_dir)
+    assert d.landmarks.shape == (442, 5, 2)
+    missing = ~np.isfinite(d.landmarks).all(axis=(1, 2))
+    assert sorted(d.videos[missing]) == ["s04_sur_02", "s19_sur_01"]  # found=0 in the CSV
+    with open(megc_dir / "landmarks5.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["video"] == d.videos[100])
+    np.testing.assert_allclose(d.landmarks[100], [[float(row["eye_image_left_x"]),
+                                                   float(row["eye_image_left_y"])],
+                                                  [float(row["eye_image_right_x"]),
+                                                   float(row["eye_image_right_y"])],
+                                                  [float(row["nose_tip_x"]),
+                                                   float(row["nose_tip_y"])],
+                                                  [float(row["mouth_image_left_x"]),
+                                                   float(row["mouth_image_left_y"])],
+                                                  [float(row["mouth_image_right_x"]),
+                                                   float(row["mouth_image_right_y"])]])
+
+
+def test_landmark_file_must_match_the_rows(tmp_path):
+    root = _fake(tmp_path / "db", ROWS)
+    assert load_megc3db(root, check_counts=False).landmarks is None  # optional file
+    pts = ",".join(["7.0"] * 10)
+    lines = [f"{s},{v},1,{pts}\n" for _, s, v, _ in ROWS]
+    (root / "landmarks5.csv").write_text(LANDMARK_HEADER + "".join(lines[:3])
+                                         + f"{ROWS[3][1]},{ROWS[3][2]},0" + "," * 10 + "\n")
+    d = load_megc3db(root, check_counts=False)
+    assert np.isfinite(d.landmarks[:3]).all() and np.isnan(d.landmarks[3]).all()
+    (root / "landmarks5.csv").write_text(LANDMARK_HEADER + "".join(lines[:3]))
+    with pytest.raises(DatasetError, match="no row for 1 labelled sample"):
+        load_megc3db(root, check_counts=False)
+    (root / "landmarks5.csv").write_text(LANDMARK_HEADER + "".join(lines + lines[:1]))
+    with pytest.raises(DatasetError, match="listed twice"):
+        load_megc3db(root, check_counts=False)
+    (root / "landmarks5.csv").write_text("subject,video,found\n")
+    with pytest.raises(DatasetError, match="missing column"):
+        load_megc3db(root, check_counts=False)
+    (root / "landmarks5.csv").write_text(LANDMARK_HEADER + lines[0].replace("7.0", "x", 1))
+    with pytest.raises(DatasetError, match="line 2"):
+        load_megc3db(root, check_counts=False)

@@ -190,6 +190,44 @@ def test_colour_input_engine_is_fed_like_training(tmp_path):
         engine.predict(np.zeros((1, 2, 28, 28), np.float32))
 
 
+@pytest.mark.parametrize("kind,size,options", [("regions5", None, {}),
+                                                 ("mcnet", 28, {"use_omam": False})])
+def test_landmark_input_engine_is_fed_like_training(tmp_path, kind, size, options):
+    """An engine whose input is built from landmarks (AHMSA-Net's regions, MCNet's AU
+    weighting) records its kind and options; the runtime, given maps and landmarks, builds the
+    same input as training, and without landmarks uses the aligned-face template."""
+    import onnxruntime as ort
+
+    from realtime_mer.errors import InputError
+    from realtime_mer.face import CANONICAL_POINTS_28
+    from realtime_mer.runtime import load_engine
+    from training.loso import model_inputs
+
+    data = _noisy(n_subjects=3, per_subject=3)
+    rng = np.random.default_rng(0)
+    pts = CANONICAL_POINTS_28[None] + rng.normal(0, 1.5, (len(data), 5, 2))
+    data = dataclasses.replace(data, landmarks=pts)
+    cfg = LosoConfig(epochs=1, batch_size=4, select_epochs="fixed", input_kind=kind,
+                     input_size=size, input_options=options)
+    m = export_default(data, cfg, tmp_path / "e.onnx", loso_results=None)
+    assert m["input"]["kind"] == kind and m["input"].get("options", {}) == options
+    assert "landmarks" in m["input"]
+    engine = load_engine(tmp_path / "e.onnx", backend="onnxruntime")
+    assert engine.uses_landmarks
+    sess = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+
+    def reference(landmarks):
+        logits = sess.run(None, {"maps": model_inputs(data.x, cfg, landmarks).numpy()})[0]
+        return torch.softmax(torch.as_tensor(logits), -1).numpy()
+
+    np.testing.assert_allclose(engine.predict(data.x, pts), reference(pts), atol=1e-5)
+    template = np.broadcast_to(CANONICAL_POINTS_28, pts.shape)
+    np.testing.assert_allclose(engine.predict(data.x), reference(template), atol=1e-5)
+    assert np.abs(reference(pts) - reference(template)).max() > 1e-4  # the points matter
+    with pytest.raises(InputError, match=r"\(N, 5, 2\)"):
+        engine.predict(data.x, pts[:2])
+
+
 def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
     from training.__main__ import default_loso_results
 

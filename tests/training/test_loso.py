@@ -267,3 +267,28 @@ def test_dropout_network_on_colour_input_is_reproducible(tmp_path):
 def test_unknown_input_kind_refused():
     with pytest.raises(ValueError, match="input_kind"):
         LosoConfig(input_kind="stack16")
+
+
+def test_landmark_input_kinds_train_and_need_landmarks(tmp_path):
+    """regions5 (AHMSA-Net's five-region recombination) and mcnet are built from each map's
+    landmarks; a data set without them is refused before the run directory is written."""
+    data = _synthetic(n_subjects=3, per_subject=6)
+    with pytest.raises(DatasetError, match="landmarks5.csv"):
+        run_loso(data, dataclasses.replace(CFG, input_kind="regions5"), tmp_path / "none",
+                 folds=[0])
+    assert not (tmp_path / "none" / "config.json").exists()
+    rng = np.random.default_rng(1)
+    from realtime_mer.face import CANONICAL_POINTS_28
+
+    pts = CANONICAL_POINTS_28[None] + rng.normal(0, 1.0, (len(data), 5, 2))
+    pts[2] = np.nan  # no face found: the template is used
+    data = dataclasses.replace(data, landmarks=pts)
+    res = run_loso(data, dataclasses.replace(CFG, input_kind="regions5"), tmp_path / "r",
+                   folds=[0, 1])
+    assert res["config"]["input_kind"] == "regions5" and res["uf1"] > 0.9  # separable
+    cfg = dataclasses.replace(CFG, input_kind="mcnet", input_size=28, epochs=2,
+                              input_options={"alpha": 3.0})
+    res = run_loso(data, cfg, tmp_path / "m", folds=[0])
+    assert res["config"]["input_options"] == {"alpha": 3.0} and len(res["predictions"]) == 6
+    with pytest.raises(ValueError, match="no option"):
+        LosoConfig(input_kind="colour", input_options={"use_omam": False})

@@ -1,7 +1,8 @@
 """The MEGC2019 composite ("3DB") set of published 28×28 (u, v, strain) flow maps.
 
 The folder holds ``labels.csv`` (database, subject, video, label, class, flow_file) and
-``flow/*.png``. Everything is validated before any array is built, so a broken copy fails with
+``flow/*.png``, and may hold ``landmarks5.csv`` (five facial points per sample in the maps'
+28×28 frame, for the input kinds that locate facial regions). Everything is validated before any array is built, so a broken copy fails with
 one clear :class:`~realtime_mer.errors.DatasetError` instead of a shape error deep in training.
 """
 
@@ -38,7 +39,9 @@ class Megc3DB:
 
     x: (N, 3, 28, 28) float32 in [0, 1], channels (u, v, strain); y: (N,) int64 in {0, 1, 2};
     subjects: (N,) str, made unique across databases as ``"<database>/<subject>"``;
-    databases: (N,) str in :data:`DATABASES`; videos: (N,) str; files: (N,) str (absolute paths).
+    databases: (N,) str in :data:`DATABASES`; videos: (N,) str; files: (N,) str (absolute paths);
+    landmarks: (N, 5, 2) float64 (x, y) in the maps' frame from ``landmarks5.csv``, NaN where
+    no face was found, or None when the folder has no such file.
     """
 
     x: np.ndarray
@@ -48,6 +51,7 @@ class Megc3DB:
     videos: np.ndarray
     files: np.ndarray
     root: str
+    landmarks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -62,6 +66,47 @@ class Megc3DB:
 
     def class_counts(self) -> tuple[int, ...]:
         return tuple(int(c) for c in np.bincount(self.y, minlength=len(CLASS_NAMES)))
+
+
+LANDMARKS_FILE = "landmarks5.csv"
+_LANDMARK_COLUMNS = tuple(f"{p}_{a}" for p in ("eye_image_left", "eye_image_right", "nose_tip",
+                                                "mouth_image_left", "mouth_image_right")
+                          for a in ("x", "y"))
+
+
+def _read_landmarks(path: Path, rows: list[dict[str, str]]) -> np.ndarray | None:
+    """(N, 5, 2) points in ``labels.csv`` order from ``landmarks5.csv`` (None if absent); a row
+    with found=0 gives NaN. Every labelled sample must have exactly one row."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            missing = [c for c in ("subject", "video", "found", *_LANDMARK_COLUMNS)
+                       if c not in header]
+            if missing:
+                raise DatasetError(f"{path}: missing column(s) {missing}")
+            table: dict[tuple[str, str], np.ndarray] = {}
+            for i, r in enumerate(reader, start=2):
+                key = (r["subject"].strip(), r["video"].strip())
+                if key in table:
+                    raise DatasetError(f"{path} line {i}: {key} listed twice")
+                if r["found"].strip() == "0":
+                    table[key] = np.full((5, 2), np.nan)
+                    continue
+                try:
+                    table[key] = np.array([float(r[c]) for c in _LANDMARK_COLUMNS]).reshape(5, 2)
+                except ValueError as exc:
+                    raise DatasetError(f"{path} line {i}: {exc}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: not a readable UTF-8 CSV file ({exc})") from exc
+    keys = [(r["subject"].strip(), r["video"].strip()) for r in rows]
+    absent = [k for k in keys if k not in table]
+    if absent:
+        raise DatasetError(f"{path}: no row for {len(absent)} labelled sample(s), e.g. "
+                           f"{absent[:3]}; rows must match labels.csv one to one")
+    return np.stack([table[k] for k in keys])
 
 
 def _read_rows(labels: Path) -> list[dict[str, str]]:
@@ -153,6 +198,7 @@ def load_megc3db(root: str | Path, *, check_counts: bool = True) -> Megc3DB:
             raise DatasetError(f"image {path} has shape {m.shape}; expected (28, 28, 3)")
         maps.append(m)
 
+    landmarks = _read_landmarks(root / LANDMARKS_FILE, rows)
     x = np.ascontiguousarray(np.stack(maps).transpose(0, 3, 1, 2), dtype=np.float32)
     y = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     dbs = np.array([r["database"].strip() for r in rows])
@@ -161,7 +207,7 @@ def load_megc3db(root: str | Path, *, check_counts: bool = True) -> Megc3DB:
         x=x, y=y, subjects=subjects, databases=dbs,
         videos=np.array([r["video"].strip() for r in rows]),
         files=np.array([str(root / r["flow_file"].strip()) for r in rows]),
-        root=str(root),
+        root=str(root), landmarks=landmarks,
     )
     if check_counts:
         n_subj = len(data.subject_list)
