@@ -184,6 +184,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from training.ensemble import SOURCES, EnsembleError, loso_ensemble
+
+    members = []
+    for spec in args.members:
+        path, _, source = spec.partition(":")
+        source = source or "final"
+        if source not in SOURCES:
+            raise EnsembleError(f"{spec}: source {source!r} is not one of {', '.join(SOURCES)}")
+        members.append((path, source))
+    res = loso_ensemble(members)
+    for m in res["members"]:
+        print(f"  member {m['model']:<8} {m['source']:<11} UF1 {m['uf1']:.4f}  UAR "
+              f"{m['uar']:.4f}  {m['results']}")
+    print(f"ensemble of {len(members)} (mean probability)  UF1 {res['uf1']:.4f}  "
+          f"UAR {res['uar']:.4f}")
+    for db, r in res["per_database"].items():
+        print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"results: {args.out}")
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     from training.data.raw import make_adapter, preprocess
 
@@ -281,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "complete one in docs/results made with this schedule); '' for none")
     sp.add_argument("--weights", help="weights from `train` instead of training again")
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("ensemble", help="LOSO score of the mean probability of several "
+                                         "networks' LOSO runs (no fitting)",
+                        description="Average the pooled LOSO probabilities of complete runs "
+                                    "over the same samples and score them once "
+                                    "(training/ensemble.py). Each member is a results file, "
+                                    "optionally suffixed :cv_ensemble to take its nested CV "
+                                    "ensemble's probabilities instead of its final ones.")
+    sp.add_argument("members", nargs="+", metavar="RESULTS[:SOURCE]",
+                    help="LOSO results JSON; SOURCE final (default) or cv_ensemble")
+    sp.add_argument("--out", help="write the ensemble's results JSON here")
+    sp.set_defaults(func=cmd_ensemble)
 
     sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
                                            "network inputs (training/data/README.md)")
