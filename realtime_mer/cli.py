@@ -236,6 +236,11 @@ def _info(args) -> int:
     manifest = engine.manifest
     payload = {"engine": str(getattr(engine, "path", args.engine)), "backend": engine.name,
                "device": str(engine.device), "manifest": manifest.to_dict()}
+    if hasattr(engine, "members"):  # an ensemble: what each member is and how it runs
+        payload["members"] = [{"engine": str(m.path), "backend": m.name, "device": str(m.device),
+                               "model": m.manifest.model,
+                               "input_kind": m.manifest.input.get("kind", "map28"),
+                               "loso": m.manifest.loso} for m in engine.members]
     print(json.dumps(payload, indent=2, sort_keys=True))
     return 0
 

@@ -206,6 +206,14 @@ def cmd_ensemble(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
         print(f"results: {args.out}")
+    if args.engine_out:
+        from training.ensemble import write_ensemble_engine
+
+        if not args.engines:
+            raise EnsembleError("--engine-out needs --engines (one exported engine per member)")
+        manifest = write_ensemble_engine(res, args.engines, args.engine_out, args.out)
+        print(f"ensemble engine: {args.engine_out} (+ .json manifest, sha256 "
+              f"{manifest['sha256'][:16]}…)")
     return 0
 
 
@@ -317,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("members", nargs="+", metavar="RESULTS[:SOURCE]",
                     help="LOSO results JSON; SOURCE final (default) or cv_ensemble")
     sp.add_argument("--out", help="write the ensemble's results JSON here")
+    sp.add_argument("--engines", nargs="+", metavar="ENGINE",
+                    help="one exported engine per member, in the members' order; each "
+                         "manifest must quote its member's LOSO run")
+    sp.add_argument("--engine-out", metavar="NAME.ens",
+                    help="write an ensemble engine (member list + manifest with the "
+                         "ensemble's LOSO score) that mer --engine loads")
     sp.set_defaults(func=cmd_ensemble)
 
     sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "

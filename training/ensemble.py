@@ -11,13 +11,14 @@ if they were fixed before looking at it (``docs/RESULTS.md`` says when that was 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from training.metrics import evaluate, per_database
 
-__all__ = ["EnsembleError", "member_probabilities", "loso_ensemble"]
+__all__ = ["EnsembleError", "member_probabilities", "loso_ensemble", "write_ensemble_engine"]
 
 # Which probabilities of a results file a member contributes.
 SOURCES = ("final", "cv_ensemble")
@@ -101,3 +102,59 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
                          "probs": [round(float(v), 6) for v in pr]}
                         for i, f, t, q, pr in zip(idx, files, y, pred, mean)],
     }
+
+
+def write_ensemble_engine(result: dict, engines: list[str | Path], out: str | Path,
+                          results_path: str | Path | None = None) -> dict:
+    """Write the ensemble engine ``out`` (``NAME.ens``) and its manifest for the LOSO
+    ensemble ``result`` of :func:`loso_ensemble`, from one exported engine per member, in the
+    members' order. Each engine's manifest must quote the LOSO run of its member (the same
+    results file and score), so the ensemble's score applies to these very engines. Returns the
+    manifest as a dict."""
+    from realtime_mer import __version__
+    from realtime_mer.runtime import Manifest, ensemble_manifest, manifest_path, sha256_file
+    from realtime_mer.runtime.ensemble import COMBINE_RULE, ENSEMBLE_SUFFIX
+
+    out = Path(out)
+    if out.suffix != ENSEMBLE_SUFFIX:
+        raise EnsembleError(f"{out}: an ensemble engine file ends in {ENSEMBLE_SUFFIX}")
+    members = result["members"]
+    if len(engines) != len(members):
+        raise EnsembleError(f"{len(engines)} engine(s) for {len(members)} members; give one "
+                            "engine per results file, in the same order")
+    manifests, listed = [], []
+    for engine, member in zip(engines, members):
+        engine = Path(engine)
+        if not engine.is_file():
+            raise EnsembleError(f"engine {engine} is missing (export it first: python -m "
+                                "training export ...)")
+        m = Manifest.load(manifest_path(engine))
+        if sha256_file(engine) != m.sha256:
+            raise EnsembleError(f"{engine}: sha256 does not match its manifest")
+        quoted = m.loso or {}
+        if (Path(str(quoted.get("results_file", ""))).name != Path(member["results"]).name
+                or quoted.get("uf1") is None or abs(quoted["uf1"] - member["uf1"]) > 1e-9):
+            raise EnsembleError(
+                f"{engine}: its manifest quotes LOSO results {quoted.get('results_file')!r} "
+                f"(UF1 {quoted.get('uf1')}), not the member {member['results']} (UF1 "
+                f"{member['uf1']:.4f}); export the engine with that run's schedule")
+        if list(m.class_names) != list(result["class_names"]):
+            raise EnsembleError(f"{engine}: classes {m.class_names} differ from the LOSO "
+                                f"runs' {result['class_names']}")
+        manifests.append(m)
+        listed.append({"file": os.path.relpath(engine.resolve(), out.resolve().parent),
+                       "sha256": m.sha256})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"members": listed, "combine": COMBINE_RULE}, indent=1) + "\n")
+    loso = {"protocol": result["protocol"], "uf1": result["uf1"], "uar": result["uar"],
+            "accuracy": result["accuracy"], "complete": True,
+            "per_database": result["per_database"],
+            "results_file": None if results_path is None else Path(results_path).name,
+            "members": [{"model": mb["model"], "source": mb["source"],
+                         "results_file": Path(mb["results"]).name, "uf1": mb["uf1"],
+                         "uar": mb["uar"]} for mb in members]}
+    manifest = ensemble_manifest(manifests, sha256_file(out), list(result["class_names"]),
+                                 loso=loso, training={"members": [mb["config"] for mb in members]},
+                                 versions={"realtime_mer": __version__})
+    manifest.save(manifest_path(out))
+    return manifest.to_dict()

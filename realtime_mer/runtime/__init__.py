@@ -11,9 +11,10 @@ from realtime_mer.runtime.backends import (
     load_engine,
     sha256_file,
 )
+from realtime_mer.runtime.ensemble import EnsembleBackend, ensemble_manifest
 from realtime_mer.runtime.manifest import Manifest, manifest_path
 
 __all__ = [
-    "BACKENDS", "Backend", "Manifest", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend",
+    "BACKENDS", "Backend", "EnsembleBackend", "Manifest", "ensemble_manifest", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend",
     "default_engine_path", "load_engine", "manifest_path", "sha256_file",
 ]

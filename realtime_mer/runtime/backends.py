@@ -275,7 +275,31 @@ def _suffix_format(path: Path) -> str:
         return "onnx"
     if s in (".pt2", ".ep"):
         return "torch_export"
-    raise EngineError(f"{path}: unknown engine type {s!r} (expected .onnx or .pt2)")
+    if s == ".ens":
+        return "ensemble"
+    raise EngineError(f"{path}: unknown engine type {s!r} (expected .onnx, .pt2 or .ens)")
+
+
+def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str):
+    """Every member of an ensemble file, each verified against its own manifest and against
+    the hash the ensemble recorded (its LOSO score was measured with exactly those)."""
+    from realtime_mer.runtime.ensemble import ENSEMBLE_SUFFIX, EnsembleBackend, read_members
+
+    members = []
+    for entry in read_members(path):
+        member_path = path.parent / entry["file"]
+        if member_path.suffix.lower() == ENSEMBLE_SUFFIX:
+            raise EngineError(f"{path}: member {entry['file']} is itself an ensemble")
+        try:
+            engine = load_engine(member_path, backend, device)
+        except EngineError as exc:
+            raise EngineError(f"{path}: member {entry['file']}: {exc}") from exc
+        if engine.manifest.sha256 != entry["sha256"]:
+            raise EngineError(f"{path}: member {entry['file']} is not the engine the ensemble "
+                              f"was built with (sha256 {engine.manifest.sha256[:16]}…, recorded "
+                              f"{entry['sha256'][:16]}…)")
+        members.append(engine)
+    return EnsembleBackend(path, manifest, members)
 
 
 def load_engine(path: str | Path | None = None, backend: str = "auto",
@@ -283,7 +307,8 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
     """Load an engine and verify it against its manifest (``<path>.json``).
 
     backend: "auto" (by file type: .onnx → ONNX Runtime; .pt2 → TensorRT where torch_tensorrt
-    and CUDA are present, else torch), "onnxruntime", "torch" or "tensorrt". device: "auto",
+    and CUDA are present, else torch; .ens → an ensemble whose members load with the same
+    backend and device), "onnxruntime", "torch" or "tensorrt". device: "auto",
     "cpu" or "cuda". "auto" falls back with a logged reason; an explicit request that cannot be
     met raises BackendUnavailable. Missing/corrupt files, hash or input-spec mismatch raise
     EngineError.
@@ -304,6 +329,8 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
         raise EngineError(f"{path}: sha256 {digest[:16]}… does not match the manifest's "
                           f"{manifest.sha256[:16]}… (engine and manifest are out of step)")
 
+    if fmt == "ensemble":
+        return _load_ensemble(path, manifest, backend, device)
     if fmt == "onnx":
         if backend not in ("auto", "onnxruntime"):
             raise BackendUnavailable(f"backend {backend!r} cannot run an ONNX file here; "

@@ -82,3 +82,66 @@ def test_cli_writes_the_ensemble_and_exits_2_on_bad_members(tmp_path, capsys):
         loso_ensemble([(a, "final"), (b, "final")])["uf1"])
     assert main(["ensemble", str(a), f"{b}:leaky"]) == 2
     assert "leaky" in capsys.readouterr().err
+
+
+def _tiny_data():
+    from training.data.megc3db import Megc3DB
+
+    rng = np.random.default_rng(3)
+    n_subjects, per = 3, 6
+    n = n_subjects * per
+    y = np.tile(np.arange(3), n // 3)
+    x = rng.random((n, 3, 28, 28), dtype=np.float32) * 0.5
+    for i, c in enumerate(y):
+        x[i, c] += 0.3
+    return Megc3DB(x=x, y=y, subjects=np.repeat([f"casme2/s{i}" for i in range(n_subjects)], per),
+                   databases=np.array(["casme2"] * n), videos=np.array([str(i) for i in range(n)]),
+                   files=np.array([f"f{i}.png" for i in range(n)]), root="synthetic",
+                   landmarks=np.full((n, 5, 2), np.nan))
+
+
+def test_ensemble_engine_averages_the_members_it_was_scored_with(tmp_path):
+    """Two networks with different input kinds: LOSO each, export each quoting its run, write
+    the ensemble engine; the runtime loads it, predicts the members' mean, and refuses a member
+    that is not the one the ensemble was scored with."""
+    import dataclasses
+    import shutil
+
+    from realtime_mer.errors import EngineError
+    from realtime_mer.runtime import load_engine
+    from training.ensemble import write_ensemble_engine
+    from training.export import export_default
+    from training.loso import LosoConfig, run_loso
+
+    data = _tiny_data()
+    cfgs = [LosoConfig(epochs=2, batch_size=6, select_epochs="fixed"),
+            LosoConfig(epochs=2, batch_size=6, select_epochs="fixed", input_kind="regions5")]
+    results, engines = [], []
+    for i, cfg in enumerate(cfgs):
+        res = tmp_path / f"loso{i}.json"
+        run_loso(data, cfg, tmp_path / f"run{i}", results_path=res)
+        engines.append(tmp_path / "engines" / f"m{i}.onnx")
+        export_default(data, cfg, engines[-1], loso_results=res)
+        results.append(res)
+    ens = loso_ensemble([(r, "final") for r in results])
+    out = tmp_path / "engines" / "both.ens"
+    m = write_ensemble_engine(ens, engines, out, tmp_path / "ens.json")
+    assert m["format"] == "ensemble" and m["loso"]["uf1"] == pytest.approx(ens["uf1"])
+    engine = load_engine(out)
+    members = [load_engine(e) for e in engines]
+    assert engine.uses_landmarks and [e.manifest.model for e in engine.members] == ["ststnet"] * 2
+    want = np.mean([e.predict(data.x) for e in members], axis=0)
+    np.testing.assert_allclose(engine.predict(data.x), want, atol=1e-6)
+    # The order of the members matters for the check: engines must follow the results.
+    with pytest.raises(EnsembleError, match="quotes LOSO results"):
+        write_ensemble_engine(ens, engines[::-1], tmp_path / "x.ens")
+    # A member re-exported (other weights) is not the one the ensemble was scored with.
+    export_default(data, dataclasses.replace(cfgs[0], seed=5), tmp_path / "other.onnx",
+                   loso_results=None)
+    shutil.copy(tmp_path / "other.onnx", engines[0])
+    shutil.copy(tmp_path / "other.onnx.json", str(engines[0]) + ".json")
+    with pytest.raises(EngineError, match="not the engine the ensemble was built with"):
+        load_engine(out)
+    engines[0].unlink()
+    with pytest.raises(EngineError, match="member m0.onnx.*missing"):
+        load_engine(out)
