@@ -116,8 +116,12 @@ def time_engines(paths: list[Path], calls: int) -> list[dict]:
     base = next((m for m, d in zip(medians, is_default) if d), None)
     rows = []
     for p, engine, t, med, d in zip(paths, engines, times, medians, is_default):
-        rows.append({"engine": p.name, "bytes": p.stat().st_size,
-                     "members": (engine.manifest.training.get("ensemble") or {}).get("members", 1),
+        # An ensemble file (.ens) is a list: its size is its members', its networks theirs.
+        parts = getattr(engine, "members", [engine])
+        networks = sum((m.manifest.training.get("ensemble") or {}).get("members", 1)
+                       for m in parts)
+        rows.append({"engine": p.name, "bytes": sum(m.path.stat().st_size for m in parts),
+                     "members": networks,
                      "loso_uf1": (engine.manifest.loso or {}).get("uf1"),
                      "median_ms": med, "p95_ms": sorted(t)[int(0.95 * (len(t) - 1))],
                      "calls": len(t), "x_default": med / base if base else None,
@@ -162,7 +166,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
     args = parser.parse_args()
     engine_paths = args.engines if args.engines is not None else sorted(
-        p for p in (REPO / "engines").glob("*.onnx") if p.with_name(p.name + ".json").exists())
+        p for pattern in ("*.onnx", "*.ens") for p in (REPO / "engines").glob(pattern)
+        if p.with_name(p.name + ".json").exists())
     started = time.time()
     rows = run(args.repeats)
     text = table(rows)
