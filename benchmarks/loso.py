@@ -69,7 +69,8 @@ def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str) -> flo
             torch.cuda.synchronize()
         marks[epoch] = time.perf_counter()
 
-    train_models(data.x, data.y, train_sets, cfg, fold_ids, device=device, on_epoch=on_epoch)
+    train_models(data.x, data.y, train_sets, cfg, fold_ids, device=device, on_epoch=on_epoch,
+                 landmarks=data.landmarks)
     return marks[cfg.epochs] - marks[1]
 
 
