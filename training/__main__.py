@@ -66,17 +66,28 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                         '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
 
 
+def _json_object(text: str, option: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object such as '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
 def _config(args):
     from training.loso import LosoConfig
 
     return LosoConfig(
-        model=args.model, model_kwargs=json.loads(args.model_kwargs), epochs=args.epochs,
+        model=args.model, model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"),
+        epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
         augment=args.augment, seed=args.seed, eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
         input_kind=args.input_kind, input_size=args.input_size,
-        input_options=json.loads(args.input_options),
+        input_options=_json_object(args.input_options, "--input-options"),
     )
 
 
@@ -94,8 +105,8 @@ def cmd_loso(args) -> int:
     from training.loso import run_loso
 
     _setup(args)
+    cfg = _config(args)  # a schedule that does not fit fails before the data is read
     data = load_megc3db(args.data)
-    cfg = _config(args)
     folds = None
     if args.folds:
         if "," in args.folds:
@@ -131,8 +142,8 @@ def cmd_train(args) -> int:
     from training.export import fit_full, save_weights
 
     _setup(args)
+    cfg = _config(args)  # a schedule that does not fit fails before the data is read
     data = load_megc3db(args.data)
-    cfg = _config(args)
     model, selection = fit_full(data, cfg, device=args.device,
                                 progress=lambda m: print(m, flush=True))
     save_weights(model, cfg, args.out, selection)
@@ -167,8 +178,8 @@ def cmd_export(args) -> int:
     from training.export import export_default
 
     _setup(args)
+    cfg = _config(args)  # a schedule that does not fit fails before the data is read
     data = load_megc3db(args.data)
-    cfg = _config(args)
     loso_results = (args.loso_results if args.loso_results is not None
                     else default_loso_results(cfg, ensemble=args.ensemble))
     if loso_results is None:

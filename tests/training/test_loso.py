@@ -292,3 +292,17 @@ def test_landmark_input_kinds_train_and_need_landmarks(tmp_path):
     assert res["config"]["input_options"] == {"alpha": 3.0} and len(res["predictions"]) == 6
     with pytest.raises(ValueError, match="no option"):
         LosoConfig(input_kind="colour", input_options={"use_omam": False})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input-options", "{bad"], "--input-options is not valid JSON"),
+    (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
+    (["--input-kind", "colour", "--input-options", '{"use_omam": false}'], "has no option"),
+])
+def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, args, message):
+    from training.__main__ import main
+
+    assert main(["loso", "--data", str(tmp_path / "absent"), "--run-dir",
+                 str(tmp_path / "run"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
