@@ -212,8 +212,8 @@ def train_models(
     """Train one model per entry of ``train_sets`` (indices into ``x``), all at once.
 
     x: (N, 3, H, W) float32 maps in [0, 1]; y: (N,) int; landmarks: (N, 5, 2) or None, for the
-    input kinds that locate facial regions (mirrored with the maps by the flip). ``fold_ids`` seed each model (init,
-    batches, flips) so a model's run does not depend on the others. ``eval_hook(epoch,
+    input kinds that locate facial regions (mirrored with the maps by the flip). ``fold_ids``
+    seed each model (init, batches, flips) so a model's run does not depend on the others. ``eval_hook(epoch,
     predict)`` is called every ``cfg.eval_every`` epochs and at the end; ``predict`` maps an
     (M, T) index array into ``x`` (row m for model m) to (M, T, C) probabilities in eval mode. ``state``/``checkpoint`` resume
     and save training. Returns the trained models (eval mode, CPU) and the final state.
