@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from realtime_mer.runtime import sha256_file
-from realtime_mer.input_kinds import LANDMARK_KINDS
+from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.loso import (LosoConfig, _inner_jobs, git_commit, model_inputs,
                            select_epochs_full, train_models)
@@ -275,8 +275,9 @@ def _input_spec(cfg: LosoConfig, side: int) -> dict:
             "kind": cfg.input_kind,
             "built_from": "(N, 3, H, W) (u, v, strain) maps in [0, 1] by "
                           "realtime_mer.input_kinds.network_inputs (the runtime does this)"}
-    if cfg.input_options:
-        spec["options"] = dict(cfg.input_options)
+    if INPUT_OPTIONS[cfg.input_kind]:
+        # Every switch, defaults included, so the engine is fed the same if defaults change.
+        spec["options"] = {**INPUT_OPTIONS[cfg.input_kind], **cfg.input_options}
     if cfg.input_kind in LANDMARK_KINDS:
         spec["landmarks"] = ("five points per map (eyes, nose tip, mouth corners) in the maps' "
                              "frame; the apex frame's, or the aligned-face template")

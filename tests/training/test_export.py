@@ -210,7 +210,10 @@ def test_landmark_input_engine_is_fed_like_training(tmp_path, kind, size, option
     cfg = LosoConfig(epochs=1, batch_size=4, select_epochs="fixed", input_kind=kind,
                      input_size=size, input_options=options)
     m = export_default(data, cfg, tmp_path / "e.onnx", loso_results=None)
-    assert m["input"]["kind"] == kind and m["input"].get("options", {}) == options
+    from realtime_mer.input_kinds import INPUT_OPTIONS
+
+    assert m["input"]["kind"] == kind
+    assert m["input"].get("options", {}) == {**INPUT_OPTIONS[kind], **options}
     assert "landmarks" in m["input"]
     engine = load_engine(tmp_path / "e.onnx", backend="onnxruntime")
     assert engine.uses_landmarks
