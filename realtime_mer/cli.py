@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", type=Path, default=None, metavar="FILE",
-                        help="engine file with its .json manifest beside it (default: the "
-                             "shipped engines/ststnet_cv6_3db.onnx, or $MER_ENGINE)")
+                        help="engine file (.onnx, .pt2, or an ensemble .ens) with its .json "
+                             "manifest beside it (default: the shipped "
+                             "engines/ststnet_cv6_3db.onnx, or $MER_ENGINE)")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "onnxruntime", "torch", "tensorrt"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
