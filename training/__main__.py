@@ -1,5 +1,6 @@
-"""``python -m training {loso,train,export,preprocess,fit-clips}``: LOSO evaluation, full-data training,
-ONNX export, raw-database preprocessing."""
+"""``python -m training {loso,train,export,ensemble,compare,preprocess,fit-clips}``: LOSO
+evaluation, full-data training, ONNX export, ensembles and paired comparisons of LOSO runs,
+raw-database preprocessing."""
 
 from __future__ import annotations
 
@@ -228,6 +229,32 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from training.compare import load_results, paired_comparison
+
+    if args.bootstrap < 0:
+        raise ValueError("--bootstrap must be >= 0")
+    reference = load_results(args.reference)
+    rows = []
+    print(f"reference: {args.reference}")
+    print(f"{'variant':<48} {'n':>4} {'ref UF1':>8} {'UF1':>7} {'dUF1':>7} "
+          f"{'95% CI (subjects)':>18} {'dUAR':>7}")
+    for path in args.variants:
+        r = paired_comparison(reference, load_results(path), n_boot=args.bootstrap,
+                              seed=args.seed)
+        rows.append({"results": str(path), **r})
+        lo, hi = r["ci95_delta_uf1"]
+        print(f"{Path(path).name:<48} {r['n']:>4} {r['reference']['uf1']:>8.4f} "
+              f"{r['variant']['uf1']:>7.4f} {r['delta_uf1']:>+7.4f} "
+              f"{f'[{lo:+.3f}, {hi:+.3f}]':>18} {r['delta_uar']:>+7.4f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"reference": str(args.reference),
+                                              "comparisons": rows}, indent=1) + "\n")
+        print(f"comparison: {args.out}")
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     from training.data.raw import make_adapter, preprocess
 
@@ -343,6 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write an ensemble engine (member list + manifest with the "
                          "ensemble's LOSO score) that mer --engine loads")
     sp.set_defaults(func=cmd_ensemble)
+
+    sp = sub.add_parser("compare", help="paired comparison of LOSO runs on the folds they "
+                                        "share (ablations), with a subject bootstrap",
+                        description="Score each variant and the reference on the variant's "
+                                    "test samples (a --folds subset or all) and bootstrap the "
+                                    "UF1 difference over subjects (training/compare.py).")
+    sp.add_argument("reference", help="LOSO results JSON of the reference (e.g. the full model)")
+    sp.add_argument("variants", nargs="+", help="LOSO results JSON of each variant")
+    sp.add_argument("--bootstrap", type=int, default=2000, help="subject bootstrap draws")
+    sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    sp.add_argument("--out", help="write the comparisons here (JSON)")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
                                            "network inputs (training/data/README.md)")

@@ -1,0 +1,94 @@
+"""Paired comparison of LOSO runs (training/compare.py): both runs scored on the variant's
+samples, a subject bootstrap of the difference, runs over other data refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.__main__ import main
+from training.compare import CompareError, load_results, paired_comparison
+from training.metrics import uf1_uar
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+FULL = RESULTS / "mjfn112_loso_fixed40.json"
+VARIANT = RESULTS / "ablations" / "mjfn112_average_loso_fixed40.json"
+
+
+def test_full_runs_differ_by_their_recorded_scores():
+    ref, var = load_results(FULL), load_results(VARIANT)
+    r = paired_comparison(ref, var, n_boot=200)
+    assert r["n"] == len(ref["predictions"]) == 442
+    assert r["reference"]["uf1"] == pytest.approx(ref["uf1"], abs=1e-12)
+    assert r["variant"]["uar"] == pytest.approx(var["uar"], abs=1e-12)
+    assert r["delta_uf1"] == pytest.approx(var["uf1"] - ref["uf1"], abs=1e-12)
+    lo, hi = r["ci95_delta_uf1"]
+    assert lo <= hi
+    differ = sum(a["pred"] != b["pred"] for a, b in zip(
+        sorted(ref["predictions"], key=lambda p: p["index"]),
+        sorted(var["predictions"], key=lambda p: p["index"])))
+    assert r["predictions_differ"] == differ > 0
+
+
+def _subset(doc, subjects):
+    sub = copy.deepcopy(doc)
+    sub["predictions"] = [p for p in sub["predictions"] if p["subject"] in subjects]
+    sub["complete"] = False
+    return sub
+
+
+def test_a_fold_subset_is_scored_against_the_same_samples_of_the_reference():
+    ref = load_results(FULL)
+    subjects = {"casme2/sub17", "casme2/sub12", "samm/006"}
+    part = _subset(ref, subjects)
+    r = paired_comparison(ref, part, n_boot=100)
+    y = [p["label"] for p in part["predictions"]]
+    pred = [p["pred"] for p in part["predictions"]]
+    assert r["n"] == len(y) and set(r["subjects"]) == subjects
+    assert r["reference"]["uf1"] == pytest.approx(uf1_uar(y, pred)[0], abs=1e-12)
+    # The same predictions: no difference in any bootstrap draw.
+    assert r["delta_uf1"] == 0 and r["ci95_delta_uf1"] == [0.0, 0.0]
+    assert r["p_variant_lower"] == 0 and r["predictions_differ"] == 0
+
+
+def test_a_variant_right_on_every_sample_is_never_lower_in_the_bootstrap():
+    ref = load_results(FULL)
+    perfect = copy.deepcopy(ref)
+    for p in perfect["predictions"]:
+        p["pred"] = p["label"]
+    r = paired_comparison(ref, perfect, n_boot=300, seed=3)
+    assert r["variant"]["uf1"] == 1.0
+    assert r["delta_uf1"] == pytest.approx(1.0 - ref["uf1"], abs=1e-12)
+    assert r["ci95_delta_uf1"][0] > 0 and r["p_variant_lower"] == 0
+
+
+def test_runs_over_other_samples_or_labels_are_refused():
+    ref = load_results(FULL)
+    other = copy.deepcopy(ref)
+    other["predictions"][5]["label"] = (other["predictions"][5]["label"] + 1) % 3
+    with pytest.raises(CompareError, match="label"):
+        paired_comparison(ref, other, n_boot=10)
+    extra = copy.deepcopy(ref)
+    extra["predictions"].append({**extra["predictions"][0], "index": 10_000})
+    with pytest.raises(CompareError, match="not in the reference"):
+        paired_comparison(ref, extra, n_boot=10)
+
+
+def test_cli_writes_the_comparison_and_refuses_a_non_results_file(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(FULL), str(VARIANT), "--bootstrap", "50", "--out",
+                 str(out)]) == 0
+    doc = json.loads(out.read_text())
+    expect = load_results(VARIANT)["uf1"] - load_results(FULL)["uf1"]
+    assert doc["comparisons"][0]["delta_uf1"] == pytest.approx(expect, abs=1e-12)
+    assert VARIANT.name in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"uf1": 0.5}))
+    assert main(["compare", str(FULL), str(bad)]) == 2
+    assert "not a LOSO results file" in capsys.readouterr().err
+    assert main(["compare", str(FULL), str(VARIANT), "--bootstrap", "-1"]) == 2
+    assert np.isfinite(doc["comparisons"][0]["ci95_delta_uf1"]).all()
