@@ -155,6 +155,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def engine_share(rows: list[dict], engine_rows: list[dict]) -> str:
+    """One sentence: the slowest engine's median per event against the median flow-feature
+    cost per event of the videos that had events."""
+    features = [r["features_median"] for r in rows if "features_median" in r]
+    if not features or not engine_rows:
+        return ""
+    slow = max(engine_rows, key=lambda r: r["median_ms"])
+    share = slow["median_ms"] / statistics.median(features)
+    return (f"the slowest engine ({slow['engine']}, {slow['median_ms']:.1f} ms) adds "
+            f"{100 * share:.1f} % to an event's flow features ({statistics.median(features):.0f} ms).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -191,7 +203,8 @@ def main() -> None:
             "## Engines side by side (ONNX Runtime, one event = one map, "
             f"{args.calls} real 3DB maps, calls interleaved)\n\n" + engines_text + "\n\n"
             "The per-frame stages do not use the engine, so frames per second do not depend on "
-            "it; an event's engine call is a fraction of a percent of its flow features.\n")
+            f"it; {engine_share(rows, engine_rows)} Engines that are not in the repository "
+            "are built on demand (`docs/RESULTS.md`).\n")
         args.out.with_suffix(".json").write_text(
             json.dumps({"videos": rows, "engines": engine_rows}, indent=2) + "\n")
 
