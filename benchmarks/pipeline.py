@@ -160,11 +160,12 @@ def engine_share(rows: list[dict], engine_rows: list[dict]) -> str:
     cost per event of the videos that had events."""
     features = [r["features_median"] for r in rows if "features_median" in r]
     if not features or not engine_rows:
-        return ""
+        return "no video had an event to compare the engines' cost with."
+    per_event = statistics.median(features)
     slow = max(engine_rows, key=lambda r: r["median_ms"])
-    share = slow["median_ms"] / statistics.median(features)
     return (f"the slowest engine ({slow['engine']}, {slow['median_ms']:.1f} ms) adds "
-            f"{100 * share:.1f} % to an event's flow features ({statistics.median(features):.0f} ms).")
+            f"{100 * slow['median_ms'] / per_event:.1f} % to an event's flow features "
+            f"({per_event:.0f} ms).")
 
 
 def main() -> None:

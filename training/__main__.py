@@ -232,8 +232,6 @@ def cmd_ensemble(args) -> int:
 def cmd_compare(args) -> int:
     from training.compare import load_results, paired_comparison
 
-    if args.bootstrap < 0:
-        raise ValueError("--bootstrap must be >= 0")
     reference = load_results(args.reference)
     rows = []
     print(f"reference: {args.reference}")

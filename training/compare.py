@@ -51,6 +51,8 @@ def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, see
     ``delta_uar`` (variant - reference), ``ci95_delta_uf1`` (subject bootstrap), the share of
     bootstrap draws where the variant's UF1 is lower, and how many predictions differ.
     """
+    if n_boot < 0:
+        raise CompareError(f"bootstrap draws must be >= 0, not {n_boot}")
     ref = _by_index(reference)
     var = _by_index(variant)
     missing = sorted(set(var) - set(ref))

@@ -76,6 +76,8 @@ def test_runs_over_other_samples_or_labels_are_refused():
     extra["predictions"].append({**extra["predictions"][0], "index": 10_000})
     with pytest.raises(CompareError, match="not in the reference"):
         paired_comparison(ref, extra, n_boot=10)
+    with pytest.raises(CompareError, match="bootstrap draws"):
+        paired_comparison(ref, ref, n_boot=-1)
 
 
 def test_cli_writes_the_comparison_and_refuses_a_non_results_file(tmp_path, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from realtime_mer.input_kinds import INPUT_OPTIONS
 from training.data.megc3db import Megc3DB
 from training.export import check_loso_results, export_default, fit_full
 from training.loso import LosoConfig, _inner_groups, select_epochs_full
@@ -210,8 +211,6 @@ def test_landmark_input_engine_is_fed_like_training(tmp_path, kind, size, option
     cfg = LosoConfig(epochs=1, batch_size=4, select_epochs="fixed", input_kind=kind,
                      input_size=size, input_options=options)
     m = export_default(data, cfg, tmp_path / "e.onnx", loso_results=None)
-    from realtime_mer.input_kinds import INPUT_OPTIONS
-
     assert m["input"]["kind"] == kind
     assert m["input"].get("options", {}) == {**INPUT_OPTIONS[kind], **options}
     assert "landmarks" in m["input"]
