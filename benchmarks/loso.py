@@ -50,7 +50,7 @@ NETWORKS = {
     "ststnet": ({}, "map28", None, 300),
     "ahmsa": ({}, "map28", None, 40),
     "mjfn": ({"input_size": 112}, "colour", 112, 40),
-    "mcnet": ({}, "colour", 112, 40),
+    "mcnet": ({}, "mcnet", 112, 40),
 }
 
 

@@ -283,6 +283,13 @@ def train_models(
     # reproducible for a given chunk, but unlike init, batches and flips these draws are not
     # per fold (a fold's dropout masks depend on which folds share its chunk).
     torch.manual_seed(cfg.seed * 1_000_033 + int(fold_ids[0]))
+    if state is not None and "dropout_rng" in state:
+        # Resume the dropout draws where the checkpoint left them, so that an interrupted run
+        # gives the same predictions as an uninterrupted one (checkpoints written before this
+        # was recorded restart the draws from the seed).
+        torch.set_rng_state(state["dropout_rng"])
+        if "dropout_rng_cuda" in state and str(device).startswith("cuda"):
+            torch.cuda.set_rng_state(state["dropout_rng_cuda"], device)
     if n_models == 1:
         # One model: call it directly on views of the stacked tensors (gradients and
         # BatchNorm statistic updates reach the stacked state); vmap's per-call overhead
@@ -310,6 +317,9 @@ def train_models(
             "optimizer": opt.state_dict(),
             "generators": [g.get_state() for g in gens],
             "stream_bufs": [s.buf.clone() for s in streams],
+            "dropout_rng": torch.get_rng_state(),
+            **({"dropout_rng_cuda": torch.cuda.get_rng_state(device)}
+               if str(device).startswith("cuda") else {}),
         }
 
     base.train()

@@ -57,9 +57,13 @@ def test_short_loso_end_to_end(tmp_path):
     assert not list((tmp_path / "run").glob("chunk_*.pt"))  # checkpoint removed when done
 
 
-def test_resume_skips_done_folds_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_resume_skips_done_folds_and_checkpoint(tmp_path, dropout):
+    """With dropout too: the checkpoint carries the dropout generator's state, so the resumed
+    run draws the masks an uninterrupted run draws."""
     data = _synthetic()
-    ref = run_loso(data, CFG, tmp_path / "ref", folds=[0, 1, 2])
+    cfg = dataclasses.replace(CFG, model_kwargs={"dropout": dropout})
+    ref = run_loso(data, cfg, tmp_path / "ref", folds=[0, 1, 2])
 
     class Stop(Exception):
         pass
@@ -69,11 +73,11 @@ def test_resume_skips_done_folds_and_checkpoint(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], checkpoint_every=2,
+        run_loso(data, cfg, tmp_path / "run", folds=[0, 1, 2], checkpoint_every=2,
                  progress=interrupt)
     assert list((tmp_path / "run").glob("chunk_*.pt"))
     msgs: list[str] = []
-    res = run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], checkpoint_every=2,
+    res = run_loso(data, cfg, tmp_path / "run", folds=[0, 1, 2], checkpoint_every=2,
                    progress=msgs.append)
     assert any("resuming from epoch 2" in m for m in msgs)
     a = np.array([p["probs"] for p in ref["predictions"]])
@@ -81,7 +85,7 @@ def test_resume_skips_done_folds_and_checkpoint(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
     # A finished fold is not trained again.
     msgs.clear()
-    run_loso(data, CFG, tmp_path / "run", folds=[0, 1, 2], progress=msgs.append)
+    run_loso(data, cfg, tmp_path / "run", folds=[0, 1, 2], progress=msgs.append)
     assert any("3 of 3 folds already done" in m for m in msgs)
     assert not any("epoch" in m for m in msgs)
 
