@@ -450,8 +450,8 @@ def uv_from_3db_map(map28: np.ndarray, zero: str = "median") -> tuple[np.ndarray
 
 # What a network can be fed from the (u, v, strain) maps that both the 3DB files and the live
 # pipeline produce: the maps themselves, AHMSA-Net's five-region recombination of them, the
-# colour-coded flow image (MJFN), or MCNet's magnified, AU-weighted colour image. The last two
-# of the four are built from the face's five landmarks (LANDMARK_KINDS).
+# colour-coded flow image (MJFN), or MCNet's magnified, AU-weighted colour image. AHMSA-Net's
+# regions and MCNet's image are built from the face's five landmarks (LANDMARK_KINDS).
 NETWORK_INPUT_KINDS = ("map28", "regions5", "colour", "mcnet")
 LANDMARK_KINDS = ("regions5", "mcnet")
 # The options a kind accepts (``network_inputs(..., options=...)``), with their defaults.
@@ -461,6 +461,32 @@ INPUT_OPTIONS = {
     "colour": {},
     "mcnet": {"use_omam": True, "use_oaum": True, "alpha": 2.0},
 }
+
+
+
+def check_input_options(kind: str, options: dict | None) -> dict:
+    """``options`` for input kind ``kind`` merged over its defaults; ValueError for an unknown
+    kind or option, or a value of the wrong type (a JSON ``"false"`` string would otherwise
+    read as True and silently turn an ablation into the full model)."""
+    if kind not in NETWORK_INPUT_KINDS:
+        raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(NETWORK_INPUT_KINDS)}")
+    defaults = INPUT_OPTIONS[kind]
+    unknown = sorted(set(options or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"input kind {kind!r} has no option(s) {unknown}; known: "
+                         f"{sorted(defaults) or 'none'}")
+    for name, value in (options or {}).items():
+        want = defaults[name]
+        if isinstance(want, bool):
+            ok = isinstance(value, bool)
+        else:  # a number: int or float, but not a bool
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(f"input option {name!r} of kind {kind!r} must be a "
+                             f"{'true/false' if isinstance(want, bool) else 'number'}, got "
+                             f"{value!r}")
+    return {**defaults, **(options or {})}
+
 
 # Mirroring a face swaps its left and right points: eyes (0, 1) and mouth corners (3, 4).
 _MIRROR_ORDER = (1, 0, 2, 4, 3)
@@ -523,14 +549,7 @@ def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = Non
     x = np.asarray(maps, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"maps must be (N, 3, H, W), got {x.shape}")
-    if kind not in NETWORK_INPUT_KINDS:
-        raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(NETWORK_INPUT_KINDS)}")
-    opts = dict(INPUT_OPTIONS[kind])
-    unknown = sorted(set(options or {}) - set(opts))
-    if unknown:
-        raise ValueError(f"input kind {kind!r} has no option(s) {unknown}; known: "
-                         f"{sorted(opts) or 'none'}")
-    opts.update(options or {})
+    opts = check_input_options(kind, options)
     if kind in ("map28", "regions5"):
         if size is not None and size != x.shape[-1]:
             raise ValueError(f"input kind {kind!r} keeps the maps' size {x.shape[-1]}; got "

@@ -77,10 +77,22 @@ def _json_object(text: str, option: str) -> dict:
     return value
 
 
+def _check_network(name: str, kwargs: dict) -> None:
+    """Build the network once, so that an unknown name or option fails before data is read."""
+    from training.models import create_model
+
+    try:
+        create_model(name, **kwargs)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"network {name!r} does not take the options {kwargs}: {exc}") from None
+
+
 def _config(args):
     from training.loso import LosoConfig
 
-    return LosoConfig(
+    cfg = LosoConfig(
         model=args.model, model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"),
         epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -90,6 +102,8 @@ def _config(args):
         input_kind=args.input_kind, input_size=args.input_size,
         input_options=_json_object(args.input_options, "--input-options"),
     )
+    _check_network(cfg.model, cfg.model_kwargs)
+    return cfg
 
 
 def _setup(args) -> None:
@@ -101,19 +115,30 @@ def _setup(args) -> None:
         raise SystemExit("error: --device cuda but CUDA is not available")
 
 
+def _parse_folds(text: str | None) -> list[int] | None:
+    """--folds: N (the first N folds) or a comma list of fold indices; None: all folds."""
+    if not text:
+        return None
+    is_list = "," in text  # "5," is the one fold 5; "5" the first five folds
+    parts = [p.strip() for p in text.split(",") if p.strip() or not is_list]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--folds takes N or a comma list of fold indices such as 0,5,12 "
+                         f"(one fold: 5,); got {text!r}")
+    if is_list:
+        return sorted({int(p) for p in parts})
+    if int(parts[0]) < 1:
+        raise ValueError("--folds N needs N >= 1")
+    return list(range(int(parts[0])))
+
+
 def cmd_loso(args) -> int:
     from training.data import load_megc3db
     from training.loso import run_loso
 
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
+    folds = _parse_folds(args.folds)
     data = load_megc3db(args.data)
-    folds = None
-    if args.folds:
-        if "," in args.folds:
-            folds = [int(f) for f in args.folds.split(",")]
-        else:
-            folds = list(range(int(args.folds)))
     run_dir = args.run_dir or (f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
                                + ("_nested" if cfg.select_epochs == "nested" else ""))
     print(f"LOSO {cfg.model}: {len(data)} samples, {len(data.subject_list)} subjects, "
@@ -174,12 +199,35 @@ def default_loso_results(cfg, results_dir: Path | None = None,
     return None
 
 
+def _schedule_of_weights(args, cli_cfg):
+    """With --weights the schedule is the one the weights were trained with (it names the
+    engine and finds the LOSO results to quote); a schedule option given on the command line
+    that contradicts it is refused rather than silently ignored."""
+    import dataclasses
+
+    from training.export import weights_config
+
+    file_cfg = weights_config(args.weights)
+    default_cfg = _config(build_parser().parse_args(["export"]))
+    conflicts = [f"{f.name}: command line {getattr(cli_cfg, f.name)!r}, weights "
+                 f"{getattr(file_cfg, f.name)!r}"
+                 for f in dataclasses.fields(cli_cfg)
+                 if getattr(cli_cfg, f.name) != getattr(default_cfg, f.name)
+                 and getattr(cli_cfg, f.name) != getattr(file_cfg, f.name)]
+    if conflicts:
+        raise ValueError(f"{args.weights} was trained with another schedule ("
+                         + "; ".join(conflicts) + "); drop those options or train again")
+    return file_cfg
+
+
 def cmd_export(args) -> int:
     from training.data import load_megc3db
     from training.export import export_default
 
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
+    if args.weights:
+        cfg = _schedule_of_weights(args, cfg)
     data = load_megc3db(args.data)
     loso_results = (args.loso_results if args.loso_results is not None
                     else default_loso_results(cfg, ensemble=args.ensemble))
@@ -277,11 +325,13 @@ def cmd_fit_clips(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
+    _check_network(args.model, model_kwargs)  # before the cache is read
     data = load_preprocessed(args.cache, args.databases.split(",") if args.databases else None,
                              kind="stack16")
     print(f"{len(data)} clips {tuple(data.x.shape[1:])}, classes {list(data.class_counts())}",
           flush=True)
-    out = fit_clips(data.x, data.y, model=args.model, model_kwargs=json.loads(args.model_kwargs),
+    out = fit_clips(data.x, data.y, model=args.model, model_kwargs=model_kwargs,
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     progress=lambda m: print(m, flush=True))
     out["cache"] = str(args.cache)
@@ -316,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--run-dir", help="per-fold state, for resume (default runs/loso_...)")
     sp.add_argument("--out", help="also write the results JSON here")
-    sp.add_argument("--folds", help="N (first N folds) or a comma list of fold indices")
+    sp.add_argument("--folds", help="N (first N folds) or a comma list of fold indices "
+                                    "(one fold: 'I,')")
     sp.add_argument("--chunk-size", type=int, default=68,
                     help="folds trained together as one vectorised ensemble (default 68)")
     sp.add_argument("--workers", type=int, default=1,
@@ -416,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from realtime_mer.errors import MerError
+    from training.export import ExportError
     from training.loso import LosoWorkerError
 
     args = build_parser().parse_args(argv)
@@ -428,12 +480,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a configuration that does not fit (resume, results, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except LosoWorkerError as exc:
+    except (LosoWorkerError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished folds and checkpoints are kept; rerun the same command "
-              "to resume", file=sys.stderr)
+        if args.func is cmd_loso:
+            print("interrupted: finished folds and checkpoints are kept; rerun the same "
+                  "command to resume", file=sys.stderr)
+        elif args.func is cmd_preprocess:
+            print("interrupted: the samples already in the cache are kept; rerun the same "
+                  "command to resume", file=sys.stderr)
+        else:
+            print("interrupted: nothing was written (this command does not resume)",
+                  file=sys.stderr)
         return 130
 
 

@@ -32,8 +32,13 @@ def load_results(path: str | Path) -> dict:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CompareError(f"{path}: cannot be read as JSON ({exc})") from exc
-    if not isinstance(doc, dict) or not doc.get("predictions"):
+    if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list) \
+            or not doc["predictions"]:
         raise CompareError(f"{path}: not a LOSO results file with predictions")
+    need = ("index", "pred", "label", "subject", "file")
+    if any(not isinstance(p, dict) or any(k not in p for k in need) for p in doc["predictions"]):
+        raise CompareError(f"{path}: its predictions lack some of {', '.join(need)}: not a "
+                           "results file of `python -m training loso`")
     return doc
 
 

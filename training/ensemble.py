@@ -40,6 +40,12 @@ def member_probabilities(doc: dict, source: str = "final", name: str = "results"
         raise EnsembleError(f"{name}: not a complete LOSO results file (every fold, with "
                             "predictions)")
     preds = doc["predictions"]
+    need = ("index", "probs", "label", "file", "database")
+    if (not isinstance(doc.get("config"), dict) or "model" not in doc["config"]
+            or not isinstance(doc.get("dataset"), dict)
+            or any(not isinstance(p, dict) or any(k not in p for k in need) for p in preds)):
+        raise EnsembleError(f"{name}: not a results file of `python -m training loso` (it needs "
+                            f"config.model, dataset and predictions with {', '.join(need)})")
     idx = np.array([p["index"] for p in preds])
     if source == "final":
         probs = np.array([p["probs"] for p in preds], dtype=np.float64)

@@ -29,10 +29,14 @@ import torch
 from realtime_mer.runtime import sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.loso import (LosoConfig, _inner_jobs, git_commit, model_inputs,
+from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, model_inputs,
                            select_epochs_full, train_models)
 
 log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The ONNX export failed or disagrees with the eager model."""
 
 __all__ = ["ProbabilityAverage", "train_full", "fit_full", "save_weights", "load_weights", "load_selection",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
@@ -92,6 +96,7 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
     if ensemble and cfg.select_epochs != "nested":
         raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
                          "models: use --select-epochs nested")
+    check_model(data, cfg)  # a network or input kind that does not fit fails before training
     selection = None
     epochs = cfg.epochs
     if cfg.select_epochs == "nested":
@@ -128,20 +133,44 @@ def save_weights(model: torch.nn.Module, cfg: LosoConfig, path: str | Path,
                 "selection_json": json.dumps(selection)}, path)
 
 
+def _read_weights(path: str | Path) -> dict:
+    """The document :func:`save_weights` wrote; ValueError for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such weights file (write one with `python -m training "
+                         "train --out FILE`)")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        json.loads(doc["config_json"])
+        doc["state_dict"].keys()
+    except Exception as exc:  # torch raises several types for a file that is not ours
+        raise ValueError(f"{path}: not a weights file written by `python -m training train` "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return doc
+
+
+def weights_config(path: str | Path) -> LosoConfig:
+    """The schedule a weights file was trained with."""
+    return LosoConfig.from_dict(json.loads(_read_weights(path)["config_json"]))
+
+
 def load_weights(path: str | Path) -> tuple[torch.nn.Module, LosoConfig]:
     from training.models import create_model
 
-    doc = torch.load(path, map_location="cpu", weights_only=True)
+    doc = _read_weights(path)
     cfg = LosoConfig.from_dict(json.loads(doc["config_json"]))
     model = create_model(cfg.model, **cfg.model_kwargs)
-    model.load_state_dict(doc["state_dict"])
+    try:
+        model.load_state_dict(doc["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: its weights do not fit network {cfg.model!r} "
+                         f"{cfg.model_kwargs}: {str(exc)[:300]}") from None
     return model.eval(), cfg
 
 
 def load_selection(path: str | Path) -> dict | None:
     """The epoch selection record saved with the weights (None: fixed schedule, or none)."""
-    doc = torch.load(path, map_location="cpu", weights_only=True)
-    return json.loads(doc.get("selection_json", "null"))
+    return json.loads(_read_weights(path).get("selection_json", "null"))
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path,
@@ -203,7 +232,9 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         selection = None
     # Refuse a mismatching LOSO results file before spending minutes on training.
     loso_doc = None
-    if loso_results and Path(loso_results).is_file():
+    if loso_results and not Path(loso_results).is_file():
+        raise ValueError(f"--loso-results {loso_results}: no such file")
+    if loso_results:
         loso_doc = json.loads(Path(loso_results).read_text())
         check_loso_results(loso_doc, cfg, str(loso_results))
         if ensemble and "nested_cv_ensemble" not in loso_doc:
@@ -216,11 +247,23 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
     lm = data.landmarks
-    export_onnx(model, out, example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
     x = model_inputs(data.x, cfg, lm).numpy()
-    check = check_export(model, out, x)
-    if check["min_cosine"] < 0.99 or not check["argmax_equal"]:
-        raise RuntimeError(f"exported engine disagrees with the eager model: {check}")
+    try:
+        export_onnx(model, out,
+                    example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
+        check = check_export(model, out, x)
+        if check["min_cosine"] < 0.99 or not check["argmax_equal"]:
+            raise ExportError(f"exported engine disagrees with the eager model: {check}")
+    except Exception as exc:
+        out.unlink(missing_ok=True)  # no engine file without its verified manifest
+        if weights or ensemble:
+            raise ExportError(f"export to {out} failed: {type(exc).__name__}: {exc}") from exc
+        # Minutes of training are not thrown away with a failed export.
+        kept = out.with_suffix(".weights.pt")
+        save_weights(model, cfg, kept, selection)
+        raise ExportError(f"export to {out} failed ({type(exc).__name__}: {exc}); the trained "
+                          f"weights are kept in {kept}: export them again with --weights "
+                          f"{kept}") from exc
     with torch.no_grad():
         train_acc = float((model(torch.as_tensor(x)).argmax(1).numpy() == data.y).mean())
 

@@ -1,7 +1,9 @@
 """Leave-one-subject-out (LOSO) evaluation with a fixed schedule, pooled predictions and resume.
 
-Every fold is trained for the same fixed number of epochs and scored once, at the end; nothing is
-chosen by looking at the held-out subject. The "best epoch per test subject" number that much
+Every fold is trained with the same schedule and scored once: at the end of a fixed number of
+epochs (``select_epochs="fixed"``), or at the epoch count that an inner subject-wise CV on the
+fold's training subjects chose (``"nested"``); nothing is chosen by looking at the held-out
+subject. The "best epoch per test subject" number that much
 published code reports is computed beside it from periodic evaluations, and kept apart under the
 key ``leaky_best_epoch`` so it can be compared with papers but never mistaken for the honest one.
 
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from realtime_mer.errors import DatasetError
-from realtime_mer.input_kinds import (INPUT_OPTIONS, LANDMARK_KINDS, NETWORK_INPUT_KINDS,
+from realtime_mer.input_kinds import (LANDMARK_KINDS, NETWORK_INPUT_KINDS, check_input_options,
                                       hflip_landmarks, network_inputs)
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.metrics import evaluate, per_database
@@ -111,10 +113,7 @@ class LosoConfig:
         if self.input_kind not in NETWORK_INPUT_KINDS:
             raise ValueError(f"input_kind {self.input_kind!r} is not one of "
                              f"{', '.join(NETWORK_INPUT_KINDS)}")
-        unknown = sorted(set(self.input_options) - set(INPUT_OPTIONS[self.input_kind]))
-        if unknown:
-            raise ValueError(f"input kind {self.input_kind!r} has no option(s) {unknown}; "
-                             f"known: {sorted(INPUT_OPTIONS[self.input_kind]) or 'none'}")
+        check_input_options(self.input_kind, self.input_options)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -413,7 +412,7 @@ def run_loso(
 
     # Checked before the run directory records the configuration, so a fixed command reruns.
     _check_training_sets(data, folds)
-    _check_model(data, cfg)
+    check_model(data, cfg)
     config_doc = {"config": cfg.to_dict(), "n_samples": len(data), "subjects": subjects,
                   "format": RESULTS_FORMAT}
     cfg_path = run_dir / "config.json"
@@ -467,7 +466,7 @@ def _check_training_sets(data: Megc3DB, folds: list[int]) -> None:
             )
 
 
-def _check_model(data: Megc3DB, cfg: LosoConfig) -> None:
+def check_model(data: Megc3DB, cfg: LosoConfig) -> None:
     """Build the network and run it on two samples, so that a network name, options or input
     kind that do not fit fail here, before any training (and not inside a worker)."""
     if cfg.input_kind in LANDMARK_KINDS and data.landmarks is None:

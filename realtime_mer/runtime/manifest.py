@@ -68,7 +68,8 @@ class Manifest:
             raise EngineError(f"{source}: input spec needs {list(_INPUT_KEYS)}, got {inp!r}")
         if inp["layout"] != "NCHW" or inp["dtype"] != "float32" or len(inp["shape"]) != 4:
             raise EngineError(f"{source}: only float32 NCHW 4-D inputs are supported, got {inp}")
-        from realtime_mer.input_kinds import INPUT_OPTIONS, NETWORK_INPUT_KINDS
+        from realtime_mer.input_kinds import (INPUT_OPTIONS, NETWORK_INPUT_KINDS,
+                                              check_input_options)
 
         kind = inp.get("kind", "map28")
         if kind not in NETWORK_INPUT_KINDS:
@@ -79,6 +80,10 @@ class Manifest:
         if unknown:
             raise EngineError(f"{source}: input kind {kind!r} has no option(s) {unknown}; this "
                               "engine needs a newer realtime_mer")
+        try:
+            check_input_options(kind, inp.get("options"))
+        except ValueError as exc:  # a value of the wrong type
+            raise EngineError(f"{source}: {exc}") from None
         if len(inp["channels"]) != inp["shape"][1]:
             raise EngineError(f"{source}: {len(inp['channels'])} channel names for "
                               f"{inp['shape'][1]} channels")

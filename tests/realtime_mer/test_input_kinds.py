@@ -335,6 +335,10 @@ def test_network_inputs_refuses_bad_requests():
     maps = np.zeros((2, 3, 28, 28), np.float32)
     with pytest.raises(ValueError, match="unknown input kind"):
         ik.network_inputs(maps, "stack16")
+    with pytest.raises(ValueError, match="must be a true/false, got 0"):
+        ik.network_inputs(maps, "mcnet", 56, options={"use_oaum": 0})
+    with pytest.raises(ValueError, match="must be a number, got '2'"):
+        ik.network_inputs(maps, "mcnet", 56, options={"alpha": "2"})
     with pytest.raises(ValueError, match="keeps the maps' size"):
         ik.network_inputs(maps, "map28", 112)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):

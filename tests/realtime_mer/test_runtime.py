@@ -146,6 +146,7 @@ def test_corrupt_onnx_with_matching_hash(tmp_path):
     ({"format": "torch_export"}, "format"),
     ({"input": {"kind": "stack16"}}, "unknown input kind"),
     ({"input": {"kind": "mcnet", "options": {"gain": 2}}}, "no option"),
+    ({"input": {"kind": "mcnet", "options": {"use_omam": "no"}}}, "must be a true/false"),
 ])
 def test_manifest_mismatch(tmp_path, change, msg):
     if not ENGINE.is_file():

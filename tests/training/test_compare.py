@@ -92,5 +92,8 @@ def test_cli_writes_the_comparison_and_refuses_a_non_results_file(tmp_path, caps
     bad.write_text(json.dumps({"uf1": 0.5}))
     assert main(["compare", str(FULL), str(bad)]) == 2
     assert "not a LOSO results file" in capsys.readouterr().err
+    bad.write_text(json.dumps({"predictions": [{"index": 0, "label": 1}]}))
+    assert main(["compare", str(FULL), str(bad)]) == 2
+    assert "predictions lack some of index, pred" in capsys.readouterr().err
     assert main(["compare", str(FULL), str(VARIANT), "--bootstrap", "-1"]) == 2
     assert np.isfinite(doc["comparisons"][0]["ci95_delta_uf1"]).all()

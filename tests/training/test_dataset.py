@@ -146,6 +146,10 @@ def test_landmark_file_must_match_the_rows(tmp_path):
     (root / "landmarks5.csv").write_text(LANDMARK_HEADER + "".join(lines + lines[:1]))
     with pytest.raises(DatasetError, match="listed twice"):
         load_megc3db(root, check_counts=False)
+    (root / "landmarks5.csv").write_text(LANDMARK_HEADER + "".join(lines)
+                                         + f"casme2/sub99,EP01_01,1,{pts}\n")
+    with pytest.raises(DatasetError, match="1 row.s. for samples that labels.csv does not list"):
+        load_megc3db(root, check_counts=False)
     (root / "landmarks5.csv").write_text("subject,video,found\n")
     with pytest.raises(DatasetError, match="missing column"):
         load_megc3db(root, check_counts=False)

@@ -82,6 +82,9 @@ def test_cli_writes_the_ensemble_and_exits_2_on_bad_members(tmp_path, capsys):
         loso_ensemble([(a, "final"), (b, "final")])["uf1"])
     assert main(["ensemble", str(a), f"{b}:leaky"]) == 2
     assert "leaky" in capsys.readouterr().err
+    # The ensemble's own output is not a LOSO run: refused with a message, not a traceback.
+    assert main(["ensemble", str(a), str(out)]) == 2
+    assert "not a results file of `python -m training loso`" in capsys.readouterr().err
 
 
 def _tiny_data():

@@ -248,3 +248,73 @@ def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
     (tmp_path / "e_nested_ens.json").write_text(json.dumps(
         {**_results(NESTED), "nested_cv_ensemble": {"uf1": 0.72, "uar": 0.73}}))
     assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
+
+
+def test_train_and_export_refuse_bad_input_before_any_work(tmp_path, capsys):
+    """Unknown networks or options, and weights files that are missing, foreign or trained
+    with another schedule: exit 2 with a message, before the data is read or an engine is
+    written."""
+    from training.__main__ import main
+    from training.export import save_weights
+    from training.models import create_model
+
+    absent = str(tmp_path / "no_data")
+    out = tmp_path / "e.onnx"
+
+    def refused(argv: list[str], message: str) -> None:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+    refused(["train", "--data", absent, "--model", "nosuch", "--out", str(tmp_path / "w.pt")],
+            "unknown model 'nosuch'")
+    refused(["export", "--data", absent, "--model-kwargs", '{"nope": 1}', "--out", str(out)],
+            "does not take the options {'nope': 1}")
+    refused(["export", "--data", absent, "--weights", str(tmp_path / "absent.pt"),
+             "--out", str(out)], "no such weights file")
+    (tmp_path / "foreign.pt").write_bytes(b"not a torch file")
+    refused(["export", "--data", absent, "--weights", str(tmp_path / "foreign.pt"),
+             "--out", str(out)], "not a weights file written by")
+    fixed = LosoConfig(epochs=4, batch_size=8, eval_every=2, lr=5e-3)
+    save_weights(create_model("ststnet"), fixed, tmp_path / "w.pt")
+    # The weights are an STSTNet: exporting them as AHMSA-Net (which would also name the
+    # engine after it) is refused; options left at their defaults are taken from the file.
+    refused(["export", "--data", absent, "--weights", str(tmp_path / "w.pt"), "--model",
+             "ahmsa", "--out", str(out)], "model: command line 'ahmsa', weights 'ststnet'")
+
+
+def test_export_refuses_a_missing_results_file_and_unfit_input_before_training(tmp_path):
+    from realtime_mer.errors import DatasetError
+
+    fixed = LosoConfig(epochs=4, batch_size=8, eval_every=2, lr=5e-3)
+    with pytest.raises(ValueError, match="no such file"):
+        export_default(_noisy(), fixed, tmp_path / "e.onnx",
+                       loso_results=tmp_path / "typo.json")
+    with pytest.raises(DatasetError, match="landmarks5.csv"):
+        fit_full(_noisy(), dataclasses.replace(fixed, input_kind="regions5"))
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_a_failed_export_keeps_the_trained_weights(tmp_path, monkeypatch):
+    """Training is not lost when the ONNX step fails: the weights are saved beside the engine
+    path, and exporting them with --weights gives the engine of that very model."""
+    import training.export as ex
+
+    fixed = LosoConfig(epochs=2, batch_size=8, eval_every=2, lr=5e-3)
+    out = tmp_path / "e.onnx"
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(ex, "export_onnx", broken_export)
+    with pytest.raises(ex.ExportError, match="weights are kept in .*e.weights.pt"):
+        export_default(_noisy(), fixed, out)
+    assert not out.exists()
+    monkeypatch.undo()
+    kept, kept_cfg = ex.load_weights(tmp_path / "e.weights.pt")
+    assert kept_cfg == fixed
+    m = export_default(_noisy(), fixed, out, weights=tmp_path / "e.weights.pt")
+    x = ex.model_inputs(_noisy().x, fixed, None).numpy()
+    check = ex.check_export(kept, out, x)
+    assert check["min_cosine"] >= 0.99 and check["argmax_equal"]
+    assert m["training"]["schedule"]["epochs_trained"] == 2

@@ -302,6 +302,13 @@ def test_landmark_input_kinds_train_and_need_landmarks(tmp_path):
     (["--input-options", "{bad"], "--input-options is not valid JSON"),
     (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
     (["--input-kind", "colour", "--input-options", '{"use_omam": false}'], "has no option"),
+    # A string "false" would read as True and run the full model instead of the ablation.
+    (["--input-kind", "mcnet", "--input-options", '{"use_omam": "false"}'],
+     "'use_omam' of kind 'mcnet' must be a true/false"),
+    (["--input-kind", "mcnet", "--input-options", '{"alpha": true}'], "must be a number"),
+    (["--folds", "1,x"], "--folds takes N or a comma list"),
+    (["--folds", "0"], "--folds N needs N >= 1"),
+    (["--model", "nosuch"], "unknown model 'nosuch'"),
 ])
 def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, args, message):
     from training.__main__ import main
@@ -310,3 +317,12 @@ def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, args, message
                  str(tmp_path / "run"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_folds_option_reads_a_count_or_a_list():
+    from training.__main__ import _parse_folds
+
+    assert _parse_folds(None) is None
+    assert _parse_folds("3") == [0, 1, 2]
+    assert _parse_folds("5,") == [5]
+    assert _parse_folds("12, 4,4") == [4, 12]

@@ -106,6 +106,10 @@ def _read_landmarks(path: Path, rows: list[dict[str, str]]) -> np.ndarray | None
     if absent:
         raise DatasetError(f"{path}: no row for {len(absent)} labelled sample(s), e.g. "
                            f"{absent[:3]}; rows must match labels.csv one to one")
+    extra = sorted(set(table) - set(keys))
+    if extra:  # points of another dataset version would silently misplace the regions
+        raise DatasetError(f"{path}: {len(extra)} row(s) for samples that labels.csv does not "
+                           f"list, e.g. {extra[:3]}; rows must match labels.csv one to one")
     return np.stack([table[k] for k in keys])
 
 
