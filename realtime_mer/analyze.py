@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from realtime_mer import __version__
 from realtime_mer.annotate import AnnotatedVideoWriter, annotate
 from realtime_mer.capture import CaptureOptions, Frame, WebcamSource, open_video
-from realtime_mer.errors import InputError
+from realtime_mer.errors import InputError, OutputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
 from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, REPORT_HTML, SUMMARY_JSON,
                                  TIMELINE_PNG, EventRecord, EventWriter, SignalTrace,
@@ -67,6 +67,12 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
                  "fps_nominal": info.fps_nominal, "frames_declared": info.n_frames_declared,
                  "duration_ms": info.duration_ms,
                  "variable_frame_rate": info.variable_frame_rate, "codec": info.codec}
+        if info.fps_nominal > 0:
+            # The ring buffer must hold buffer_seconds of *this* video: at 200 fps (CASME II,
+            # SAMM) a 30 fps-sized buffer keeps under a second, and a long event's onset crop
+            # would already be overwritten. Capped where the spotter's own history is.
+            fps = min(info.fps_nominal, options.spotter.max_fps)
+            options = replace(options, fps_hint=max(options.fps_hint, fps))
         return _run(iter(source), Path(out_dir), path.name, facts, options, engine,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
                     expected=info.n_frames_declared or None, progress=progress,
@@ -116,15 +122,38 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
          dropped: Callable[[], int], expected: int | None, progress: ProgressCallback | None,
          on_event: EventCallback | None, annotated_video: bool = False,
          fps_hint: float = 30.0) -> AnalysisResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = EventWriter(out_dir / EVENTS_JSONL)
+    except OSError as error:  # checked before any frame is read, so nothing is lost
+        raise OutputError(f"cannot write the results into {out_dir}: "
+                          f"{error.strerror or error}") from None
     result = AnalysisResult(source=name, out_dir=out_dir)
     trace = SignalTrace()
     started = time.perf_counter()
-    pipeline = Pipeline(options, engine=engine, source_name=name)
-    writer = EventWriter(out_dir / EVENTS_JSONL)
-    video = AnnotatedVideoWriter(out_dir / ANNOTATED_MP4, fps_hint) if annotated_video else None
-    count = 0
     try:
+        pipeline = Pipeline(options, engine=engine, source_name=name)
+    except BaseException:
+        writer.close()
+        raise
+    video = None
+    count = 0
+
+    def give_up_video(error: Exception) -> None:  # the annotated copy must never cost the report
+        nonlocal video
+        result.problems.append(f"could not write {ANNOTATED_MP4}: {error}")
+        try:
+            video.close()
+        except Exception:
+            pass
+        video = None
+
+    try:
+        if annotated_video:
+            try:
+                video = AnnotatedVideoWriter(out_dir / ANNOTATED_MP4, fps_hint)
+            except Exception as error:
+                result.problems.append(f"could not write {ANNOTATED_MP4}: {error}")
         read_start = time.perf_counter()
         for frame in frames:
             pipeline.timer.add("decode", (time.perf_counter() - read_start) * 1000.0)
@@ -138,9 +167,13 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
                 if on_event is not None:
                     on_event(frame_result.event)
             if video is not None:
-                with pipeline.timer.stage("annotate"):
-                    video.write(annotate(frame.image_bgr, frame_result,
-                                         result.events[-1] if result.events else None), frame.t_ms)
+                try:
+                    with pipeline.timer.stage("annotate"):
+                        video.write(annotate(frame.image_bgr, frame_result,
+                                             result.events[-1] if result.events else None),
+                                    frame.t_ms)
+                except Exception as error:
+                    give_up_video(error)
             if progress is not None:
                 progress(count, expected)
             read_start = time.perf_counter()
@@ -154,6 +187,15 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             result.problems.append("the input gave no decodable frames")
     except KeyboardInterrupt:
         result.interrupted = True
+        # Ctrl+C is how a live run normally stops: the events still being classified in the
+        # background are waited for and kept (a second Ctrl+C gives them up).
+        try:
+            for event, feature_map in pipeline.finish():
+                writer.write(event)
+                result.events.append(event)
+                result.feature_maps.append(feature_map)
+        except (KeyboardInterrupt, Exception) as error:
+            log.warning("events still being classified were lost: %r", error)
         raise
     finally:
         writer.close()
@@ -165,8 +207,14 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         result.problems.extend(problems())
         result.summary = _summary(facts, pipeline, result, count, dropped(), trace,
                                   time.perf_counter() - started)
-        _write_outputs(out_dir, result, pipeline.class_names, trace)
-        pipeline.close()
+        try:
+            _write_outputs(out_dir, result, pipeline.class_names, trace)
+        except OSError as error:
+            raise OutputError(f"cannot write the results into {out_dir}: "
+                              f"{error.strerror or error} (the events found so far are in "
+                              f"{writer.path})") from None
+        finally:
+            pipeline.close()
     return result
 
 
@@ -186,6 +234,8 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "without_face": frames - pipeline.frames_with_face,
             "with_several_faces": pipeline.frames_with_several_faces,
             "sequence_restarts": pipeline.sequence_restarts,
+            # Frames of history kept for an event's onset (sized from the input's frame rate).
+            "ring_buffer_slots": pipeline.buffer.capacity,
             "dropped": dropped,  # only live sources drop; a file is read at the consumer's pace
         },
         "events": {

@@ -97,16 +97,38 @@ class LiveSession:
             self.pipeline.close()
 
 
+UPLOAD_ROOT = Path(tempfile.gettempdir()) / "mer-analyze"
+UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
+UPLOAD_MAX_SIDE = 1280  # the CLI's default: a 4K upload must not cost the face stage 10x
+
+
+def _fresh_output_dir(root: Path = UPLOAD_ROOT, keep_s: float = UPLOAD_KEEP_S) -> Path:
+    """A new folder for one upload's report, after deleting the reports older than ``keep_s``
+    (a long-running demo would otherwise fill the disk)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - keep_s
+    for old in root.iterdir():
+        try:
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another process removed it first
+            pass
+    return Path(tempfile.mkdtemp(prefix="run-", dir=root))
+
+
 def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOptions,
-                   progress=None):
-    """Upload tab: analyse a file into a fresh folder → (output files, timeline, event rows,
-    message)."""
+                   progress=None, out_root: Path = UPLOAD_ROOT):
+    """Upload tab: analyse a file into a fresh folder under ``out_root`` → (output files,
+    timeline, event rows, message)."""
     from realtime_mer.analyze import analyze_video
-    from realtime_mer.errors import InputError
+    from realtime_mer.capture import CaptureOptions
+    from realtime_mer.errors import MerError
 
     if not video_path:
         return [], None, [], "Choose a video file first."
-    out_dir = Path(tempfile.mkdtemp(prefix="mer-analyze-"))
+    out_dir = _fresh_output_dir(out_root)
 
     def report(done: int, expected: int | None) -> None:
         if progress is not None and expected:
@@ -114,8 +136,8 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
 
     try:
         result = analyze_video(video_path, out_dir, options=options, engine=engine,
-                               progress=report)
-    except InputError as error:
+                               capture=CaptureOptions(max_side=UPLOAD_MAX_SIDE), progress=report)
+    except MerError as error:
         return [], None, [], f"Error: {error}"
     files = [str(out_dir / name) for name in OUTPUT_FILES if (out_dir / name).exists()]
     rows = [event_row(e) for e in result.events]
@@ -126,6 +148,11 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
         message += " Problems: " + "; ".join(result.problems) + " (events before it are kept)."
     timeline = str(out_dir / "timeline.png") if (out_dir / "timeline.png").exists() else None
     return files, timeline, rows, message
+
+
+def _close_session(session: LiveSession | None) -> None:
+    if session is not None:
+        session.close()
 
 
 def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
@@ -151,7 +178,9 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
             f"## realtime-mer: micro-expression recognition\nModel **{manifest.model}** "
             f"({engine.name} on {engine.device}); classes: {', '.join(manifest.class_names)}.")
         with gr.Tab("Live webcam"):
-            session = gr.State(None)
+            # A browser session's pipeline (MediaPipe graph, worker thread) is closed when
+            # Gradio drops the session's state, not left to leak.
+            session = gr.State(None, delete_callback=_close_session)
             with gr.Row():
                 camera = gr.Image(sources=["webcam"], streaming=True, label="webcam")
                 annotated = gr.Image(label="annotated", streaming=True)

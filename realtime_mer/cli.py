@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from realtime_mer import __version__
-from realtime_mer.errors import InputError, MerError
+from realtime_mer.errors import InputError, MerError, OutputError
 
 log = logging.getLogger("realtime_mer")
 
@@ -28,18 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"realtime-mer {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # The same two flags after the command (`mer analyze x.mp4 --debug`); SUPPRESS keeps a
+    # subcommand from resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     analyze = commands.add_parser(
-        "analyze", help="find and classify micro-expressions in recorded videos",
+        "analyze", parents=[common], help="find and classify micro-expressions in recorded videos",
         description="Run the pipeline over each video and write events.jsonl (as events are "
                     "found), events.csv, summary.json, timeline.png and report.html. With one video the "
-                    "files go straight into --out; with several, into --out/<video name>/.")
+                    "files go straight into --out; with several, into --out/<video name>/ (<video name>-2, "
+                    "-3, ... for videos that share a name). Exit codes: 0 all complete, 2 an "
+                    "input damaged or unreadable, 3 engine problem, 5 output not writable, "
+                    "130 interrupted.")
     analyze.add_argument("videos", nargs="+", type=Path, metavar="VIDEO")
     analyze.add_argument("--out", type=Path, required=True, metavar="DIR",
                          help="output folder (created if missing)")
     _add_engine_arguments(analyze)
-    analyze.add_argument("--max-side", type=int, default=1280, metavar="PX",
+    analyze.add_argument("--max-side", type=_max_side, default=1280, metavar="PX",
                          help="downscale frames whose longer side exceeds this (default 1280; "
                               "0 keeps full size)")
     analyze.add_argument("--video", action="store_true",
@@ -48,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     live = commands.add_parser(
-        "live", help="analyse a webcam or stream live, printing events as they are found",
+        "live", parents=[common], help="analyse a webcam or stream live, printing events as they are found",
         description="Read a camera (OpenCV device index) or stream URL in a capture thread; "
                     "frames the pipeline cannot keep up with are dropped oldest-first and "
                     "counted. Writes the same files as analyze into --out; stops at --duration, "
@@ -57,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--out", type=Path, default=Path("mer-live"), metavar="DIR")
     live.add_argument("--duration", type=float, default=None, metavar="SECONDS")
     _add_engine_arguments(live)
-    live.add_argument("--max-side", type=int, default=1280, metavar="PX")
+    live.add_argument("--max-side", type=_max_side, default=1280, metavar="PX",
+                      help="downscale frames whose longer side exceeds this (default 1280; 0 "
+                           "keeps full size)")
 
     demo = commands.add_parser(
-        "demo", help="the live webcam demo (Gradio web app)",
+        "demo", parents=[common], help="the live webcam demo (Gradio web app)",
         description="Serve the Gradio app: webcam streaming with annotated frames and an event "
                     "log, and an upload tab that analyses a file.")
     demo.add_argument("--host", default="127.0.0.1",
@@ -70,9 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also open a public Gradio share link (off by default)")
     _add_engine_arguments(demo)
 
-    info = commands.add_parser("info", help="show the engine's manifest and the backends here")
+    info = commands.add_parser("info", parents=[common], help="show the engine's manifest and the backends here")
     _add_engine_arguments(info)
     return parser
+
+
+def _max_side(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
+    if value != 0 and value < 16:
+        raise argparse.ArgumentTypeError(f"must be 0 (full size) or at least 16, got {value}")
+    return value
+
+
+def _output_dirs(videos: list[Path], out: Path) -> list[Path]:
+    """One folder per video under ``out`` (``out`` itself for a single video); videos that share
+    a file name (a/x.mp4, b/x.mp4) get -2, -3, ... so that no report overwrites another."""
+    if len(videos) == 1:
+        return [out]
+    seen: dict[str, int] = {}
+    dirs = []
+    for video in videos:
+        n = seen[video.stem] = seen.get(video.stem, 0) + 1
+        dirs.append(out / (video.stem if n == 1 else f"{video.stem}-{n}"))
+    return dirs
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +117,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "engines/ststnet_cv6_3db.onnx, or $MER_ENGINE)")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "onnxruntime", "torch", "tensorrt"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (CUDA where the backend can use it, else CPU), cpu or cuda")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,10 +197,8 @@ def _analyze(args) -> int:
     engine = _load_engine(args)  # fail on a bad engine before touching any video
     options = _pipeline_options()
     capture = CaptureOptions(max_side=args.max_side or None)
-    several = len(args.videos) > 1
     exit_code = 0
-    for video in args.videos:
-        out_dir = args.out / video.stem if several else args.out
+    for video, out_dir in zip(args.videos, _output_dirs(args.videos, args.out)):
         bars: list = []  # the bar appears with the first frame, not for a file that fails
 
         def progress(done: int, expected: int | None, bars=bars, name=video.name) -> None:
@@ -178,7 +212,7 @@ def _analyze(args) -> int:
         try:
             result = analyze_video(video, out_dir, options=options, capture=capture,
                                    engine=engine, progress=progress, annotated_video=args.video)
-        except InputError as error:
+        except (InputError, OutputError) as error:  # this video fails, the others still run
             where = "" if str(video) in str(error) else f"{video}: "
             print(f"mer: error: {where}{error}", file=sys.stderr)
             exit_code = max(exit_code, error.exit_code)

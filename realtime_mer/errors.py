@@ -16,6 +16,13 @@ class InputError(MerError):
     exit_code = 2
 
 
+class OutputError(MerError):
+    """The output folder or a report file cannot be written (not a folder, no permission,
+    disk full)."""
+
+    exit_code = 5
+
+
 class EngineError(MerError):
     """An engine file or its manifest is missing, corrupt, or does not match what is asked."""
 

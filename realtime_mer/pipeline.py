@@ -262,7 +262,11 @@ def _clamp(t_ms: float, buffer: RingBuffer) -> float:
 
 
 def _synchronizer(engine: Backend):
-    if str(getattr(engine, "device", "cpu")).startswith("cuda"):
+    # Only torch runs CUDA work asynchronously; ONNX Runtime's run() returns when it is done.
+    # An ensemble is synchronised when one of its members runs torch on CUDA.
+    if any(str(getattr(m, "device", "cpu")).startswith("cuda")
+           and getattr(m, "name", "") in ("torch", "tensorrt")
+           for m in getattr(engine, "members", [engine])):
         import torch
 
         return torch.cuda.synchronize

@@ -111,8 +111,23 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + rename), so a summary is never half-written."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False,
+                              default=_json_default) + "\n")
     os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (an unknown duration, say) as null: strict JSON has no NaN, and
+    parsers other than Python's refuse the file."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -132,6 +132,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
         import onnxruntime as ort
 
+        requested = device
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise BackendUnavailable(
@@ -153,6 +154,15 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        # get_available_providers() lists what the package was built with, not a GPU that
+        # works: the session says which provider it really got.
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            if requested == "cuda":
+                raise BackendUnavailable(
+                    f"device='cuda' asked for ONNX Runtime, but its CUDAExecutionProvider "
+                    f"could not start here (session providers: {self.session.get_providers()})")
+            log.info("ONNX Runtime: CUDAExecutionProvider did not start, running on CPU")
+            self.device = "cpu"
         self._check_io()
 
     def _check_io(self) -> None:
@@ -343,6 +353,6 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
     if backend == "auto" and device != "cpu":
         try:
             return TensorRTBackend(path, manifest, device)
-        except BackendUnavailable as exc:
-            log.info("TensorRT not used (%s); falling back to the torch backend", exc)
+        except EngineError as exc:  # not installed, no CUDA, or a program it cannot compile
+            log.warning("TensorRT not used (%s); falling back to the torch backend", exc)
     return TorchBackend(path, manifest, device)

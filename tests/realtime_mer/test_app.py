@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -76,3 +78,22 @@ def test_demo_serves_on_loopback_by_default(engine):
             assert b"realtime-mer" in response.read()
     finally:
         app.close()
+
+
+def test_upload_reports_are_kept_an_hour_then_removed(tmp_path, engine, media_dir):
+    import os
+    import time
+
+    from realtime_mer.app import UPLOAD_KEEP_S
+
+    root = tmp_path / "uploads"
+    old = root / "run-old"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text("{}")
+    stale = time.time() - UPLOAD_KEEP_S - 60
+    os.utime(old, (stale, stale))
+    files, _, _, message = analyze_upload(str(media_dir / "no_face.mp4"), engine,
+                                          LiveSession(engine).options, out_root=root)
+    assert not old.exists()  # older than the keep time: removed
+    assert files and all(Path(f).parent.parent == root for f in files)
+    assert "frames" in message

@@ -255,3 +255,100 @@ def test_annotated_video_keeps_every_frame_and_its_time(media_dir, tmp_path):
     # the face box is drawn (green) on a frame where the face was found
     green = (abs(frames_out[10].image_bgr.astype(int) - (80, 200, 80)).sum(axis=-1) < 60)
     assert green.sum() > 100
+
+
+def test_unwritable_output_is_refused_before_any_frame(media_dir, tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the output folder should go")
+    code = run_cli(str(media_dir / "no_face.mp4"), "--out", str(blocker))
+    err = capsys.readouterr().err
+    assert code == 5
+    assert "cannot write the results into" in err and "Traceback" not in err
+    assert blocker.read_text().startswith("a file")  # left alone
+
+
+def test_videos_that_share_a_name_do_not_overwrite_each_other(media_dir, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(media_dir / "no_face.mp4", tmp_path / folder / "clip.mp4")
+    out = tmp_path / "out"
+    assert run_cli(str(tmp_path / "a" / "clip.mp4"), str(tmp_path / "b" / "clip.mp4"),
+                   "--out", str(out)) == 0
+    first = json.loads((out / "clip" / "summary.json").read_text())
+    second = json.loads((out / "clip-2" / "summary.json").read_text())
+    assert first["input"]["path"].endswith(os.path.join("a", "clip.mp4"))
+    assert second["input"]["path"].endswith(os.path.join("b", "clip.mp4"))
+
+
+def test_debug_and_bad_max_side_on_the_command_line(tmp_path, capsys):
+    from realtime_mer.errors import EngineError
+
+    missing = str(tmp_path / "nowhere.mp4")
+    engine = ["--engine", str(tmp_path / "absent.onnx")]
+    assert main(["analyze", missing, "--out", str(tmp_path / "o"), *engine]) == 3
+    # --debug works after the command as well as before it: the error is raised, not printed.
+    with pytest.raises(EngineError):
+        main(["analyze", missing, "--out", str(tmp_path / "o"), *engine, "--debug"])
+    with pytest.raises(EngineError):
+        main(["--debug", "analyze", missing, "--out", str(tmp_path / "o"), *engine])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", missing, "--out", str(tmp_path / "o"), "--max-side", "8"])
+    assert exit_info.value.code == 2
+    assert "at least 16" in capsys.readouterr().err
+
+
+def test_high_frame_rate_video_gets_a_ring_buffer_for_its_rate(media_dir, tmp_path):
+    """A 200 fps recording (the rate of CASME II and SAMM) must keep the same seconds of history
+    as a 30 fps one, or a long event's onset crop is overwritten before the event closes."""
+    import av
+
+    fast = tmp_path / "fast.mp4"
+    with av.open(str(media_dir / "single_face.mp4")) as source, av.open(str(fast), "w") as sink:
+        stream = sink.add_stream("libx264", rate=200)
+        first = source.streams.video[0].codec_context
+        stream.width, stream.height, stream.pix_fmt = first.width, first.height, "yuv420p"
+        for i, frame in enumerate(source.decode(video=0)):
+            if i == 30:
+                break
+            for packet in stream.encode(av.VideoFrame.from_ndarray(
+                    frame.to_ndarray(format="rgb24"), format="rgb24")):
+                sink.mux(packet)
+        for packet in stream.encode():
+            sink.mux(packet)
+    out = tmp_path / "out"
+    assert run_cli(str(fast), "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["fps_nominal"] == pytest.approx(200, rel=0.01)
+    from realtime_mer.pipeline import PipelineOptions
+
+    seconds = PipelineOptions().buffer_seconds
+    assert summary["frames"]["ring_buffer_slots"] >= seconds * 200
+
+
+def test_summary_json_has_no_nan(tmp_path):
+    import numpy as np
+
+    from realtime_mer.report import write_json
+
+    path = tmp_path / "s.json"
+    write_json(path, {"duration_ms": float("nan"), "x": [np.float32("inf"), 1.5],
+                      "a": np.array([np.nan, 2.0])})
+
+    def refuse(name):
+        raise AssertionError(f"{name} in strict JSON")
+
+    doc = json.loads(path.read_text(), parse_constant=refuse)
+    assert doc == {"duration_ms": None, "x": [None, 1.5], "a": [None, 2.0]}
+
+
+def test_annotated_video_that_cannot_be_written_costs_only_itself(media_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "annotated.mp4").mkdir(parents=True)  # a folder where the video file should go
+    code = run_cli(str(media_dir / "no_face.mp4"), "--out", str(out), "--video")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "annotated.mp4" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"]["processed"] >= 95  # the whole video was still analysed
+    assert any("annotated.mp4" in p for p in summary["problems"])
+    for name in OUTPUT_FILES:
+        assert (out / name).exists()

@@ -234,6 +234,25 @@ def test_tensorrt_explicit_unavailable(pt2_engine):
         load_engine(path, backend="tensorrt")
 
 
+def test_auto_falls_back_to_torch_when_tensorrt_cannot_compile(pt2_engine, monkeypatch, caplog):
+    """Under backend="auto" any TensorRT failure (here: a compilation error, simulated because
+    TensorRT cannot run on this machine) costs the speed-up, not the run."""
+    import realtime_mer.runtime.backends as backends
+
+    class FailingTensorRT:
+        def __init__(self, path, manifest, device):
+            raise EngineError(f"{path}: TensorRT compilation failed (unsupported operator)")
+
+    monkeypatch.setattr(backends, "TensorRTBackend", FailingTensorRT)
+    path, _ = pt2_engine
+    with caplog.at_level("WARNING", logger="realtime_mer"):
+        b = load_engine(path, device="auto")
+    assert b.name == "torch"
+    assert "compilation failed" in caplog.text
+    with pytest.raises(EngineError, match="compilation failed"):  # explicit: no fallback
+        load_engine(path, backend="tensorrt")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="torch_tensorrt is not importable")
 def test_tensorrt_backend(pt2_engine):
