@@ -20,6 +20,30 @@ def run_cli(*args: str) -> int:
     return main(["analyze", *args, "--no-progress"])
 
 
+def _reencode(source_path: Path, dest: Path, *, frames: int, rate: int,
+              size: tuple[int, int] | None = None) -> None:
+    """The first ``frames`` frames of a real video as H.264 at ``rate`` fps (resized to
+    ``size`` = (width, height) if given)."""
+    import av
+    import cv2
+
+    with av.open(str(source_path)) as source, av.open(str(dest), "w") as sink:
+        stream = sink.add_stream("libx264", rate=rate)
+        first = source.streams.video[0].codec_context
+        stream.width, stream.height = size or (first.width, first.height)
+        stream.pix_fmt = "yuv420p"
+        for i, frame in enumerate(source.decode(video=0)):
+            if i == frames:
+                break
+            image = frame.to_ndarray(format="rgb24")
+            if size is not None:
+                image = cv2.resize(image, size)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                sink.mux(packet)
+        for packet in stream.encode():
+            sink.mux(packet)
+
+
 @pytest.fixture(scope="module")
 def wolfgang_run(media_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("wolfgang")
@@ -218,21 +242,8 @@ def test_live_camera_that_disconnects(media_dir, tmp_path, capsys):
 def test_huge_frames_are_downscaled(media_dir, tmp_path):
     """A 4K recording is read at --max-side (default 1280) so MediaPipe and memory stay bounded;
     the face is still found."""
-    import av
-
     big = tmp_path / "big.mp4"
-    with av.open(str(media_dir / "single_face.mp4")) as source, av.open(str(big), "w") as sink:
-        stream = sink.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 3840, 2160, "yuv420p"
-        for i, frame in enumerate(source.decode(video=0)):
-            if i == 12:
-                break
-            image = frame.to_ndarray(format="rgb24")
-            image = __import__("cv2").resize(image, (3840, 2160))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                sink.mux(packet)
-        for packet in stream.encode():
-            sink.mux(packet)
+    _reencode(media_dir / "single_face.mp4", big, frames=12, rate=30, size=(3840, 2160))
     out = tmp_path / "out"
     assert run_cli(str(big), "--out", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -300,21 +311,8 @@ def test_debug_and_bad_max_side_on_the_command_line(tmp_path, capsys):
 def test_high_frame_rate_video_gets_a_ring_buffer_for_its_rate(media_dir, tmp_path):
     """A 200 fps recording (the rate of CASME II and SAMM) must keep the same seconds of history
     as a 30 fps one, or a long event's onset crop is overwritten before the event closes."""
-    import av
-
     fast = tmp_path / "fast.mp4"
-    with av.open(str(media_dir / "single_face.mp4")) as source, av.open(str(fast), "w") as sink:
-        stream = sink.add_stream("libx264", rate=200)
-        first = source.streams.video[0].codec_context
-        stream.width, stream.height, stream.pix_fmt = first.width, first.height, "yuv420p"
-        for i, frame in enumerate(source.decode(video=0)):
-            if i == 30:
-                break
-            for packet in stream.encode(av.VideoFrame.from_ndarray(
-                    frame.to_ndarray(format="rgb24"), format="rgb24")):
-                sink.mux(packet)
-        for packet in stream.encode():
-            sink.mux(packet)
+    _reencode(media_dir / "single_face.mp4", fast, frames=30, rate=200)
     out = tmp_path / "out"
     assert run_cli(str(fast), "--out", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
