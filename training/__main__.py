@@ -389,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--out", default=None,
                     help="engine path (default engines/<model>_3db.onnx, "
-                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble); the manifest is "
-                         "written beside it as <out>.json")
+                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble); a name ending in "
+                         ".pt2 writes a torch.export program instead of ONNX (the engine of "
+                         "the torch and TensorRT backends); the manifest is written beside it "
+                         "as <out>.json")
     sp.add_argument("--ensemble", action="store_true",
                     help="export the CV ensemble (nested only): the full model and the inner "
                          "models of its epoch selection, probabilities averaged; quotes the "

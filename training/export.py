@@ -173,16 +173,21 @@ def load_selection(path: str | Path) -> dict | None:
     return json.loads(_read_weights(path).get("selection_json", "null"))
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path,
-                example: torch.Tensor | None = None) -> None:
-    """torch.onnx.export with a dynamic batch axis; weights stored inside the one file.
-    ``example``: a batch (N >= 2) of the model's input (default (2, 3, 28, 28))."""
-    model = model.eval().cpu()
+def _export_setup(model: torch.nn.Module, path: str | Path, example: torch.Tensor | None):
+    """Eval-mode CPU model, example batch (default (2, 3, 28, 28)), created parent folder and
+    the dynamic batch dimension shared by both engine formats."""
     if example is None:
         example = torch.rand(2, 3, 28, 28)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    return model.eval().cpu(), example, path, torch.export.Dim("batch", min=1, max=4096)
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path,
+                example: torch.Tensor | None = None) -> None:
+    """torch.onnx.export with a dynamic batch axis; weights stored inside the one file.
+    ``example``: a batch (N >= 2) of the model's input (default (2, 3, 28, 28))."""
+    model, example, path, batch = _export_setup(model, path, example)
     onnx_program = torch.onnx.export(
         model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
         dynamic_shapes=({0: batch},), optimize=True, external_data=False,
@@ -190,15 +195,34 @@ def export_onnx(model: torch.nn.Module, path: str | Path,
     onnx_program.save(str(path), external_data=False)
 
 
-def check_export(model: torch.nn.Module, onnx_path: str | Path, x: np.ndarray) -> dict:
-    """Eager vs ONNX Runtime on ``x`` (already normalised, (N, C, H, W)): min per-row cosine of
-    the logits and whether every argmax agrees."""
-    import onnxruntime as ort
+def export_program(model: torch.nn.Module, path: str | Path,
+                   example: torch.Tensor | None = None) -> None:
+    """torch.export with a dynamic batch axis, saved as one ``.pt2`` file: the engine format of
+    the torch and TensorRT backends (TensorRT compiles it on the GPU it will run on)."""
+    model, example, path, batch = _export_setup(model, path, example)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+# An engine's format follows its file name (the runtime reads it the same way).
+ENGINE_FORMATS = {".onnx": "onnx", ".pt2": "torch_export"}
+
+
+def check_export(model: torch.nn.Module, engine_path: str | Path, x: np.ndarray) -> dict:
+    """Eager vs the exported engine (ONNX Runtime for ``.onnx``, the loaded torch.export
+    program for ``.pt2``) on ``x`` (already normalised, (N, C, H, W)): min per-row cosine of
+    the logits and whether every argmax agrees."""
     with torch.no_grad():
         ref = model.eval()(torch.as_tensor(x)).numpy()
-    got = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
+    if Path(engine_path).suffix.lower() == ".pt2":
+        program = torch.export.load(str(engine_path)).module()
+        with torch.no_grad():
+            got = program(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    else:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(engine_path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
     return {"min_cosine": float(cos.min()),
             "argmax_equal": bool((ref.argmax(1) == got.argmax(1)).all()),
@@ -209,14 +233,19 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                    loso_results: str | Path | None = None, weights: str | Path | None = None,
                    device: str = "cpu", ensemble: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
-    """Train on all of ``data`` (or load ``weights``), export ONNX to ``out``, write
-    ``<out>.json``, verify the export on the real maps; returns the manifest dict."""
+    """Train on all of ``data`` (or load ``weights``), export to ``out`` (ONNX for ``.onnx``, a
+    torch.export program for ``.pt2``), write ``<out>.json``, verify the export on the real
+    maps; returns the manifest dict."""
     import onnx
 
     import realtime_mer
     from realtime_mer.runtime.manifest import Manifest
 
     say = progress or log.info
+    fmt = ENGINE_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"engine file {out}: the name must end in "
+                         f"{' or '.join(ENGINE_FORMATS)} (it sets the format)")
     if weights and ensemble:
         raise ValueError("--ensemble trains its members here; it cannot start from --weights")
     if ensemble and cfg.select_epochs != "nested":
@@ -249,8 +278,8 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     lm = data.landmarks
     x = model_inputs(data.x, cfg, lm).numpy()
     try:
-        export_onnx(model, out,
-                    example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
+        write = export_onnx if fmt == "onnx" else export_program
+        write(model, out, example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
         check = check_export(model, out, x)
         if check["min_cosine"] < 0.99 or not check["argmax_equal"]:
             raise ExportError(f"exported engine disagrees with the eager model: {check}")
@@ -278,7 +307,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     manifest = Manifest(
         model=cfg.model,
         model_kwargs=dict(cfg.model_kwargs),
-        format="onnx",
+        format=fmt,
         input=_input_spec(cfg, x.shape[-1]),
         output={"name": OUTPUT_NAME, "kind": "logits", "shape": ["N", len(CLASS_NAMES)]},
         normalization={"mean": list(cfg.mean), "std": list(cfg.std), "applied_by": "runtime",
@@ -297,7 +326,8 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                      if selection is not None and "ensemble" in selection else {})},
         loso=loso,
         sha256=sha256_file(out),
-        versions={"torch": torch.__version__, "onnx": onnx.__version__,
+        versions={"torch": torch.__version__,
+                  **({"onnx": onnx.__version__} if fmt == "onnx" else {}),
                   "realtime_mer": realtime_mer.__version__},
         export_check=check,
     )

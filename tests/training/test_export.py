@@ -318,3 +318,25 @@ def test_a_failed_export_keeps_the_trained_weights(tmp_path, monkeypatch):
     check = ex.check_export(kept, out, x)
     assert check["min_cosine"] >= 0.99 and check["argmax_equal"]
     assert m["training"]["schedule"]["epochs_trained"] == 2
+
+
+def test_pt2_engine_for_the_torch_and_tensorrt_backends_matches_the_onnx_one(tmp_path):
+    """``--out NAME.pt2`` writes a torch.export program with its manifest; the torch backend
+    (and TensorRT's, which compiles the same program) gives what the ONNX engine of the same
+    weights gives."""
+    from realtime_mer.runtime import load_engine
+    from training.export import save_weights, train_full
+
+    data = _noisy()
+    fixed = LosoConfig(epochs=2, batch_size=8, eval_every=2, lr=5e-3)
+    save_weights(train_full(data, fixed), fixed, tmp_path / "w.pt")
+    m = export_default(data, fixed, tmp_path / "e.pt2", weights=tmp_path / "w.pt")
+    assert m["format"] == "torch_export" and "onnx" not in m["versions"]
+    assert m["export_check"]["min_cosine"] >= 0.99 and m["export_check"]["argmax_equal"]
+    export_default(data, fixed, tmp_path / "e.onnx", weights=tmp_path / "w.pt")
+    program = load_engine(tmp_path / "e.pt2", device="cpu")
+    onnx_engine = load_engine(tmp_path / "e.onnx", device="cpu")
+    assert program.name == "torch" and onnx_engine.name == "onnxruntime"
+    np.testing.assert_allclose(program.predict(data.x), onnx_engine.predict(data.x), atol=1e-5)
+    with pytest.raises(ValueError, match="must end in .onnx or .pt2"):
+        export_default(data, fixed, tmp_path / "e.engine", weights=tmp_path / "w.pt")
