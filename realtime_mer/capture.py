@@ -195,12 +195,18 @@ def open_video(path: str | os.PathLike, options: CaptureOptions | None = None) -
     return VideoFileSource(path, options or CaptureOptions())
 
 
+# More refused packets in a row than this is a broken stream, not a damaged spot: stop there.
+MAX_BAD_PACKETS_IN_A_ROW = 25
+
+
 class VideoFileSource:
     """Iterator of ``Frame`` over a video file, decoded with PyAV.
 
-    Damage met after the first good frame (a truncated download, a corrupt packet) ends the
-    iteration instead of raising: the frames before it are still worth analysing. What happened
-    is kept in ``errors`` and ``truncated``.
+    A packet the decoder refuses (a damaged spot in a long recording) is skipped and counted,
+    and decoding goes on after it. Damage that ends the stream (a truncated download, a run of
+    refused packets) ends the iteration instead of raising: the frames before it are still
+    worth analysing. What happened is kept in ``errors`` (and ``truncated`` for an early end,
+    ``packets_skipped`` for skipped packets).
     """
 
     def __init__(self, path: str | os.PathLike, options: CaptureOptions | None = None) -> None:
@@ -209,11 +215,12 @@ class VideoFileSource:
         self.errors: list[str] = []
         self.truncated = False
         self.frames_decoded = 0
+        self.packets_skipped = 0
         self._container, self._stream = _open_container(self.path)
         self.info = _info_from(self._container, self._stream, self.path)
         # Frame-level threading is what makes 1080p decode keep up on few cores.
         self._stream.thread_type = "AUTO"
-        self._frames = self._container.decode(self._stream)
+        self._frames = self._decode_packets()
         self._t0_s: float | None = None
         self._last_t_ms: float | None = None
         self._step_ms = 1000.0 / self.info.fps_nominal if self.info.fps_nominal > 0 else 40.0
@@ -228,6 +235,25 @@ class VideoFileSource:
             self.close()
             raise InputError(f"cannot decode {self.path}: {_ffmpeg_reason(exc)}") from None
         self._pending = first
+
+    def _decode_packets(self):
+        """The stream's frames, packet by packet. ``container.decode()`` is one generator that
+        is dead after its first decoder error, so one corrupt packet would cost every frame
+        after it (70 % of a test video); here that packet alone is lost."""
+        import av
+
+        in_a_row = 0
+        for packet in self._container.demux(self._stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                self.packets_skipped += 1
+                in_a_row += 1
+                if in_a_row >= MAX_BAD_PACKETS_IN_A_ROW:
+                    raise
+                continue
+            in_a_row = 0
+            yield from frames
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Frame]:
@@ -296,6 +322,13 @@ class VideoFileSource:
     def _finish(self) -> None:
         declared = self.info.n_frames_declared
         duration = self.info.duration_ms
+        if self.packets_skipped:
+            lost = f"; {declared - self.frames_decoded} of {declared} declared frames lost" \
+                if declared > self.frames_decoded else ""
+            message = (f"{self.packets_skipped} damaged packet(s) skipped, decoding went on "
+                       f"after them{lost}")
+            log.warning("%s: %s", self.path, message)
+            self.errors.append(message)
         if not self.truncated and declared and self.frames_decoded < declared:
             # Containers like MP4 index every frame up front; when the bytes behind the index
             # are missing the demuxer simply reports end of file, so compare with the index.

@@ -226,8 +226,8 @@ def _analyze(args) -> int:
               f"{s['events']['micro']} micro / {s['events']['macro']} macro events, "
               f"{s['throughput']['frames_per_s']:.1f} frames/s → {out_dir}")
         for problem in result.problems:
-            print(f"mer: error: {video}: {problem}; the {len(result.events)} events found before "
-                  f"it are kept in {out_dir}", file=sys.stderr)
+            print(f"mer: error: {video}: {problem}; the {len(result.events)} events found are "
+                  f"kept in {out_dir}", file=sys.stderr)
             exit_code = max(exit_code, EXIT_INPUT_DAMAGED)
     return exit_code
 

@@ -166,6 +166,30 @@ def test_truncated_file_keeps_frames_before_the_damage(wolfgang, wolfgang_frames
         assert np.abs(frames[k].image_bgr.astype(int) - full[k].image_bgr).mean() < 1.0
 
 
+def test_a_damaged_spot_costs_its_packets_not_the_rest_of_the_video(wolfgang, wolfgang_frames,
+                                                                     tmp_path):
+    """20 KB of garbage in the middle of a real recording: the decoder refuses a few packets.
+    Those are skipped and decoding goes on (container.decode() would stop for good there,
+    after 226 of 472 frames); the frames kept carry the original timestamps."""
+    data = bytearray(wolfgang.read_bytes())
+    at = len(data) // 2
+    data[at:at + 20_000] = np.random.default_rng(0).integers(0, 256, 20_000,
+                                                            dtype=np.uint8).tobytes()
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(bytes(data))
+    with open_video(path) as source:
+        frames = list(source)
+    assert source.packets_skipped > 0
+    assert any("damaged packet" in e for e in source.errors) and not source.truncated
+    assert len(frames) >= 0.95 * WOLFGANG_FRAMES
+    original = {f.t_ms for f in wolfgang_frames}
+    assert {f.t_ms for f in frames} <= original
+    assert frames[-1].t_ms == wolfgang_frames[-1].t_ms  # decoded to the very end
+    # Well before the damage the pictures are the original ones.
+    for k in (0, 100):
+        assert np.abs(frames[k].image_bgr.astype(int) - wolfgang_frames[k].image_bgr).mean() < 1.0
+
+
 def test_file_cut_before_its_first_frame_is_an_input_error(wolfgang, tmp_path):
     path = tmp_path / "header_only.mp4"
     path.write_bytes(wolfgang.read_bytes()[:12_000])  # the index, and almost no picture data
