@@ -42,7 +42,9 @@ class StageTimer:
     def summary(self) -> dict[str, dict[str, float]]:
         """{stage: {count, median_ms, p95_ms, mean_ms, total_ms}}"""
         out = {}
-        for name, values in self.samples.items():
+        # Snapshot first: a background classification may still be adding a stage (a live run
+        # stopped twice with Ctrl+C), and a dict must not grow while it is iterated.
+        for name, values in [(n, list(v)) for n, v in list(self.samples.items())]:
             array = np.asarray(values, dtype=float)
             out[name] = {
                 "count": int(array.size),
