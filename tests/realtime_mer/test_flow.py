@@ -139,10 +139,15 @@ def test_tvl1_accepts_float_input_like_uint8():
 
 @pytest.mark.parametrize("estimator", [DISFlow("ultrafast"), OpenCVTVL1(TVL1Options(nscales=1))],
                          ids=["dis", "tvl1"])
-def test_compute_batch_shapes(estimator):
+def test_compute_batch_is_compute_per_pair(estimator):
+    """Offline spotting uses compute_batch; it must give each pair's own compute()."""
     prev = np.stack([_grey(24, 20, s) for s in range(2)])
     nxt = np.stack([_grey(24, 20, s + 5) for s in range(2)])
-    assert estimator.compute_batch(prev, nxt).shape == (2, 24, 20, 2)
+    batch = estimator.compute_batch(prev, nxt)
+    assert batch.shape == (2, 24, 20, 2)
+    for k in range(2):
+        np.testing.assert_allclose(batch[k], estimator.compute(prev[k], nxt[k]), atol=1e-6)
+    assert not np.allclose(batch[0], batch[1])  # different pairs, different flows
     assert estimator.compute_batch(prev[:0], nxt[:0]).shape == (0, 24, 20, 2)
 
 

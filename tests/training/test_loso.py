@@ -17,6 +17,7 @@ import torch
 from realtime_mer.errors import DatasetError
 from training.data.megc3db import Megc3DB
 from training.loso import LosoConfig, LosoWorkerError, hflip_maps, run_loso
+from training.metrics import uf1_uar
 
 torch.set_num_threads(1)
 
@@ -47,6 +48,13 @@ def test_short_loso_end_to_end(tmp_path):
     assert res["folds_run"] == 3 and res["complete"] is False
     assert len(res["predictions"]) == 27
     assert res["uf1"] > 0.9  # separable data
+    # The reported scores are those of the pooled predictions it lists, each the argmax.
+    preds = res["predictions"]
+    y_true = np.array([p["label"] for p in preds])
+    y_pred = np.array([p["pred"] for p in preds])
+    assert all(p["pred"] == int(np.argmax(p["probs"])) for p in preds)
+    assert (res["uf1"], res["uar"]) == pytest.approx(uf1_uar(y_true, y_pred), abs=1e-12)
+    assert y_true.tolist() == data.y[[p["index"] for p in preds]].tolist()
     assert "LEAKY" in res["leaky_best_epoch"]["WARNING"]
     saved = json.loads(out.read_text())
     for key in ("model", "model_kwargs", "epochs", "lr", "batch_size", "optimizer", "seed",
@@ -158,7 +166,28 @@ def test_cv_ensemble_averages_the_outer_and_the_retrained_inner_models(tmp_path)
         got = np.array(ens["probs"][offset:offset + len(test)])
         np.testing.assert_allclose(got, want, atol=1e-4)
         offset += len(test)
-    assert 0.0 <= ens["uf1"] <= 1.0 and set(ens["per_database"]) == {"casme2"}
+    y = np.array([p["label"] for p in res["predictions"]])
+    assert (ens["uf1"], ens["uar"]) == pytest.approx(
+        uf1_uar(y, np.array(ens["probs"]).argmax(1)), abs=1e-12)
+    assert set(ens["per_database"]) == {"casme2"}
+
+
+def test_the_test_subjects_labels_cannot_reach_its_fold(tmp_path):
+    """Black-box leak check of the honest protocol: relabel every sample of the held-out
+    subject and rerun. Its fold's chosen epoch count, predictions and CV-ensemble probabilities
+    must be bit-identical (only the LEAKY per-subject figure may look at those labels), while
+    the score, which is computed against them, changes."""
+    data = _synthetic()
+    test = data.subjects == data.subject_list[0]
+    y = data.y.copy()
+    y[test] = (y[test] + 1) % 3
+    a = run_loso(data, NESTED, tmp_path / "a", folds=[0], chunk_size=1)
+    b = run_loso(dataclasses.replace(data, y=y), NESTED, tmp_path / "b", folds=[0],
+                 chunk_size=1)
+    assert a["nested_selection"]["chosen_epochs"] == b["nested_selection"]["chosen_epochs"]
+    assert [p["probs"] for p in a["predictions"]] == [p["probs"] for p in b["predictions"]]
+    assert a["nested_cv_ensemble"]["probs"] == b["nested_cv_ensemble"]["probs"]
+    assert a["uf1"] != b["uf1"]
 
 
 def test_killed_worker_is_reported_and_the_rerun_completes_the_run(tmp_path):
