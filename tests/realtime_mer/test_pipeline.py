@@ -101,3 +101,52 @@ def test_events_give_the_engine_the_apex_landmarks_in_the_map_frame(media_dir, t
         assert pipeline._map_landmarks(np.full((478, 2), np.nan, np.float32)) is None
     with Pipeline(PipelineOptions(), engine=load_engine(default_engine_path())) as pipeline:
         assert pipeline._map_landmarks(face.landmarks) is None
+
+
+def _with_gap(media_dir, n_blank):
+    """40 frames of a face, ``n_blank`` black frames (the face gone), 20 more frames of the same
+    face; 30 fps timestamps throughout."""
+    import numpy as np
+
+    real = _frames(media_dir / "single_face.mp4", 60)
+    blank = np.zeros_like(real[0].image_bgr)
+    images = [f.image_bgr for f in real[:40]] + [blank] * n_blank + \
+        [f.image_bgr for f in real[40:]]
+    return [Frame(i * STEP_MS, image, i) for i, image in enumerate(images)]
+
+
+def test_a_short_face_gap_keeps_the_sequence_and_a_long_one_restarts_it(media_dir):
+    """face_gap_reset_ms (300 ms) is the boundary: a face missing for 233 ms (6 frames at
+    30 fps) is the same sequence; missing for 433 ms (12 frames) restarts the spotter and
+    buffer, so no flow is computed across the gap."""
+    engine = load_engine(default_engine_path())
+    options = PipelineOptions()
+    for n_blank, restarts in ((6, 0), (12, 1)):
+        gap_ms = (n_blank + 1) * STEP_MS
+        assert (gap_ms > options.face_gap_reset_ms) == bool(restarts)
+        with Pipeline(options, engine=engine) as pipeline:
+            for frame in _with_gap(media_dir, n_blank):
+                pipeline.process(frame)
+            assert pipeline.sequence_restarts == restarts, n_blank
+            assert pipeline.frames_with_face == 60
+            assert pipeline.frames_seen == 60 + n_blank
+
+
+def test_frames_with_several_faces_are_counted(media_dir):
+    import cv2
+
+    import numpy as np
+
+    engine = load_engine(default_engine_path())
+    # The part of the group photo whose four faces are large enough to detect (test_face).
+    several = np.ascontiguousarray(cv2.imread(str(media_dir / "multi_face.jpg"))[100:600, 250:950])
+    alone = np.zeros_like(several)
+    alone[100:400, 200:500] = cv2.resize(cv2.imread(str(media_dir / "single_face.jpg")),
+                                         (300, 300))
+    with Pipeline(PipelineOptions(), engine=engine) as pipeline:
+        # The lone face first: right after a hard cut MediaPipe's tracker still reports the
+        # previous frame's faces once, so a lone face after the group would count as several.
+        for i, image in enumerate([alone, several, several, several]):
+            pipeline.process(Frame(i * STEP_MS, image, i))
+        assert pipeline.frames_with_several_faces == 3
+        assert pipeline.frames_with_face == 4

@@ -354,3 +354,63 @@ def test_first_frame_and_warmup():
     for i in range(20, 60):
         spotter.push(i * 33.0, _texture(i % 2))
     assert spotter.threshold is not None and spotter.threshold >= SpotterOptions().min_threshold
+
+
+def _release_crossing(t0, s0, t1, s1, level):
+    """Time where the straight line through (t0, s0), (t1, s1) meets ``level``."""
+    return t0 + (t1 - t0) * (level - s0) / (s1 - s0)
+
+
+def test_event_rules_on_a_known_signal():
+    """The decision rules on a signal whose answers are worked out here by hand: the robust
+    threshold (median + k·1.4826·MAD over the baseline), onset and offset at the release
+    level's linear crossings, the apex at the peak, micro vs macro by duration, and a spike
+    shorter than min_event_ms dropped."""
+    from realtime_mer.spotting import _EventDetector
+
+    o = SpotterOptions()
+    detector = _EventDetector(o)
+    step = 10.0
+
+    def baseline(k):  # 0.10, 0.11, 0.12 in turn: median 0.11, MAD 0.01
+        return 0.10 + 0.01 * (k % 3)
+
+    def bump(t):  # a triangle from 0.11 to 0.41 at 3100 ms, 200 ms wide at its foot
+        return 0.11 + 0.3 * max(0.0, 1.0 - abs(t - 3100.0) / 100.0)
+
+    signal = {}
+    for k, t in enumerate(np.arange(0.0, 9000.0, step)):
+        if 3000 <= t <= 3200:
+            signal[t] = bump(t)
+        elif t == 5000:
+            signal[t] = 0.5  # one frame: an 18 ms event, below min_event_ms
+        elif 7000 <= t < 7800:
+            signal[t] = 0.5  # 0.8 s: macro
+        else:
+            signal[t] = baseline(k)
+    threshold = 0.11 + o.threshold_k * 1.4826 * 0.01
+    release = 0.11 + o.release_fraction * (threshold - 0.11)
+
+    events, frozen_ref = [], 0.0
+    for t, s in signal.items():
+        ref = detector.reference_target(t)
+        frozen_ref = frozen_ref if ref is None else ref
+        event, opened = detector.step(t, s, frozen_ref)
+        if t == 2990.0:
+            assert detector.threshold == pytest.approx(threshold, abs=1e-9)
+        if event is not None:
+            events.append(event)
+    assert len(events) == 2  # the triangle and the plateau; the one-frame spike is dropped
+    micro, macro = events
+    assert micro.kind == "micro" and macro.kind == "macro"
+    assert micro.threshold == pytest.approx(threshold, abs=1e-9)
+    assert micro.onset_ms == pytest.approx(
+        _release_crossing(3010, bump(3010), 3020, bump(3020), release), abs=1e-6)
+    assert micro.offset_ms == pytest.approx(
+        _release_crossing(3180, bump(3180), 3190, bump(3190), release), abs=1e-6)
+    assert micro.apex_ms == pytest.approx(3100.0, abs=1e-6) and micro.peak == pytest.approx(0.41)
+    assert macro.onset_ms == pytest.approx(
+        _release_crossing(6990, signal[6990.0], 7000, 0.5, release), abs=1e-6)
+    assert macro.offset_ms == pytest.approx(
+        _release_crossing(7790, 0.5, 7800, signal[7800.0], release), abs=1e-6)
+    assert macro.duration_ms > o.max_micro_ms
