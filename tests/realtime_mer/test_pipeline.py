@@ -150,3 +150,37 @@ def test_frames_with_several_faces_are_counted(media_dir):
             pipeline.process(Frame(i * STEP_MS, image, i))
         assert pipeline.frames_with_several_faces == 3
         assert pipeline.frames_with_face == 4
+
+
+def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
+    """Independently of the ring buffer: each event's map is the feature extractor's map of
+    the aligned crops of the frames nearest its onset and apex (which are the frames it names),
+    and its probabilities are the engine's for that map."""
+    import numpy as np
+
+    from realtime_mer.features import FeatureExtractor
+
+    engine = load_engine(default_engine_path())
+    options = PipelineOptions()
+    crops, times, events = {}, {}, []
+    with open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source, \
+            Pipeline(options, engine=engine) as pipeline:
+        for frame in source:
+            result = pipeline.process(frame)
+            times[frame.index] = frame.t_ms
+            if result.face.found:
+                crops[frame.index] = result.face.crop.copy()
+            if result.event is not None:
+                events.append((result.event, result.feature_map))
+    assert events
+    extractor = FeatureExtractor(options.features)
+    frame_ids = np.array(sorted(crops))
+    frame_t = np.array([times[i] for i in frame_ids])
+    for event, feature_map in events:
+        for t_ms, named in ((event.onset_ms, event.onset_frame), (event.apex_ms, event.apex_frame)):
+            assert named == frame_ids[np.argmin(np.abs(frame_t - t_ms))]
+        want = extractor.process(crops[event.onset_frame], crops[event.apex_frame])
+        np.testing.assert_allclose(feature_map, want, atol=1e-6)
+        probs = engine.predict(want.transpose(2, 0, 1)[None].astype(np.float32))[0]
+        np.testing.assert_allclose([event.probabilities[c] for c in engine.class_names], probs,
+                                   atol=1e-6)
