@@ -71,8 +71,27 @@ def test_analyze_writes_all_outputs_with_complete_events(wolfgang_run):
         assert event.label in ("negative", "positive", "surprise")
         assert abs(sum(event.probabilities.values()) - 1.0) < 1e-4
         assert event.confidence == max(event.probabilities.values())
-    csv_rows = (out / "events.csv").read_text().strip().splitlines()
-    assert len(csv_rows) == len(events) + 1
+    # events.csv says what events.jsonl says, field by field, in the same order.
+    import csv
+
+    with open(out / "events.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(events)
+    for row, event in zip(rows, events):
+        for key in ("source", "kind", "label"):
+            assert row[key] == getattr(event, key)
+        for key in ("onset_frame", "apex_frame", "offset_frame"):
+            assert int(row[key]) == getattr(event, key)
+        for key in ("confidence", "onset_ms", "apex_ms", "offset_ms", "duration_ms", "peak",
+                    "threshold"):
+            assert float(row[key]) == pytest.approx(getattr(event, key), rel=1e-12)
+        for name, p in event.probabilities.items():
+            assert float(row[f"p_{name}"]) == pytest.approx(p, rel=1e-12)
+    # The apex lies inside the event in frames as in time, and the summary counts by class.
+    assert all(e.onset_frame <= e.apex_frame <= e.offset_frame for e in events)
+    for kind in ("micro", "macro"):
+        counted = summary["events"]["per_class"].get(kind, {})
+        assert sum(counted.values()) == sum(e.kind == kind for e in events)
     page = (out / "report.html").read_text()
     # self-contained: one table row per event (+ header), images embedded, nothing fetched
     assert page.count("<tr>") == len(events) + 1
