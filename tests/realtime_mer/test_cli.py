@@ -369,3 +369,45 @@ def test_annotated_video_that_cannot_be_written_costs_only_itself(media_dir, tmp
     assert any("annotated.mp4" in p for p in summary["problems"])
     for name in OUTPUT_FILES:
         assert (out / name).exists()
+
+
+def test_info_describes_the_engine_that_would_run(capsys):
+    from realtime_mer.runtime import default_engine_path, sha256_file
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert Path(info["engine"]) == default_engine_path()
+    assert info["backend"] == "onnxruntime" and info["device"] in ("cpu", "cuda")
+    assert info["manifest"]["sha256"] == sha256_file(default_engine_path())
+    assert info["manifest"]["class_names"] == ["negative", "positive", "surprise"]
+
+
+def test_live_run_stops_at_its_duration_with_a_complete_result(media_dir, tmp_path):
+    """A camera that would deliver 3.6 s of frames (72 at 50 ms each) is read for 1 s: the run
+    ends on time, not at the disconnect, so it is complete and nothing is reported wrong."""
+    import time
+
+    import cv2
+
+    from realtime_mer.analyze import analyze_camera
+
+    class SlowCamera:
+        def __init__(self):
+            self.cap = cv2.VideoCapture(str(media_dir / "single_face.mp4"))
+
+        def read(self):
+            time.sleep(0.05)
+            return self.cap.read()
+
+        def isOpened(self):
+            return self.cap.isOpened()
+
+        def release(self):
+            self.cap.release()
+
+    result = analyze_camera(SlowCamera(), tmp_path / "live", duration_s=1.0)
+    frames = result.summary["frames"]
+    assert result.complete and not result.problems
+    assert 0 < frames["processed"] and frames["processed"] + frames["dropped"] < 72
+    assert result.summary["input"]["duration_limit_s"] == 1.0
+    assert json.loads((tmp_path / "live" / "summary.json").read_text())["complete"] is True
