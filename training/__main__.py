@@ -282,12 +282,13 @@ def cmd_compare(args) -> int:
 
     reference = load_results(args.reference)
     rows = []
-    print(f"reference: {args.reference}")
+    print(f"reference: {args.reference}"
+          + (f" (database {args.database} only)" if args.database else ""))
     print(f"{'variant':<48} {'n':>4} {'ref UF1':>8} {'UF1':>7} {'dUF1':>7} "
           f"{'95% CI (subjects)':>18} {'dUAR':>7}")
     for path in args.variants:
         r = paired_comparison(reference, load_results(path), n_boot=args.bootstrap,
-                              seed=args.seed)
+                              seed=args.seed, database=args.database)
         rows.append({"results": str(path), **r})
         lo, hi = r["ci95_delta_uf1"]
         print(f"{Path(path).name:<48} {r['n']:>4} {r['reference']['uf1']:>8.4f} "
@@ -296,6 +297,7 @@ def cmd_compare(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"reference": str(args.reference),
+                                              "database": args.database or "all",
                                               "comparisons": rows}, indent=1) + "\n")
         print(f"comparison: {args.out}")
     return 0
@@ -431,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("variants", nargs="+", help="LOSO results JSON of each variant")
     sp.add_argument("--bootstrap", type=int, default=2000, help="subject bootstrap draws")
     sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    sp.add_argument("--database", choices=("casme2", "smic", "samm"),
+                    help="compare on this database's samples only (subjects bootstrapped "
+                         "within it)")
     sp.add_argument("--out", help="write the comparisons here (JSON)")
     sp.set_defaults(func=cmd_compare)
 

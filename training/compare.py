@@ -46,10 +46,10 @@ def _by_index(doc: dict) -> dict[int, dict]:
     return {int(p["index"]): p for p in doc["predictions"]}
 
 
-def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, seed: int = 0
-                      ) -> dict:
+def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, seed: int = 0,
+                      database: str | None = None) -> dict:
     """Score ``variant`` and ``reference`` on the variant's samples and bootstrap the
-    difference over subjects.
+    difference over subjects (only those of ``database`` when given).
 
     Every sample of the variant must be in the reference with the same file, subject and
     label. Returns n, subjects, both runs' UF1/UAR on those samples, ``delta_uf1`` /
@@ -60,6 +60,10 @@ def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, see
         raise CompareError(f"bootstrap draws must be >= 0, not {n_boot}")
     ref = _by_index(reference)
     var = _by_index(variant)
+    if database is not None:  # e.g. the paper's own table: CASME II subjects only
+        var = {i: p for i, p in var.items() if p.get("database") == database}
+        if not var:
+            raise CompareError(f"the variant has no sample of database {database!r}")
     missing = sorted(set(var) - set(ref))
     if missing:
         raise CompareError(f"{len(missing)} sample(s) of the variant are not in the reference "
@@ -88,6 +92,7 @@ def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, see
     lo, hi = (np.percentile(deltas, [2.5, 97.5]) if n_boot else (float("nan"),) * 2)
     return {
         "n": len(idx),
+        "database": database or "all",
         "subjects": names,
         "reference": {"uf1": ref_uf1, "uar": ref_uar},
         "variant": {"uf1": var_uf1, "uar": var_uar},

@@ -100,3 +100,20 @@ def test_cli_writes_the_comparison_and_refuses_a_non_results_file(tmp_path, caps
     assert "predictions lack some of index, pred" in capsys.readouterr().err
     assert main(["compare", str(FULL), str(VARIANT), "--bootstrap", "-1"]) == 2
     assert np.isfinite(doc["comparisons"][0]["ci95_delta_uf1"]).all()
+
+
+def test_one_database_is_scored_like_the_runs_own_per_database_figures(capsys):
+    """--database casme2 (MCNet's ablation table is CASME II only): both runs are scored on the
+    145 CASME II samples, as each run's own per-database figure, and only CASME II subjects
+    are resampled."""
+    ref, var = load_results(FULL), load_results(VARIANT)
+    r = paired_comparison(ref, var, n_boot=100, database="casme2")
+    assert r["n"] == ref["per_database"]["casme2"]["n"] == 145
+    assert r["reference"]["uf1"] == pytest.approx(ref["per_database"]["casme2"]["uf1"], abs=1e-12)
+    assert r["variant"]["uar"] == pytest.approx(var["per_database"]["casme2"]["uar"], abs=1e-12)
+    assert r["database"] == "casme2" and all(s.startswith("casme2/") for s in r["subjects"])
+    with pytest.raises(CompareError, match="no sample of database 'casme3'"):
+        paired_comparison(ref, var, n_boot=0, database="casme3")
+    assert main(["compare", str(FULL), str(VARIANT), "--database", "casme2",
+                 "--bootstrap", "10"]) == 0
+    assert "(database casme2 only)" in capsys.readouterr().out
