@@ -77,20 +77,8 @@ def _json_object(text: str, option: str) -> dict:
     return value
 
 
-def _check_network(name: str, kwargs: dict) -> None:
-    """Build the network once, so that an unknown name or option fails before data is read."""
-    from training.models import create_model
-
-    try:
-        create_model(name, **kwargs)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"network {name!r} does not take the options {kwargs}: {exc}") from None
-
-
 def _config(args):
-    from training.loso import LosoConfig
+    from training.loso import LosoConfig, build_network
 
     cfg = LosoConfig(
         model=args.model, model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"),
@@ -102,7 +90,7 @@ def _config(args):
         input_kind=args.input_kind, input_size=args.input_size,
         input_options=_json_object(args.input_options, "--input-options"),
     )
-    _check_network(cfg.model, cfg.model_kwargs)
+    build_network(cfg.model, cfg.model_kwargs)  # a bad name or option fails before data is read
     return cfg
 
 
@@ -324,11 +312,12 @@ def cmd_fit_clips(args) -> int:
 
     from training.clips import fit_clips
     from training.data.raw import load_preprocessed
+    from training.loso import build_network
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
-    _check_network(args.model, model_kwargs)  # before the cache is read
+    build_network(args.model, model_kwargs)  # before the cache is read
     data = load_preprocessed(args.cache, args.databases.split(",") if args.databases else None,
                              kind="stack16")
     print(f"{len(data)} clips {tuple(data.x.shape[1:])}, classes {list(data.class_counts())}",

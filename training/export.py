@@ -26,7 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from realtime_mer.errors import EngineError
 from realtime_mer.runtime import sha256_file
+from realtime_mer.runtime.backends import engine_format
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, model_inputs,
@@ -204,17 +206,13 @@ def export_program(model: torch.nn.Module, path: str | Path,
     torch.export.save(program, str(path))
 
 
-# An engine's format follows its file name (the runtime reads it the same way).
-ENGINE_FORMATS = {".onnx": "onnx", ".pt2": "torch_export"}
-
-
 def check_export(model: torch.nn.Module, engine_path: str | Path, x: np.ndarray) -> dict:
     """Eager vs the exported engine (ONNX Runtime for ``.onnx``, the loaded torch.export
     program for ``.pt2``) on ``x`` (already normalised, (N, C, H, W)): min per-row cosine of
     the logits and whether every argmax agrees."""
     with torch.no_grad():
         ref = model.eval()(torch.as_tensor(x)).numpy()
-    if Path(engine_path).suffix.lower() == ".pt2":
+    if engine_format(Path(engine_path)) == "torch_export":
         program = torch.export.load(str(engine_path)).module()
         with torch.no_grad():
             got = program(torch.as_tensor(x, dtype=torch.float32)).numpy()
@@ -242,10 +240,13 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     from realtime_mer.runtime.manifest import Manifest
 
     say = progress or log.info
-    fmt = ENGINE_FORMATS.get(Path(out).suffix.lower())
-    if fmt is None:
-        raise ValueError(f"engine file {out}: the name must end in "
-                         f"{' or '.join(ENGINE_FORMATS)} (it sets the format)")
+    try:  # the file name sets the format, read as the runtime reads it
+        fmt = engine_format(Path(out))
+    except EngineError:
+        fmt = None
+    if fmt not in ("onnx", "torch_export"):
+        raise ValueError(f"engine file {out}: export writes .onnx or .pt2 (an .ens ensemble is "
+                         "written by `python -m training ensemble`)")
     if weights and ensemble:
         raise ValueError("--ensemble trains its members here; it cannot start from --weights")
     if ensemble and cfg.select_epochs != "nested":

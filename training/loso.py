@@ -466,18 +466,27 @@ def _check_training_sets(data: Megc3DB, folds: list[int]) -> None:
             )
 
 
+def build_network(name: str, kwargs: dict) -> torch.nn.Module:
+    """``create_model`` for a user's choice: ValueError, with the message, for an unknown name
+    or options the network does not take."""
+    try:
+        return create_model(name, **kwargs)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"network {name!r} does not take the options {kwargs}: {exc}") from None
+
+
 def check_model(data: Megc3DB, cfg: LosoConfig) -> None:
     """Build the network and run it on two samples, so that a network name, options or input
     kind that do not fit fail here, before any training (and not inside a worker)."""
     if cfg.input_kind in LANDMARK_KINDS and data.landmarks is None:
         raise DatasetError(f"input kind {cfg.input_kind!r} locates facial regions, but "
                            f"{data.root} has no landmarks5.csv")
+    model = build_network(cfg.model, cfg.model_kwargs).eval()
     try:
-        model = create_model(cfg.model, **cfg.model_kwargs).eval()
         with torch.no_grad():
             out = model(model_inputs(data.x[:2], cfg, _rows(data.landmarks, slice(0, 2))))
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
     except (TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"network {cfg.model!r} with options {cfg.model_kwargs} does not "
                          f"accept input kind {cfg.input_kind!r} (size {cfg.input_size}): "

@@ -279,7 +279,8 @@ class TensorRTBackend(TorchBackend):
         self._probe()
 
 
-def _suffix_format(path: Path) -> str:
+def engine_format(path: Path) -> str:
+    """The engine format a file name stands for (the manifest must say the same)."""
     s = path.suffix.lower()
     if s == ".onnx":
         return "onnx"
@@ -331,7 +332,7 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
     if not path.is_file():
         raise EngineError(f"engine file {path} is missing")
     manifest = Manifest.load(manifest_path(path))
-    fmt = _suffix_format(path)
+    fmt = engine_format(path)
     if manifest.format != fmt:
         raise EngineError(f"{path}: manifest says format {manifest.format!r}, file is {fmt!r}")
     digest = sha256_file(path)

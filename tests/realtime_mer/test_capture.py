@@ -168,7 +168,8 @@ def test_a_damaged_spot_costs_its_packets_not_the_rest_of_the_video(wolfgang, wo
                                                                      tmp_path):
     """20 KB of garbage in the middle of a real recording: the decoder refuses a few packets.
     Those are skipped and decoding goes on (container.decode() would stop for good there,
-    after 226 of 472 frames); the frames kept carry the original timestamps."""
+    after 226 of 472 frames; packet by packet 466 are kept); the frames kept carry the
+    original timestamps."""
     data = bytearray(wolfgang.read_bytes())
     at = len(data) // 2
     data[at:at + 20_000] = np.random.default_rng(0).integers(0, 256, 20_000,

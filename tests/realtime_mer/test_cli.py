@@ -385,27 +385,11 @@ def test_info_describes_the_engine_that_would_run(capsys):
 def test_live_run_stops_at_its_duration_with_a_complete_result(media_dir, tmp_path):
     """A camera that would deliver 3.6 s of frames (72 at 50 ms each) is read for 1 s: the run
     ends on time, not at the disconnect, so it is complete and nothing is reported wrong."""
-    import time
-
-    import cv2
-
     from realtime_mer.analyze import analyze_camera
+    from tests.realtime_mer.test_capture import _SlowCapture
 
-    class SlowCamera:
-        def __init__(self):
-            self.cap = cv2.VideoCapture(str(media_dir / "single_face.mp4"))
-
-        def read(self):
-            time.sleep(0.05)
-            return self.cap.read()
-
-        def isOpened(self):
-            return self.cap.isOpened()
-
-        def release(self):
-            self.cap.release()
-
-    result = analyze_camera(SlowCamera(), tmp_path / "live", duration_s=1.0)
+    camera = _SlowCapture(media_dir / "single_face.mp4", 0.05)
+    result = analyze_camera(camera, tmp_path / "live", duration_s=1.0)
     frames = result.summary["frames"]
     assert result.complete and not result.problems
     assert 0 < frames["processed"] and frames["processed"] + frames["dropped"] < 72

@@ -338,5 +338,6 @@ def test_pt2_engine_for_the_torch_and_tensorrt_backends_matches_the_onnx_one(tmp
     onnx_engine = load_engine(tmp_path / "e.onnx", device="cpu")
     assert program.name == "torch" and onnx_engine.name == "onnxruntime"
     np.testing.assert_allclose(program.predict(data.x), onnx_engine.predict(data.x), atol=1e-5)
-    with pytest.raises(ValueError, match="must end in .onnx or .pt2"):
-        export_default(data, fixed, tmp_path / "e.engine", weights=tmp_path / "w.pt")
+    for name in ("e.engine", "e.ens"):
+        with pytest.raises(ValueError, match="export writes .onnx or .pt2"):
+            export_default(data, fixed, tmp_path / name, weights=tmp_path / "w.pt")
