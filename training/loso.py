@@ -22,7 +22,8 @@ its own threads. The folds are the same either way: a fold's seeds depend on its
 Resume: the run directory holds ``config.json``, one ``fold_XX.json`` per finished fold and a
 checkpoint of the chunk in progress (saved every ``checkpoint_every`` epochs, read back with
 ``torch.load(weights_only=True)``). Rerunning the same command skips finished folds and
-continues the chunk from its checkpoint.
+continues the chunk from its checkpoint. The nested selection keeps each inner model's
+predictions (``inner_KK_G.json``) until its fold's choice is written (``nested_XX.json``).
 """
 
 from __future__ import annotations
@@ -427,6 +428,7 @@ def run_loso(
         _atomic_write_json(cfg_path, config_doc)
 
     pending = [f for f in folds if not (run_dir / f"fold_{f:02d}.json").exists()]
+    _remove_finished_checkpoints(run_dir, say)
     if len(pending) < len(folds):
         say(f"resuming: {len(folds) - len(pending)} of {len(folds)} folds already done")
     t0 = time.perf_counter()
@@ -451,6 +453,20 @@ def run_loso(
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name()
     return _collect(data, cfg, run_dir, folds, results_path, info, nested)
+
+
+def _remove_finished_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:
+    """Delete checkpoints whose folds all have their fold files: a run interrupted between
+    writing a chunk's fold files and deleting its checkpoint strands it (nothing would ever
+    read it again, and a large network's checkpoint is tens of MB)."""
+    for ckpt in sorted(run_dir.glob("chunk_*.pt")):
+        try:
+            fold_ids = torch.load(ckpt, map_location="cpu", weights_only=True)["fold_ids"]
+        except Exception:  # unreadable: its chunk, if still pending, says so and restarts
+            continue
+        if all((run_dir / f"fold_{int(f):02d}.json").exists() for f in fold_ids):
+            ckpt.unlink()
+            say(f"removed {ckpt.name}: its folds are finished")
 
 
 def _check_training_sets(data: Megc3DB, folds: list[int]) -> None:
@@ -688,16 +704,58 @@ def _inner_jobs(data: Megc3DB, cfg: LosoConfig, key: int,
     return jobs
 
 
+def _inner_file(run_dir: Path, key: int, group: int) -> Path:
+    return Path(run_dir) / f"inner_{key:02d}_{group}.json"
+
+
+def _save_inner(path: Path, preds: dict[int, np.ndarray],
+                test_probs: dict[int, np.ndarray] | None) -> None:
+    _atomic_write_json(path, {
+        "val_pred": {str(e): p.tolist() for e, p in preds.items()},
+        "test_probs": (None if test_probs is None else
+                       {str(e): np.round(p, 6).tolist() for e, p in test_probs.items()})})
+
+
+def _load_inner(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None] | None:
+    try:
+        doc = json.loads(path.read_text())
+        preds = {int(e): np.asarray(p, dtype=np.int64) for e, p in doc["val_pred"].items()}
+        tp = doc["test_probs"]
+        return preds, (None if tp is None else
+                       {int(e): np.asarray(p, dtype=np.float32) for e, p in tp.items()})
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: that model is retrained
+        return None
+
+
 def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
                  device: str, say: Callable[[str], None],
-                 test_of: dict[int, np.ndarray] | None = None) -> tuple[dict, dict]:
+                 test_of: dict[int, np.ndarray] | None = None,
+                 cache_dir: Path | None = None) -> tuple[dict, dict]:
     """Train every inner model (vectorised, ``chunk_size`` at a time). Returns
     {(key, group): {epoch: validation predictions}} and, for the keys in ``test_of`` (outer
     fold -> its test indices), {(key, group): {epoch: test probabilities}}: the inner models
-    also predict the outer test subject, for the CV ensemble (never used to choose)."""
+    also predict the outer test subject, for the CV ensemble (never used to choose).
+
+    With ``cache_dir``, each inner model's predictions are saved there
+    (``inner_KK_G.json``) as soon as its chunk is trained, and models found there are not
+    trained again: an interrupted selection loses at most the chunk in progress."""
     test_of = test_of or {}
     preds: dict[tuple[int, int], dict[int, np.ndarray]] = {}
     test_probs: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    if cache_dir is not None:
+        todo = []
+        for job in jobs:
+            cached = _load_inner(_inner_file(cache_dir, job[0], job[1]))
+            if cached is None or (job[0] in test_of) != (cached[1] is not None):
+                todo.append(job)
+                continue
+            preds[(job[0], job[1])] = cached[0]
+            if cached[1] is not None:
+                test_probs[(job[0], job[1])] = cached[1]
+        if len(todo) < len(jobs):
+            say(f"nested selection: {len(jobs) - len(todo)} of {len(jobs)} inner models "
+                "already trained")
+        jobs = todo
     t0 = time.perf_counter()
     for c0 in range(0, len(jobs), chunk_size):
         chunk = jobs[c0:c0 + chunk_size]
@@ -718,6 +776,10 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
         train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
                      eval_hook=hook, landmarks=data.landmarks)
+        if cache_dir is not None:
+            for f, g, _, _ in chunk:
+                _save_inner(_inner_file(cache_dir, f, g), preds[(f, g)],
+                            test_probs.get((f, g)))
         say(f"nested selection: {min(c0 + chunk_size, len(jobs))}/{len(jobs)} inner models "
             f"trained  {time.perf_counter() - t0:.0f} s")
     return preds, test_probs
@@ -755,8 +817,9 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
                          progress: Callable[[str], None] | None = None) -> dict:
     """For each outer fold, the evaluation epoch with the best pooled UF1 of an inner
     subject-wise CV over the fold's training subjects (earliest on ties). Uses only training
-    subjects' labels. Each fold's choice is cached in ``run_dir/nested_XX.json`` as soon as
-    its inner models are trained, so an interrupted selection resumes."""
+    subjects' labels. Each inner model's predictions are kept in ``run_dir`` as soon as it is
+    trained, and each fold's choice in ``run_dir/nested_XX.json``, so an interrupted
+    selection resumes from the last trained inner model."""
     say = progress or log.info
     run_dir = Path(run_dir)
     subjects = data.subject_list
@@ -771,7 +834,8 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
         t0 = time.perf_counter()
         test_of = {f: np.flatnonzero(data.subjects == subjects[f]) for f in part}
         preds, test_probs = _train_inner(data, cfg, jobs, chunk_size=chunk_size,
-                                         device=device, say=say, test_of=test_of)
+                                         device=device, say=say, test_of=test_of,
+                                         cache_dir=run_dir)
         share = (time.perf_counter() - t0) / len(part)
         for f in part:
             epochs, scores, best = _choose(data, jobs, preds, f)
@@ -784,6 +848,8 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
                 "inner_uf1": [round(s[0], 4) for s in scores], "wall_s": share,
                 "test_indices": test_of[f].tolist(),
                 "inner_test_probs_mean": np.round(inner_mean, 6).tolist()})
+            for g in range(cfg.inner_folds):  # now summed up in nested_XX.json
+                _inner_file(run_dir, f, g).unlink(missing_ok=True)
         say(f"nested selection: epochs chosen for {min(g0 + group, len(todo))}/{len(todo)} "
             "folds")
     legacy = run_dir / "nested_epochs.json"

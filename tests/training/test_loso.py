@@ -355,3 +355,64 @@ def test_folds_option_reads_a_count_or_a_list():
     assert _parse_folds("3") == [0, 1, 2]
     assert _parse_folds("5,") == [5]
     assert _parse_folds("12, 4,4") == [4, 12]
+
+
+def test_interrupted_nested_selection_keeps_its_trained_inner_models(tmp_path):
+    """An interruption during the nested selection costs only the inner model in training:
+    the rerun reuses the inner models trained before it and chooses what an uninterrupted
+    run chooses."""
+    data = _synthetic()
+    ref = run_loso(data, NESTED, tmp_path / "ref", folds=[0, 1], chunk_size=1)
+
+    class Stop(Exception):
+        pass
+
+    trained: list[str] = []
+
+    def interrupt(msg: str) -> None:
+        if "inner models trained" in msg:
+            trained.append(msg)
+            if len(trained) == 3:  # fold 0 chosen, fold 1 half way
+                raise Stop
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(Stop):
+        run_loso(data, NESTED, run_dir, folds=[0, 1], chunk_size=1, progress=interrupt)
+    assert (run_dir / "nested_00.json").exists()
+    assert not list(run_dir.glob("inner_00_*.json"))  # summed up in nested_00.json
+    assert sorted(p.name for p in run_dir.glob("inner_*.json")) == ["inner_01_0.json"]
+    msgs: list[str] = []
+    res = run_loso(data, NESTED, run_dir, folds=[0, 1], chunk_size=1, progress=msgs.append)
+    assert any("1 of 2 inner models already trained" in m for m in msgs)
+    assert [m for m in msgs if "inner models trained" in m] == [
+        m for m in msgs if "1/1 inner models trained" in m]  # only the missing one
+    assert not list(run_dir.glob("inner_*.json"))
+    assert (res["nested_selection"]["chosen_epochs"]
+            == ref["nested_selection"]["chosen_epochs"])
+    np.testing.assert_allclose(np.array(res["nested_cv_ensemble"]["probs"]),
+                               np.array(ref["nested_cv_ensemble"]["probs"]), atol=1e-5)
+    assert [p["pred"] for p in res["predictions"]] == [p["pred"] for p in ref["predictions"]]
+
+
+def test_checkpoint_stranded_after_its_folds_finished_is_removed(tmp_path):
+    """Interrupted after a chunk's fold files were written but before its checkpoint was
+    deleted: the rerun deletes the checkpoint (its folds are done) and trains nothing."""
+    data = _synthetic()
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(msg: str) -> None:
+        if msg.startswith("fold  0"):  # said after fold_00.json is written
+            raise Stop
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(Stop):
+        run_loso(data, CFG, run_dir, folds=[0, 1], chunk_size=1, checkpoint_every=2,
+                 progress=interrupt)
+    assert (run_dir / "fold_00.json").exists() and (run_dir / "chunk_00_00.pt").exists()
+    msgs: list[str] = []
+    run_loso(data, CFG, run_dir, folds=[0], progress=msgs.append)
+    assert not (run_dir / "chunk_00_00.pt").exists()
+    assert any("removed chunk_00_00.pt" in m for m in msgs)
+    assert not any("epoch" in m for m in msgs)
