@@ -418,8 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Score each variant and the reference on the variant's "
                                     "test samples (a --folds subset or all) and bootstrap the "
                                     "UF1 difference over subjects (training/compare.py).")
-    sp.add_argument("reference", help="LOSO results JSON of the reference (e.g. the full model)")
-    sp.add_argument("variants", nargs="+", help="LOSO results JSON of each variant")
+    sp.add_argument("reference", help="LOSO results JSON of the reference (e.g. the full "
+                                      "model); RESULTS:cv_ensemble takes a nested run's CV "
+                                      "ensemble, and an `ensemble --out` file works too")
+    sp.add_argument("variants", nargs="+", help="LOSO results JSON of each variant (same forms)")
     sp.add_argument("--bootstrap", type=int, default=2000, help="subject bootstrap draws")
     sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     sp.add_argument("--database", choices=("casme2", "smic", "samm"),

@@ -26,7 +26,13 @@ class CompareError(ValueError):
 
 
 def load_results(path: str | Path) -> dict:
-    """A LOSO results JSON (complete or a ``--folds`` subset) with its predictions."""
+    """A LOSO results JSON (complete or a ``--folds`` subset) with its predictions, or an
+    ensemble's (``python -m training ensemble --out``). ``PATH:cv_ensemble`` takes a nested
+    run's CV-ensemble predictions in place of its single-model ones."""
+    text = str(path)
+    base, _, source = text.rpartition(":")
+    if source == "cv_ensemble" and base and not Path(text).exists():
+        return _cv_ensemble_results(load_results(base), base)
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -40,6 +46,18 @@ def load_results(path: str | Path) -> dict:
         raise CompareError(f"{path}: its predictions lack some of {', '.join(need)}: not a "
                            "results file of `python -m training loso`")
     return doc
+
+
+def _cv_ensemble_results(doc: dict, name: str) -> dict:
+    """``doc`` with each prediction replaced by its nested CV ensemble's (same sample order)."""
+    ens = doc.get("nested_cv_ensemble")
+    if not isinstance(ens, dict) or len(ens.get("probs", [])) != len(doc["predictions"]):
+        raise CompareError(f"{name}: has no nested_cv_ensemble probabilities for its "
+                           "predictions (a nested run of `python -m training loso`)")
+    out = dict(doc)
+    out["predictions"] = [dict(p, pred=int(np.argmax(pr)), probs=pr)
+                          for p, pr in zip(doc["predictions"], ens["probs"])]
+    return out
 
 
 def _by_index(doc: dict) -> dict[int, dict]:

@@ -82,14 +82,16 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
         labels = {q["index"]: q["label"] for q in doc["predictions"]}
         y = np.array([labels[i] for i in idx])
         if ref is None:
-            ref = (idx, files, y, dbs, doc["dataset"].get("class_names"))
+            subject_of = {q["index"]: q.get("subject") for q in doc["predictions"]}
+            ref = (idx, files, y, dbs, doc["dataset"].get("class_names"),
+                   [subject_of[i] for i in idx])
         elif not (np.array_equal(idx, ref[0]) and files == ref[1] and np.array_equal(y, ref[2])):
             raise EnsembleError(f"{path}: its samples or labels differ from {members[0][0]}")
         probs.append(p)
         own = evaluate(y, p.argmax(1))
         listed.append({"results": str(path), "source": source, "model": doc["config"]["model"],
                        "config": doc["config"], "uf1": own["uf1"], "uar": own["uar"]})
-    idx, files, y, dbs, names = ref
+    idx, files, y, dbs, names, subjects = ref
     mean = np.mean(probs, axis=0)
     pred = mean.argmax(1)
     r = evaluate(y, pred)
@@ -104,9 +106,12 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
         "confusion_matrix": r["confusion_matrix"],
         "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
                          for db, d in per_database(y, pred, np.array(dbs)).items()},
-        "predictions": [{"index": int(i), "file": f, "label": int(t), "pred": int(q),
+        # Subject and database too, so that `compare` can pair an ensemble with a run.
+        "predictions": [{"index": int(i), "file": f, "subject": s, "database": db,
+                         "label": int(t), "pred": int(q),
                          "probs": [round(float(v), 6) for v in pr]}
-                        for i, f, t, q, pr in zip(idx, files, y, pred, mean)],
+                        for i, f, s, db, t, q, pr in zip(idx, files, subjects, dbs, y, pred,
+                                                         mean)],
     }
 
 

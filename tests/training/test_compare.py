@@ -117,3 +117,68 @@ def test_one_database_is_scored_like_the_runs_own_per_database_figures(capsys):
     assert main(["compare", str(FULL), str(VARIANT), "--database", "casme2",
                  "--bootstrap", "10"]) == 0
     assert "(database casme2 only)" in capsys.readouterr().out
+
+
+NESTED = RESULTS / "ststnet_loso_nested_cpu.json"
+NESTED_SEED1 = RESULTS / "seeds" / "ststnet_loso_nested_cpu_seed1.json"
+
+
+def test_cv_ensemble_source_and_ensemble_files_compare_by_their_recorded_scores(tmp_path):
+    """``RESULTS:cv_ensemble`` is the run's CV ensemble, and the output of
+    ``python -m training ensemble`` pairs with a run like any results file."""
+    single = load_results(NESTED)
+    cv0 = load_results(f"{NESTED}:cv_ensemble")
+    cv1 = load_results(f"{NESTED_SEED1}:cv_ensemble")
+    r = paired_comparison(single, cv0, n_boot=0)
+    assert r["reference"]["uf1"] == pytest.approx(single["uf1"], abs=1e-12)
+    assert r["variant"]["uf1"] == pytest.approx(single["nested_cv_ensemble"]["uf1"], abs=1e-12)
+    assert r["predictions_differ"] > 0
+    both = tmp_path / "seeds01.json"
+    assert main(["ensemble", f"{NESTED}:cv_ensemble", f"{NESTED_SEED1}:cv_ensemble",
+                 "--out", str(both)]) == 0
+    ens = load_results(both)
+    assert {p["subject"] for p in ens["predictions"]} == {p["subject"] for p in
+                                                          single["predictions"]}
+    for variant, recorded in ((cv1, cv1["nested_cv_ensemble"]["uf1"]), (ens, ens["uf1"])):
+        r = paired_comparison(cv0, variant, n_boot=100)
+        assert r["variant"]["uf1"] == pytest.approx(recorded, abs=1e-12)
+        assert r["delta_uf1"] == pytest.approx(recorded - cv0["nested_cv_ensemble"]["uf1"],
+                                               abs=1e-12)
+
+
+def test_cv_ensemble_source_of_a_run_without_one_is_refused():
+    with pytest.raises(CompareError, match="no nested_cv_ensemble"):
+        load_results(f"{FULL}:cv_ensemble")
+
+
+def _published_results():
+    return sorted(p for p in RESULTS.rglob("*.json")
+                  if isinstance((d := json.loads(p.read_text())), dict)
+                  and "uf1" in d and isinstance(d.get("predictions"), list))
+
+
+@pytest.mark.parametrize("path", _published_results(), ids=lambda p: str(p.relative_to(RESULTS)))
+def test_published_scores_are_those_of_the_predictions_they_list(path, megc_dir):
+    """Every LOSO or ensemble results file in docs/results: its labels are the dataset's, each
+    prediction is the argmax of its probabilities, and UF1/UAR (and the CV ensemble's) are
+    recomputed from the listed predictions."""
+    from training.data import load_megc3db
+
+    doc = json.loads(path.read_text())
+    data = _DATA.setdefault("megc", load_megc3db(megc_dir))
+    preds = doc["predictions"]
+    idx = np.array([p["index"] for p in preds])
+    y = np.array([p["label"] for p in preds])
+    assert y.tolist() == data.y[idx].tolist()
+    assert [p["file"] for p in preds] == [Path(str(f)).name for f in data.files[idx]]
+    pred = np.array([p["pred"] for p in preds])
+    probs = np.array([p["probs"] for p in preds])
+    assert probs.argmax(1).tolist() == pred.tolist()
+    assert (doc["uf1"], doc["uar"]) == pytest.approx(uf1_uar(y, pred), abs=1e-12)
+    if "nested_cv_ensemble" in doc:
+        ens = doc["nested_cv_ensemble"]
+        assert (ens["uf1"], ens["uar"]) == pytest.approx(
+            uf1_uar(y, np.array(ens["probs"]).argmax(1)), abs=1e-12)
+
+
+_DATA: dict = {}
