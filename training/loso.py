@@ -599,6 +599,7 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
     subjects = data.subject_list
     test_idx = {f: np.flatnonzero(data.subjects == subjects[f]) for f in pending}
     fold_file = lambda f: run_dir / f"fold_{f:02d}.json"  # noqa: E731
+    session_t0 = time.perf_counter()
 
     for c0 in range(0, len(pending), chunk_size):
         chunk = pending[c0:c0 + chunk_size]
@@ -671,6 +672,18 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
                 say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
         if ckpt_path.exists():
             ckpt_path.unlink()
+        done = c0 + len(chunk)
+        say(f"{done}/{len(pending)} folds done"
+            + _time_left(time.perf_counter() - session_t0, done, len(pending)))
+
+
+def _time_left(spent_s: float, done: int, total: int) -> str:
+    """", about N min left" at this session's pace so far (nothing once all are done)."""
+    if done <= 0 or done >= total:
+        return ""
+    left = spent_s / done * (total - done)
+    return (f", about {left / 60:.0f} min left" if left < 5400
+            else f", about {left / 3600:.1f} h left")
 
 
 def _inner_groups(train_subjects: list[str], k: int) -> list[list[str]]:
@@ -824,6 +837,7 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
     run_dir = Path(run_dir)
     subjects = data.subject_list
     todo = _nested_todo(run_dir, folds)
+    select_t0 = time.perf_counter()
     # Folds in groups whose inner models make about one vectorised chunk.
     group = max(1, chunk_size // cfg.inner_folds)
     for g0 in range(0, len(todo), group):
@@ -850,8 +864,9 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
                 "inner_test_probs_mean": np.round(inner_mean, 6).tolist()})
             for g in range(cfg.inner_folds):  # now summed up in nested_XX.json
                 _inner_file(run_dir, f, g).unlink(missing_ok=True)
-        say(f"nested selection: epochs chosen for {min(g0 + group, len(todo))}/{len(todo)} "
-            "folds")
+        done = min(g0 + group, len(todo))
+        say(f"nested selection: epochs chosen for {done}/{len(todo)} folds"
+            + _time_left(time.perf_counter() - select_t0, done, len(todo)))
     legacy = run_dir / "nested_epochs.json"
     old = json.loads(legacy.read_text()) if legacy.exists() else None
     chosen, curves, walls, epochs, inner_probs = {}, {}, [], None, {}

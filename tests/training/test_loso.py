@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -416,3 +417,17 @@ def test_checkpoint_stranded_after_its_folds_finished_is_removed(tmp_path):
     assert not (run_dir / "chunk_00_00.pt").exists()
     assert any("removed chunk_00_00.pt" in m for m in msgs)
     assert not any("epoch" in m for m in msgs)
+
+
+def test_progress_counts_folds_and_estimates_the_time_left(tmp_path):
+    data = _synthetic()
+    msgs: list[str] = []
+    run_loso(data, NESTED, tmp_path / "run", folds=[0, 1, 2], chunk_size=1,
+             progress=msgs.append)
+    done = [m for m in msgs if "folds done" in m]
+    assert [m.split(" folds done")[0] for m in done] == ["1/3", "2/3", "3/3"]
+    assert all(re.search(r"about \d+ min left$", m) for m in done[:2])
+    assert done[2] == "3/3 folds done"
+    chosen = [m for m in msgs if "epochs chosen for" in m]
+    assert chosen[-1].endswith("epochs chosen for 3/3 folds")
+    assert "left" in chosen[0]
