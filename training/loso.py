@@ -837,6 +837,11 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
     run_dir = Path(run_dir)
     subjects = data.subject_list
     todo = _nested_todo(run_dir, folds)
+    # Inner files of this call's folds whose choice is already written were left by an
+    # interruption just after it (other folds' may belong to another worker, still running).
+    for f in set(folds) - set(todo):
+        for g in range(cfg.inner_folds):
+            _inner_file(run_dir, f, g).unlink(missing_ok=True)
     select_t0 = time.perf_counter()
     # Folds in groups whose inner models make about one vectorised chunk.
     group = max(1, chunk_size // cfg.inner_folds)

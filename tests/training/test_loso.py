@@ -388,6 +388,10 @@ def test_interrupted_nested_selection_keeps_its_trained_inner_models(tmp_path):
     assert [m for m in msgs if "inner models trained" in m] == [
         m for m in msgs if "1/1 inner models trained" in m]  # only the missing one
     assert not list(run_dir.glob("inner_*.json"))
+    # One left behind by an interruption after its fold's choice was written goes too.
+    (run_dir / "inner_00_0.json").write_text("{}")
+    run_loso(data, NESTED, run_dir, folds=[0, 1], chunk_size=1)
+    assert not list(run_dir.glob("inner_*.json"))
     assert (res["nested_selection"]["chosen_epochs"]
             == ref["nested_selection"]["chosen_epochs"])
     np.testing.assert_allclose(np.array(res["nested_cv_ensemble"]["probs"]),
