@@ -190,12 +190,14 @@ def default_loso_results(cfg, results_dir: Path | None = None,
 def _schedule_of_weights(args, cli_cfg):
     """With --weights the schedule is the one the weights were trained with (it names the
     engine and finds the LOSO results to quote); a schedule option given on the command line
-    that contradicts it is refused rather than silently ignored."""
+    that contradicts it is refused rather than silently ignored. Returns the schedule and the
+    weights file, read once."""
     import dataclasses
 
-    from training.export import weights_config
+    from training.export import read_weights
 
-    file_cfg = weights_config(args.weights)
+    weights = read_weights(args.weights)
+    file_cfg = weights.config
     default_cfg = _config(build_parser().parse_args(["export"]))
     conflicts = [f"{f.name}: command line {getattr(cli_cfg, f.name)!r}, weights "
                  f"{getattr(file_cfg, f.name)!r}"
@@ -205,7 +207,7 @@ def _schedule_of_weights(args, cli_cfg):
     if conflicts:
         raise ValueError(f"{args.weights} was trained with another schedule ("
                          + "; ".join(conflicts) + "); drop those options or train again")
-    return file_cfg
+    return file_cfg, weights
 
 
 def cmd_export(args) -> int:
@@ -214,8 +216,9 @@ def cmd_export(args) -> int:
 
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
+    weights = None
     if args.weights:
-        cfg = _schedule_of_weights(args, cfg)
+        cfg, weights = _schedule_of_weights(args, cfg)
     data = load_megc3db(args.data)
     loso_results = (args.loso_results if args.loso_results is not None
                     else default_loso_results(cfg, ensemble=args.ensemble))
@@ -226,7 +229,7 @@ def cmd_export(args) -> int:
     name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if args.ensemble else cfg.model
     out = args.out or str(REPO_ROOT / "engines" / f"{name}_3db.onnx")
     info = export_default(data, cfg, out, loso_results=loso_results,
-                          weights=args.weights, device=args.device, ensemble=args.ensemble,
+                          weights=weights, device=args.device, ensemble=args.ensemble,
                           progress=lambda m: print(m, flush=True))
     print(json.dumps(info, indent=1))
     return 0

@@ -17,6 +17,7 @@ place that says how to get there from a [0, 1] map.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import logging
 import time
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 class ExportError(RuntimeError):
     """The ONNX export failed or disagrees with the eager model."""
 
-__all__ = ["ProbabilityAverage", "train_full", "fit_full", "save_weights", "load_weights", "load_selection",
+__all__ = ["ProbabilityAverage", "train_full", "fit_full", "save_weights", "load_weights",
+           "read_weights", "WeightsFile",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
 
 INPUT_NAME = "maps"
@@ -135,7 +137,37 @@ def save_weights(model: torch.nn.Module, cfg: LosoConfig, path: str | Path,
                 "selection_json": json.dumps(selection)}, path)
 
 
-def _read_weights(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class WeightsFile:
+    """A weights file of :func:`save_weights`, read once: its schedule, its epoch selection
+    record and the network it holds."""
+
+    path: Path
+    doc: dict
+
+    @property
+    def config(self) -> LosoConfig:
+        return LosoConfig.from_dict(json.loads(self.doc["config_json"]))
+
+    @property
+    def selection(self) -> dict | None:
+        """The epoch selection record (None: fixed schedule, or none recorded)."""
+        return json.loads(self.doc.get("selection_json", "null"))
+
+    def model(self) -> torch.nn.Module:
+        from training.models import create_model
+
+        cfg = self.config
+        model = create_model(cfg.model, **cfg.model_kwargs)
+        try:
+            model.load_state_dict(self.doc["state_dict"])
+        except RuntimeError as exc:
+            raise ValueError(f"{self.path}: its weights do not fit network {cfg.model!r} "
+                             f"{cfg.model_kwargs}: {str(exc)[:300]}") from None
+        return model.eval()
+
+
+def read_weights(path: str | Path) -> WeightsFile:
     """The document :func:`save_weights` wrote; ValueError for a missing or foreign file."""
     path = Path(path)
     if not path.is_file():
@@ -148,31 +180,12 @@ def _read_weights(path: str | Path) -> dict:
     except Exception as exc:  # torch raises several types for a file that is not ours
         raise ValueError(f"{path}: not a weights file written by `python -m training train` "
                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    return doc
-
-
-def weights_config(path: str | Path) -> LosoConfig:
-    """The schedule a weights file was trained with."""
-    return LosoConfig.from_dict(json.loads(_read_weights(path)["config_json"]))
+    return WeightsFile(path, doc)
 
 
 def load_weights(path: str | Path) -> tuple[torch.nn.Module, LosoConfig]:
-    from training.models import create_model
-
-    doc = _read_weights(path)
-    cfg = LosoConfig.from_dict(json.loads(doc["config_json"]))
-    model = create_model(cfg.model, **cfg.model_kwargs)
-    try:
-        model.load_state_dict(doc["state_dict"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: its weights do not fit network {cfg.model!r} "
-                         f"{cfg.model_kwargs}: {str(exc)[:300]}") from None
-    return model.eval(), cfg
-
-
-def load_selection(path: str | Path) -> dict | None:
-    """The epoch selection record saved with the weights (None: fixed schedule, or none)."""
-    return json.loads(_read_weights(path).get("selection_json", "null"))
+    weights = read_weights(path)
+    return weights.model(), weights.config
 
 
 def _export_setup(model: torch.nn.Module, path: str | Path, example: torch.Tensor | None):
@@ -228,7 +241,8 @@ def check_export(model: torch.nn.Module, engine_path: str | Path, x: np.ndarray)
 
 
 def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
-                   loso_results: str | Path | None = None, weights: str | Path | None = None,
+                   loso_results: str | Path | None = None,
+                   weights: str | Path | WeightsFile | None = None,
                    device: str = "cpu", ensemble: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Train on all of ``data`` (or load ``weights``), export to ``out`` (ONNX for ``.onnx``, a
@@ -253,11 +267,12 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
                          "models: use --select-epochs nested")
     if weights:
-        model, cfg = load_weights(weights)
-        selection = load_selection(weights)
+        if not isinstance(weights, WeightsFile):
+            weights = read_weights(weights)
+        model, cfg, selection = weights.model(), weights.config, weights.selection
         if cfg.select_epochs == "nested" and selection is None:
-            raise ValueError(f"{weights} holds no epoch selection record although its schedule "
-                             "says select_epochs=nested; train it again with `train`")
+            raise ValueError(f"{weights.path} holds no epoch selection record although its "
+                             "schedule says select_epochs=nested; train it again with `train`")
     else:
         selection = None
     # Refuse a mismatching LOSO results file before spending minutes on training.

@@ -12,7 +12,7 @@ import torch
 
 from realtime_mer.input_kinds import INPUT_OPTIONS
 from training.data.megc3db import Megc3DB
-from training.export import check_loso_results, export_default, fit_full
+from training.export import check_loso_results, export_default, fit_full, save_weights
 from training.loso import LosoConfig, _inner_groups, select_epochs_full
 
 torch.set_num_threads(1)
@@ -341,3 +341,29 @@ def test_pt2_engine_for_the_torch_and_tensorrt_backends_matches_the_onnx_one(tmp
     for name in ("e.engine", "e.ens"):
         with pytest.raises(ValueError, match="export writes .onnx or .pt2"):
             export_default(data, fixed, tmp_path / name, weights=tmp_path / "w.pt")
+
+
+def test_cli_exports_a_weights_file_reading_it_once(tmp_path, megc_dir, monkeypatch):
+    """`export --weights` end to end on the real maps: the engine holds those weights, its
+    manifest their schedule, and the file is read once (it can be tens of MB)."""
+    import training.export as ex
+    from training.__main__ import main
+    from training.models import create_model
+
+    fixed = LosoConfig(epochs=3, batch_size=8, eval_every=3, lr=5e-3)
+    torch.manual_seed(0)
+    model = create_model("ststnet").eval()
+    save_weights(model, fixed, tmp_path / "w.pt")
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(ex.torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    out = tmp_path / "e.onnx"
+    assert main(["export", "--data", str(megc_dir), "--weights", str(tmp_path / "w.pt"),
+                 "--loso-results", "", "--out", str(out)]) == 0
+    assert reads == [tmp_path / "w.pt"]
+    manifest = json.loads((tmp_path / "e.onnx.json").read_text())
+    assert manifest["training"]["schedule"]["epochs_trained"] == 3
+    assert manifest["training"]["schedule"]["lr"] == fixed.lr
+    x = np.random.default_rng(0).random((4, 3, 28, 28), dtype=np.float32)
+    check = ex.check_export(model, out, x)
+    assert check["min_cosine"] >= 0.99 and check["argmax_equal"]
