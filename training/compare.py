@@ -54,7 +54,12 @@ def _cv_ensemble_results(doc: dict, name: str) -> dict:
     if not isinstance(ens, dict) or len(ens.get("probs", [])) != len(doc["predictions"]):
         raise CompareError(f"{name}: has no nested_cv_ensemble probabilities for its "
                            "predictions (a nested run of `python -m training loso`)")
-    out = dict(doc)
+    # The ensemble's own scores replace the single model's, so the document agrees with itself.
+    out = {k: v for k, v in doc.items()
+           if k not in ("uf1", "uar", "accuracy", "confusion_matrix", "per_class",
+                        "per_database", "leaky_best_epoch", "nested_cv_ensemble")}
+    out.update({k: ens[k] for k in ("uf1", "uar", "accuracy", "confusion_matrix",
+                                     "per_database") if k in ens})
     out["predictions"] = [dict(p, pred=int(np.argmax(pr)), probs=pr)
                           for p, pr in zip(doc["predictions"], ens["probs"])]
     return out

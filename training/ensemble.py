@@ -106,8 +106,10 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
         "confusion_matrix": r["confusion_matrix"],
         "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
                          for db, d in per_database(y, pred, np.array(dbs)).items()},
-        # Subject and database too, so that `compare` can pair an ensemble with a run.
-        "predictions": [{"index": int(i), "file": f, "subject": s, "database": db,
+        # Subject and database too, so that `compare` can pair an ensemble with a run (a
+        # member file without subjects gives none, and compare says what is missing).
+        "predictions": [{"index": int(i), "file": f,
+                         **({} if s is None else {"subject": s}), "database": db,
                          "label": int(t), "pred": int(q),
                          "probs": [round(float(v), 6) for v in pr]}
                         for i, f, s, db, t, q, pr in zip(idx, files, subjects, dbs, y, pred,

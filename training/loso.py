@@ -465,7 +465,7 @@ def _remove_finished_checkpoints(run_dir: Path, say: Callable[[str], None]) -> N
         except Exception:  # unreadable: its chunk, if still pending, says so and restarts
             continue
         if all((run_dir / f"fold_{int(f):02d}.json").exists() for f in fold_ids):
-            ckpt.unlink()
+            ckpt.unlink(missing_ok=True)
             say(f"removed {ckpt.name}: its folds are finished")
 
 
@@ -670,8 +670,7 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
                 })
                 acc = float((p.argmax(-1) == data.y[test_idx[f]]).mean())
                 say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
-        if ckpt_path.exists():
-            ckpt_path.unlink()
+        ckpt_path.unlink(missing_ok=True)
         done = c0 + len(chunk)
         say(f"{done}/{len(pending)} folds done"
             + _time_left(time.perf_counter() - session_t0, done, len(pending)))
@@ -682,6 +681,8 @@ def _time_left(spent_s: float, done: int, total: int) -> str:
     if done <= 0 or done >= total:
         return ""
     left = spent_s / done * (total - done)
+    if left < 90:
+        return f", about {left:.0f} s left"
     return (f", about {left / 60:.0f} min left" if left < 5400
             else f", about {left / 3600:.1f} h left")
 
@@ -722,20 +723,25 @@ def _inner_file(run_dir: Path, key: int, group: int) -> Path:
 
 
 def _save_inner(path: Path, preds: dict[int, np.ndarray],
-                test_probs: dict[int, np.ndarray] | None) -> None:
+                test_probs: dict[int, np.ndarray] | None, wall_s: float) -> None:
+    # float32 values written as exact doubles (no rounding), so a resumed selection averages
+    # exactly the numbers an uninterrupted one does.
     _atomic_write_json(path, {
         "val_pred": {str(e): p.tolist() for e, p in preds.items()},
         "test_probs": (None if test_probs is None else
-                       {str(e): np.round(p, 6).tolist() for e, p in test_probs.items()})})
+                       {str(e): p.tolist() for e, p in test_probs.items()}),
+        "wall_s": wall_s})
 
 
-def _load_inner(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None] | None:
+def _load_inner(path: Path
+                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None, float] | None:
     try:
         doc = json.loads(path.read_text())
         preds = {int(e): np.asarray(p, dtype=np.int64) for e, p in doc["val_pred"].items()}
         tp = doc["test_probs"]
         return preds, (None if tp is None else
-                       {int(e): np.asarray(p, dtype=np.float32) for e, p in tp.items()})
+                       {int(e): np.asarray(p, dtype=np.float32) for e, p in tp.items()}), \
+            float(doc.get("wall_s", 0.0))
     except (OSError, ValueError, KeyError, TypeError):  # damaged: that model is retrained
         return None
 
@@ -743,11 +749,12 @@ def _load_inner(path: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray
 def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
                  device: str, say: Callable[[str], None],
                  test_of: dict[int, np.ndarray] | None = None,
-                 cache_dir: Path | None = None) -> tuple[dict, dict]:
+                 cache_dir: Path | None = None) -> tuple[dict, dict, dict]:
     """Train every inner model (vectorised, ``chunk_size`` at a time). Returns
-    {(key, group): {epoch: validation predictions}} and, for the keys in ``test_of`` (outer
-    fold -> its test indices), {(key, group): {epoch: test probabilities}}: the inner models
-    also predict the outer test subject, for the CV ensemble (never used to choose).
+    {(key, group): {epoch: validation predictions}}, for the keys in ``test_of`` (outer
+    fold -> its test indices) {(key, group): {epoch: test probabilities}} (the inner models
+    also predict the outer test subject, for the CV ensemble; never used to choose), and
+    {(key, group): training seconds} (its chunk's time shared among the chunk's models).
 
     With ``cache_dir``, each inner model's predictions are saved there
     (``inner_KK_G.json``) as soon as its chunk is trained, and models found there are not
@@ -755,6 +762,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
     test_of = test_of or {}
     preds: dict[tuple[int, int], dict[int, np.ndarray]] = {}
     test_probs: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    walls: dict[tuple[int, int], float] = {}
     if cache_dir is not None:
         todo = []
         for job in jobs:
@@ -763,6 +771,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
                 todo.append(job)
                 continue
             preds[(job[0], job[1])] = cached[0]
+            walls[(job[0], job[1])] = cached[2]
             if cached[1] is not None:
                 test_probs[(job[0], job[1])] = cached[1]
         if len(todo) < len(jobs):
@@ -772,6 +781,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
     t0 = time.perf_counter()
     for c0 in range(0, len(jobs), chunk_size):
         chunk = jobs[c0:c0 + chunk_size]
+        chunk_t0 = time.perf_counter()
         rows = [np.concatenate([j[3], test_of.get(j[0], np.empty(0, np.int64))]) for j in chunk]
         width = max(len(r) for r in rows)
         padded = np.stack([np.resize(r, width) for r in rows])
@@ -789,13 +799,14 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
         train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
                      eval_hook=hook, landmarks=data.landmarks)
-        if cache_dir is not None:
-            for f, g, _, _ in chunk:
+        for f, g, _, _ in chunk:
+            walls[(f, g)] = (time.perf_counter() - chunk_t0) / len(chunk)
+            if cache_dir is not None:
                 _save_inner(_inner_file(cache_dir, f, g), preds[(f, g)],
-                            test_probs.get((f, g)))
+                            test_probs.get((f, g)), walls[(f, g)])
         say(f"nested selection: {min(c0 + chunk_size, len(jobs))}/{len(jobs)} inner models "
             f"trained  {time.perf_counter() - t0:.0f} s")
-    return preds, test_probs
+    return preds, test_probs, walls
 
 
 def _choose(data: Megc3DB, jobs: list, preds: dict, key: int) -> tuple[list[int], list, list]:
@@ -850,12 +861,10 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
         jobs = []  # (outer fold, inner group, train idx, val idx)
         for f in part:
             jobs += _inner_jobs(data, cfg, f, [subjects[f]])
-        t0 = time.perf_counter()
         test_of = {f: np.flatnonzero(data.subjects == subjects[f]) for f in part}
-        preds, test_probs = _train_inner(data, cfg, jobs, chunk_size=chunk_size,
-                                         device=device, say=say, test_of=test_of,
-                                         cache_dir=run_dir)
-        share = (time.perf_counter() - t0) / len(part)
+        preds, test_probs, walls = _train_inner(data, cfg, jobs, chunk_size=chunk_size,
+                                                device=device, say=say, test_of=test_of,
+                                                cache_dir=run_dir)
         for f in part:
             epochs, scores, best = _choose(data, jobs, preds, f)
             # The inner models' mean prediction of the test subject at the chosen epoch
@@ -864,7 +873,9 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
                                   for g in range(cfg.inner_folds)], axis=0)
             _atomic_write_json(_nested_file(run_dir, f), {
                 "fold": f, "chosen": epochs[best], "epochs": epochs,
-                "inner_uf1": [round(s[0], 4) for s in scores], "wall_s": share,
+                "inner_uf1": [round(s[0], 4) for s in scores],
+                # training time of its inner models, a resumed session's earlier part included
+                "wall_s": sum(walls[(f, g)] for g in range(cfg.inner_folds)),
                 "test_indices": test_of[f].tolist(),
                 "inner_test_probs_mean": np.round(inner_mean, 6).tolist()})
             for g in range(cfg.inner_folds):  # now summed up in nested_XX.json
@@ -908,7 +919,7 @@ def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
     key = len(subjects)
     jobs = _inner_jobs(data, cfg, key, [])
     t0 = time.perf_counter()
-    preds, _ = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
+    preds, _, _ = _train_inner(data, cfg, jobs, chunk_size=chunk_size, device=device, say=say)
     epochs, scores, best = _choose(data, jobs, preds, key)
     return {
         "rule": NESTED_RULE.format(k=cfg.inner_folds),
