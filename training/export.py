@@ -17,7 +17,6 @@ place that says how to get there from a [0, 1] map.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import json
 import logging
 import time
@@ -28,8 +27,7 @@ import numpy as np
 import torch
 
 from realtime_mer.errors import EngineError
-from realtime_mer.runtime import sha256_file
-from realtime_mer.runtime.backends import engine_format
+from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, model_inputs,
@@ -137,7 +135,7 @@ def save_weights(model: torch.nn.Module, cfg: LosoConfig, path: str | Path,
                 "selection_json": json.dumps(selection)}, path)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class WeightsFile:
     """A weights file of :func:`save_weights`, read once: its schedule, its epoch selection
     record and the network it holds."""

@@ -722,6 +722,12 @@ def _inner_file(run_dir: Path, key: int, group: int) -> Path:
     return Path(run_dir) / f"inner_{key:02d}_{group}.json"
 
 
+def _drop_inner_files(run_dir: Path, key: int, k: int) -> None:
+    """The inner-model files of one fold, once its choice is in ``nested_XX.json``."""
+    for g in range(k):
+        _inner_file(run_dir, key, g).unlink(missing_ok=True)
+
+
 def _save_inner(path: Path, preds: dict[int, np.ndarray],
                 test_probs: dict[int, np.ndarray] | None, wall_s: float) -> None:
     # float32 values written as exact doubles (no rounding), so a resumed selection averages
@@ -799,8 +805,9 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
         train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
                      eval_hook=hook, landmarks=data.landmarks)
+        per_model_s = (time.perf_counter() - chunk_t0) / len(chunk)
         for f, g, _, _ in chunk:
-            walls[(f, g)] = (time.perf_counter() - chunk_t0) / len(chunk)
+            walls[(f, g)] = per_model_s
             if cache_dir is not None:
                 _save_inner(_inner_file(cache_dir, f, g), preds[(f, g)],
                             test_probs.get((f, g)), walls[(f, g)])
@@ -851,8 +858,7 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
     # Inner files of this call's folds whose choice is already written were left by an
     # interruption just after it (other folds' may belong to another worker, still running).
     for f in set(folds) - set(todo):
-        for g in range(cfg.inner_folds):
-            _inner_file(run_dir, f, g).unlink(missing_ok=True)
+        _drop_inner_files(run_dir, f, cfg.inner_folds)
     select_t0 = time.perf_counter()
     # Folds in groups whose inner models make about one vectorised chunk.
     group = max(1, chunk_size // cfg.inner_folds)
@@ -862,7 +868,7 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
         for f in part:
             jobs += _inner_jobs(data, cfg, f, [subjects[f]])
         test_of = {f: np.flatnonzero(data.subjects == subjects[f]) for f in part}
-        preds, test_probs, walls = _train_inner(data, cfg, jobs, chunk_size=chunk_size,
+        preds, test_probs, train_s = _train_inner(data, cfg, jobs, chunk_size=chunk_size,
                                                 device=device, say=say, test_of=test_of,
                                                 cache_dir=run_dir)
         for f in part:
@@ -875,11 +881,10 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
                 "fold": f, "chosen": epochs[best], "epochs": epochs,
                 "inner_uf1": [round(s[0], 4) for s in scores],
                 # training time of its inner models, a resumed session's earlier part included
-                "wall_s": sum(walls[(f, g)] for g in range(cfg.inner_folds)),
+                "wall_s": sum(train_s[(f, g)] for g in range(cfg.inner_folds)),
                 "test_indices": test_of[f].tolist(),
                 "inner_test_probs_mean": np.round(inner_mean, 6).tolist()})
-            for g in range(cfg.inner_folds):  # now summed up in nested_XX.json
-                _inner_file(run_dir, f, g).unlink(missing_ok=True)
+            _drop_inner_files(run_dir, f, cfg.inner_folds)
         done = min(g0 + group, len(todo))
         say(f"nested selection: epochs chosen for {done}/{len(todo)} folds"
             + _time_left(time.perf_counter() - select_t0, done, len(todo)))

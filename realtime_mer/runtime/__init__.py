@@ -8,6 +8,7 @@ from realtime_mer.runtime.backends import (
     TensorRTBackend,
     TorchBackend,
     default_engine_path,
+    engine_format,
     load_engine,
     sha256_file,
 )
@@ -16,5 +17,5 @@ from realtime_mer.runtime.manifest import Manifest, manifest_path
 
 __all__ = [
     "BACKENDS", "Backend", "EnsembleBackend", "Manifest", "ensemble_manifest", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend",
-    "default_engine_path", "load_engine", "manifest_path", "sha256_file",
+    "default_engine_path", "engine_format", "load_engine", "manifest_path", "sha256_file",
 ]

@@ -159,15 +159,20 @@ def _published_results():
                   and "uf1" in d and isinstance(d.get("predictions"), list))
 
 
+@pytest.fixture(scope="module")
+def megc(megc_dir):
+    from training.data import load_megc3db
+
+    return load_megc3db(megc_dir)
+
+
 @pytest.mark.parametrize("path", _published_results(), ids=lambda p: str(p.relative_to(RESULTS)))
-def test_published_scores_are_those_of_the_predictions_they_list(path, megc_dir):
+def test_published_scores_are_those_of_the_predictions_they_list(path, megc):
     """Every LOSO or ensemble results file in docs/results: its labels are the dataset's, each
     prediction is the argmax of its probabilities, and UF1/UAR (and the CV ensemble's) are
     recomputed from the listed predictions."""
-    from training.data import load_megc3db
-
     doc = json.loads(path.read_text())
-    data = _DATA.setdefault("megc", load_megc3db(megc_dir))
+    data = megc
     preds = doc["predictions"]
     idx = np.array([p["index"] for p in preds])
     y = np.array([p["label"] for p in preds])
@@ -181,6 +186,3 @@ def test_published_scores_are_those_of_the_predictions_they_list(path, megc_dir)
         ens = doc["nested_cv_ensemble"]
         assert (ens["uf1"], ens["uar"]) == pytest.approx(
             uf1_uar(y, np.array(ens["probs"]).argmax(1)), abs=1e-12)
-
-
-_DATA: dict = {}

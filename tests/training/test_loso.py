@@ -406,7 +406,7 @@ def test_interrupted_nested_selection_keeps_its_trained_inner_models(tmp_path):
 
 def test_checkpoint_stranded_after_its_folds_finished_is_removed(tmp_path):
     """Interrupted after a chunk's fold files were written but before its checkpoint was
-    deleted: the rerun deletes the checkpoint (its folds are done) and trains nothing."""
+    deleted: the rerun deletes the checkpoint (its folds are done)."""
     data = _synthetic()
 
     class Stop(Exception):
@@ -425,7 +425,6 @@ def test_checkpoint_stranded_after_its_folds_finished_is_removed(tmp_path):
     run_loso(data, CFG, run_dir, folds=[0], progress=msgs.append)
     assert not (run_dir / "chunk_00_00.pt").exists()
     assert any("removed chunk_00_00.pt" in m for m in msgs)
-    assert not any("epoch" in m for m in msgs)
 
 
 def test_progress_counts_folds_and_estimates_the_time_left(tmp_path):
