@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class ExportError(RuntimeError):
     """The ONNX export failed or disagrees with the eager model."""
 
-__all__ = ["ProbabilityAverage", "train_full", "fit_full", "save_weights", "load_weights",
+__all__ = ["ProbabilityAverage", "MirrorAverage", "engine_network", "train_full", "fit_full", "save_weights", "load_weights",
            "read_weights", "WeightsFile",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
 
@@ -58,6 +58,41 @@ class ProbabilityAverage(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([torch.softmax(m(x), dim=-1) for m in self.members]).mean(0)
         return torch.log(probs.clamp_min(1e-12))
+
+
+class MirrorAverage(torch.nn.Module):
+    """Test-time mirroring inside the engine: the class probabilities of the input and of its
+    mirror image, averaged, returned as log-probabilities.
+
+    The input is the normalised (u, v, strain) maps of the map28 kind. Mirroring a map in
+    [0, 1] flips it left-right and turns u into 1 - u (:func:`training.loso.hflip_maps`); after
+    the normalisation x = (m - mean) / std that is x_u -> (1 - 2 mean_u) / std_u - x_u, with
+    v and strain only flipped. So the engine is fed exactly what the runtime feeds any engine.
+    """
+
+    def __init__(self, model: torch.nn.Module, mean_u: float, std_u: float) -> None:
+        super().__init__()
+        self.model = model
+        self.u_offset = (1.0 - 2.0 * float(mean_u)) / float(std_u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mirrored = torch.flip(x, dims=(-1,))
+        mirrored = torch.cat([self.u_offset - mirrored[:, :1], mirrored[:, 1:]], dim=1)
+        probs = (torch.softmax(self.model(x), dim=-1)
+                 + torch.softmax(self.model(mirrored), dim=-1)) / 2
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def engine_network(model: torch.nn.Module, cfg: LosoConfig) -> torch.nn.Module:
+    """What the engine computes: ``model``, wrapped in :class:`MirrorAverage` when the schedule
+    scores with test-time mirroring (so the engine predicts as the quoted LOSO run did)."""
+    if cfg.tta == "none":
+        return model
+    if cfg.input_kind != "map28":
+        raise ValueError(f"--tta {cfg.tta} is built into map28 engines only (the {cfg.input_kind} "
+                         "input is rebuilt from the maps, which a graph on that input cannot "
+                         "mirror exactly); export with --tta none")
+    return MirrorAverage(model, cfg.mean[0], cfg.std[0]).eval()
 
 
 ENSEMBLE_RULE = ("CV ensemble: the model trained on all samples and the {k} inner models of "
@@ -264,6 +299,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     if ensemble and cfg.select_epochs != "nested":
         raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
                          "models: use --select-epochs nested")
+    selection = None
     if weights:
         if not isinstance(weights, WeightsFile):
             weights = read_weights(weights)
@@ -271,8 +307,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         if cfg.select_epochs == "nested" and selection is None:
             raise ValueError(f"{weights.path} holds no epoch selection record although its "
                              "schedule says select_epochs=nested; train it again with `train`")
-    else:
-        selection = None
+    engine_network(torch.nn.Identity(), cfg)  # an engine it cannot build fails before training
     # Refuse a mismatching LOSO results file before spending minutes on training.
     loso_doc = None
     if loso_results and not Path(loso_results).is_file():
@@ -292,9 +327,11 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     lm = data.landmarks
     x = model_inputs(data.x, cfg, lm).numpy()
     try:
+        engine_model = engine_network(model, cfg)
         write = export_onnx if fmt == "onnx" else export_program
-        write(model, out, example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
-        check = check_export(model, out, x)
+        write(engine_model, out,
+              example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
+        check = check_export(engine_model, out, x)
         if check["min_cosine"] < 0.99 or not check["argmax_equal"]:
             raise ExportError(f"exported engine disagrees with the eager model: {check}")
     except Exception as exc:
@@ -308,7 +345,8 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                           f"weights are kept in {kept}: export them again with --weights "
                           f"{kept}") from exc
     with torch.no_grad():
-        train_acc = float((model(torch.as_tensor(x)).argmax(1).numpy() == data.y).mean())
+        train_acc = float((engine_model(torch.as_tensor(x)).argmax(1).numpy()
+                           == data.y).mean())
 
     loso = None
     if loso_doc is not None:

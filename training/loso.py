@@ -55,7 +55,8 @@ from training.models import create_model
 log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
-           "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs"]
+           "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs",
+           "predict_probs"]
 
 RESULTS_FORMAT = 1
 
@@ -78,6 +79,10 @@ class LosoConfig:
     weight_decay: float = 1e-4
     class_balanced: bool = True
     augment: str = "hflip"  # "none" or "hflip" (mirror and u -> 1 - u, probability 0.5)
+    # Test-time augmentation: "hflip" averages the class probabilities of the maps and of their
+    # mirror image at every prediction (evaluation epochs, nested selection, the final
+    # scores), as the exported engine does; "none" predicts from the maps alone.
+    tta: str = "none"
     # Fixed per-channel normalisation (u, v, strain), applied after augmentation. Chosen a
     # priori (maps are in [0, 1]), so it carries no statistic of any held-out subject.
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -105,6 +110,8 @@ class LosoConfig:
             raise ValueError(f"optimizer {self.optimizer!r} is not one of adam, adamw, sgd")
         if self.augment not in ("none", "hflip"):
             raise ValueError(f"augment {self.augment!r} is not one of none, hflip")
+        if self.tta not in ("none", "hflip"):
+            raise ValueError(f"tta {self.tta!r} is not one of none, hflip")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
         if self.select_epochs not in ("fixed", "nested"):
@@ -123,8 +130,9 @@ class LosoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LosoConfig":
+        # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
-             "input_size": None, "input_options": {}, **d}
+             "input_size": None, "input_options": {}, "tta": "none", **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -155,6 +163,21 @@ def model_inputs(maps: np.ndarray | torch.Tensor, cfg: LosoConfig,
     x = network_inputs(np.asarray(maps, dtype=np.float32), cfg.input_kind, cfg.input_size,
                        landmarks=landmarks, options=cfg.input_options)
     return normalise(torch.as_tensor(x), cfg.mean, cfg.std)
+
+
+def predict_probs(model: torch.nn.Module, maps: np.ndarray, cfg: LosoConfig,
+                  landmarks: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) class probabilities of an eval-mode ``model`` for (N, 3, H, W) maps in [0, 1],
+    with the test-time augmentation of ``cfg`` (the mirror image's probabilities averaged in)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    with torch.no_grad():
+        p = torch.softmax(model(model_inputs(maps, cfg, landmarks)), -1)
+        if cfg.tta == "hflip":
+            flipped = (None if landmarks is None
+                       else hflip_landmarks(landmarks, float(maps.shape[-1])))
+            mirrored = model_inputs(hflip_maps(torch.as_tensor(maps)), cfg, flipped)
+            p = (p + torch.softmax(model(mirrored), -1)) / 2
+    return p.numpy()
 
 
 def git_commit() -> str | None:
@@ -251,7 +274,7 @@ def train_models(
     flipped_landmarks = (None if landmarks is None
                          else hflip_landmarks(landmarks, float(xs.shape[-1])))
     x_flip = (model_inputs(hflip_maps(xs), cfg, flipped_landmarks).to(device)
-              if cfg.augment == "hflip" else None)
+              if "hflip" in (cfg.augment, cfg.tta) else None)
     y_dev = torch.as_tensor(y, dtype=torch.long).to(device)
     class_w = []
     for tr in train_sets:
@@ -303,8 +326,11 @@ def train_models(
     def predict(index: np.ndarray) -> torch.Tensor:
         base.eval()
         with torch.no_grad():
-            xb = x_dev[torch.as_tensor(index, dtype=torch.long, device=device)]
-            out = torch.softmax(train_fwd(params, buffers, xb), dim=-1).cpu()
+            rows = torch.as_tensor(index, dtype=torch.long, device=device)
+            out = torch.softmax(train_fwd(params, buffers, x_dev[rows]), dim=-1)
+            if cfg.tta == "hflip":
+                out = (out + torch.softmax(train_fwd(params, buffers, x_flip[rows]), dim=-1)) / 2
+            out = out.cpu()
         base.train()
         return out
 
@@ -419,6 +445,13 @@ def run_loso(
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
+        if isinstance(old.get("config"), dict):
+            # A run directory written before a schedule field existed holds that field's
+            # default implicitly: it resumes under the code that added it.
+            try:
+                old["config"] = LosoConfig.from_dict(old["config"]).to_dict()
+            except (TypeError, ValueError):
+                pass  # unreadable: reported as a different configuration below
         if old != config_doc:
             raise ValueError(
                 f"{run_dir} holds a run with a different configuration or data "
@@ -657,19 +690,16 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
             landmarks=data.landmarks,
         )
         elapsed = timing["prior_s"] + time.perf_counter() - timing["t0"]
-        with torch.no_grad():
-            for f, m in zip(chunk, models):
-                p = torch.softmax(m(model_inputs(data.x[test_idx[f]], cfg,
-                                                 _rows(data.landmarks, test_idx[f]))),
-                                  -1).numpy()
-                _atomic_write_json(fold_file(f), {
-                    "fold": f, "subject": subjects[f], "indices": test_idx[f].tolist(),
-                    "probs": p.tolist(), "pred": p.argmax(-1).tolist(),
-                    "history": history[f],
-                    "chunk": [chunk[0], chunk[-1]], "chunk_wall_s": elapsed,
-                })
-                acc = float((p.argmax(-1) == data.y[test_idx[f]]).mean())
-                say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
+        for f, m in zip(chunk, models):
+            p = predict_probs(m, data.x[test_idx[f]], cfg, _rows(data.landmarks, test_idx[f]))
+            _atomic_write_json(fold_file(f), {
+                "fold": f, "subject": subjects[f], "indices": test_idx[f].tolist(),
+                "probs": p.tolist(), "pred": p.argmax(-1).tolist(),
+                "history": history[f],
+                "chunk": [chunk[0], chunk[-1]], "chunk_wall_s": elapsed,
+            })
+            acc = float((p.argmax(-1) == data.y[test_idx[f]]).mean())
+            say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
         ckpt_path.unlink(missing_ok=True)
         done = c0 + len(chunk)
         say(f"{done}/{len(pending)} folds done"

@@ -367,3 +367,35 @@ def test_cli_exports_a_weights_file_reading_it_once(tmp_path, megc_dir, monkeypa
     x = np.random.default_rng(0).random((4, 3, 28, 28), dtype=np.float32)
     check = ex.check_export(model, out, x)
     assert check["min_cosine"] >= 0.99 and check["argmax_equal"]
+
+
+def test_mirror_tta_engine_predicts_like_the_loso_scoring(tmp_path):
+    """An engine exported with tta=hflip computes in its graph what LOSO scored: the mean
+    probability of the maps and of their mirror image, fed the runtime's normal input, with a
+    normalisation whose mean is not 0.5 (so u's mirror offset is not zero)."""
+    from realtime_mer.runtime import load_engine
+    from training.loso import hflip_maps, predict_probs
+
+    data = _noisy()
+    cfg = LosoConfig(epochs=2, batch_size=8, lr=5e-3, tta="hflip", mean=(0.4, 0.5, 0.6),
+                     std=(0.3, 0.5, 0.4))
+    weights = tmp_path / "w.pt"
+    model = fit_full(data, cfg)[0]
+    save_weights(model, cfg, weights)
+    m = export_default(data, cfg, tmp_path / "tta.onnx", weights=weights)
+    assert m["training"]["schedule"]["tta"] == "hflip"
+    engine = load_engine(tmp_path / "tta.onnx", backend="onnxruntime")
+    want = predict_probs(model, data.x, cfg)
+    np.testing.assert_allclose(engine.predict(data.x), want, atol=1e-5)
+    mirrored = hflip_maps(torch.as_tensor(data.x)).numpy()
+    np.testing.assert_allclose(engine.predict(mirrored), want, atol=1e-5)
+    plain = predict_probs(model, data.x, dataclasses.replace(cfg, tta="none"))
+    assert np.abs(plain - want).max() > 1e-4
+
+
+def test_mirror_tta_export_of_a_rebuilt_input_is_refused_before_training(tmp_path):
+    cfg = LosoConfig(model="mjfn", model_kwargs={"input_size": 112}, input_kind="colour",
+                     input_size=112, epochs=1, batch_size=4, tta="hflip")
+    with pytest.raises(ValueError, match="map28 engines only"):
+        export_default(_noisy(), cfg, tmp_path / "e.onnx", loso_results=None)
+    assert not (tmp_path / "e.onnx").exists()

@@ -439,3 +439,47 @@ def test_progress_counts_folds_and_estimates_the_time_left(tmp_path):
     chosen = [m for m in msgs if "epochs chosen for" in m]
     assert chosen[-1].endswith("epochs chosen for 3/3 folds")
     assert "left" in chosen[0]
+
+
+def test_mirror_tta_scores_the_mean_of_the_maps_and_their_mirror(tmp_path):
+    """With tta=hflip each prediction (the final score and those of the evaluation epochs,
+    made inside training) is the mean of the model's probabilities on the maps and on their
+    mirror image; the model is rebuilt here from its fold's seed."""
+    from training.loso import predict_probs, train_models
+
+    data = _synthetic()
+    cfg = dataclasses.replace(CFG, tta="hflip", lr=5e-4)  # slow enough to stay uncertain
+    res = run_loso(data, cfg, tmp_path / "run", folds=[0])
+    test = np.flatnonzero(data.subjects == data.subject_list[0])
+    (model,), _ = train_models(data.x, data.y, [np.setdiff1d(np.arange(len(data)), test)],
+                               cfg, [0])
+    x = torch.as_tensor(data.x[test])
+    with torch.no_grad():
+        plain = torch.softmax(model((x - 0.5) / 0.5), -1).numpy()
+        mirrored = torch.softmax(model((hflip_maps(x) - 0.5) / 0.5), -1).numpy()
+    want = (plain + mirrored) / 2
+    assert np.abs(want - plain).max() > 1e-3  # the mirror image changes the prediction
+    np.testing.assert_allclose([p["probs"] for p in res["predictions"]], want, atol=1e-5)
+    final = json.loads((tmp_path / "run" / "fold_00.json").read_text())["history"][-1]
+    assert final["epoch"] == cfg.epochs
+    np.testing.assert_allclose(final["probs"], want, atol=1e-5)
+    # Mirroring the input leaves the averaged prediction unchanged.
+    np.testing.assert_allclose(predict_probs(model, hflip_maps(x).numpy(), cfg), want,
+                               atol=1e-6)
+
+
+def test_run_dir_written_before_a_schedule_field_existed_resumes(tmp_path):
+    """A run directory whose config.json predates a field (here tta) holds that field's
+    default: it resumes without retraining its folds; any other value is refused."""
+    data = _synthetic()
+    run_loso(data, CFG, tmp_path / "run", folds=[0])
+    path = tmp_path / "run" / "config.json"
+    doc = json.loads(path.read_text())
+    del doc["config"]["tta"]
+    path.write_text(json.dumps(doc))
+    msgs: list[str] = []
+    res = run_loso(data, CFG, tmp_path / "run", folds=[0, 1], progress=msgs.append)
+    assert res["folds_run"] == 2
+    assert any("1 of 2 folds already done" in m for m in msgs)
+    with pytest.raises(ValueError, match="different configuration"):
+        run_loso(data, dataclasses.replace(CFG, tta="hflip"), tmp_path / "run", folds=[0])
