@@ -231,6 +231,7 @@ def cmd_export(args) -> int:
               "manifest will quote no LOSO score (run `python -m training loso` first)",
               file=sys.stderr)
     name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if args.ensemble else cfg.model
+    name += "_mirror" if cfg.tta == "hflip" else ""
     out = args.out or str(REPO_ROOT / "engines" / f"{name}_3db.onnx")
     info = export_default(data, cfg, out, loso_results=loso_results,
                           weights=weights, device=args.device, ensemble=args.ensemble,
@@ -387,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--out", default=None,
                     help="engine path (default engines/<model>_3db.onnx, "
-                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble); a name ending in "
+                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble, _mirror before "
+                         "_3db with --tta hflip); a name ending in "
                          ".pt2 writes a torch.export program instead of ONNX (the engine of "
                          "the torch and TensorRT backends); the manifest is written beside it "
                          "as <out>.json")

@@ -78,9 +78,10 @@ class MirrorAverage(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mirrored = torch.flip(x, dims=(-1,))
         mirrored = torch.cat([self.u_offset - mirrored[:, :1], mirrored[:, 1:]], dim=1)
-        probs = (torch.softmax(self.model(x), dim=-1)
-                 + torch.softmax(self.model(mirrored), dim=-1)) / 2
-        return torch.log(probs.clamp_min(1e-12))
+        # One call on both halves: the graph holds the network (and its weights) once.
+        probs = torch.softmax(self.model(torch.cat([x, mirrored], dim=0)), dim=-1)
+        n = x.shape[0]
+        return torch.log(((probs[:n] + probs[n:]) / 2).clamp_min(1e-12))
 
 
 def engine_network(model: torch.nn.Module, cfg: LosoConfig) -> torch.nn.Module:

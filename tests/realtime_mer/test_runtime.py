@@ -177,7 +177,7 @@ def test_default_engine_path_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MER_ENGINE", str(tmp_path / "x.onnx"))
     assert default_engine_path() == tmp_path / "x.onnx"
     monkeypatch.delenv("MER_ENGINE")
-    assert default_engine_path().name == "ststnet_cv6_3db.onnx"
+    assert default_engine_path().name == "ststnet_mirror_3db.onnx"
     assert default_engine_path().parent.name == "engines"
 
 
