@@ -30,8 +30,8 @@ from realtime_mer.errors import EngineError
 from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, model_inputs,
-                           select_epochs_full, train_models)
+from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, hflip_maps,
+                           model_inputs, normalise, select_epochs_full, train_models)
 
 log = logging.getLogger(__name__)
 
@@ -64,36 +64,41 @@ class MirrorAverage(torch.nn.Module):
     """Test-time mirroring inside the engine: the class probabilities of the input and of its
     mirror image, averaged, returned as log-probabilities.
 
-    The input is the normalised (u, v, strain) maps of the map28 kind. Mirroring a map in
-    [0, 1] flips it left-right and turns u into 1 - u (:func:`training.loso.hflip_maps`); after
-    the normalisation x = (m - mean) / std that is x_u -> (1 - 2 mean_u) / std_u - x_u, with
-    v and strain only flipped. So the engine is fed exactly what the runtime feeds any engine.
+    The input is the normalised (u, v, strain) maps of the map28 kind, as the runtime feeds any
+    engine. The mirror is the training one (:func:`training.loso.hflip_maps`), applied to the
+    maps the normalisation came from and normalised again.
     """
 
-    def __init__(self, model: torch.nn.Module, mean_u: float, std_u: float) -> None:
+    def __init__(self, model: torch.nn.Module, mean, std) -> None:
         super().__init__()
         self.model = model
-        self.u_offset = (1.0 - 2.0 * float(mean_u)) / float(std_u)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mirrored = torch.flip(x, dims=(-1,))
-        mirrored = torch.cat([self.u_offset - mirrored[:, :1], mirrored[:, 1:]], dim=1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        maps = x * std + torch.tensor(self.mean).view(1, -1, 1, 1)
+        mirrored = normalise(hflip_maps(maps), self.mean, self.std)
         # One call on both halves: the graph holds the network (and its weights) once.
         probs = torch.softmax(self.model(torch.cat([x, mirrored], dim=0)), dim=-1)
         n = x.shape[0]
         return torch.log(((probs[:n] + probs[n:]) / 2).clamp_min(1e-12))
 
 
-def engine_network(model: torch.nn.Module, cfg: LosoConfig) -> torch.nn.Module:
-    """What the engine computes: ``model``, wrapped in :class:`MirrorAverage` when the schedule
-    scores with test-time mirroring (so the engine predicts as the quoted LOSO run did)."""
-    if cfg.tta == "none":
-        return model
-    if cfg.input_kind != "map28":
+def check_engine_schedule(cfg: LosoConfig) -> None:
+    """Refuse, before any training, a schedule whose prediction an engine cannot reproduce."""
+    if cfg.tta != "none" and cfg.input_kind != "map28":
         raise ValueError(f"--tta {cfg.tta} is built into map28 engines only (the {cfg.input_kind} "
                          "input is rebuilt from the maps, which a graph on that input cannot "
                          "mirror exactly); export with --tta none")
-    return MirrorAverage(model, cfg.mean[0], cfg.std[0]).eval()
+
+
+def engine_network(model: torch.nn.Module, cfg: LosoConfig) -> torch.nn.Module:
+    """What the engine computes: ``model``, wrapped in :class:`MirrorAverage` when the schedule
+    scores with test-time mirroring (so the engine predicts as the quoted LOSO run did)."""
+    check_engine_schedule(cfg)
+    if cfg.tta == "none":
+        return model
+    return MirrorAverage(model, cfg.mean, cfg.std).eval()
 
 
 ENSEMBLE_RULE = ("CV ensemble: the model trained on all samples and the {k} inner models of "
@@ -308,7 +313,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         if cfg.select_epochs == "nested" and selection is None:
             raise ValueError(f"{weights.path} holds no epoch selection record although its "
                              "schedule says select_epochs=nested; train it again with `train`")
-    engine_network(torch.nn.Identity(), cfg)  # an engine it cannot build fails before training
+    check_engine_schedule(cfg)
     # Refuse a mismatching LOSO results file before spending minutes on training.
     loso_doc = None
     if loso_results and not Path(loso_results).is_file():
