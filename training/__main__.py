@@ -1,6 +1,6 @@
-"""``python -m training {loso,train,export,ensemble,compare,preprocess,fit-clips}``: LOSO
-evaluation, full-data training, ONNX export, ensembles and paired comparisons of LOSO runs,
-raw-database preprocessing."""
+"""``python -m training {loso,train,export,ensemble,compare,window,preprocess,fit-clips}``:
+LOSO evaluation, full-data training, ONNX export, ensembles and paired comparisons of LOSO runs,
+checkpoint windows of nested runs, raw-database preprocessing."""
 
 from __future__ import annotations
 
@@ -299,6 +299,24 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_window(args) -> int:
+    from training.window import checkpoint_window
+
+    res = checkpoint_window(args.run_dir, args.results, args.width)
+    n = [len(e) for e in res["window"]["epochs_per_subject"].values()]
+    print(f"single model (the nested choice)  UF1 {res['single_model']['uf1']:.4f}  "
+          f"UAR {res['single_model']['uar']:.4f}")
+    print(f"checkpoint window ±{args.width} epochs ({min(n)}-{max(n)} checkpoints per fold)  "
+          f"UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}")
+    for db, r in res["per_database"].items():
+        print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"results: {args.out}")
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     from training.data.raw import make_adapter, preprocess
 
@@ -438,6 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "within it)")
     sp.add_argument("--out", help="write the comparisons here (JSON)")
     sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("window", help="LOSO score of averaging each fold's checkpoints around "
+                                       "its nested epoch choice (no training)",
+                        description="Per fold of a nested run, the mean probability of the "
+                                    "outer model at the evaluation epochs within --width "
+                                    "epochs of its nested choice, pooled and scored once "
+                                    "(training/window.py). Reads the run directory's fold "
+                                    "files; the results file must be the same run's.")
+    sp.add_argument("--run-dir", required=True, help="the nested run's --run-dir")
+    sp.add_argument("--results", required=True, help="that run's results JSON (its --out)")
+    sp.add_argument("--width", type=int, default=20,
+                    help="epochs on each side of the nested choice (default %(default)s: the "
+                         "two evaluation epochs on each side at --eval-every 10)")
+    sp.add_argument("--out", help="write the window's results JSON here (reads like a LOSO "
+                                  "results file for compare and ensemble)")
+    sp.set_defaults(func=cmd_window)
 
     sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
                                            "network inputs (training/data/README.md)")
