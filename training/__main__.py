@@ -240,6 +240,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _print_databases_and_write(res: dict, out: str | None) -> None:
+    """The per-database lines of a pooled LOSO score, and its results JSON to ``out``."""
+    for db, r in res["per_database"].items():
+        print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"results: {out}")
+
+
 def cmd_ensemble(args) -> int:
     from training.ensemble import SOURCES, EnsembleError, loso_ensemble
 
@@ -256,12 +266,7 @@ def cmd_ensemble(args) -> int:
               f"{m['uar']:.4f}  {m['results']}")
     print(f"ensemble of {len(members)} (mean probability)  UF1 {res['uf1']:.4f}  "
           f"UAR {res['uar']:.4f}")
-    for db, r in res["per_database"].items():
-        print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"results: {args.out}")
+    _print_databases_and_write(res, args.out)
     if args.engine_out:
         from training.ensemble import write_ensemble_engine
 
@@ -308,12 +313,7 @@ def cmd_window(args) -> int:
           f"UAR {res['single_model']['uar']:.4f}")
     print(f"checkpoint window ±{args.width} epochs ({min(n)}-{max(n)} checkpoints per fold)  "
           f"UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}")
-    for db, r in res["per_database"].items():
-        print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"results: {args.out}")
+    _print_databases_and_write(res, args.out)
     return 0
 
 
