@@ -7,7 +7,11 @@
 For each network, the first ``--folds`` LOSO folds of the real 3DB data (their real training
 sets) are trained with the runner's own ``train_models`` in two ways, side by side in one run:
 
-- **sequential**: one fold after another (``--chunk-size 1`` of ``python -m training loso``);
+- **sequential**: one fold after another (``--chunk-size 1`` of ``python -m training loso``),
+  in the layout the runner gives the network on this device (channels-last images for the
+  networks that declare ``channels_last_on_cpu``);
+- **sequential, default layout**: the same with channels-last turned off, so the table shows
+  what the layout gains (only for the networks that declare it, on a CPU);
 - **parallel**: all of them at once, one ``torch.func`` vectorised ensemble (the default,
   ``--chunk-size 68``);
 - **workers**: the folds shared round robin by ``--threads`` spawned processes of one thread
@@ -60,8 +64,10 @@ def _default_data() -> Path:
     return base / "data" / "megc2019_3db"
 
 
-def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str) -> float:
-    """Seconds for epochs 2..cfg.epochs of one ``train_models`` call (epoch 1 is warm-up)."""
+def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str,
+                channels_last: bool | None = None) -> float:
+    """Seconds for epochs 2..cfg.epochs of one ``train_models`` call (epoch 1 is warm-up);
+    ``channels_last`` as in ``train_models`` (None: the runner's choice)."""
     marks: dict[int, float] = {}
 
     def on_epoch(epoch: int) -> None:
@@ -70,7 +76,7 @@ def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str) -> flo
         marks[epoch] = time.perf_counter()
 
     train_models(data.x, data.y, train_sets, cfg, fold_ids, device=device, on_epoch=on_epoch,
-                 landmarks=data.landmarks)
+                 landmarks=data.landmarks, channels_last=channels_last)
     return marks[cfg.epochs] - marks[1]
 
 
@@ -96,13 +102,19 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     subjects = data.subject_list
     fold_ids = list(range(folds))
     train_sets = [np.flatnonzero(data.subjects != subjects[f]) for f in fold_ids]
-    times: dict[str, list[float]] = {"seq": [], "par": [], "workers": []}
-    ways = ["seq", "par"] + (["workers"] if pool is not None else [])
+    times: dict[str, list[float]] = {"seq": [], "seq_contiguous": [], "par": [], "workers": []}
+    from training.models import create_model
+
+    declares_layout = device == "cpu" and getattr(type(create_model(name, **cfg.model_kwargs)),
+                                                  "channels_last_on_cpu", False)
+    ways = (["seq"] + (["seq_contiguous"] if declares_layout else []) + ["par"]
+            + (["workers"] if pool is not None else []))
     for r in range(repeats):
         order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: noise hits all alike
         for way in order:
-            if way == "seq":
-                t = sum(time_epochs(data, [tr], [f], cfg, device)
+            if way in ("seq", "seq_contiguous"):
+                layout = False if way == "seq_contiguous" else None
+                t = sum(time_epochs(data, [tr], [f], cfg, device, layout)
                         for tr, f in zip(train_sets, fold_ids))
             elif way == "par":
                 t = time_epochs(data, train_sets, fold_ids, cfg, device)
@@ -117,12 +129,17 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     s_par = statistics.median(times["par"]) / fold_epochs
     seq, par = times["seq"], times["par"]
     extra = {}
+    if times["seq_contiguous"]:
+        s_c = statistics.median(times["seq_contiguous"]) / fold_epochs
+        extra.update({"seq_contiguous_s_per_fold_epoch": round(s_c, 4),
+                      "channels_last_speedup": round(s_c / s_seq, 2),
+                      "seq_contiguous_runs_s": [round(t, 2) for t in times["seq_contiguous"]]})
     if times["workers"]:
         s_w = statistics.median(times["workers"]) / fold_epochs
-        extra = {"workers": workers, "workers_s_per_fold_epoch": round(s_w, 4),
+        extra.update({"workers": workers, "workers_s_per_fold_epoch": round(s_w, 4),
                  "workers_speedup": round(s_seq / s_w, 2),
                  "projected_full_loso_min_workers": round(s_w * 68 * schedule_epochs / 60, 1),
-                 "workers_runs_s": [round(t, 2) for t in times["workers"]]}
+                 "workers_runs_s": [round(t, 2) for t in times["workers"]]})
     return {
         "network": name, "input": f"{kind}{'' if size is None else f' {size}'}",
         "folds": folds, "epochs_timed": epochs, "repeats": repeats,
@@ -142,16 +159,18 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"torch {env['torch']}; medians of the repeats; s per fold-epoch = wall time / "
         "(folds x epochs timed).",
         "",
-        "| network | input | folds | s/fold-epoch: sequential | vectorised (speed-up) "
-        "| worker processes (speed-up) | schedule | projected 68-fold run: sequential "
-        "| vectorised | workers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network | input | folds | s/fold-epoch: sequential | default layout (channels-last "
+        "speed-up) | vectorised (speed-up) | worker processes (speed-up) | schedule "
+        "| projected 68-fold run: sequential | vectorised | workers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r.get("workers_s_per_fold_epoch")
+        c = r.get("seq_contiguous_s_per_fold_epoch")
         lines.append(
             f"| {r['network']} | {r['input']} | {r['folds']} | {r['seq_s_per_fold_epoch']:.3f} "
-            f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
+            + (f"| {c:.3f} ({r['channels_last_speedup']:.2f}x) " if c else "| (same) ")
+            +             f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
             + (f"| {w:.3f} ({r['workers_speedup']:.2f}x, {r['workers']} procs) " if w else "| - ")
             + f"| {r['schedule_epochs']} ep "
             f"| {r['projected_full_loso_min_sequential']:.0f} min "

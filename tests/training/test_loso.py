@@ -17,7 +17,7 @@ import torch
 
 from realtime_mer.errors import DatasetError
 from training.data.megc3db import Megc3DB
-from training.loso import LosoConfig, LosoWorkerError, hflip_maps, run_loso
+from training.loso import LosoConfig, LosoWorkerError, hflip_maps, run_loso, train_models
 from training.metrics import uf1_uar
 
 torch.set_num_threads(1)
@@ -483,3 +483,23 @@ def test_run_dir_written_before_a_schedule_field_existed_resumes(tmp_path):
     assert any("1 of 2 folds already done" in m for m in msgs)
     with pytest.raises(ValueError, match="different configuration"):
         run_loso(data, dataclasses.replace(CFG, tta="hflip"), tmp_path / "run", folds=[0])
+
+
+@pytest.mark.parametrize("model, declared", [("ststnet", True), ("ahmsa", False)])
+def test_channels_last_layout_changes_only_float_order(model, declared):
+    """A network that declares channels_last_on_cpu trains on a CPU in that layout by default
+    (bit-identical to asking for it), others in the default layout; either way the trained
+    model agrees with the other layout's to float tolerance."""
+    data = _synthetic()
+    train = np.flatnonzero(data.subjects != data.subject_list[0])
+    test = torch.as_tensor((data.x[data.subjects == data.subject_list[0]] - 0.5) / 0.5)
+    cfg = dataclasses.replace(CFG, model=model)
+
+    def probs(channels_last):
+        (m,), _ = train_models(data.x, data.y, [train], cfg, [0], channels_last=channels_last)
+        with torch.no_grad():
+            return torch.softmax(m(test), -1).numpy()
+
+    auto, on, off = probs(None), probs(True), probs(False)
+    np.testing.assert_array_equal(auto, on if declared else off)
+    np.testing.assert_allclose(on, off, atol=1e-4)
