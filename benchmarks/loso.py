@@ -11,7 +11,8 @@ sets) are trained with the runner's own ``train_models`` in two ways, side by si
   in the layout the runner gives the network on this device (channels-last images for the
   networks that declare ``channels_last_on_cpu``);
 - **sequential, default layout**: the same with channels-last turned off, so the table shows
-  what the layout gains (only for the networks that declare it, on a CPU);
+  what the layout gains (only for the networks that declare it, on a CPU; likewise
+  **workers, default layout** beside the workers, the way full CPU runs are made);
 - **parallel**: all of them at once, one ``torch.func`` vectorised ensemble (the default,
   ``--chunk-size 68``);
 - **workers**: the folds shared round robin by ``--threads`` spawned processes of one thread
@@ -86,13 +87,14 @@ def _config(name: str, epochs: int) -> LosoConfig:
                       epochs=epochs + 1, eval_every=10_000)
 
 
-def _worker_sum(name: str, data_dir: str, fold_ids: list[int], epochs: int) -> float:
+def _worker_sum(name: str, data_dir: str, fold_ids: list[int], epochs: int,
+                channels_last: bool | None = None) -> float:
     """In a worker process: one thread, the given folds one after another."""
     torch.set_num_threads(1)
     data = load_megc3db(data_dir)
     cfg = _config(name, epochs)
     return sum(time_epochs(data, [np.flatnonzero(data.subjects != data.subject_list[f])], [f],
-                           cfg, "cpu") for f in fold_ids)
+                           cfg, "cpu", channels_last) for f in fold_ids)
 
 
 def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device: str,
@@ -102,13 +104,15 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     subjects = data.subject_list
     fold_ids = list(range(folds))
     train_sets = [np.flatnonzero(data.subjects != subjects[f]) for f in fold_ids]
-    times: dict[str, list[float]] = {"seq": [], "seq_contiguous": [], "par": [], "workers": []}
+    times: dict[str, list[float]] = {"seq": [], "seq_contiguous": [], "par": [], "workers": [],
+                                     "workers_contiguous": []}
     from training.models import create_model
 
     declares_layout = device == "cpu" and getattr(type(create_model(name, **cfg.model_kwargs)),
                                                   "channels_last_on_cpu", False)
     ways = (["seq"] + (["seq_contiguous"] if declares_layout else []) + ["par"]
-            + (["workers"] if pool is not None else []))
+            + (["workers"] if pool is not None else [])
+            + (["workers_contiguous"] if pool is not None and declares_layout else []))
     for r in range(repeats):
         order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: noise hits all alike
         for way in order:
@@ -120,7 +124,8 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
                 t = time_epochs(data, train_sets, fold_ids, cfg, device)
             else:
                 shares = [fold_ids[w::workers] for w in range(workers)]
-                t = max(pool.starmap(_worker_sum, [(name, str(data.root), s, epochs)
+                layout = False if way == "workers_contiguous" else None
+                t = max(pool.starmap(_worker_sum, [(name, str(data.root), s, epochs, layout)
                                                    for s in shares]))
             times[way].append(t)
             print(f"  {name} repeat {r + 1}/{repeats} {way}: {t:.1f} s", flush=True)
@@ -140,6 +145,12 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
                  "workers_speedup": round(s_seq / s_w, 2),
                  "projected_full_loso_min_workers": round(s_w * 68 * schedule_epochs / 60, 1),
                  "workers_runs_s": [round(t, 2) for t in times["workers"]]})
+    if times["workers_contiguous"]:
+        s_wc = statistics.median(times["workers_contiguous"]) / fold_epochs
+        extra.update({"workers_contiguous_s_per_fold_epoch": round(s_wc, 4),
+                      "workers_channels_last_speedup": round(s_wc / s_w, 2),
+                      "workers_contiguous_runs_s": [round(t, 2)
+                                                    for t in times["workers_contiguous"]]})
     return {
         "network": name, "input": f"{kind}{'' if size is None else f' {size}'}",
         "folds": folds, "epochs_timed": epochs, "repeats": repeats,
@@ -160,18 +171,22 @@ def markdown(rows: list[dict], env: dict) -> str:
         "(folds x epochs timed).",
         "",
         "| network | input | folds | s/fold-epoch: sequential | default layout (channels-last "
-        "speed-up) | vectorised (speed-up) | worker processes (speed-up) | schedule "
-        "| projected 68-fold run: sequential | vectorised | workers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "speed-up) | vectorised (speed-up) | worker processes (speed-up) | workers, default "
+        "layout (channels-last speed-up) | schedule | projected 68-fold run: sequential "
+        "| vectorised | workers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r.get("workers_s_per_fold_epoch")
         c = r.get("seq_contiguous_s_per_fold_epoch")
+        wc = r.get("workers_contiguous_s_per_fold_epoch")
         lines.append(
             f"| {r['network']} | {r['input']} | {r['folds']} | {r['seq_s_per_fold_epoch']:.3f} "
             + (f"| {c:.3f} ({r['channels_last_speedup']:.2f}x) " if c else "| (same) ")
-            +             f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
+            + f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
             + (f"| {w:.3f} ({r['workers_speedup']:.2f}x, {r['workers']} procs) " if w else "| - ")
+            + (f"| {wc:.3f} ({r['workers_channels_last_speedup']:.2f}x) " if wc
+               else "| (same) " if w else "| - ")
             + f"| {r['schedule_epochs']} ep "
             f"| {r['projected_full_loso_min_sequential']:.0f} min "
             f"| {r['projected_full_loso_min_parallel']:.0f} min "
