@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.metrics import evaluate, per_database
+from training.metrics import evaluate, pooled_scores
 
 __all__ = ["EnsembleError", "member_probabilities", "loso_ensemble", "write_ensemble_engine"]
 
@@ -94,7 +94,6 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
     idx, files, y, dbs, names, subjects = ref
     mean = np.mean(probs, axis=0)
     pred = mean.argmax(1)
-    r = evaluate(y, pred)
     return {
         "protocol": ("LOSO ensemble: per sample, the unweighted mean of the members' pooled "
                      "LOSO probabilities (each from a model that never saw the sample's "
@@ -102,10 +101,7 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
         "complete": True,
         "members": listed,
         "class_names": class_names or names,
-        "uf1": r["uf1"], "uar": r["uar"], "accuracy": r["accuracy"],
-        "confusion_matrix": r["confusion_matrix"],
-        "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
-                         for db, d in per_database(y, pred, np.array(dbs)).items()},
+        **pooled_scores(y, pred, np.array(dbs)),
         # Subject and database too, so that `compare` can pair an ensemble with a run (a
         # member file without subjects gives none, and compare says what is missing).
         "predictions": [{"index": int(i), "file": f,

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 class ExportError(RuntimeError):
     """The ONNX export failed or disagrees with the eager model."""
 
-__all__ = ["ProbabilityAverage", "MirrorAverage", "engine_network", "train_full", "fit_full", "save_weights", "load_weights",
-           "read_weights", "WeightsFile",
+__all__ = ["ProbabilityAverage", "MirrorAverage", "check_engine_schedule", "engine_network",
+           "train_full", "fit_full", "save_weights", "load_weights", "read_weights", "WeightsFile",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
 
 INPUT_NAME = "maps"
@@ -94,8 +94,8 @@ def check_engine_schedule(cfg: LosoConfig) -> None:
 
 def engine_network(model: torch.nn.Module, cfg: LosoConfig) -> torch.nn.Module:
     """What the engine computes: ``model``, wrapped in :class:`MirrorAverage` when the schedule
-    scores with test-time mirroring (so the engine predicts as the quoted LOSO run did)."""
-    check_engine_schedule(cfg)
+    scores with test-time mirroring (so the engine predicts as the quoted LOSO run did). The
+    schedule must have passed :func:`check_engine_schedule`."""
     if cfg.tta == "none":
         return model
     return MirrorAverage(model, cfg.mean, cfg.std).eval()

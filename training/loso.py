@@ -49,14 +49,14 @@ from realtime_mer.errors import DatasetError
 from realtime_mer.input_kinds import (LANDMARK_KINDS, NETWORK_INPUT_KINDS, check_input_options,
                                       hflip_landmarks, network_inputs)
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.metrics import evaluate, per_database
+from training.metrics import evaluate, per_database, pooled_scores
 from training.models import create_model
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
            "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs",
-           "predict_probs"]
+           "predict_probs", "trains_channels_last"]
 
 RESULTS_FORMAT = 1
 
@@ -192,6 +192,13 @@ def git_commit() -> str | None:
         return None
 
 
+def trains_channels_last(model: torch.nn.Module, device: str) -> bool:
+    """Whether one-model training feeds ``model`` channels-last images by default: on a CPU,
+    for the networks whose class declares ``channels_last_on_cpu`` (measured faster there)."""
+    return torch.device(device).type == "cpu" and getattr(type(model), "channels_last_on_cpu",
+                                                          False)
+
+
 def _make_optimizer(cfg: LosoConfig, params):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -242,8 +249,8 @@ def train_models(
     (M, T) index array into ``x`` (row m for model m) to (M, T, C) probabilities in eval mode. ``state``/``checkpoint`` resume
     and save training. ``channels_last``: feed a one-model chunk its images in channels-last
     layout; None (default) does so on a CPU for the networks that declare
-    ``channels_last_on_cpu`` (measured faster there; the result differs from the default layout
-    by floating-point order only). Returns the trained models (eval mode, CPU) and the final
+    ``channels_last_on_cpu`` (:func:`trains_channels_last`; the result differs from the default
+    layout by floating-point order only). Returns the trained models (eval mode, CPU) and the final
     state.
     """
     n_models = len(train_sets)
@@ -319,8 +326,7 @@ def train_models(
         if "dropout_rng_cuda" in state and str(device).startswith("cuda"):
             torch.cuda.set_rng_state(state["dropout_rng_cuda"], device)
     if channels_last is None:
-        channels_last = (torch.device(device).type == "cpu"
-                         and getattr(type(models[0]), "channels_last_on_cpu", False))
+        channels_last = trains_channels_last(models[0], device)
     if n_models == 1:
         # One model: call it directly on views of the stacked tensors (gradients and
         # BatchNorm statistic updates reach the stacked state); vmap's per-call overhead
@@ -983,17 +989,12 @@ def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
 
 
 def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) -> dict:
-    pred = probs.argmax(-1)
-    r = evaluate(y_true, pred)
     return {
         "description": (f"honest: per fold, the mean probability of the outer model and the "
                         f"{k} inner models of its nested selection, all at the chosen epoch "
                         "(no test label used)"),
         "n_models": k + 1,
-        "uf1": r["uf1"], "uar": r["uar"], "accuracy": r["accuracy"],
-        "confusion_matrix": r["confusion_matrix"],
-        "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
-                         for db, d in per_database(y_true, pred, dbs).items()},
+        **pooled_scores(y_true, probs.argmax(-1), dbs),
         "probs": np.round(probs, 6).tolist(),
     }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "uf1_uar", "per_class", "evaluate", "per_database"]
+__all__ = ["confusion_matrix", "uf1_uar", "per_class", "evaluate", "per_database", "pooled_scores"]
 
 
 def _check(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,3 +86,14 @@ def per_database(y_true, y_pred, databases, num_classes: int = 3) -> dict[str, d
         raise ValueError(f"databases has {dbs.size} entries for {t.size} predictions")
     order = list(dict.fromkeys(str(d) for d in dbs))
     return {db: evaluate(t[dbs == db], p[dbs == db], num_classes) for db in order}
+
+
+def pooled_scores(y_true, y_pred, databases, num_classes: int = 3) -> dict:
+    """The score block of a pooled LOSO prediction set: UF1, UAR, accuracy, confusion matrix,
+    and UF1/UAR/n per database."""
+    r = evaluate(y_true, y_pred, num_classes)
+    return {"uf1": r["uf1"], "uar": r["uar"], "accuracy": r["accuracy"],
+            "confusion_matrix": r["confusion_matrix"],
+            "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
+                             for db, d in per_database(y_true, y_pred, databases,
+                                                       num_classes).items()}}

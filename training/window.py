@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.metrics import evaluate, per_database
+from training.metrics import pooled_scores
 
 __all__ = ["WindowError", "window_epochs", "checkpoint_window"]
 
@@ -95,8 +95,6 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
     rows = [by_index[int(i)] for i in idx]
     y = np.array([r["label"] for r in rows])
     pred = probs.argmax(1)
-    dbs = np.array([r["database"] for r in rows])
-    r = evaluate(y, pred)
     return {
         "protocol": (f"LOSO, nested run; per fold, the mean probability of the outer model at "
                      f"the evaluation epochs within {width} epochs of its nested choice (equal "
@@ -108,10 +106,7 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
         "dataset": doc["dataset"],
         "class_names": doc["dataset"].get("class_names"),
         "single_model": {"uf1": doc["uf1"], "uar": doc["uar"]},
-        "uf1": r["uf1"], "uar": r["uar"], "accuracy": r["accuracy"],
-        "confusion_matrix": r["confusion_matrix"],
-        "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
-                         for db, d in per_database(y, pred, dbs).items()},
+        **pooled_scores(y, pred, np.array([q["database"] for q in rows])),
         "predictions": [{"index": int(i), "file": q["file"], "subject": q["subject"],
                          "database": q["database"], "label": int(q["label"]), "pred": int(p),
                          "probs": [round(float(v), 6) for v in pr]}
