@@ -5,14 +5,15 @@
                               [--out docs/results/loso_bench.json]
 
 For each network, the first ``--folds`` LOSO folds of the real 3DB data (their real training
-sets) are trained with the runner's own ``train_models`` in two ways, side by side in one run:
+sets) are trained with the runner's own ``train_models`` in several ways, side by side in one
+run:
 
 - **sequential**: one fold after another (``--chunk-size 1`` of ``python -m training loso``),
-  in the layout the runner gives the network on this device (channels-last images for the
-  networks that declare ``channels_last_on_cpu``);
-- **sequential, default layout**: the same with channels-last turned off, so the table shows
-  what the layout gains (only for the networks that declare it, on a CPU; likewise
-  **workers, default layout** beside the workers, the way full CPU runs are made);
+  in the image layout the runner gives the network on this device (channels-last for the
+  networks that declare ``channels_last_on_cpu``, ``training.loso.trains_channels_last``);
+- **sequential, other layout**: the same in the other layout, so the table shows what
+  channels-last gains or costs each network on a CPU (likewise **workers, other layout**
+  beside the workers, the way full CPU runs are made);
 - **parallel**: all of them at once, one ``torch.func`` vectorised ensemble (the default,
   ``--chunk-size 68``);
 - **workers**: the folds shared round robin by ``--threads`` spawned processes of one thread
@@ -48,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.data import load_megc3db  # noqa: E402
-from training.loso import LosoConfig, train_models  # noqa: E402
+from training.loso import LosoConfig, train_models, trains_channels_last  # noqa: E402
+from training.models import create_model  # noqa: E402
 
 # name -> (model kwargs, input kind, input size, epochs of its LOSO schedule in docs/RESULTS.md)
 NETWORKS = {
@@ -104,27 +106,25 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     subjects = data.subject_list
     fold_ids = list(range(folds))
     train_sets = [np.flatnonzero(data.subjects != subjects[f]) for f in fold_ids]
-    times: dict[str, list[float]] = {"seq": [], "seq_contiguous": [], "par": [], "workers": [],
-                                     "workers_contiguous": []}
-    from training.models import create_model
-
-    declares_layout = device == "cpu" and getattr(type(create_model(name, **cfg.model_kwargs)),
-                                                  "channels_last_on_cpu", False)
-    ways = (["seq"] + (["seq_contiguous"] if declares_layout else []) + ["par"]
+    times: dict[str, list[float]] = {"seq": [], "seq_other": [], "par": [], "workers": [],
+                                     "workers_other": []}
+    # The runner's layout for this network, and the other one (compared on a CPU only).
+    runner_cl = trains_channels_last(create_model(name, **cfg.model_kwargs), device)
+    other = device == "cpu"
+    ways = (["seq"] + (["seq_other"] if other else []) + ["par"]
             + (["workers"] if pool is not None else [])
-            + (["workers_contiguous"] if pool is not None and declares_layout else []))
+            + (["workers_other"] if pool is not None and other else []))
     for r in range(repeats):
         order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: noise hits all alike
         for way in order:
-            if way in ("seq", "seq_contiguous"):
-                layout = False if way == "seq_contiguous" else None
+            layout = (not runner_cl) if way.endswith("_other") else None
+            if way in ("seq", "seq_other"):
                 t = sum(time_epochs(data, [tr], [f], cfg, device, layout)
                         for tr, f in zip(train_sets, fold_ids))
             elif way == "par":
                 t = time_epochs(data, train_sets, fold_ids, cfg, device)
             else:
                 shares = [fold_ids[w::workers] for w in range(workers)]
-                layout = False if way == "workers_contiguous" else None
                 t = max(pool.starmap(_worker_sum, [(name, str(data.root), s, epochs, layout)
                                                    for s in shares]))
             times[way].append(t)
@@ -133,24 +133,28 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     s_seq = statistics.median(times["seq"]) / fold_epochs
     s_par = statistics.median(times["par"]) / fold_epochs
     seq, par = times["seq"], times["par"]
-    extra = {}
-    if times["seq_contiguous"]:
-        s_c = statistics.median(times["seq_contiguous"]) / fold_epochs
-        extra.update({"seq_contiguous_s_per_fold_epoch": round(s_c, 4),
-                      "channels_last_speedup": round(s_c / s_seq, 2),
-                      "seq_contiguous_runs_s": [round(t, 2) for t in times["seq_contiguous"]]})
+    extra = {"runner_channels_last": runner_cl}
+
+    def cl_speedup(runner_s: float, other_s: float) -> float:  # default layout / channels-last
+        return round(other_s / runner_s if runner_cl else runner_s / other_s, 2)
+
+    if times["seq_other"]:
+        s_o = statistics.median(times["seq_other"]) / fold_epochs
+        extra.update({"seq_other_layout_s_per_fold_epoch": round(s_o, 4),
+                      "channels_last_speedup": cl_speedup(s_seq, s_o),
+                      "seq_other_layout_runs_s": [round(t, 2) for t in times["seq_other"]]})
     if times["workers"]:
         s_w = statistics.median(times["workers"]) / fold_epochs
         extra.update({"workers": workers, "workers_s_per_fold_epoch": round(s_w, 4),
                  "workers_speedup": round(s_seq / s_w, 2),
                  "projected_full_loso_min_workers": round(s_w * 68 * schedule_epochs / 60, 1),
                  "workers_runs_s": [round(t, 2) for t in times["workers"]]})
-    if times["workers_contiguous"]:
-        s_wc = statistics.median(times["workers_contiguous"]) / fold_epochs
-        extra.update({"workers_contiguous_s_per_fold_epoch": round(s_wc, 4),
-                      "workers_channels_last_speedup": round(s_wc / s_w, 2),
-                      "workers_contiguous_runs_s": [round(t, 2)
-                                                    for t in times["workers_contiguous"]]})
+    if times["workers_other"]:
+        s_wo = statistics.median(times["workers_other"]) / fold_epochs
+        extra.update({"workers_other_layout_s_per_fold_epoch": round(s_wo, 4),
+                      "workers_channels_last_speedup": cl_speedup(s_w, s_wo),
+                      "workers_other_layout_runs_s": [round(t, 2)
+                                                      for t in times["workers_other"]]})
     return {
         "network": name, "input": f"{kind}{'' if size is None else f' {size}'}",
         "folds": folds, "epochs_timed": epochs, "repeats": repeats,
@@ -170,23 +174,24 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"torch {env['torch']}; medians of the repeats; s per fold-epoch = wall time / "
         "(folds x epochs timed).",
         "",
-        "| network | input | folds | s/fold-epoch: sequential | default layout (channels-last "
-        "speed-up) | vectorised (speed-up) | worker processes (speed-up) | workers, default "
-        "layout (channels-last speed-up) | schedule | projected 68-fold run: sequential "
-        "| vectorised | workers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network | runner's layout | input | folds | s/fold-epoch: sequential | other layout "
+        "(channels-last speed-up) | vectorised (speed-up) | worker processes (speed-up) "
+        "| workers, other layout (channels-last speed-up) | schedule "
+        "| projected 68-fold run: sequential | vectorised | workers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r.get("workers_s_per_fold_epoch")
-        c = r.get("seq_contiguous_s_per_fold_epoch")
-        wc = r.get("workers_contiguous_s_per_fold_epoch")
+        c = r.get("seq_other_layout_s_per_fold_epoch")
+        wc = r.get("workers_other_layout_s_per_fold_epoch")
+        layout = "channels-last" if r.get("runner_channels_last") else "default"
         lines.append(
-            f"| {r['network']} | {r['input']} | {r['folds']} | {r['seq_s_per_fold_epoch']:.3f} "
-            + (f"| {c:.3f} ({r['channels_last_speedup']:.2f}x) " if c else "| (same) ")
+            f"| {r['network']} | {layout} | {r['input']} | {r['folds']} "
+            f"| {r['seq_s_per_fold_epoch']:.3f} "
+            + (f"| {c:.3f} ({r['channels_last_speedup']:.2f}x) " if c else "| - ")
             + f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
             + (f"| {w:.3f} ({r['workers_speedup']:.2f}x, {r['workers']} procs) " if w else "| - ")
-            + (f"| {wc:.3f} ({r['workers_channels_last_speedup']:.2f}x) " if wc
-               else "| (same) " if w else "| - ")
+            + (f"| {wc:.3f} ({r['workers_channels_last_speedup']:.2f}x) " if wc else "| - ")
             + f"| {r['schedule_epochs']} ep "
             f"| {r['projected_full_loso_min_sequential']:.0f} min "
             f"| {r['projected_full_loso_min_parallel']:.0f} min "

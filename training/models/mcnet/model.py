@@ -241,8 +241,8 @@ class MCNet(nn.Module):
     average pooling).
     """
 
-    # Training on a CPU feeds it channels-last images (training.loso.train_models): one
-    # training step measured 1.2x faster that way (benchmarks/loso.py).
+    # Training on a CPU feeds it channels-last images (training.loso.train_models):
+    # two-worker LOSO training measured 1.21x faster that way (benchmarks/loso.py).
     channels_last_on_cpu = True
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3, use_kan: bool = True,

@@ -54,8 +54,8 @@ class MJFN(nn.Module):
     With fusion="backbone" the JFMs are not built (the paper's BbN ablation removes them).
     """
 
-    # Training on a CPU feeds it channels-last images (training.loso.train_models): one
-    # training step measured 1.2x faster that way (benchmarks/loso.py).
+    # Training on a CPU feeds it channels-last images (training.loso.train_models):
+    # two-worker LOSO training measured 1.10x faster that way (benchmarks/loso.py).
     channels_last_on_cpu = True
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3, fusion: str = "softmax",

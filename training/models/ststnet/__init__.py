@@ -17,8 +17,8 @@ class STSTNet(nn.Module):
     Input (N, 3, 28, 28) float32 (normalised maps), output (N, num_classes) logits.
     """
 
-    # Training on a CPU feeds it channels-last images (training.loso.train_models): one
-    # training step measured 1.5x faster that way (benchmarks/loso.py).
+    # Training on a CPU feeds it channels-last images (training.loso.train_models):
+    # two-worker LOSO training measured 1.28x faster that way (benchmarks/loso.py).
     channels_last_on_cpu = True
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3,
