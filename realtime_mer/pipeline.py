@@ -43,7 +43,8 @@ class PipelineOptions:
     face_gap_reset_ms: float = 300.0
     # A face box that jumps by more than this fraction of its width from one frame to the next
     # is another face or a camera cut (edited interviews, several people taking turns as the
-    # largest face): the sequence restarts, as after a gap, instead of spotting the jump.
+    # largest face): the sequence restarts, as after a gap, instead of spotting the jump. A hard
+    # cut of the whole frame (FaceOptions.cut_threshold) restarts it too.
     face_jump_reset: float = 0.5
     fps_hint: float = 30.0
     # Live sources: classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread
@@ -102,6 +103,9 @@ class Pipeline:
             face = self.aligner.process(frame.image_bgr, frame.t_ms)
         if face.n_faces > 1:
             self.frames_with_several_faces += 1
+        if face.cut:  # a new shot: no flow across it, even of the same face from another camera
+            self._restart_sequence()
+            self._last_face_ms = None
         if not face.found:
             self._maybe_restart(frame.t_ms)
             record, feature_map = self._completed_in_background()

@@ -239,7 +239,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:midd
 <p>Input: <code>{esc(str(facts.get('path', facts.get('camera', ''))))}</code>
 {esc(str(facts.get('width', '')))}×{esc(str(facts.get('height', '')))},
 {frames.get('processed', 0)} frames ({frames.get('without_face', 0)} without a face,
-{frames.get('with_several_faces', 0)} with several faces, {frames.get('dropped', 0)} dropped).
+{frames.get('with_several_faces', 0)} with several faces, {frames.get('dropped', 0)} dropped;
+{frames.get('hard_cuts', 0)} hard cuts).
 Events: {counts.get('micro', 0)} micro, {counts.get('macro', 0)} macro.
 Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
 ({esc(str(summary.get('engine', {}).get('backend', '')))}).</p>

@@ -1,9 +1,11 @@
 """Face stage on real media: the canonical template, alignment onto it, subject choice among
-several faces, "no face" as a result, and tracking stability through a real video."""
+several faces, "no face" as a result, tracking stability through a real video, and restarting
+tracking at a hard cut."""
 
 from __future__ import annotations
 
 import csv
+import math
 
 import cv2
 import numpy as np
@@ -142,13 +144,17 @@ def test_face_appears_and_disappears(media_dir):
     replay = frames[:6]
     last_t = frames[-1].t_ms
     with FaceAligner(FaceOptions(crop_size=CROP)) as face:
-        found = [face.process(f.image_bgr, f.t_ms).found for f in frames]
-        refound = [face.process(f.image_bgr, last_t + 40.0 * (i + 1)).found
-                   for i, f in enumerate(replay)]
+        results = [face.process(f.image_bgr, f.t_ms) for f in frames]
+        again = [face.process(f.image_bgr, last_t + 40.0 * (i + 1)) for i, f in enumerate(replay)]
+    found = [r.found for r in results]
     n_face = sum(found)
     assert 20 <= n_face <= len(found) - 20, found
     assert all(found[:n_face]) and not any(found[n_face:]), found  # face, then none
-    assert all(refound), refound
+    assert all(r.found for r in again)
+    # The switch to the title cards and the jump back to the face are hard cuts; the face's
+    # own frames are not.
+    assert results[n_face].cut and again[0].cut
+    assert not any(r.cut for r in results[:n_face] + again[1:])
 
 
 def test_tracking_through_a_real_video_is_smooth(media_dir):
@@ -159,6 +165,7 @@ def test_tracking_through_a_real_video_is_smooth(media_dir):
             if frame.index >= 120:
                 break
             result = face.process(frame.image_bgr, frame.t_ms)
+            assert not result.cut, frame.index  # a moving head is not a cut
             if result.found:
                 found += 1
                 x0, y0, x1, y1 = result.box_xyxy
@@ -167,6 +174,33 @@ def test_tracking_through_a_real_video_is_smooth(media_dir):
     jumps = np.linalg.norm(np.diff(np.array(centres), axis=0), axis=1)
     assert np.median(jumps) < 3.0, np.median(jumps)
     assert np.percentile(jumps, 95) < 10.0, np.percentile(jumps, 95)
+
+
+@pytest.mark.parametrize("cut_threshold", [FaceOptions().cut_threshold, math.inf])
+def test_a_hard_cut_restarts_tracking_so_the_previous_shots_faces_do_not_linger(
+        media_dir, cut_threshold):
+    """A cut from the group photo to a lone face. With the cut restart every frame of the new
+    shot sees one face, where the lone face is; without it (inf) MediaPipe keeps tracking the
+    group's face regions on the new image and reports a phantom face beside the real one."""
+    several = np.ascontiguousarray(cv2.imread(str(media_dir / "multi_face.jpg"))[100:600, 250:950])
+    alone = np.zeros_like(several)
+    alone[100:400, 200:500] = cv2.resize(cv2.imread(str(media_dir / "single_face.jpg")),
+                                         (300, 300))
+    with FaceAligner(FaceOptions(crop_size=CROP)) as fresh:
+        truth = fresh.process(alone, 0.0)
+    assert truth.found and truth.n_faces == 1
+    with FaceAligner(FaceOptions(crop_size=CROP, cut_threshold=cut_threshold)) as face:
+        shot = [face.process(image, 40.0 * i) for i, image in enumerate([several] * 2 + [alone] * 8)]
+    assert shot[0].n_faces >= 2 and shot[1].n_faces >= 2
+    new_shot = shot[2:]
+    if math.isfinite(cut_threshold):
+        assert [r.cut for r in shot] == [False, False, True] + [False] * 7
+        assert all(r.n_faces == 1 for r in new_shot), [r.n_faces for r in new_shot]
+        for r in new_shot:
+            np.testing.assert_allclose(r.box_xyxy, truth.box_xyxy, atol=3.0)
+    else:
+        assert not any(r.cut for r in shot)
+        assert any(r.n_faces > 1 for r in new_shot)
 
 
 def test_time_going_back_restarts_tracking_and_bad_frames_raise(aligner, media_dir):

@@ -3,7 +3,12 @@ being spotted as a movement."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from realtime_mer.capture import Frame, open_video
+from realtime_mer.face import FaceOptions
 from realtime_mer.pipeline import Pipeline, PipelineOptions
 from realtime_mer.runtime import default_engine_path, load_engine
 
@@ -35,23 +40,30 @@ def test_cut_to_another_face_restarts_instead_of_firing(media_dir):
             if result.event is not None:
                 events.append(result.event)
         restarts = pipeline.sequence_restarts
+        cuts = pipeline.aligner.cuts
     cut_ms = 60 * STEP_MS
-    assert restarts == 1
+    assert restarts == 1 and cuts == 1
     assert not [e for e in events if e.onset_ms < cut_ms <= e.offset_ms]
 
 
-def test_without_the_guard_the_cut_is_seen_as_motion(media_dir):
-    """The same sequence with the jump guard disabled: the spotting signal, well under its
-    threshold before the cut, crosses it at the cut (an event would open across two faces),
-    which is what the guard is for."""
+@pytest.mark.parametrize("jump_guard,cut_guard", [(False, False), (True, False), (False, True)])
+def test_without_the_guards_the_cut_is_seen_as_motion(media_dir, jump_guard, cut_guard):
+    """The same sequence with the face-jump guard, the frame-cut guard, or both disabled. With
+    both off the spotting signal, well under its threshold before the cut, crosses it at the
+    cut (an event would open across two faces), which is what the guards are for; either guard
+    alone restarts the sequence there instead."""
     frames = _cut_between_two_people(media_dir, 10)
     engine = load_engine(default_engine_path())
-    results = []
-    with Pipeline(PipelineOptions(face_jump_reset=1e9), engine=engine) as pipeline:
+    options = PipelineOptions(
+        face_jump_reset=PipelineOptions().face_jump_reset if jump_guard else 1e9,
+        face=FaceOptions(cut_threshold=FaceOptions().cut_threshold if cut_guard else math.inf))
+    with Pipeline(options, engine=engine) as pipeline:
         results = [pipeline.process(frame) for frame in frames]
-        assert pipeline.sequence_restarts == 0
+        restarts = pipeline.sequence_restarts
     assert all(r.signal < 0.5 * r.threshold for r in results[55:60])
-    assert any(r.signal > r.threshold for r in results[60:63])
+    crossed = any(r.threshold is not None and r.signal > r.threshold for r in results[60:63])
+    assert restarts == int(jump_guard or cut_guard)
+    assert crossed == (not (jump_guard or cut_guard))
 
 
 def _landmark_engine(tmp_path):
@@ -118,16 +130,20 @@ def _with_gap(media_dir, n_blank):
 def test_a_short_face_gap_keeps_the_sequence_and_a_long_one_restarts_it(media_dir):
     """face_gap_reset_ms (300 ms) is the boundary: a face missing for 233 ms (6 frames at
     30 fps) is the same sequence; missing for 433 ms (12 frames) restarts the spotter and
-    buffer, so no flow is computed across the gap."""
+    buffer, so no flow is computed across the gap. Black frames are also a hard cut of the
+    whole picture, so the gap rule is seen alone with the cut guard off; with it on, even the
+    short blackout restarts the sequence (once: the buffer is empty when the face returns)."""
     engine = load_engine(default_engine_path())
-    options = PipelineOptions()
-    for n_blank, restarts in ((6, 0), (12, 1)):
+    for n_blank, cut_guard, restarts in ((6, False, 0), (12, False, 1), (6, True, 1)):
+        options = PipelineOptions(face=FaceOptions(
+            cut_threshold=FaceOptions().cut_threshold if cut_guard else math.inf))
         gap_ms = (n_blank + 1) * STEP_MS
-        assert (gap_ms > options.face_gap_reset_ms) == bool(restarts)
         with Pipeline(options, engine=engine) as pipeline:
             for frame in _with_gap(media_dir, n_blank):
                 pipeline.process(frame)
-            assert pipeline.sequence_restarts == restarts, n_blank
+            assert (gap_ms > options.face_gap_reset_ms or cut_guard) == bool(restarts)
+            assert pipeline.sequence_restarts == restarts, (n_blank, cut_guard)
+            assert pipeline.aligner.cuts == (2 if cut_guard else 0)
             assert pipeline.frames_with_face == 60
             assert pipeline.frames_seen == 60 + n_blank
 
@@ -144,12 +160,13 @@ def test_frames_with_several_faces_are_counted(media_dir):
     alone[100:400, 200:500] = cv2.resize(cv2.imread(str(media_dir / "single_face.jpg")),
                                          (300, 300))
     with Pipeline(PipelineOptions(), engine=engine) as pipeline:
-        # The lone face first: right after a hard cut MediaPipe's tracker still reports the
-        # previous frame's faces once, so a lone face after the group would count as several.
-        for i, image in enumerate([alone, several, several, several]):
+        # Both directions of a hard cut: the tracker restarts at each (test_face), so a lone
+        # face after the group counts as one face, not as the group's lingering regions.
+        for i, image in enumerate([alone, several, several, several, alone, alone]):
             pipeline.process(Frame(i * STEP_MS, image, i))
         assert pipeline.frames_with_several_faces == 3
-        assert pipeline.frames_with_face == 4
+        assert pipeline.frames_with_face == 6
+        assert pipeline.aligner.cuts == 2
 
 
 def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
