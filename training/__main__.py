@@ -40,6 +40,9 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                    help="plain cross-entropy instead of inverse-frequency class weights")
     g.add_argument("--augment", default=d.augment, choices=("none", "hflip"),
                    help="hflip: mirror and u -> 1 - u with probability 0.5 (default)")
+    g.add_argument("--mixup", type=float, default=d.mixup_alpha, metavar="ALPHA",
+                   help="mixup: train on mixtures of sample pairs and of their losses, mixing "
+                        "weight ~ Beta(ALPHA, ALPHA) per sample; 0 (default) is off")
     g.add_argument("--tta", default=d.tta, choices=("none", "hflip"),
                    help="test-time augmentation: hflip averages the predictions of the maps "
                         "and of their mirror image, in LOSO scoring and in the exported engine "
@@ -89,7 +92,8 @@ def _config(args):
         epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
-        augment=args.augment, tta=args.tta, seed=args.seed, eval_every=args.eval_every,
+        augment=args.augment, mixup_alpha=args.mixup, tta=args.tta, seed=args.seed,
+        eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
         input_kind=args.input_kind, input_size=args.input_size,
         input_options=_json_object(args.input_options, "--input-options"),

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
            "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs",
-           "predict_probs", "trains_channels_last"]
+           "predict_probs", "trains_channels_last", "mixup_loss"]
 
 RESULTS_FORMAT = 1
 
@@ -79,6 +79,11 @@ class LosoConfig:
     weight_decay: float = 1e-4
     class_balanced: bool = True
     augment: str = "hflip"  # "none" or "hflip" (mirror and u -> 1 - u, probability 0.5)
+    # Mixup (Zhang et al., ICLR 2018): 0 is off; alpha > 0 trains on convex mixtures
+    # lam * a + (1 - lam) * b of each batch sample a with its neighbour b in the (shuffled)
+    # batch, lam ~ Beta(alpha, alpha) per sample, and on the same mixture of their (class
+    # weighted) losses. Applied to the network's input after the flip.
+    mixup_alpha: float = 0.0
     # Test-time augmentation: "hflip" averages the class probabilities of the maps and of their
     # mirror image at every prediction (evaluation epochs, nested selection, the final
     # scores), as the exported engine does; "none" predicts from the maps alone.
@@ -114,6 +119,8 @@ class LosoConfig:
             raise ValueError(f"tta {self.tta!r} is not one of none, hflip")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
+        if not self.mixup_alpha >= 0 or not math.isfinite(self.mixup_alpha):
+            raise ValueError(f"mixup_alpha must be a finite number >= 0, got {self.mixup_alpha}")
         if self.select_epochs not in ("fixed", "nested"):
             raise ValueError(f"select_epochs {self.select_epochs!r} is not fixed or nested")
         if self.inner_folds < 2:
@@ -132,7 +139,7 @@ class LosoConfig:
     def from_dict(cls, d: dict) -> "LosoConfig":
         # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
-             "input_size": None, "input_options": {}, "tta": "none", **d}
+             "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -369,6 +376,11 @@ def train_models(
 
     base.train()
     rows = torch.arange(n_models, device=device).unsqueeze(1)
+    # Mixing weights come from the global generator, like dropout: seeded above and saved in
+    # checkpoints, so a run and its resumption draw the same.
+    mix = (torch.distributions.Beta(torch.tensor(float(cfg.mixup_alpha)),
+                                    torch.tensor(float(cfg.mixup_alpha)))
+           if cfg.mixup_alpha > 0 else None)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         for _ in range(steps):
             idx = torch.stack([s.take(cfg.batch_size) for s in streams])  # (M, B)
@@ -380,12 +392,21 @@ def train_models(
             if cfg.augment == "hflip":
                 xb = torch.where(flip[:, :, None, None, None], x_flip[idx], xb)
             yb = y_dev[idx]
-            logits = train_fwd(params, buffers, xb)  # (M, B, C)
-            ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-            w = class_w[rows, yb]  # (M, B)
-            # Weighted mean per model (PyTorch's weighted-CE convention), summed over models so
-            # each model's gradient is its own loss's gradient.
-            loss = ((ce.view_as(w) * w).sum(1) / w.sum(1)).sum()
+            if mix is None:
+                logits = train_fwd(params, buffers, xb)  # (M, B, C)
+                ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+                w = class_w[rows, yb]  # (M, B)
+                # Weighted mean per model (PyTorch's weighted-CE convention), summed over
+                # models so each model's gradient is its own loss's gradient.
+                loss = ((ce.view_as(w) * w).sum(1) / w.sum(1)).sum()
+            else:
+                # The batch is a random draw, so its neighbour (a roll by one) is a random
+                # partner, with no further draw to make.
+                lam = mix.sample(yb.shape).to(device)  # (M, B)
+                x_mix = lam.view(*lam.shape, *[1] * (xb.ndim - 2))
+                xb = x_mix * xb + (1 - x_mix) * xb.roll(1, dims=1)
+                loss = mixup_loss(train_fwd(params, buffers, xb), yb, yb.roll(1, dims=1), lam,
+                                  class_w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -404,6 +425,21 @@ def train_models(
                            **{k: v[i].detach().cpu() for k, v in buffers.items()}})
         trained.append(m.eval())
     return trained, snapshot(cfg.epochs)
+
+
+def mixup_loss(logits: torch.Tensor, y: torch.Tensor, y_partner: torch.Tensor,
+               lam: torch.Tensor, class_w: torch.Tensor) -> torch.Tensor:
+    """The loss of a mixed batch, summed over models: per model, the mean over its batch of
+    lam * CE(y) + (1 - lam) * CE(y_partner), each part weighted by its class's weight and
+    normalised by the sum of the weights (PyTorch's weighted cross-entropy convention, which
+    lam = 1 reduces to). logits (M, B, C); y, y_partner (M, B) int; lam (M, B); class_w (M, C).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+    flat = logits.flatten(0, 1)
+    ce_a = F.cross_entropy(flat, y.flatten(), reduction="none").view_as(lam)
+    ce_b = F.cross_entropy(flat, y_partner.flatten(), reduction="none").view_as(lam)
+    w_a, w_b = lam * class_w[rows, y], (1 - lam) * class_w[rows, y_partner]
+    return ((w_a * ce_a + w_b * ce_b).sum(1) / (w_a + w_b).sum(1)).sum()
 
 
 def _rows(landmarks: np.ndarray | None, index) -> np.ndarray | None:

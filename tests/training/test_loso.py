@@ -17,7 +17,9 @@ import torch
 
 from realtime_mer.errors import DatasetError
 from training.data.megc3db import Megc3DB
-from training.loso import LosoConfig, LosoWorkerError, hflip_maps, run_loso, train_models
+from training.loso import (
+    LosoConfig, LosoWorkerError, hflip_maps, mixup_loss, run_loso, train_models,
+)
 from training.metrics import uf1_uar
 
 torch.set_num_threads(1)
@@ -66,12 +68,12 @@ def test_short_loso_end_to_end(tmp_path):
     assert not list((tmp_path / "run").glob("chunk_*.pt"))  # checkpoint removed when done
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_resume_skips_done_folds_and_checkpoint(tmp_path, dropout):
-    """With dropout too: the checkpoint carries the dropout generator's state, so the resumed
-    run draws the masks an uninterrupted run draws."""
+@pytest.mark.parametrize("dropout,mixup", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.4)])
+def test_resume_skips_done_folds_and_checkpoint(tmp_path, dropout, mixup):
+    """With dropout or mixup too: the checkpoint carries the global generator's state, so the
+    resumed run draws the masks and mixing weights an uninterrupted run draws."""
     data = _synthetic()
-    cfg = dataclasses.replace(CFG, model_kwargs={"dropout": dropout})
+    cfg = dataclasses.replace(CFG, model_kwargs={"dropout": dropout}, mixup_alpha=mixup)
     ref = run_loso(data, cfg, tmp_path / "ref", folds=[0, 1, 2])
 
     class Stop(Exception):
@@ -272,9 +274,46 @@ def test_hflip_negates_u_and_mirrors():
     assert torch.allclose(hflip_maps(f), x, atol=1e-6)
 
 
+def test_mixup_loss_matches_pytorchs_weighted_and_soft_target_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    m, b, c = 3, 16, 3
+    logits = torch.randn(m, b, c, generator=gen)
+    y = torch.randint(0, c, (m, b), generator=gen)
+    y_partner = torch.randint(0, c, (m, b), generator=gen)
+    lam = torch.rand(m, b, generator=gen)
+    class_w = torch.rand(m, c, generator=gen) + 0.5
+    # A sample mixed with one of its own class: the class-weighted CE, whatever lam is.
+    weighted = sum(torch.nn.functional.cross_entropy(logits[i], y[i], weight=class_w[i])
+                   for i in range(m))
+    torch.testing.assert_close(mixup_loss(logits, y, y, lam, class_w), weighted,
+                               rtol=1e-6, atol=1e-6)
+    # Unweighted: the cross-entropy against the mixed one-hot targets.
+    soft = lam[..., None] * torch.nn.functional.one_hot(y, c) + \
+        (1 - lam[..., None]) * torch.nn.functional.one_hot(y_partner, c)
+    reference = sum(torch.nn.functional.cross_entropy(logits[i], soft[i].float())
+                    for i in range(m))
+    torch.testing.assert_close(mixup_loss(logits, y, y_partner, lam, torch.ones(m, c)),
+                               reference, rtol=1e-6, atol=1e-6)
+
+
+def test_mixup_trains_on_other_inputs_and_still_learns(tmp_path):
+    data = _synthetic()
+    plain = run_loso(data, CFG, tmp_path / "a", folds=[0, 1])
+    mixed = run_loso(data, dataclasses.replace(CFG, mixup_alpha=0.4), tmp_path / "b",
+                     folds=[0, 1])
+    assert mixed["config"]["mixup_alpha"] == 0.4
+    assert mixed["uf1"] > 0.9  # separable data
+    a = np.array([p["probs"] for p in plain["predictions"]])
+    b = np.array([p["probs"] for p in mixed["predictions"]])
+    assert np.abs(a - b).max() > 1e-3
+
+
 def test_bad_config():
     with pytest.raises(ValueError):
         LosoConfig(augment="rotate")
+    for alpha in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mixup_alpha"):
+            LosoConfig(mixup_alpha=alpha)
     with pytest.raises(ValueError):
         LosoConfig(epochs=0)
     cfg = LosoConfig.from_dict(CFG.to_dict())
