@@ -129,6 +129,41 @@ def time_engines(paths: list[Path], calls: int) -> list[dict]:
     return rows
 
 
+def time_cut_detection(calls: int) -> list[dict]:
+    """Per-frame cost of the face stage's hard-cut test (thumbnail and mean absolute difference)
+    on a real frame of each video and on the first one scaled to 1920x1080, sizes interleaved."""
+    import cv2
+    import numpy as np
+
+    from realtime_mer.capture import open_video
+    from realtime_mer.face import cut_thumbnail
+
+    media = shared_media()
+    frames = {}
+    for name in VIDEOS:
+        with open_video(media / name) as source:
+            image = next(iter(source)).image_bgr
+        frames.setdefault(f"{image.shape[1]}x{image.shape[0]}", image)
+    first = next(iter(frames.values()))
+    frames["1920x1080"] = cv2.resize(first, (1920, 1080), interpolation=cv2.INTER_LINEAR)
+    previous = {size: cut_thumbnail(image) for size, image in frames.items()}
+    times: dict[str, list[float]] = {size: [] for size in frames}
+    for _ in range(calls):
+        for size, image in frames.items():
+            t0 = time.perf_counter()
+            float(np.abs(cut_thumbnail(image) - previous[size]).mean())
+            times[size].append((time.perf_counter() - t0) * 1e3)
+    return [{"size": size, "median_ms": statistics.median(t),
+             "p95_ms": sorted(t)[int(0.95 * (len(t) - 1))], "calls": len(t)}
+            for size, t in times.items()]
+
+
+def cut_table(rows: list[dict]) -> str:
+    lines = ["| frame size | median ms / frame | p95 ms |", "|---|---|---|"]
+    lines += [f"| {r['size']} | {r['median_ms']:.3f} | {r['p95_ms']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def engine_table(rows: list[dict]) -> str:
     lines = ["| engine | bytes | networks | honest LOSO UF1 | median ms / event | p95 ms | × default |",
              "|---|---|---|---|---|---|---|"]
@@ -189,6 +224,9 @@ def main() -> None:
     engines_text = engine_table(engine_rows) if engine_rows else ""
     engines_arg = (" --engines " + " ".join(str(p) for p in args.engines)) if args.engines else ""
     print(engines_text)
+    cut_rows = time_cut_detection(args.calls)
+    cut_text = cut_table(cut_rows)
+    print(cut_text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
@@ -205,9 +243,13 @@ def main() -> None:
             f"{args.calls} real 3DB maps, calls interleaved)\n\n" + engines_text + "\n\n"
             "The per-frame stages do not use the engine, so frames per second do not depend on "
             f"it; {engine_share(rows, engine_rows)} Engines that are not in the repository "
-            "are built on demand (`docs/RESULTS.md`).\n")
-        args.out.with_suffix(".json").write_text(
-            json.dumps({"videos": rows, "engines": engine_rows}, indent=2) + "\n")
+            "are built on demand (`docs/RESULTS.md`).\n\n"
+            f"## Hard-cut test of the face stage ({args.calls} calls per size, interleaved)\n\n"
+            "The face stage restarts MediaPipe's tracking at a hard cut (`FaceOptions."
+            "cut_threshold`); the test runs on every frame and is part of the face column "
+            "above.\n\n" + cut_text + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"videos": rows, "engines": engine_rows, "cut_detection": cut_rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

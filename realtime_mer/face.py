@@ -18,7 +18,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
-           "ALIGN_LANDMARKS", "canonical_points", "similarity_transform", "alignment_transform"]
+           "ALIGN_LANDMARKS", "canonical_points", "similarity_transform", "alignment_transform",
+           "cut_thumbnail"]
 
 #: MediaPipe Face Mesh indices (refined mesh, 478 points) of the five alignment points: image-left
 #: iris centre, image-right iris centre, nose tip, image-left and image-right mouth corner.
@@ -181,7 +182,7 @@ class FaceAligner:
                       self._last_t_ms, t_ms)
             self.reset()
         self._last_t_ms = float(t_ms)
-        thumbnail = _thumbnail(image)
+        thumbnail = cut_thumbnail(image)
         cut = self._last_thumbnail is not None and float(
             np.abs(thumbnail - self._last_thumbnail).mean()) > self.options.cut_threshold
         if cut:
@@ -250,7 +251,7 @@ class FaceAligner:
         self.close()
 
 
-def _thumbnail(image: np.ndarray) -> np.ndarray:
+def cut_thumbnail(image: np.ndarray) -> np.ndarray:
     """32x32 grey thumbnail (float32) for cut detection. Area-averaging a strided view: a few
     tenths of a millisecond on a 1080p frame, where area-averaging every pixel costs ~7 ms."""
     step = max(1, min(image.shape[:2]) // 128)
