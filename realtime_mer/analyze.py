@@ -234,7 +234,7 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "without_face": frames - pipeline.frames_with_face,
             "with_several_faces": pipeline.frames_with_several_faces,
             "sequence_restarts": pipeline.sequence_restarts,
-            "hard_cuts": pipeline.aligner.cuts,  # shot changes; face tracking restarts at each
+            "hard_cuts": pipeline.hard_cuts,  # shot changes; face tracking restarts at each
             # Frames of history kept for an event's onset (sized from the input's frame rate).
             "ring_buffer_slots": pipeline.buffer.capacity,
             "dropped": dropped,  # only live sources drop; a file is read at the consumer's pace

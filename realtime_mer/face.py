@@ -153,7 +153,7 @@ class FaceAligner:
 
     Call ``process`` in time order; a timestamp that goes backwards (a new clip) or a hard cut
     (see ``FaceOptions.cut_threshold``) resets tracking so the tracker does not look for the
-    previous clip's or shot's faces. ``cuts`` counts the hard cuts seen.
+    previous clip's or shot's faces; ``FaceResult.cut`` marks the frame of a hard cut.
     """
 
     def __init__(self, options: FaceOptions | None = None) -> None:
@@ -161,7 +161,6 @@ class FaceAligner:
         self._mesh: Any = None
         self._last_t_ms: float | None = None
         self._last_thumbnail: np.ndarray | None = None
-        self.cuts = 0
 
     def _make_mesh(self) -> Any:
         import mediapipe as mp  # deferred: loading the graph costs ~0.2 s, only pay when used
@@ -185,11 +184,9 @@ class FaceAligner:
         thumbnail = cut_thumbnail(image)
         cut = self._last_thumbnail is not None and float(
             np.abs(thumbnail - self._last_thumbnail).mean()) > self.options.cut_threshold
-        if cut:
-            self.cuts += 1
-            if self._mesh is not None:
-                log.debug("hard cut at %.1f ms; restarting face tracking", t_ms)
-                self._mesh.reset()  # restarts the graph (~3 ms) without reloading its models
+        if cut and self._mesh is not None:
+            log.debug("hard cut at %.1f ms; restarting face tracking", t_ms)
+            self._mesh.reset()  # restarts the graph (~3 ms) without reloading its models
         self._last_thumbnail = thumbnail
         if self._mesh is None:
             self._mesh = self._make_mesh()

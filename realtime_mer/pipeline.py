@@ -94,6 +94,7 @@ class Pipeline:
         self.frames_with_face = 0
         self.frames_with_several_faces = 0
         self.sequence_restarts = 0
+        self.hard_cuts = 0
 
     # -- per frame ---------------------------------------------------------------------------
     def process(self, frame: Frame) -> FrameResult:
@@ -104,6 +105,7 @@ class Pipeline:
         if face.n_faces > 1:
             self.frames_with_several_faces += 1
         if face.cut:  # a new shot: no flow across it, even of the same face from another camera
+            self.hard_cuts += 1
             self._restart_sequence()
             self._last_face_ms = None
         if not face.found:
@@ -158,7 +160,7 @@ class Pipeline:
         self._recent_frames.clear()
         self.timer.reset()
         self.frames_seen = self.frames_with_face = self.frames_with_several_faces = 0
-        self.sequence_restarts = 0
+        self.sequence_restarts = self.hard_cuts = 0
 
     def close(self) -> None:
         if self._executor is not None:

@@ -40,7 +40,7 @@ def test_cut_to_another_face_restarts_instead_of_firing(media_dir):
             if result.event is not None:
                 events.append(result.event)
         restarts = pipeline.sequence_restarts
-        cuts = pipeline.aligner.cuts
+        cuts = pipeline.hard_cuts
     cut_ms = 60 * STEP_MS
     assert restarts == 1 and cuts == 1
     assert not [e for e in events if e.onset_ms < cut_ms <= e.offset_ms]
@@ -143,7 +143,7 @@ def test_a_short_face_gap_keeps_the_sequence_and_a_long_one_restarts_it(media_di
                 pipeline.process(frame)
             assert (gap_ms > options.face_gap_reset_ms or cut_guard) == bool(restarts)
             assert pipeline.sequence_restarts == restarts, (n_blank, cut_guard)
-            assert pipeline.aligner.cuts == (2 if cut_guard else 0)
+            assert pipeline.hard_cuts == (2 if cut_guard else 0)
             assert pipeline.frames_with_face == 60
             assert pipeline.frames_seen == 60 + n_blank
 
@@ -166,7 +166,12 @@ def test_frames_with_several_faces_are_counted(media_dir):
             pipeline.process(Frame(i * STEP_MS, image, i))
         assert pipeline.frames_with_several_faces == 3
         assert pipeline.frames_with_face == 6
-        assert pipeline.aligner.cuts == 2
+        assert pipeline.hard_cuts == 2
+        pipeline.reset()  # a new session: the counters start again
+        assert (pipeline.frames_seen, pipeline.frames_with_several_faces,
+                pipeline.hard_cuts) == (0, 0, 0)
+        pipeline.process(Frame(10 * STEP_MS, alone, 0))  # the first frame is never a cut
+        assert pipeline.hard_cuts == 0 and pipeline.frames_with_face == 1
 
 
 def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
