@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
            "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs",
-           "predict_probs", "trains_channels_last", "mixup_loss"]
+           "predict_probs", "trains_channels_last", "class_weighted_loss"]
 
 RESULTS_FORMAT = 1
 
@@ -375,7 +375,6 @@ def train_models(
         }
 
     base.train()
-    rows = torch.arange(n_models, device=device).unsqueeze(1)
     # Mixing weights come from the global generator, like dropout: seeded above and saved in
     # checkpoints, so a run and its resumption draw the same.
     mix = (torch.distributions.Beta(torch.tensor(float(cfg.mixup_alpha)),
@@ -392,21 +391,15 @@ def train_models(
             if cfg.augment == "hflip":
                 xb = torch.where(flip[:, :, None, None, None], x_flip[idx], xb)
             yb = y_dev[idx]
-            if mix is None:
-                logits = train_fwd(params, buffers, xb)  # (M, B, C)
-                ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-                w = class_w[rows, yb]  # (M, B)
-                # Weighted mean per model (PyTorch's weighted-CE convention), summed over
-                # models so each model's gradient is its own loss's gradient.
-                loss = ((ce.view_as(w) * w).sum(1) / w.sum(1)).sum()
-            else:
+            mixing = None
+            if mix is not None:
                 # The batch is a random draw, so its neighbour (a roll by one) is a random
                 # partner, with no further draw to make.
                 lam = mix.sample(yb.shape).to(device)  # (M, B)
                 x_mix = lam.view(*lam.shape, *[1] * (xb.ndim - 2))
                 xb = x_mix * xb + (1 - x_mix) * xb.roll(1, dims=1)
-                loss = mixup_loss(train_fwd(params, buffers, xb), yb, yb.roll(1, dims=1), lam,
-                                  class_w)
+                mixing = (lam, yb.roll(1, dims=1))
+            loss = class_weighted_loss(train_fwd(params, buffers, xb), yb, class_w, mixing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -427,19 +420,24 @@ def train_models(
     return trained, snapshot(cfg.epochs)
 
 
-def mixup_loss(logits: torch.Tensor, y: torch.Tensor, y_partner: torch.Tensor,
-               lam: torch.Tensor, class_w: torch.Tensor) -> torch.Tensor:
-    """The loss of a mixed batch, summed over models: per model, the mean over its batch of
-    lam * CE(y) + (1 - lam) * CE(y_partner), each part weighted by its class's weight and
-    normalised by the sum of the weights (PyTorch's weighted cross-entropy convention, which
-    lam = 1 reduces to). logits (M, B, C); y, y_partner (M, B) int; lam (M, B); class_w (M, C).
-    """
+def class_weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor,
+                        mixing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The training loss, summed over models so each model's gradient is its own loss's: per
+    model, the class-weighted mean of the cross-entropy over its batch (PyTorch's weighted-CE
+    convention). With ``mixing = (lam, y_partner)`` (mixup) each sample's loss is
+    lam * CE(y) + (1 - lam) * CE(y_partner), each part weighted by its class's weight, and
+    normalised by the sum of those weights. logits (M, B, C); y, y_partner (M, B) int;
+    lam (M, B); class_w (M, C)."""
     rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
     flat = logits.flatten(0, 1)
-    ce_a = F.cross_entropy(flat, y.flatten(), reduction="none").view_as(lam)
-    ce_b = F.cross_entropy(flat, y_partner.flatten(), reduction="none").view_as(lam)
-    w_a, w_b = lam * class_w[rows, y], (1 - lam) * class_w[rows, y_partner]
-    return ((w_a * ce_a + w_b * ce_b).sum(1) / (w_a + w_b).sum(1)).sum()
+    w = class_w[rows, y]  # (M, B)
+    ce = F.cross_entropy(flat, y.flatten(), reduction="none").view_as(w)
+    if mixing is None:
+        return ((ce * w).sum(1) / w.sum(1)).sum()
+    lam, y_partner = mixing
+    ce_b = F.cross_entropy(flat, y_partner.flatten(), reduction="none").view_as(w)
+    w_a, w_b = lam * w, (1 - lam) * class_w[rows, y_partner]
+    return ((w_a * ce + w_b * ce_b).sum(1) / (w_a + w_b).sum(1)).sum()
 
 
 def _rows(landmarks: np.ndarray | None, index) -> np.ndarray | None:

@@ -18,7 +18,7 @@ import torch
 from realtime_mer.errors import DatasetError
 from training.data.megc3db import Megc3DB
 from training.loso import (
-    LosoConfig, LosoWorkerError, hflip_maps, mixup_loss, run_loso, train_models,
+    LosoConfig, LosoWorkerError, class_weighted_loss, hflip_maps, run_loso, train_models,
 )
 from training.metrics import uf1_uar
 
@@ -274,7 +274,7 @@ def test_hflip_negates_u_and_mirrors():
     assert torch.allclose(hflip_maps(f), x, atol=1e-6)
 
 
-def test_mixup_loss_matches_pytorchs_weighted_and_soft_target_cross_entropy():
+def test_training_loss_matches_pytorchs_weighted_and_soft_target_cross_entropy():
     gen = torch.Generator().manual_seed(0)
     m, b, c = 3, 16, 3
     logits = torch.randn(m, b, c, generator=gen)
@@ -282,18 +282,22 @@ def test_mixup_loss_matches_pytorchs_weighted_and_soft_target_cross_entropy():
     y_partner = torch.randint(0, c, (m, b), generator=gen)
     lam = torch.rand(m, b, generator=gen)
     class_w = torch.rand(m, c, generator=gen) + 0.5
-    # A sample mixed with one of its own class: the class-weighted CE, whatever lam is.
     weighted = sum(torch.nn.functional.cross_entropy(logits[i], y[i], weight=class_w[i])
                    for i in range(m))
-    torch.testing.assert_close(mixup_loss(logits, y, y, lam, class_w), weighted,
+    # Unmixed: the class-weighted CE per model; so is a sample mixed with one of its own
+    # class, whatever lam is.
+    torch.testing.assert_close(class_weighted_loss(logits, y, class_w), weighted,
                                rtol=1e-6, atol=1e-6)
-    # Unweighted: the cross-entropy against the mixed one-hot targets.
+    torch.testing.assert_close(class_weighted_loss(logits, y, class_w, (lam, y)), weighted,
+                               rtol=1e-6, atol=1e-6)
+    # Mixed, unweighted: the cross-entropy against the mixed one-hot targets.
     soft = lam[..., None] * torch.nn.functional.one_hot(y, c) + \
         (1 - lam[..., None]) * torch.nn.functional.one_hot(y_partner, c)
     reference = sum(torch.nn.functional.cross_entropy(logits[i], soft[i].float())
                     for i in range(m))
-    torch.testing.assert_close(mixup_loss(logits, y, y_partner, lam, torch.ones(m, c)),
-                               reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        class_weighted_loss(logits, y, torch.ones(m, c), (lam, y_partner)), reference,
+        rtol=1e-6, atol=1e-6)
 
 
 def test_mixup_trains_on_other_inputs_and_still_learns(tmp_path):
