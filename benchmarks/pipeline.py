@@ -133,10 +133,9 @@ def time_cut_detection(calls: int) -> list[dict]:
     """Per-frame cost of the face stage's hard-cut test (thumbnail and mean absolute difference)
     on a real frame of each video and on the first one scaled to 1920x1080, sizes interleaved."""
     import cv2
-    import numpy as np
 
     from realtime_mer.capture import open_video
-    from realtime_mer.face import cut_thumbnail
+    from realtime_mer.face import cut_score, cut_thumbnail
 
     media = shared_media()
     frames = {}
@@ -151,7 +150,7 @@ def time_cut_detection(calls: int) -> list[dict]:
     for _ in range(calls):
         for size, image in frames.items():
             t0 = time.perf_counter()
-            float(np.abs(cut_thumbnail(image) - previous[size]).mean())
+            cut_score(previous[size], cut_thumbnail(image))
             times[size].append((time.perf_counter() - t0) * 1e3)
     return [{"size": size, "median_ms": statistics.median(t),
              "p95_ms": sorted(t)[int(0.95 * (len(t) - 1))], "calls": len(t)}

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
            "ALIGN_LANDMARKS", "canonical_points", "similarity_transform", "alignment_transform",
-           "cut_thumbnail"]
+           "cut_thumbnail", "cut_score"]
 
 #: MediaPipe Face Mesh indices (refined mesh, 478 points) of the five alignment points: image-left
 #: iris centre, image-right iris centre, nose tip, image-left and image-right mouth corner.
@@ -182,8 +182,8 @@ class FaceAligner:
             self.reset()
         self._last_t_ms = float(t_ms)
         thumbnail = cut_thumbnail(image)
-        cut = self._last_thumbnail is not None and float(
-            np.abs(thumbnail - self._last_thumbnail).mean()) > self.options.cut_threshold
+        cut = self._last_thumbnail is not None and \
+            cut_score(self._last_thumbnail, thumbnail) > self.options.cut_threshold
         if cut and self._mesh is not None:
             log.debug("hard cut at %.1f ms; restarting face tracking", t_ms)
             self._mesh.reset()  # restarts the graph (~3 ms) without reloading its models
@@ -256,6 +256,12 @@ def cut_thumbnail(image: np.ndarray) -> np.ndarray:
     grey = cv2.cvtColor(cv2.resize(small, (32, 32), interpolation=cv2.INTER_AREA),
                         cv2.COLOR_BGR2GRAY)
     return grey.astype(np.float32)
+
+
+def cut_score(previous: np.ndarray, current: np.ndarray) -> float:
+    """Mean absolute difference (grey levels) of two ``cut_thumbnail``s; above
+    ``FaceOptions.cut_threshold`` the second frame is a hard cut."""
+    return float(np.abs(current - previous).mean())
 
 
 def _as_bgr(frame: np.ndarray) -> np.ndarray:
