@@ -43,6 +43,9 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=d.mixup_alpha, metavar="ALPHA",
                    help="mixup: train on mixtures of sample pairs and of their losses, mixing "
                         "weight ~ Beta(ALPHA, ALPHA) per sample; 0 (default) is off")
+    g.add_argument("--shift", type=int, default=d.shift_pixels, metavar="PIXELS",
+                   help="random translation of each training input by up to PIXELS along each "
+                        "axis (edges repeated); 0 (default) is off")
     g.add_argument("--tta", default=d.tta, choices=("none", "hflip"),
                    help="test-time augmentation: hflip averages the predictions of the maps "
                         "and of their mirror image, in LOSO scoring and in the exported engine "
@@ -92,7 +95,7 @@ def _config(args):
         epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
-        augment=args.augment, mixup_alpha=args.mixup, tta=args.tta, seed=args.seed,
+        augment=args.augment, mixup_alpha=args.mixup, shift_pixels=args.shift, tta=args.tta, seed=args.seed,
         eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
         input_kind=args.input_kind, input_size=args.input_size,

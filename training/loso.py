@@ -54,7 +54,7 @@ from training.models import create_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "normalise", "train_models", "git_commit",
+__all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_images", "normalise", "train_models", "git_commit",
            "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs",
            "predict_probs", "trains_channels_last", "class_weighted_loss"]
 
@@ -84,6 +84,12 @@ class LosoConfig:
     # batch, lam ~ Beta(alpha, alpha) per sample, and on the same mixture of their (class
     # weighted) losses. Applied to the network's input after the flip.
     mixup_alpha: float = 0.0
+    # Random translation: 0 is off; k > 0 shifts each training sample's network input by
+    # integers drawn uniformly from [-k, k] along each axis (per sample, from the fold's own
+    # generator), the edge rows and columns repeated into the vacated border. Applied after
+    # the flip and before mixup. Faces in the maps are aligned by their eyes, but not to the
+    # pixel across subjects; the shift asks the network not to depend on that alignment.
+    shift_pixels: int = 0
     # Test-time augmentation: "hflip" averages the class probabilities of the maps and of their
     # mirror image at every prediction (evaluation epochs, nested selection, the final
     # scores), as the exported engine does; "none" predicts from the maps alone.
@@ -121,6 +127,8 @@ class LosoConfig:
             raise ValueError("eval_every must be >= 1")
         if not self.mixup_alpha >= 0 or not math.isfinite(self.mixup_alpha):
             raise ValueError(f"mixup_alpha must be a finite number >= 0, got {self.mixup_alpha}")
+        if not isinstance(self.shift_pixels, int) or self.shift_pixels < 0:
+            raise ValueError(f"shift_pixels must be an integer >= 0, got {self.shift_pixels!r}")
         if self.select_epochs not in ("fixed", "nested"):
             raise ValueError(f"select_epochs {self.select_epochs!r} is not fixed or nested")
         if self.inner_folds < 2:
@@ -139,7 +147,7 @@ class LosoConfig:
     def from_dict(cls, d: dict) -> "LosoConfig":
         # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
-             "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0, **d}
+             "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0, "shift_pixels": 0, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -390,6 +398,11 @@ def train_models(
             xb = x_dev[idx]
             if cfg.augment == "hflip":
                 xb = torch.where(flip[:, :, None, None, None], x_flip[idx], xb)
+            if cfg.shift_pixels:
+                offsets = torch.stack([
+                    torch.randint(-cfg.shift_pixels, cfg.shift_pixels + 1,
+                                  (cfg.batch_size, 2), generator=g) for g in gens])
+                xb = shift_images(xb, offsets.to(device), cfg.shift_pixels)
             yb = y_dev[idx]
             mixing = None
             if mix is not None:
@@ -418,6 +431,26 @@ def train_models(
                            **{k: v[i].detach().cpu() for k, v in buffers.items()}})
         trained.append(m.eval())
     return trained, snapshot(cfg.epochs)
+
+
+def shift_images(x: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image of ``x`` (..., C, H, W) by its own integer (dy, dx) of ``offsets``
+    (..., 2), |dy|, |dx| <= max_shift: out[..., i, j] = x[..., i - dy, j - dx], where indices
+    outside the image are clamped to its edge (the edge row or column repeated)."""
+    *lead, c, h, w = x.shape
+    flat = x.reshape(-1, c, h, w)
+    off = offsets.reshape(-1, 2).to(torch.long)
+    if off.shape[0] != flat.shape[0]:
+        raise ValueError(f"{off.shape[0]} offsets for {flat.shape[0]} images")
+    if off.numel() and int(off.abs().max()) > max_shift:
+        raise ValueError(f"an offset exceeds max_shift={max_shift}")
+    padded = F.pad(flat, (max_shift,) * 4, mode="replicate")
+    n = torch.arange(flat.shape[0], device=x.device)
+    rows = max_shift - off[:, 0:1] + torch.arange(h, device=x.device)  # (N, H)
+    cols = max_shift - off[:, 1:2] + torch.arange(w, device=x.device)  # (N, W)
+    # Advanced indices around the channel slice put their dimensions first: (N, H, W, C).
+    out = padded[n[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).reshape(x.shape)
 
 
 def class_weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor,

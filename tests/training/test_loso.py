@@ -18,7 +18,8 @@ import torch
 from realtime_mer.errors import DatasetError
 from training.data.megc3db import Megc3DB
 from training.loso import (
-    LosoConfig, LosoWorkerError, class_weighted_loss, hflip_maps, run_loso, train_models,
+    LosoConfig, LosoWorkerError, class_weighted_loss, hflip_maps, run_loso, shift_images,
+    train_models,
 )
 from training.metrics import uf1_uar
 
@@ -68,12 +69,15 @@ def test_short_loso_end_to_end(tmp_path):
     assert not list((tmp_path / "run").glob("chunk_*.pt"))  # checkpoint removed when done
 
 
-@pytest.mark.parametrize("dropout,mixup", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.4)])
-def test_resume_skips_done_folds_and_checkpoint(tmp_path, dropout, mixup):
-    """With dropout or mixup too: the checkpoint carries the global generator's state, so the
-    resumed run draws the masks and mixing weights an uninterrupted run draws."""
+@pytest.mark.parametrize("dropout,mixup,shift", [(0.0, 0.0, 0), (0.5, 0.0, 0), (0.0, 0.4, 0),
+                                                 (0.0, 0.0, 2)])
+def test_resume_skips_done_folds_and_checkpoint(tmp_path, dropout, mixup, shift):
+    """With dropout, mixup or shifts too: the checkpoint carries the global and the folds'
+    generators' states, so the resumed run draws the masks, mixing weights and offsets an
+    uninterrupted run draws."""
     data = _synthetic()
-    cfg = dataclasses.replace(CFG, model_kwargs={"dropout": dropout}, mixup_alpha=mixup)
+    cfg = dataclasses.replace(CFG, model_kwargs={"dropout": dropout}, mixup_alpha=mixup,
+                              shift_pixels=shift)
     ref = run_loso(data, cfg, tmp_path / "ref", folds=[0, 1, 2])
 
     class Stop(Exception):
@@ -300,21 +304,50 @@ def test_training_loss_matches_pytorchs_weighted_and_soft_target_cross_entropy()
         rtol=1e-6, atol=1e-6)
 
 
-def test_mixup_trains_on_other_inputs_and_still_learns(tmp_path):
+# Shifted batches are harder than mixed ones: that run gets twice the steps of CFG.
+@pytest.mark.parametrize("option,value,epochs", [("mixup_alpha", 0.4, 4), ("shift_pixels", 2, 8)])
+def test_training_augmentation_trains_on_other_inputs_and_still_learns(tmp_path, option, value,
+                                                                        epochs):
     data = _synthetic()
-    plain = run_loso(data, CFG, tmp_path / "a", folds=[0, 1])
-    mixed = run_loso(data, dataclasses.replace(CFG, mixup_alpha=0.4), tmp_path / "b",
-                     folds=[0, 1])
-    assert mixed["config"]["mixup_alpha"] == 0.4
-    assert mixed["uf1"] > 0.9  # separable data
+    cfg = dataclasses.replace(CFG, epochs=epochs)
+    plain = run_loso(data, cfg, tmp_path / "a", folds=[0, 1])
+    augmented = run_loso(data, dataclasses.replace(cfg, **{option: value}), tmp_path / "b",
+                         folds=[0, 1])
+    assert augmented["config"][option] == value
+    assert augmented["uf1"] > 0.9  # separable data
     a = np.array([p["probs"] for p in plain["predictions"]])
-    b = np.array([p["probs"] for p in mixed["predictions"]])
+    b = np.array([p["probs"] for p in augmented["predictions"]])
     assert np.abs(a - b).max() > 1e-3
+
+
+def test_shift_images_matches_edge_padded_crops():
+    """Reference: numpy's edge padding, then the crop that moves content by (dy, dx)."""
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 5, 3, 7, 9)).astype(np.float32)
+    k = 2
+    offsets = rng.integers(-k, k + 1, size=(2, 5, 2))
+    offsets[0, 0] = (0, 0)
+    offsets[0, 1] = (k, -k)
+    got = shift_images(torch.from_numpy(x), torch.from_numpy(offsets), k).numpy()
+    for m in range(2):
+        for b in range(5):
+            dy, dx = offsets[m, b]
+            pad = np.pad(x[m, b], ((0, 0), (k, k), (k, k)), mode="edge")
+            want = pad[:, k - dy:k - dy + 7, k - dx:k - dx + 9]
+            np.testing.assert_array_equal(got[m, b], want)
+    np.testing.assert_array_equal(got[0, 0], x[0, 0])
+    # Content moves down and left: the top-left pixel lands at row 2, column -2 (off-image).
+    np.testing.assert_array_equal(got[0, 1, :, 2, 0], x[0, 1, :, 0, 2])
+    with pytest.raises(ValueError, match="max_shift"):
+        shift_images(torch.from_numpy(x), torch.from_numpy(offsets * 0 + 3), k)
 
 
 def test_bad_config():
     with pytest.raises(ValueError):
         LosoConfig(augment="rotate")
+    for shift in (-1, 1.5):
+        with pytest.raises(ValueError, match="shift_pixels"):
+            LosoConfig(shift_pixels=shift)
     for alpha in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="mixup_alpha"):
             LosoConfig(mixup_alpha=alpha)
