@@ -239,6 +239,7 @@ def cmd_export(args) -> int:
               file=sys.stderr)
     name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if args.ensemble else cfg.model
     name += "_mirror" if cfg.tta == "hflip" else ""
+    name += f"_shift{cfg.shift_pixels}" if cfg.shift_pixels else ""
     out = args.out or str(REPO_ROOT / "engines" / f"{name}_3db.onnx")
     info = export_default(data, cfg, out, loso_results=loso_results,
                           weights=weights, device=args.device, ensemble=args.ensemble,

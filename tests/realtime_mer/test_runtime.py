@@ -63,7 +63,9 @@ def test_shipped_engine_manifest(engine):
     # All weights inside the one file (float32, no external data file), nothing much else.
     from training.models import create_model
 
-    n_params = sum(p.numel() for p in create_model(m.model, **m.model_kwargs).parameters())
+    members = ((m.training or {}).get("ensemble") or {}).get("members", 1)
+    n_params = members * sum(p.numel()
+                             for p in create_model(m.model, **m.model_kwargs).parameters())
     assert 4 * n_params <= ENGINE.stat().st_size < 4 * n_params + 2**20
 
 
@@ -177,7 +179,7 @@ def test_default_engine_path_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MER_ENGINE", str(tmp_path / "x.onnx"))
     assert default_engine_path() == tmp_path / "x.onnx"
     monkeypatch.delenv("MER_ENGINE")
-    assert default_engine_path().name == "ststnet_mirror_3db.onnx"
+    assert default_engine_path().name == "ststnet_cv6_mirror_shift2_3db.onnx"
     assert default_engine_path().parent.name == "engines"
 
 
