@@ -54,9 +54,9 @@ from training.models import create_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_images", "normalise", "train_models", "git_commit",
-           "select_epochs_nested", "select_epochs_full", "NESTED_RULE", "model_inputs",
-           "predict_probs", "trains_channels_last", "class_weighted_loss"]
+__all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_images", "normalise",
+           "train_models", "git_commit", "select_epochs_nested", "select_epochs_full", "NESTED_RULE",
+           "model_inputs", "predict_probs", "trains_channels_last", "class_weighted_loss"]
 
 RESULTS_FORMAT = 1
 
@@ -147,7 +147,8 @@ class LosoConfig:
     def from_dict(cls, d: dict) -> "LosoConfig":
         # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
-             "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0, "shift_pixels": 0, **d}
+             "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0,
+             "shift_pixels": 0, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -259,10 +260,10 @@ def train_models(
 
     x: (N, 3, H, W) float32 maps in [0, 1]; y: (N,) int; landmarks: (N, 5, 2) or None, for the
     input kinds that locate facial regions (mirrored with the maps by the flip). ``fold_ids``
-    seed each model (init, batches, flips) so a model's run does not depend on the others. ``eval_hook(epoch,
-    predict)`` is called every ``cfg.eval_every`` epochs and at the end; ``predict`` maps an
-    (M, T) index array into ``x`` (row m for model m) to (M, T, C) probabilities in eval mode. ``state``/``checkpoint`` resume
-    and save training. ``channels_last``: feed a one-model chunk its images in channels-last
+    seed each model (init, batches, flips, shifts) so a model's run does not depend on the
+    others. ``eval_hook(epoch, predict)`` is called every ``cfg.eval_every`` epochs and at the
+    end; ``predict`` maps an (M, T) index array into ``x`` (row m for model m) to (M, T, C)
+    probabilities in eval mode. ``state``/``checkpoint`` resume and save training. ``channels_last``: feed a one-model chunk its images in channels-last
     layout; None (default) does so on a CPU for the networks that declare
     ``channels_last_on_cpu`` (:func:`trains_channels_last`; the result differs from the default
     layout by floating-point order only). Returns the trained models (eval mode, CPU) and the final
@@ -437,7 +438,7 @@ def shift_images(x: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torc
     """Translate each image of ``x`` (..., C, H, W) by its own integer (dy, dx) of ``offsets``
     (..., 2), |dy|, |dx| <= max_shift: out[..., i, j] = x[..., i - dy, j - dx], where indices
     outside the image are clamped to its edge (the edge row or column repeated)."""
-    *lead, c, h, w = x.shape
+    c, h, w = x.shape[-3:]
     flat = x.reshape(-1, c, h, w)
     off = offsets.reshape(-1, 2).to(torch.long)
     if off.shape[0] != flat.shape[0]:
