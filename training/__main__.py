@@ -224,7 +224,7 @@ def _schedule_of_weights(args, cli_cfg):
 
 def cmd_export(args) -> int:
     from training.data import load_megc3db
-    from training.export import export_default
+    from training.export import engine_file_name, export_default
 
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
@@ -238,10 +238,7 @@ def cmd_export(args) -> int:
         print("note: no complete LOSO results file in docs/results matches this schedule; the "
               "manifest will quote no LOSO score (run `python -m training loso` first)",
               file=sys.stderr)
-    name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if args.ensemble else cfg.model
-    name += "_mirror" if cfg.tta == "hflip" else ""
-    name += f"_shift{cfg.shift_pixels}" if cfg.shift_pixels else ""
-    out = args.out or str(REPO_ROOT / "engines" / f"{name}_3db.onnx")
+    out = args.out or str(REPO_ROOT / "engines" / engine_file_name(cfg, ensemble=args.ensemble))
     info = export_default(data, cfg, out, loso_results=loso_results,
                           weights=weights, device=args.device, ensemble=args.ensemble,
                           progress=lambda m: print(m, flush=True))

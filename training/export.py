@@ -279,6 +279,16 @@ def check_export(model: torch.nn.Module, engine_path: str | Path, x: np.ndarray)
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
+def engine_file_name(cfg: LosoConfig, ensemble: bool = False) -> str:
+    """The file name ``training export`` gives an engine of this schedule under engines/: the
+    network, then what changes its predictions (CV ensemble, mirrored prediction, shifted
+    training), so that engines of different schedules never overwrite one another."""
+    name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if ensemble else cfg.model
+    name += "_mirror" if cfg.tta == "hflip" else ""
+    name += f"_shift{cfg.shift_pixels}" if cfg.shift_pixels else ""
+    return f"{name}_3db.onnx"
+
+
 def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                    loso_results: str | Path | None = None,
                    weights: str | Path | WeightsFile | None = None,

@@ -399,3 +399,26 @@ def test_mirror_tta_export_of_a_rebuilt_input_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match="map28 engines only"):
         export_default(_noisy(), cfg, tmp_path / "e.onnx", loso_results=None)
     assert not (tmp_path / "e.onnx").exists()
+
+
+def test_every_shipped_engine_has_the_name_its_schedule_gives():
+    """`training export` names an engine by its manifest's schedule; a shipped file under
+    another name (or two schedules mapped to one name) would let an export overwrite it."""
+    from training.__main__ import REPO_ROOT
+    from training.export import engine_file_name
+
+    fields = {f.name for f in dataclasses.fields(LosoConfig)}
+    names = {}
+    for manifest in sorted((REPO_ROOT / "engines").glob("*.onnx.json")):
+        training = json.loads(manifest.read_text())["training"]
+        cfg = LosoConfig.from_dict({k: v for k, v in training["schedule"].items()
+                                    if k in fields})
+        names[manifest.name.removesuffix(".json")] = engine_file_name(
+            cfg, ensemble="ensemble" in training)
+    assert "ststnet_cv6_mirror_shift2_3db.onnx" in names  # the default engine is among them
+    assert all(file == name for file, name in names.items()), names
+    base = dataclasses.replace(LosoConfig(), tta="hflip")
+    assert engine_file_name(dataclasses.replace(base, shift_pixels=3)) == \
+        "ststnet_mirror_shift3_3db.onnx"
+    assert engine_file_name(dataclasses.replace(base, inner_folds=3), ensemble=True) == \
+        "ststnet_cv4_mirror_3db.onnx"
