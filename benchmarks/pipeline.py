@@ -118,8 +118,7 @@ def time_engines(paths: list[Path], calls: int) -> list[dict]:
     for p, engine, t, med, d in zip(paths, engines, times, medians, is_default):
         # An ensemble file (.ens) is a list: its size is its members', its networks theirs.
         parts = getattr(engine, "members", [engine])
-        networks = sum((m.manifest.training.get("ensemble") or {}).get("members", 1)
-                       for m in parts)
+        networks = sum(m.manifest.networks for m in parts)
         rows.append({"engine": p.name, "bytes": sum(m.path.stat().st_size for m in parts),
                      "members": networks,
                      "loso_uf1": (engine.manifest.loso or {}).get("uf1"),

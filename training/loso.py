@@ -55,8 +55,9 @@ from training.models import create_model
 log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_images", "normalise",
-           "train_models", "git_commit", "select_epochs_nested", "select_epochs_full", "NESTED_RULE",
-           "model_inputs", "predict_probs", "trains_channels_last", "class_weighted_loss"]
+           "train_models", "git_commit", "select_epochs_nested", "select_epochs_full",
+           "NESTED_RULE", "model_inputs", "predict_probs", "trains_channels_last",
+           "class_weighted_loss"]
 
 RESULTS_FORMAT = 1
 
@@ -263,11 +264,11 @@ def train_models(
     seed each model (init, batches, flips, shifts) so a model's run does not depend on the
     others. ``eval_hook(epoch, predict)`` is called every ``cfg.eval_every`` epochs and at the
     end; ``predict`` maps an (M, T) index array into ``x`` (row m for model m) to (M, T, C)
-    probabilities in eval mode. ``state``/``checkpoint`` resume and save training. ``channels_last``: feed a one-model chunk its images in channels-last
-    layout; None (default) does so on a CPU for the networks that declare
-    ``channels_last_on_cpu`` (:func:`trains_channels_last`; the result differs from the default
-    layout by floating-point order only). Returns the trained models (eval mode, CPU) and the final
-    state.
+    probabilities in eval mode. ``state``/``checkpoint`` resume and save training.
+    ``channels_last``: feed a one-model chunk its images in channels-last layout; None
+    (default) does so on a CPU for the networks that declare ``channels_last_on_cpu``
+    (:func:`trains_channels_last`; the result differs from the default layout by
+    floating-point order only). Returns the trained models (eval mode, CPU) and the final state.
     """
     n_models = len(train_sets)
     num_classes = len(CLASS_NAMES)

@@ -43,6 +43,12 @@ class Manifest:
     versions: dict = field(default_factory=dict)
     export_check: dict = field(default_factory=dict)
 
+    @property
+    def networks(self) -> int:
+        """How many networks the engine runs per prediction: a CV ensemble engine averages the
+        ``training.ensemble.members`` it was exported with; any other engine is one network."""
+        return int((self.training.get("ensemble") or {}).get("members", 1))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -63,9 +63,8 @@ def test_shipped_engine_manifest(engine):
     # All weights inside the one file (float32, no external data file), nothing much else.
     from training.models import create_model
 
-    members = ((m.training or {}).get("ensemble") or {}).get("members", 1)
-    n_params = members * sum(p.numel()
-                             for p in create_model(m.model, **m.model_kwargs).parameters())
+    n_params = m.networks * sum(p.numel()
+                                for p in create_model(m.model, **m.model_kwargs).parameters())
     assert 4 * n_params <= ENGINE.stat().st_size < 4 * n_params + 2**20
 
 
@@ -173,6 +172,10 @@ def test_manifest_roundtrip():
         pytest.skip("no shipped engine")
     m = Manifest.load(manifest_path(ENGINE))
     assert Manifest.from_json(m.to_json()) == m
+    # The default is a CV ensemble: the full-data model plus one per inner group.
+    assert m.networks == m.training["schedule"]["inner_folds"] + 1 > 1
+    single = Manifest.load(manifest_path(ENGINE.parent / "ststnet_mirror_3db.onnx"))
+    assert single.networks == 1
 
 
 def test_default_engine_path_env(monkeypatch, tmp_path):
@@ -311,8 +314,7 @@ def test_default_engine_has_the_best_honest_loso_score(engine):
     assert len(runs) >= 2 and too_big  # AHMSA-Net (25.8 MB) is over the budget
     best = max(runs)
     assert engine.manifest.model == best[1]
-    ensemble = (engine.manifest.training or {}).get("ensemble")
-    assert (ensemble["members"] if ensemble else 1) == best[2]
+    assert engine.manifest.networks == best[2]
     assert engine.manifest.loso["uf1"] == pytest.approx(best[0], abs=1e-9)
     assert engine.manifest.loso["results_file"].endswith(best[3])
     assert ENGINE.stat().st_size <= ENGINE_BUDGET_BYTES
