@@ -246,6 +246,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_nested_run_args(sp) -> None:
+    """The two arguments that name a finished nested run (post-hoc commands)."""
+    sp.add_argument("--run-dir", required=True, help="the nested run's --run-dir")
+    sp.add_argument("--results", required=True, help="that run's results JSON (its --out)")
+
+
 def _print_databases_and_write(res: dict, out: str | None) -> None:
     """The per-database lines of a pooled LOSO score, and its results JSON to ``out``."""
     for db, r in res["per_database"].items():
@@ -319,6 +325,23 @@ def cmd_window(args) -> int:
           f"UAR {res['single_model']['uar']:.4f}")
     print(f"checkpoint window ±{args.width} epochs ({min(n)}-{max(n)} checkpoints per fold)  "
           f"UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}")
+    _print_databases_and_write(res, args.out)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from training.calibrate import calibrate_run
+
+    res = calibrate_run(args.run_dir, args.results)
+    cal = res["calibration"]
+    taus = list(cal["tau_per_subject"].values())
+    print(f"uncalibrated: single model UF1 {cal['uncalibrated']['single']['uf1']:.4f}, "
+          f"CV ensemble UF1 {cal['uncalibrated']['cv_ensemble']['uf1']:.4f}")
+    print(f"tau chosen by the inner CV: median {cal['median_tau']:.1f} "
+          f"(range {min(taus):.1f}-{max(taus):.1f} over {len(taus)} folds)")
+    print(f"calibrated CV ensemble  UF1 {res['nested_cv_ensemble']['uf1']:.4f}  "
+          f"UAR {res['nested_cv_ensemble']['uar']:.4f}")
+    print(f"calibrated single model  UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}")
     _print_databases_and_write(res, args.out)
     return 0
 
@@ -470,14 +493,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "epochs of its nested choice, pooled and scored once "
                                     "(training/window.py). Reads the run directory's fold "
                                     "files; the results file must be the same run's.")
-    sp.add_argument("--run-dir", required=True, help="the nested run's --run-dir")
-    sp.add_argument("--results", required=True, help="that run's results JSON (its --out)")
+    _add_nested_run_args(sp)
     sp.add_argument("--width", type=int, default=20,
                     help="epochs on each side of the nested choice (default %(default)s: the "
                          "two evaluation epochs on each side at --eval-every 10)")
     sp.add_argument("--out", help="write the window's results JSON here (reads like a LOSO "
                                   "results file for compare and ensemble)")
     sp.set_defaults(func=cmd_window)
+
+    sp = sub.add_parser("calibrate", help="class-prior calibration of a nested run, its "
+                                          "strength chosen by the inner CV (no training)",
+                        description="Per fold of a nested run, shift the test probabilities "
+                                    "by tau * log(training class frequencies), tau chosen "
+                                    "by the pooled UF1 of the fold's inner validation "
+                                    "predictions (training/calibrate.py). Needs a run whose "
+                                    "nested selection kept its validation probabilities.")
+    _add_nested_run_args(sp)
+    sp.add_argument("--out", help="write the calibrated results JSON here (reads like a LOSO "
+                                  "results file for compare and ensemble; :cv_ensemble too)")
+    sp.set_defaults(func=cmd_calibrate)
 
     sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
                                            "network inputs (training/data/README.md)")

@@ -154,7 +154,7 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
     if not ensemble:
         return model, selection
     # The inner models again, from their seeds, stopped at the chosen epoch count (the
-    # selection kept only their validation predictions).
+    # selection kept only their validation probabilities).
     key = len(data.subject_list)
     jobs = _inner_jobs(data, cfg, key, [])
     say(f"CV ensemble: training the {len(jobs)} inner models for {epochs} epochs")

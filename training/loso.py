@@ -846,12 +846,12 @@ def _drop_inner_files(run_dir: Path, key: int, k: int) -> None:
         _inner_file(run_dir, key, g).unlink(missing_ok=True)
 
 
-def _save_inner(path: Path, preds: dict[int, np.ndarray],
+def _save_inner(path: Path, val_probs: dict[int, np.ndarray],
                 test_probs: dict[int, np.ndarray] | None, wall_s: float) -> None:
     # float32 values written as exact doubles (no rounding), so a resumed selection averages
-    # exactly the numbers an uninterrupted one does.
+    # and chooses exactly as an uninterrupted one does.
     _atomic_write_json(path, {
-        "val_pred": {str(e): p.tolist() for e, p in preds.items()},
+        "val_probs": {str(e): p.tolist() for e, p in val_probs.items()},
         "test_probs": (None if test_probs is None else
                        {str(e): p.tolist() for e, p in test_probs.items()}),
         "wall_s": wall_s})
@@ -861,9 +861,11 @@ def _load_inner(path: Path
                 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None, float] | None:
     try:
         doc = json.loads(path.read_text())
-        preds = {int(e): np.asarray(p, dtype=np.int64) for e, p in doc["val_pred"].items()}
+        # (Files of runs before validation probabilities were kept lack "val_probs": that
+        # model is trained again, like a damaged one.)
+        probs = {int(e): np.asarray(p, dtype=np.float32) for e, p in doc["val_probs"].items()}
         tp = doc["test_probs"]
-        return preds, (None if tp is None else
+        return probs, (None if tp is None else
                        {int(e): np.asarray(p, dtype=np.float32) for e, p in tp.items()}), \
             float(doc.get("wall_s", 0.0))
     except (OSError, ValueError, KeyError, TypeError):  # damaged: that model is retrained
@@ -875,7 +877,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
                  test_of: dict[int, np.ndarray] | None = None,
                  cache_dir: Path | None = None) -> tuple[dict, dict, dict]:
     """Train every inner model (vectorised, ``chunk_size`` at a time). Returns
-    {(key, group): {epoch: validation predictions}}, for the keys in ``test_of`` (outer
+    {(key, group): {epoch: (n_val, C) validation probabilities}}, for the keys in ``test_of`` (outer
     fold -> its test indices) {(key, group): {epoch: test probabilities}} (the inner models
     also predict the outer test subject, for the CV ensemble; never used to choose), and
     {(key, group): training seconds} (its chunk's time shared among the chunk's models).
@@ -913,7 +915,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         def hook(epoch: int, predict, chunk=chunk, padded=padded) -> None:
             probs = predict(padded)
             for m, (f, g, _, val) in enumerate(chunk):
-                preds.setdefault((f, g), {})[epoch] = probs[m, :len(val)].argmax(-1).numpy()
+                preds.setdefault((f, g), {})[epoch] = probs[m, :len(val)].numpy()
                 if f in test_of:
                     n_test = len(test_of[f])
                     test_probs.setdefault((f, g), {})[epoch] = \
@@ -944,7 +946,7 @@ def _choose(data: Megc3DB, jobs: list, preds: dict, key: int) -> tuple[list[int]
     epochs = sorted(preds[(key, kjobs[0][1])])
     scores = []
     for e in epochs:
-        pv = np.concatenate([preds[(key, j[1])][e] for j in kjobs])
+        pv = np.concatenate([preds[(key, j[1])][e] for j in kjobs]).argmax(-1)
         scores.append(uf1_uar(yv, pv))
     best = int(np.argmax([s[0] for s in scores]))
     return epochs, scores, best
@@ -995,13 +997,20 @@ def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: l
             # (the chosen epoch only: other epochs would invite a leaky choice).
             inner_mean = np.mean([test_probs[(f, g)][epochs[best]]
                                   for g in range(cfg.inner_folds)], axis=0)
+            # The inner models' validation probabilities at the chosen epoch (each training
+            # subject predicted once, by the inner model that did not see it), for decision
+            # rules chosen on training subjects only (training/calibrate.py).
+            fold_jobs = [j for j in jobs if j[0] == f]
             _atomic_write_json(_nested_file(run_dir, f), {
                 "fold": f, "chosen": epochs[best], "epochs": epochs,
                 "inner_uf1": [round(s[0], 4) for s in scores],
                 # training time of its inner models, a resumed session's earlier part included
                 "wall_s": sum(train_s[(f, g)] for g in range(cfg.inner_folds)),
                 "test_indices": test_of[f].tolist(),
-                "inner_test_probs_mean": np.round(inner_mean, 6).tolist()})
+                "inner_test_probs_mean": np.round(inner_mean, 6).tolist(),
+                "inner_val_indices": np.concatenate([j[3] for j in fold_jobs]).tolist(),
+                "inner_val_probs": np.round(np.concatenate(
+                    [preds[(f, j[1])][epochs[best]] for j in fold_jobs]), 6).tolist()})
             _drop_inner_files(run_dir, f, cfg.inner_folds)
         done = min(g0 + group, len(todo))
         say(f"nested selection: epochs chosen for {done}/{len(todo)} folds"

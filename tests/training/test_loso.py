@@ -478,6 +478,11 @@ def test_interrupted_nested_selection_keeps_its_trained_inner_models(tmp_path):
     # Exactly: the cached predictions are the float32 values themselves, not rounded.
     assert res["nested_cv_ensemble"]["probs"] == ref["nested_cv_ensemble"]["probs"]
     assert [p["pred"] for p in res["predictions"]] == [p["pred"] for p in ref["predictions"]]
+    # The validation probabilities kept for calibration too.
+    for f in (0, 1):
+        assert (json.loads((run_dir / f"nested_{f:02d}.json").read_text())["inner_val_probs"]
+                == json.loads((tmp_path / "ref" / f"nested_{f:02d}.json").read_text())[
+                    "inner_val_probs"])
 
 
 def test_checkpoint_stranded_after_its_folds_finished_is_removed(tmp_path):

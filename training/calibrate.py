@@ -1,0 +1,167 @@
+"""Class-prior calibration of a nested LOSO run, its strength chosen by the inner CV alone.
+
+Cross-entropy with inverse-frequency class weights (the default schedule) fits, in the limit,
+p_w(c | x) proportional to p(c | x) / pi_c, where pi is the class frequency of the training
+set: the rare classes gain recall at the cost of their precision and of the frequent class's
+recall. That is the right trade for UAR; UF1 counts precision too. Adding tau * log(pi_c) to
+the log-probabilities moves the decision rule a fraction tau of the way back to the
+unweighted posterior (tau = 0: the network as trained; tau = 1: the training prior fully
+restored).
+
+For each outer fold, tau is chosen from :data:`TAUS` by the pooled UF1 of the fold's inner
+validation predictions at its chosen epoch (``nested_XX.json``: every training subject
+predicted once by the inner model that did not see it; the smallest tau on ties), with pi the
+class frequencies of the fold's training subjects. The fold's test probabilities (its single
+model's and its CV ensemble's) are then shifted by that tau. Nothing looks at a test subject,
+so the result is as honest as the nested epoch choice it extends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.metrics import pooled_scores, uf1_uar
+
+__all__ = ["CalibrationError", "TAUS", "prior_shift", "choose_tau", "calibrate_run"]
+
+# The candidate strengths, fixed before any run was calibrated (docs/RESULTS.md).
+TAUS = tuple(round(0.1 * i, 1) for i in range(11))
+
+# Probabilities in the run directory and in the results file are both rounded to 6 decimals.
+_SAME_PROBS_ATOL = 2e-6
+
+
+class CalibrationError(ValueError):
+    """The run directory and results file do not form a complete nested run that kept its
+    inner validation probabilities."""
+
+
+def prior_shift(probs: np.ndarray, class_counts: np.ndarray, tau: float) -> np.ndarray:
+    """softmax(log probs + tau * log pi), pi = class_counts / sum: (N, C) probabilities."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or (counts <= 0).any():
+        raise CalibrationError(f"class counts must be positive, not {counts.tolist()}")
+    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
+    logits = logits + tau * np.log(counts / counts.sum())
+    logits -= logits.max(axis=-1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=-1, keepdims=True)
+
+
+def choose_tau(val_probs: np.ndarray, val_labels: np.ndarray, class_counts: np.ndarray,
+               taus: tuple[float, ...] = TAUS) -> tuple[float, list[float]]:
+    """The tau of ``taus`` whose shift gives the best pooled UF1 on the validation
+    predictions (the smallest on ties), and the UF1 of every candidate."""
+    scores = [uf1_uar(val_labels, prior_shift(val_probs, class_counts, t).argmax(-1))[0]
+              for t in taus]
+    return float(taus[int(np.argmax(scores))]), [float(s) for s in scores]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+def calibrate_run(run_dir: str | Path, results_file: str | Path) -> dict:
+    """Calibrate the nested LOSO run whose files are in ``run_dir`` and whose results file
+    is ``results_file``. Returns a results-like dict (config, dataset, uf1/uar/confusion
+    matrix/per database of the calibrated single model, ``nested_cv_ensemble`` of the
+    calibrated CV ensemble, the tau and inner UF1 curve of every subject, the uncalibrated
+    scores, and predictions) that ``training compare`` and ``training ensemble`` read like a
+    LOSO results file."""
+    run_dir, results_file = Path(run_dir), Path(results_file)
+    doc = _read_json(results_file, "the LOSO results")
+    if not doc.get("complete") or "predictions" not in doc or "config" not in doc:
+        raise CalibrationError(f"{results_file}: not a complete results file of `python -m "
+                               "training loso`")
+    nested = doc.get("nested_selection")
+    ensemble = doc.get("nested_cv_ensemble")
+    if not isinstance(nested, dict) or not isinstance(ensemble, dict):
+        raise CalibrationError(f"{results_file}: not a nested run with a CV ensemble "
+                               "(--select-epochs nested); tau is chosen by its inner CV")
+    preds = doc["predictions"]
+    if len(ensemble.get("probs", [])) != len(preds):
+        raise CalibrationError(f"{results_file}: its CV-ensemble probabilities do not match "
+                               "its predictions")
+    chosen_epochs = {s: int(e) for s, e in nested["chosen_epochs"].items()}
+    n_classes = len(doc["dataset"]["class_names"])
+    labels = np.full(doc["dataset"]["n_samples"], -1)
+    for p in preds:
+        labels[p["index"]] = p["label"]
+    row_of = {int(p["index"]): r for r, p in enumerate(preds)}
+    single = np.array([p["probs"] for p in preds], dtype=np.float64)
+    cv_ens = np.array(ensemble["probs"], dtype=np.float64)
+    single_cal, cv_cal = single.copy(), cv_ens.copy()
+    chosen, curves = {}, {}
+    for fold in range(len(chosen_epochs)):
+        path = run_dir / f"nested_{fold:02d}.json"
+        rec = _read_json(path, "the fold's nested selection")
+        fold_path = run_dir / f"fold_{fold:02d}.json"
+        fold_doc = _read_json(fold_path, "the fold's predictions")
+        subject = fold_doc.get("subject")
+        if chosen_epochs.get(subject) != rec.get("chosen"):
+            raise CalibrationError(f"{path}: its epoch choice for {subject} is not "
+                                   f"{results_file.name}'s: not the same run")
+        if "inner_val_probs" not in rec:
+            raise CalibrationError(f"{path}: has no inner validation probabilities (a run "
+                                   "made before they were kept); rerun its nested selection")
+        test = [int(i) for i in rec["test_indices"]]
+        if any(i not in row_of or preds[row_of[i]]["subject"] != subject for i in test):
+            raise CalibrationError(f"{path}: its test samples are not {subject}'s in "
+                                   f"{results_file.name}: not the same run")
+        rows = [row_of[i] for i in test]
+        at_choice = next((h["probs"] for h in fold_doc.get("history", [])
+                          if h["epoch"] == rec["chosen"]), None)
+        if at_choice is None or not np.allclose(np.asarray(at_choice), single[rows],
+                                                atol=_SAME_PROBS_ATOL, rtol=0):
+            raise CalibrationError(f"{fold_path}: its probabilities at the chosen epoch "
+                                   f"differ from {results_file.name}'s: not the same run")
+        train = np.setdiff1d(np.flatnonzero(labels >= 0), test)
+        counts = np.bincount(labels[train], minlength=n_classes)
+        val_idx = np.asarray(rec["inner_val_indices"], dtype=np.int64)
+        if set(val_idx.tolist()) != set(train.tolist()) or len(val_idx) != len(train):
+            raise CalibrationError(f"{path}: its inner validation samples are not the fold's "
+                                   "training samples, each once")
+        tau, curve = choose_tau(np.asarray(rec["inner_val_probs"]), labels[val_idx], counts)
+        single_cal[rows] = prior_shift(single[rows], counts, tau)
+        cv_cal[rows] = prior_shift(cv_ens[rows], counts, tau)
+        chosen[subject], curves[subject] = tau, [round(s, 6) for s in curve]
+
+    y = np.array([p["label"] for p in preds])
+    dbs = np.array([p["database"] for p in preds])
+    # Rounded as written, so each listed prediction is the argmax of its listed probabilities.
+    single_cal, cv_cal = np.round(single_cal, 6), np.round(cv_cal, 6)
+    pred = single_cal.argmax(1)
+    return {
+        "protocol": ("LOSO, nested run with class-prior calibration: per fold, tau chosen "
+                     "from the inner CV's validation predictions at the chosen epoch (training "
+                     "subjects only), test probabilities shifted by tau * log(training class "
+                     "frequencies), pooled and scored once"),
+        "complete": True,
+        "calibration": {
+            "taus": list(TAUS), "rule": "best pooled inner UF1, smallest tau on ties",
+            "run_dir": str(run_dir), "results_file": results_file.name,
+            "tau_per_subject": chosen, "inner_uf1_per_subject": curves,
+            "median_tau": float(np.median(list(chosen.values()))),
+            "uncalibrated": {"single": {"uf1": doc["uf1"], "uar": doc["uar"]},
+                             "cv_ensemble": {"uf1": ensemble["uf1"], "uar": ensemble["uar"]}},
+        },
+        "config": doc["config"],
+        "dataset": doc["dataset"],
+        "class_names": doc["dataset"]["class_names"],
+        **pooled_scores(y, pred, dbs),
+        "nested_cv_ensemble": {
+            "description": "the run's CV ensemble, each fold shifted by its tau",
+            "n_models": ensemble.get("n_models"),
+            **pooled_scores(y, cv_cal.argmax(1), dbs),
+            "probs": cv_cal.tolist(),
+        },
+        "predictions": [{**{k: p[k] for k in ("index", "file", "subject", "database", "label")},
+                         "pred": int(q), "probs": [float(v) for v in pr]}
+                        for p, q, pr in zip(preds, pred, single_cal)],
+    }
