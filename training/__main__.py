@@ -179,16 +179,18 @@ def cmd_train(args) -> int:
 
 
 def default_loso_results(cfg, results_dir: Path | None = None,
-                         ensemble: bool = False) -> Path | None:
+                         ensemble: bool = False, calibrated: bool = False) -> Path | None:
     """The complete LOSO results file in docs/results made with exactly this schedule and
     epoch selection (the one a manifest may quote; for an ensemble, one that scored the CV
-    ensemble), or None."""
+    ensemble; calibrated: a ``training calibrate`` file in docs/results/calibration), or
+    None."""
     from training.export import check_loso_results
 
-    for path in sorted((results_dir or REPO_ROOT / "docs" / "results").glob("*.json")):
+    folder = results_dir or REPO_ROOT / "docs" / "results"
+    for path in sorted((folder / "calibration" if calibrated else folder).glob("*.json")):
         try:
             doc = json.loads(path.read_text())
-            if not (doc.get("complete") and "uf1" in doc):
+            if not (doc.get("complete") and "uf1" in doc) or calibrated != ("calibration" in doc):
                 continue
             if ensemble and "nested_cv_ensemble" not in doc:
                 continue
@@ -233,14 +235,17 @@ def cmd_export(args) -> int:
         cfg, weights = _schedule_of_weights(args, cfg)
     data = load_megc3db(args.data)
     loso_results = (args.loso_results if args.loso_results is not None
-                    else default_loso_results(cfg, ensemble=args.ensemble))
+                    else default_loso_results(cfg, ensemble=args.ensemble,
+                                              calibrated=args.calibrate))
     if loso_results is None:
         print("note: no complete LOSO results file in docs/results matches this schedule; the "
               "manifest will quote no LOSO score (run `python -m training loso` first)",
               file=sys.stderr)
-    out = args.out or str(REPO_ROOT / "engines" / engine_file_name(cfg, ensemble=args.ensemble))
+    out = args.out or str(REPO_ROOT / "engines" / engine_file_name(
+        cfg, ensemble=args.ensemble, calibrate=args.calibrate))
     info = export_default(data, cfg, out, loso_results=loso_results,
                           weights=weights, device=args.device, ensemble=args.ensemble,
+                          calibrate=args.calibrate,
                           progress=lambda m: print(m, flush=True))
     print(json.dumps(info, indent=1))
     return 0
@@ -435,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--out", default=None,
                     help="engine path (default engines/<model>_3db.onnx, "
-                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble, _mirror before "
-                         "_3db with --tta hflip); a name ending in "
+                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble, then _mirror with "
+                         "--tta hflip, _shiftK with --shift K, _cal with --calibrate, before "
+                         "_3db); a name ending in "
                          ".pt2 writes a torch.export program instead of ONNX (the engine of "
                          "the torch and TensorRT backends); the manifest is written beside it "
                          "as <out>.json")
@@ -444,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="export the CV ensemble (nested only): the full model and the inner "
                          "models of its epoch selection, probabilities averaged; quotes the "
                          "LOSO run's nested_cv_ensemble score")
+    sp.add_argument("--calibrate", action="store_true",
+                    help="class-prior calibration inside the engine (nested only), tau chosen "
+                         "by the inner CV on all subjects; quotes a `training calibrate` "
+                         "results file (default: the one in docs/results/calibration of this "
+                         "schedule)")
     sp.add_argument("--loso-results", default=None,
                     help="LOSO results file (same schedule and epoch selection; refused "
                          "otherwise) whose honest UF1/UAR go into the manifest (default: the "

@@ -154,6 +154,10 @@ def calibrate_run(run_dir: str | Path, results_file: str | Path) -> dict:
         "config": doc["config"],
         "dataset": doc["dataset"],
         "class_names": doc["dataset"]["class_names"],
+        # The run's epoch choice (unchanged) and its leaky figure (of the uncalibrated
+        # predictions), so that an engine's manifest can quote this file like the run's.
+        "nested_selection": nested,
+        **({"leaky_best_epoch": doc["leaky_best_epoch"]} if "leaky_best_epoch" in doc else {}),
         **pooled_scores(y, pred, dbs),
         "nested_cv_ensemble": {
             "description": "the run's CV ensemble, each fold shifted by its tau",

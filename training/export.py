@@ -30,6 +30,7 @@ from realtime_mer.errors import EngineError
 from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
+from training.calibrate import TAUS, choose_tau
 from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, hflip_maps,
                            model_inputs, normalise, select_epochs_full, train_models)
 
@@ -84,6 +85,40 @@ class MirrorAverage(torch.nn.Module):
         return torch.log(((probs[:n] + probs[n:]) / 2).clamp_min(1e-12))
 
 
+class PriorShift(torch.nn.Module):
+    """Class-prior calibration inside the engine: log_softmax(output + offsets), offsets =
+    tau * log(training class frequencies) (training/calibrate.py). The output of the wrapped
+    network may be logits or log-probabilities: both give the same shifted softmax."""
+
+    def __init__(self, model: torch.nn.Module, offsets) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model(x) + self.offsets, dim=-1)
+
+
+CALIBRATION_RULE = ("class-prior calibration: the engine's probabilities are softmax(log p + "
+                    "tau * log pi), pi the class frequencies of the training samples, tau from "
+                    "{taus} with the best pooled UF1 of the nested selection's inner validation "
+                    "predictions at the chosen epoch (every sample predicted once by the inner "
+                    "model that did not see it; the smallest tau on ties); the LOSO score quoted "
+                    "is the same rule per fold (python -m training calibrate)")
+
+
+def calibration_of(data: Megc3DB, selection: dict) -> dict:
+    """The tau that the inner CV of the full model's nested selection chooses, and the offsets
+    it gives (:class:`PriorShift`), as a manifest record."""
+    val_idx, val_probs = selection["inner_val"]
+    counts = np.bincount(data.y, minlength=len(CLASS_NAMES))
+    tau, curve = choose_tau(val_probs, data.y[val_idx], counts)
+    return {"rule": CALIBRATION_RULE.format(taus=list(TAUS)), "tau": tau,
+            "inner_uf1": [round(u, 6) for u in curve], "taus": list(TAUS),
+            "class_counts": counts.tolist(),
+            "offsets": (tau * np.log(counts / counts.sum())).round(8).tolist()}
+
+
 def check_engine_schedule(cfg: LosoConfig) -> None:
     """Refuse, before any training, a schedule whose prediction an engine cannot reproduce."""
     if cfg.tta != "none" and cfg.input_kind != "map28":
@@ -128,17 +163,22 @@ def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
 
 
 def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size: int = 68,
-             progress: Callable[[str], None] | None = None, ensemble: bool = False
-             ) -> tuple[torch.nn.Module, dict | None]:
+             progress: Callable[[str], None] | None = None, ensemble: bool = False,
+             calibrate: bool = False) -> tuple[torch.nn.Module, dict | None]:
     """The product's training protocol: with ``cfg.select_epochs == "nested"`` the epoch count
     is chosen by :func:`select_epochs_full` (inner CV over all subjects), then the model is
     trained on all samples for that count; with "fixed" for ``cfg.epochs``. ``ensemble``
     (nested only): return the CV ensemble (:class:`ProbabilityAverage` of the full model and
-    the inner models). Returns the model and the selection record (None for fixed)."""
+    the inner models). ``calibrate`` (nested only): the selection record gains the class-prior
+    calibration its inner CV chooses (:func:`calibration_of`), which the engine applies.
+    Returns the model and the selection record (None for fixed)."""
     say = progress or log.info
     if ensemble and cfg.select_epochs != "nested":
         raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
                          "models: use --select-epochs nested")
+    if calibrate and cfg.select_epochs != "nested":
+        raise ValueError("the calibration is chosen by the nested epoch selection's inner CV: "
+                         "use --select-epochs nested")
     check_model(data, cfg)  # a network or input kind that does not fit fails before training
     selection = None
     epochs = cfg.epochs
@@ -150,6 +190,12 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
             + ", ".join(f"{e}:{u:.4f}" for e, u in zip(selection["candidate_epochs"],
                                                          selection["inner_uf1"]))
             + f"; chosen {epochs} epochs ({selection['wall_s']:.0f} s)")
+        inner_val = selection.pop("inner_val")
+        if calibrate:
+            selection["calibration"] = calibration_of(data, {"inner_val": inner_val})
+            say(f"calibration on all subjects: tau {selection['calibration']['tau']} "
+                "(inner UF1 " + ", ".join(f"{t}:{u:.4f}" for t, u in zip(
+                    TAUS, selection["calibration"]["inner_uf1"])) + ")")
     model = train_full(data, cfg, device=device, progress=say, epochs=epochs)
     if not ensemble:
         return model, selection
@@ -279,20 +325,22 @@ def check_export(model: torch.nn.Module, engine_path: str | Path, x: np.ndarray)
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
-def engine_file_name(cfg: LosoConfig, ensemble: bool = False) -> str:
+def engine_file_name(cfg: LosoConfig, ensemble: bool = False, calibrate: bool = False) -> str:
     """The file name ``training export`` gives an engine of this schedule under engines/: the
     network, then what changes its predictions (CV ensemble, mirrored prediction, shifted
-    training), so that engines of different schedules never overwrite one another."""
+    training, class-prior calibration), so that engines of different schedules never
+    overwrite one another."""
     name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if ensemble else cfg.model
     name += "_mirror" if cfg.tta == "hflip" else ""
     name += f"_shift{cfg.shift_pixels}" if cfg.shift_pixels else ""
+    name += "_cal" if calibrate else ""
     return f"{name}_3db.onnx"
 
 
 def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                    loso_results: str | Path | None = None,
                    weights: str | Path | WeightsFile | None = None,
-                   device: str = "cpu", ensemble: bool = False,
+                   device: str = "cpu", ensemble: bool = False, calibrate: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Train on all of ``data`` (or load ``weights``), export to ``out`` (ONNX for ``.onnx``, a
     torch.export program for ``.pt2``), write ``<out>.json``, verify the export on the real
@@ -312,6 +360,9 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                          "written by `python -m training ensemble`)")
     if weights and ensemble:
         raise ValueError("--ensemble trains its members here; it cannot start from --weights")
+    if weights and calibrate:
+        raise ValueError("--calibrate is chosen by the nested selection run here; it cannot "
+                         "start from --weights")
     if ensemble and cfg.select_epochs != "nested":
         raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
                          "models: use --select-epochs nested")
@@ -334,9 +385,15 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         if ensemble and "nested_cv_ensemble" not in loso_doc:
             raise ValueError(f"{loso_results} holds no nested_cv_ensemble score to quote for "
                              "an ensemble engine (it predates the CV ensemble; rerun the LOSO)")
+        if calibrate != ("calibration" in loso_doc):
+            raise ValueError(
+                f"{loso_results} is {'a' if 'calibration' in loso_doc else 'not a'} calibrated "
+                f"run (python -m training calibrate) and the engine is "
+                f"{'' if calibrate else 'not '}calibrated: quote the results of the same rule")
     if not weights:
         t0 = time.perf_counter()
-        model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble)
+        model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble,
+                                    calibrate=calibrate)
         say(f"trained on {len(data)} samples in {time.perf_counter() - t0:.0f} s")
     epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
@@ -344,6 +401,9 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     x = model_inputs(data.x, cfg, lm).numpy()
     try:
         engine_model = engine_network(model, cfg)
+        if selection is not None and "calibration" in selection:
+            # Outermost: the LOSO rule shifts the final (mirrored, averaged) probabilities.
+            engine_model = PriorShift(engine_model, selection["calibration"]["offsets"]).eval()
         write = export_onnx if fmt == "onnx" else export_program
         write(engine_model, out,
               example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
@@ -390,8 +450,8 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                   "schedule": {**cfg.to_dict(), "epochs_trained": epochs_trained,
                                "epoch_selection": epoch_selection},
                   "train_accuracy": train_acc, "git_commit": git_commit(),
-                  **({"ensemble": selection["ensemble"]}
-                     if selection is not None and "ensemble" in selection else {})},
+                  **{k: selection[k] for k in ("ensemble", "calibration")
+                     if selection is not None and k in selection}},
         loso=loso,
         sha256=sha256_file(out),
         versions={"torch": torch.__version__,
@@ -466,6 +526,14 @@ def _cite(path) -> str:
 
 def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
     n = r.get("dataset", {}).get("n_subjects", "all")
+    calibrated = {}
+    if "calibration" in r:
+        cal = r["calibration"]
+        calibrated = {"calibration": "each fold's probabilities shifted by the tau its inner CV "
+                                     "chose (python -m training calibrate), like this engine",
+                      "median_tau": cal["median_tau"],
+                      "uncalibrated_uf1": cal["uncalibrated"]["cv_ensemble" if ensemble
+                                                              else "single"]["uf1"]}
     if ensemble:
         ens = r["nested_cv_ensemble"]
         single = {"single_model_uf1": r["uf1"], "single_model_uar": r["uar"]}
@@ -483,7 +551,7 @@ def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
                         "that chose this engine's epoch count"
                         + ("; scored as the CV ensemble of the outer and inner models, like "
                            "this engine" if ensemble else ""),
-            **(single if ensemble else {}),
+            **(single if ensemble else {}), **calibrated,
             "uf1": r["uf1"], "uar": r["uar"], "accuracy": r.get("accuracy"),
             "complete": r.get("complete"), "results_file": _cite(path),
             "median_chosen_epochs": ns.get("median_epochs"),

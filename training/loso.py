@@ -1063,6 +1063,10 @@ def select_epochs_full(data: Megc3DB, cfg: LosoConfig, *, chunk_size: int = 68,
         "inner_uar": [round(float(s[1]), 6) for s in scores],
         "chosen_epochs": int(epochs[best]),
         "wall_s": round(time.perf_counter() - t0, 1),
+        # Every sample's validation probabilities at the chosen epoch, for a decision rule
+        # chosen on them (training/calibrate.py); not a manifest field (export removes it).
+        "inner_val": (np.concatenate([j[3] for j in jobs]),
+                      np.concatenate([preds[(key, j[1])][epochs[best]] for j in jobs])),
     }
 
 

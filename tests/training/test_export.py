@@ -248,6 +248,15 @@ def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
     (tmp_path / "e_nested_ens.json").write_text(json.dumps(
         {**_results(NESTED), "nested_cv_ensemble": {"uf1": 0.72, "uar": 0.73}}))
     assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
+    # A calibrated engine quotes a `training calibrate` file, kept in calibration/.
+    assert default_loso_results(NESTED, tmp_path, ensemble=True, calibrated=True) is None
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "f_cal.json").write_text(json.dumps(
+        {**_results(NESTED), "complete": True, "calibration": {},
+         "nested_cv_ensemble": {"uf1": 0.74, "uar": 0.75}}))
+    assert default_loso_results(NESTED, tmp_path, ensemble=True,
+                                calibrated=True).name == "f_cal.json"
+    assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
 
 
 def test_train_and_export_refuse_bad_input_before_any_work(tmp_path, capsys):
@@ -414,11 +423,55 @@ def test_every_shipped_engine_has_the_name_its_schedule_gives():
         cfg = LosoConfig.from_dict({k: v for k, v in training["schedule"].items()
                                     if k in fields})
         names[manifest.name.removesuffix(".json")] = engine_file_name(
-            cfg, ensemble="ensemble" in training)
-    assert "ststnet_cv6_mirror_shift2_3db.onnx" in names  # the default engine is among them
+            cfg, ensemble="ensemble" in training, calibrate="calibration" in training)
+    assert "ststnet_cv6_mirror_shift2_cal_3db.onnx" in names  # the default engine is among them
     assert all(file == name for file, name in names.items()), names
     base = dataclasses.replace(LosoConfig(), tta="hflip")
     assert engine_file_name(dataclasses.replace(base, shift_pixels=3)) == \
         "ststnet_mirror_shift3_3db.onnx"
     assert engine_file_name(dataclasses.replace(base, inner_folds=3), ensemble=True) == \
         "ststnet_cv4_mirror_3db.onnx"
+
+
+def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_path):
+    """--calibrate: the tau chosen on the full-data selection's inner validation predictions
+    (training subjects only), applied inside the engine to the final probabilities; the
+    manifest quotes a `training calibrate` results file and refuses an uncalibrated one."""
+    from realtime_mer.runtime import load_engine
+    from training.calibrate import TAUS, calibrate_run, choose_tau, prior_shift
+    from training.export import calibration_of, engine_file_name
+    from training.loso import run_loso
+
+    data = _noisy()
+    cfg = dataclasses.replace(NESTED, epochs=4)
+    sel = select_epochs_full(data, cfg)
+    val_idx, val_probs = sel["inner_val"]
+    assert sorted(val_idx.tolist()) == list(range(len(data)))  # every sample once
+    cal = calibration_of(data, sel)
+    counts = np.bincount(data.y, minlength=3)
+    assert cal["tau"] == choose_tau(val_probs, data.y[val_idx], counts)[0] and cal["tau"] in TAUS
+    np.testing.assert_allclose(cal["offsets"], cal["tau"] * np.log(counts / counts.sum()),
+                               atol=1e-8)
+
+    run_loso(data, cfg, tmp_path / "run", results_path=tmp_path / "loso.json")
+    with pytest.raises(ValueError, match="not a calibrated run"):
+        export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "loso.json",
+                       ensemble=True, calibrate=True)
+    (tmp_path / "cal.json").write_text(json.dumps(calibrate_run(tmp_path / "run",
+                                                                tmp_path / "loso.json")))
+    m = export_default(data, cfg, tmp_path / "cal.onnx", loso_results=tmp_path / "cal.json",
+                       ensemble=True, calibrate=True)
+    assert m["training"]["calibration"]["tau"] == cal["tau"]
+    assert "calibrat" in m["loso"]["calibration"]
+    assert m["loso"]["uf1"] == json.loads((tmp_path / "cal.json").read_text())[
+        "nested_cv_ensemble"]["uf1"]
+    plain = export_default(data, cfg, tmp_path / "plain.onnx",
+                           loso_results=tmp_path / "loso.json", ensemble=True)
+    assert "calibration" not in plain["training"]
+    got = load_engine(tmp_path / "cal.onnx", backend="onnxruntime").predict(data.x)
+    base = load_engine(tmp_path / "plain.onnx", backend="onnxruntime").predict(data.x)
+    np.testing.assert_allclose(got, prior_shift(base, counts, cal["tau"]), atol=1e-5)
+    assert engine_file_name(cfg, ensemble=True, calibrate=True) == "ststnet_cv4_cal_3db.onnx"
+    with pytest.raises(ValueError, match="--select-epochs nested"):
+        export_default(data, dataclasses.replace(cfg, select_epochs="fixed"),
+                       tmp_path / "f.onnx", loso_results=None, calibrate=True)
