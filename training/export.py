@@ -9,6 +9,10 @@ model is trained on every sample for that many epochs. The selection (rule, cand
 scores, choice) is written into the manifest, and a LOSO results file is only quoted if it was
 made with the same schedule and the same selection rule.
 
+With ``calibrate`` (nested only) the engine also applies the class-prior calibration of
+``training/calibrate.py``, its tau chosen by the same full-data inner CV, and the manifest must
+quote a ``training calibrate`` results file.
+
 The normalisation is NOT baked into the graph: the manifest states mean/std and the runtime
 applies them, so the engine's input is the plain network input and the manifest is the single
 place that says how to get there from a [0, 1] map.
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 class ExportError(RuntimeError):
     """The ONNX export failed or disagrees with the eager model."""
 
-__all__ = ["ProbabilityAverage", "MirrorAverage", "check_engine_schedule", "engine_network",
+__all__ = ["ProbabilityAverage", "MirrorAverage", "PriorShift", "calibration_of",
+           "check_engine_schedule", "engine_network",
            "train_full", "fit_full", "save_weights", "load_weights", "read_weights", "WeightsFile",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
 
