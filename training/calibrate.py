@@ -25,7 +25,8 @@ import numpy as np
 
 from training.metrics import pooled_scores, uf1_uar
 
-__all__ = ["CalibrationError", "TAUS", "prior_shift", "choose_tau", "calibrate_run"]
+__all__ = ["CalibrationError", "TAUS", "prior_offsets", "prior_shift", "choose_tau",
+           "calibrate_run"]
 
 # The candidate strengths, fixed before any run was calibrated (docs/RESULTS.md).
 TAUS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -39,13 +40,19 @@ class CalibrationError(ValueError):
     inner validation probabilities."""
 
 
-def prior_shift(probs: np.ndarray, class_counts: np.ndarray, tau: float) -> np.ndarray:
-    """softmax(log probs + tau * log pi), pi = class_counts / sum: (N, C) probabilities."""
+def prior_offsets(class_counts: np.ndarray, tau: float) -> np.ndarray:
+    """tau * log pi, pi = class_counts / sum: what the shift adds to the log-probabilities
+    (here and inside a calibrated engine, ``training.export.PriorShift``)."""
     counts = np.asarray(class_counts, dtype=np.float64)
     if counts.ndim != 1 or (counts <= 0).any():
         raise CalibrationError(f"class counts must be positive, not {counts.tolist()}")
+    return tau * np.log(counts / counts.sum())
+
+
+def prior_shift(probs: np.ndarray, class_counts: np.ndarray, tau: float) -> np.ndarray:
+    """softmax(log probs + tau * log pi), pi = class_counts / sum: (N, C) probabilities."""
     logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
-    logits = logits + tau * np.log(counts / counts.sum())
+    logits = logits + prior_offsets(class_counts, tau)
     logits -= logits.max(axis=-1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=-1, keepdims=True)

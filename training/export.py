@@ -34,7 +34,7 @@ from realtime_mer.errors import EngineError
 from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.calibrate import TAUS, choose_tau
+from training.calibrate import TAUS, choose_tau, prior_offsets
 from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, hflip_maps,
                            model_inputs, normalise, select_epochs_full, train_models)
 
@@ -112,16 +112,16 @@ CALIBRATION_RULE = ("class-prior calibration: the engine's probabilities are sof
                     "is the same rule per fold (python -m training calibrate)")
 
 
-def calibration_of(data: Megc3DB, selection: dict) -> dict:
-    """The tau that the inner CV of the full model's nested selection chooses, and the offsets
+def calibration_of(data: Megc3DB, val_idx: np.ndarray, val_probs: np.ndarray) -> dict:
+    """The tau that the inner CV of the full model's nested selection chooses (its validation
+    samples ``val_idx`` and probabilities ``val_probs`` at the chosen epoch), and the offsets
     it gives (:class:`PriorShift`), as a manifest record."""
-    val_idx, val_probs = selection["inner_val"]
     counts = np.bincount(data.y, minlength=len(CLASS_NAMES))
     tau, curve = choose_tau(val_probs, data.y[val_idx], counts)
     return {"rule": CALIBRATION_RULE.format(taus=list(TAUS)), "tau": tau,
             "inner_uf1": [round(u, 6) for u in curve], "taus": list(TAUS),
             "class_counts": counts.tolist(),
-            "offsets": (tau * np.log(counts / counts.sum())).round(8).tolist()}
+            "offsets": prior_offsets(counts, tau).round(8).tolist()}
 
 
 def check_engine_schedule(cfg: LosoConfig) -> None:
@@ -197,7 +197,7 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
             + f"; chosen {epochs} epochs ({selection['wall_s']:.0f} s)")
         inner_val = selection.pop("inner_val")
         if calibrate:
-            selection["calibration"] = calibration_of(data, {"inner_val": inner_val})
+            selection["calibration"] = calibration_of(data, *inner_val)
             say(f"calibration on all subjects: tau {selection['calibration']['tau']} "
                 "(inner UF1 " + ", ".join(f"{t}:{u:.4f}" for t, u in zip(
                     TAUS, selection["calibration"]["inner_uf1"])) + ")")
@@ -433,7 +433,9 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     if loso_doc is not None:
         loso = _loso_block(loso_doc, cfg, loso_results, ensemble=ensemble)
     if selection is not None:
-        epoch_selection = {"mode": "nested", **selection}
+        # The ensemble and calibration records have their own place in the manifest (below).
+        epoch_selection = {"mode": "nested", **{k: v for k, v in selection.items()
+                                                 if k not in ("ensemble", "calibration")}}
     else:
         epoch_selection = {"mode": "fixed",
                            "rule": f"fixed: {cfg.epochs} epochs, chosen before any run"}

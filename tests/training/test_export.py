@@ -447,7 +447,7 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
     sel = select_epochs_full(data, cfg)
     val_idx, val_probs = sel["inner_val"]
     assert sorted(val_idx.tolist()) == list(range(len(data)))  # every sample once
-    cal = calibration_of(data, sel)
+    cal = calibration_of(data, val_idx, val_probs)
     counts = np.bincount(data.y, minlength=3)
     assert cal["tau"] == choose_tau(val_probs, data.y[val_idx], counts)[0] and cal["tau"] in TAUS
     np.testing.assert_allclose(cal["offsets"], cal["tau"] * np.log(counts / counts.sum()),
@@ -462,6 +462,8 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
     m = export_default(data, cfg, tmp_path / "cal.onnx", loso_results=tmp_path / "cal.json",
                        ensemble=True, calibrate=True)
     assert m["training"]["calibration"]["tau"] == cal["tau"]
+    # Recorded once: the epoch selection holds the selection only.
+    assert not {"calibration", "ensemble"} & set(m["training"]["schedule"]["epoch_selection"])
     assert "calibrat" in m["loso"]["calibration"]
     assert m["loso"]["uf1"] == json.loads((tmp_path / "cal.json").read_text())[
         "nested_cv_ensemble"]["uf1"]
