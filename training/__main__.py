@@ -192,6 +192,9 @@ def default_loso_results(cfg, results_dir: Path | None = None,
             doc = json.loads(path.read_text())
             if not (doc.get("complete") and "uf1" in doc) or calibrated != ("calibration" in doc):
                 continue
+            # The engines' calibration is the class-prior rule; a class-bias file is not theirs.
+            if calibrated and doc["calibration"].get("kind", "prior") != "prior":
+                continue
             if ensemble and "nested_cv_ensemble" not in doc:
                 continue
             check_loso_results(doc, cfg, str(path))
@@ -337,13 +340,24 @@ def cmd_window(args) -> int:
 def cmd_calibrate(args) -> int:
     from training.calibrate import calibrate_run
 
-    res = calibrate_run(args.run_dir, args.results)
+    res = calibrate_run(args.run_dir, args.results, rule=args.rule)
     cal = res["calibration"]
-    taus = list(cal["tau_per_subject"].values())
     print(f"uncalibrated: single model UF1 {cal['uncalibrated']['single']['uf1']:.4f}, "
           f"CV ensemble UF1 {cal['uncalibrated']['cv_ensemble']['uf1']:.4f}")
-    print(f"tau chosen by the inner CV: median {cal['median_tau']:.1f} "
-          f"(range {min(taus):.1f}-{max(taus):.1f} over {len(taus)} folds)")
+    if args.rule == "prior":
+        taus = list(cal["tau_per_subject"].values())
+        print(f"tau chosen by the inner CV: median {cal['median_tau']:.1f} "
+              f"(range {min(taus):.1f}-{max(taus):.1f} over {len(taus)} folds)")
+    else:
+        import numpy as np
+
+        biases = np.array(list(cal["bias_per_subject"].values()))
+        names = res["class_names"]
+        print("biases chosen by the inner CV over "
+              f"{len(biases)} folds: " + ", ".join(
+                  f"{names[c]} median {np.median(biases[:, c]):+.1f} "
+                  f"(range {biases[:, c].min():+.1f} to {biases[:, c].max():+.1f})"
+                  for c in range(1, biases.shape[1])))
     print(f"calibrated CV ensemble  UF1 {res['nested_cv_ensemble']['uf1']:.4f}  "
           f"UAR {res['nested_cv_ensemble']['uar']:.4f}")
     print(f"calibrated single model  UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}")
@@ -520,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "predictions (training/calibrate.py). Needs a run whose "
                                     "nested selection kept its validation probabilities.")
     _add_nested_run_args(sp)
+    sp.add_argument("--rule", default="prior", choices=("prior", "bias"),
+                    help="prior: shift by tau * log(training class frequencies), one tau per "
+                         "fold (the default engine's rule); bias: a free bias per class after "
+                         "the first, chosen on the same inner predictions")
     sp.add_argument("--out", help="write the calibrated results JSON here (reads like a LOSO "
                                   "results file for compare and ensemble; :cv_ensemble too)")
     sp.set_defaults(func=cmd_calibrate)

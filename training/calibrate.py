@@ -14,6 +14,13 @@ predicted once by the inner model that did not see it; the smallest tau on ties)
 class frequencies of the fold's training subjects. The fold's test probabilities (its single
 model's and its CV ensemble's) are then shifted by that tau. Nothing looks at a test subject,
 so the result is as honest as the nested epoch choice it extends.
+
+The class-bias rule (``rule="bias"``, registered after the prior rule's result; docs/RESULTS.md)
+frees the direction: it adds a bias b_c to each class's log-probability, b_0 = 0 for the first
+class (a common shift changes nothing) and b_c from :data:`BIASES` for the others, chosen per
+fold by the same pooled inner UF1. The prior shift is the special case b = tau * log(pi_c / pi_0).
+UF1 is piecewise constant in b, so the best value is usually a plateau of grid points; the rule
+takes the one nearest the plateau's centroid rather than its edge.
 """
 
 from __future__ import annotations
@@ -25,11 +32,18 @@ import numpy as np
 
 from training.metrics import pooled_scores, uf1_uar
 
-__all__ = ["CalibrationError", "TAUS", "prior_offsets", "prior_shift", "choose_tau",
-           "calibrate_run"]
+__all__ = ["CalibrationError", "RULES", "TAUS", "BIASES", "prior_offsets", "prior_shift",
+           "offset_shift", "choose_tau", "choose_bias", "calibrate_run"]
+
+RULES = ("prior", "bias")
 
 # The candidate strengths, fixed before any run was calibrated (docs/RESULTS.md).
 TAUS = tuple(round(0.1 * i, 1) for i in range(11))
+
+# The candidate biases of each class after the first, fixed before the class-bias rule was run
+# (docs/RESULTS.md): -1.5 to 1.5 in steps of 0.1 contains the prior shift of every tau <= 1
+# on 3DB (log(pi_c / pi_0) is -0.83 for positive and -1.10 for surprise).
+BIASES = tuple(round(0.1 * i, 1) for i in range(-15, 16))
 
 # Probabilities in the run directory and in the results file are both rounded to 6 decimals.
 _SAME_PROBS_ATOL = 2e-6
@@ -49,13 +63,18 @@ def prior_offsets(class_counts: np.ndarray, tau: float) -> np.ndarray:
     return tau * np.log(counts / counts.sum())
 
 
-def prior_shift(probs: np.ndarray, class_counts: np.ndarray, tau: float) -> np.ndarray:
-    """softmax(log probs + tau * log pi), pi = class_counts / sum: (N, C) probabilities."""
+def offset_shift(probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """softmax(log probs + offsets): (N, C) probabilities, offsets (C,)."""
     logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
-    logits = logits + prior_offsets(class_counts, tau)
+    logits = logits + np.asarray(offsets, dtype=np.float64)
     logits -= logits.max(axis=-1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=-1, keepdims=True)
+
+
+def prior_shift(probs: np.ndarray, class_counts: np.ndarray, tau: float) -> np.ndarray:
+    """softmax(log probs + tau * log pi), pi = class_counts / sum: (N, C) probabilities."""
+    return offset_shift(probs, prior_offsets(class_counts, tau))
 
 
 def choose_tau(val_probs: np.ndarray, val_labels: np.ndarray, class_counts: np.ndarray,
@@ -67,6 +86,24 @@ def choose_tau(val_probs: np.ndarray, val_labels: np.ndarray, class_counts: np.n
     return float(taus[int(np.argmax(scores))]), [float(s) for s in scores]
 
 
+def choose_bias(val_probs: np.ndarray, val_labels: np.ndarray,
+                biases: tuple[float, ...] = BIASES) -> tuple[np.ndarray, float, int]:
+    """The class-bias offsets (0, b_1, ..., b_{C-1}), each b from ``biases``, whose shift gives
+    the best pooled UF1 on the validation predictions: of the grid points that reach it, the
+    one nearest their centroid (the first in grid order on ties). Returns the offsets, their
+    UF1 and how many grid points reached it."""
+    logp = np.log(np.clip(np.asarray(val_probs, dtype=np.float64), 1e-12, None))
+    n_classes = logp.shape[1]
+    grid = np.array(np.meshgrid(*[biases] * (n_classes - 1), indexing="ij"))
+    grid = grid.reshape(n_classes - 1, -1).T  # (points, C - 1), grid order
+    offsets = np.concatenate([np.zeros((len(grid), 1)), grid], axis=1)
+    scores = np.array([uf1_uar(val_labels, (logp + o).argmax(-1))[0] for o in offsets])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    centroid = grid[best].mean(axis=0)
+    pick = best[int(np.argmin(((grid[best] - centroid) ** 2).sum(axis=1)))]
+    return offsets[pick], float(scores[pick]), int(len(best))
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -74,13 +111,16 @@ def _read_json(path: Path, what: str) -> dict:
         raise CalibrationError(f"{path}: cannot read {what} ({exc})") from exc
 
 
-def calibrate_run(run_dir: str | Path, results_file: str | Path) -> dict:
+def calibrate_run(run_dir: str | Path, results_file: str | Path, rule: str = "prior") -> dict:
     """Calibrate the nested LOSO run whose files are in ``run_dir`` and whose results file
-    is ``results_file``. Returns a results-like dict (config, dataset, uf1/uar/confusion
-    matrix/per database of the calibrated single model, ``nested_cv_ensemble`` of the
-    calibrated CV ensemble, the tau and inner UF1 curve of every subject, the uncalibrated
-    scores, and predictions) that ``training compare`` and ``training ensemble`` read like a
-    LOSO results file."""
+    is ``results_file`` by ``rule`` (:data:`RULES`: the class-prior shift or the class
+    biases). Returns a results-like dict (config, dataset, uf1/uar/confusion matrix/per
+    database of the calibrated single model, ``nested_cv_ensemble`` of the calibrated CV
+    ensemble, the tau and inner UF1 curve, or the biases and best inner UF1, of every subject,
+    the uncalibrated scores, and predictions) that ``training compare`` and ``training
+    ensemble`` read like a LOSO results file."""
+    if rule not in RULES:
+        raise CalibrationError(f"unknown calibration rule {rule!r}; one of {', '.join(RULES)}")
     run_dir, results_file = Path(run_dir), Path(results_file)
     doc = _read_json(results_file, "the LOSO results")
     if not doc.get("complete") or "predictions" not in doc or "config" not in doc:
@@ -134,27 +174,51 @@ def calibrate_run(run_dir: str | Path, results_file: str | Path) -> dict:
         if set(val_idx.tolist()) != set(train.tolist()) or len(val_idx) != len(train):
             raise CalibrationError(f"{path}: its inner validation samples are not the fold's "
                                    "training samples, each once")
-        tau, curve = choose_tau(np.asarray(rec["inner_val_probs"]), labels[val_idx], counts)
-        single_cal[rows] = prior_shift(single[rows], counts, tau)
-        cv_cal[rows] = prior_shift(cv_ens[rows], counts, tau)
-        chosen[subject], curves[subject] = tau, [round(s, 6) for s in curve]
+        val_probs, val_labels = np.asarray(rec["inner_val_probs"]), labels[val_idx]
+        if rule == "prior":
+            tau, curve = choose_tau(val_probs, val_labels, counts)
+            offsets = prior_offsets(counts, tau)
+            chosen[subject], curves[subject] = tau, [round(s, 6) for s in curve]
+        else:
+            offsets, best_uf1, plateau = choose_bias(val_probs, val_labels)
+            chosen[subject] = [round(float(b), 1) for b in offsets]
+            curves[subject] = {"best": round(best_uf1, 6), "plateau_points": plateau,
+                               "unshifted": round(uf1_uar(val_labels, val_probs.argmax(1))[0],
+                                                  6)}
+        single_cal[rows] = offset_shift(single[rows], offsets)
+        cv_cal[rows] = offset_shift(cv_ens[rows], offsets)
 
     y = np.array([p["label"] for p in preds])
     dbs = np.array([p["database"] for p in preds])
     # Rounded as written, so each listed prediction is the argmax of its listed probabilities.
     single_cal, cv_cal = np.round(single_cal, 6), np.round(cv_cal, 6)
     pred = single_cal.argmax(1)
+    if rule == "prior":
+        protocol = ("LOSO, nested run with class-prior calibration: per fold, tau chosen "
+                    "from the inner CV's validation predictions at the chosen epoch (training "
+                    "subjects only), test probabilities shifted by tau * log(training class "
+                    "frequencies), pooled and scored once")
+        record = {"kind": "prior", "taus": list(TAUS),
+                  "rule": "best pooled inner UF1, smallest tau on ties",
+                  "tau_per_subject": chosen,
+                  "median_tau": float(np.median(list(chosen.values())))}
+    else:
+        protocol = ("LOSO, nested run with class-bias calibration: per fold, a bias per class "
+                    "(the first class's 0) chosen from the inner CV's validation predictions "
+                    "at the chosen epoch (training subjects only), added to the test "
+                    "log-probabilities, pooled and scored once")
+        record = {"kind": "bias", "biases": list(BIASES),
+                  "rule": ("best pooled inner UF1 over the grid of biases (the first class's "
+                           "0); of the grid points reaching it, the one nearest their centroid"),
+                  "bias_per_subject": chosen,
+                  "median_bias": np.median(np.array(list(chosen.values())), axis=0).tolist()}
     return {
-        "protocol": ("LOSO, nested run with class-prior calibration: per fold, tau chosen "
-                     "from the inner CV's validation predictions at the chosen epoch (training "
-                     "subjects only), test probabilities shifted by tau * log(training class "
-                     "frequencies), pooled and scored once"),
+        "protocol": protocol,
         "complete": True,
         "calibration": {
-            "taus": list(TAUS), "rule": "best pooled inner UF1, smallest tau on ties",
+            **record,
             "run_dir": str(run_dir), "results_file": results_file.name,
-            "tau_per_subject": chosen, "inner_uf1_per_subject": curves,
-            "median_tau": float(np.median(list(chosen.values()))),
+            "inner_uf1_per_subject": curves,
             "uncalibrated": {"single": {"uf1": doc["uf1"], "uar": doc["uar"]},
                              "cv_ensemble": {"uf1": ensemble["uf1"], "uar": ensemble["uar"]}},
         },

@@ -395,6 +395,10 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                 f"{loso_results} is {'a' if 'calibration' in loso_doc else 'not a'} calibrated "
                 f"run (python -m training calibrate) and the engine is "
                 f"{'' if calibrate else 'not '}calibrated: quote the results of the same rule")
+        if calibrate and loso_doc["calibration"].get("kind", "prior") != "prior":
+            raise ValueError(f"{loso_results} is calibrated by the "
+                             f"{loso_doc['calibration']['kind']} rule and the engine by the "
+                             "class-prior rule: quote the results of the same rule")
     if not weights:
         t0 = time.perf_counter()
         model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble,

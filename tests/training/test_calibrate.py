@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from training.calibrate import CalibrationError, TAUS, calibrate_run, choose_tau, prior_shift
+from training.calibrate import (BIASES, CalibrationError, TAUS, calibrate_run, choose_bias,
+                                choose_tau, offset_shift, prior_shift)
 from training.data import Megc3DB
 from training.loso import LosoConfig, run_loso
 from training.metrics import uf1_uar
@@ -41,6 +42,24 @@ def test_tau_is_the_smallest_that_recovers_the_under_predicted_frequent_class():
     # Already right as trained: no shift (the smallest tau on ties).
     assert choose_tau(np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]),
                       np.array([0, 1, 2]), counts)[0] == 0.0
+
+
+def test_bias_is_the_centre_of_the_plateau_that_recovers_the_frequent_class():
+    # The validation set of the tau test: class 0's samples lean to class 1 by a log-ratio of
+    # 0.847, class 1's by 2.94 the other way, class 2's are far from both. UF1 is 1 exactly
+    # when b_1 is in (-2.94, -0.847): on the grid -1.5 to -0.9 (7 values), with any b_2 of the
+    # 31. The centroid of that plateau is (-1.2, 0.0), itself a grid point.
+    val = np.array([[0.3, 0.7 - 1e-3, 1e-3]] * 6 + [[0.05, 0.95 - 1e-3, 1e-3]] * 3
+                   + [[0.01, 0.01, 0.98]] * 3)
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 3)
+    offsets, uf1, plateau = choose_bias(val, labels)
+    assert offsets.tolist() == pytest.approx([0.0, -1.2, 0.0], abs=1e-12)
+    assert uf1 == pytest.approx(1.0) and plateau == 7 * len(BIASES)
+    assert offset_shift(val, offsets).argmax(1).tolist() == labels.tolist()
+    # The prior shift is the bias (0, tau log(pi_1/pi_0), tau log(pi_2/pi_0)).
+    counts = np.array([8, 1, 1])
+    assert prior_shift(val, counts, 0.5) == pytest.approx(
+        offset_shift(val, [0.0, 0.5 * np.log(1 / 8), 0.5 * np.log(1 / 8)]), abs=1e-12)
 
 
 def _imbalanced(n_subjects: int = 4, per_subject: int = 12, seed: int = 0) -> Megc3DB:
@@ -117,6 +136,35 @@ def test_calibrated_run_shifts_each_fold_by_its_inner_tau(nested_run, tmp_path):
         cal["nested_cv_ensemble"]["uf1"], abs=1e-12)
 
 
+def test_bias_calibrated_run_shifts_each_fold_by_its_inner_biases(nested_run):
+    data, run_dir, out = nested_run
+    doc = json.loads(out.read_text())
+    cal = calibrate_run(run_dir, out, rule="bias")
+    rec = cal["calibration"]
+    assert rec["kind"] == "bias" and sorted(rec["bias_per_subject"]) == sorted(data.subject_list)
+    for fold, subject in enumerate(data.subject_list):
+        bias = np.array(rec["bias_per_subject"][subject])
+        assert bias[0] == 0.0 and all(b in BIASES for b in bias[1:].tolist())
+        # The recorded inner UF1 is the chosen biases' on the fold's inner predictions, and
+        # no worse than the network as trained (b = 0 is on the grid).
+        nested = json.loads((run_dir / f"nested_{fold:02d}.json").read_text())
+        val_y = data.y[np.array(nested["inner_val_indices"])]
+        val_p = np.array(nested["inner_val_probs"])
+        inner = rec["inner_uf1_per_subject"][subject]
+        assert uf1_uar(val_y, offset_shift(val_p, bias).argmax(1))[0] == pytest.approx(
+            inner["best"], abs=1e-6)
+        assert inner["best"] >= inner["unshifted"] - 1e-9
+    ens_in = np.array(doc["nested_cv_ensemble"]["probs"])
+    ens_out = np.array(cal["nested_cv_ensemble"]["probs"])
+    for r, (p_in, p_out) in enumerate(zip(doc["predictions"], cal["predictions"])):
+        bias = rec["bias_per_subject"][p_in["subject"]]
+        assert p_out["probs"] == pytest.approx(offset_shift(np.array([p_in["probs"]]), bias)[0],
+                                               abs=2e-6)
+        assert ens_out[r] == pytest.approx(offset_shift(ens_in[r:r + 1], bias)[0], abs=2e-6)
+    with pytest.raises(CalibrationError, match="unknown calibration rule"):
+        calibrate_run(run_dir, out, rule="temperature")
+
+
 def test_calibration_refuses_another_runs_results_and_old_runs(nested_run, tmp_path):
     data, run_dir, out = nested_run
     doc = json.loads(out.read_text())
@@ -151,6 +199,12 @@ def test_cli_calibrates_and_refuses_a_missing_run(nested_run, tmp_path, capsys):
                  "--out", str(dest)]) == 0
     text = capsys.readouterr().out
     res = json.loads(dest.read_text())
+    assert f"calibrated CV ensemble  UF1 {res['nested_cv_ensemble']['uf1']:.4f}" in text
+    assert main(["calibrate", "--run-dir", str(run_dir), "--results", str(out), "--rule",
+                 "bias", "--out", str(dest)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(dest.read_text())
+    assert res["calibration"]["kind"] == "bias" and "biases chosen by the inner CV" in text
     assert f"calibrated CV ensemble  UF1 {res['nested_cv_ensemble']['uf1']:.4f}" in text
     assert main(["calibrate", "--run-dir", str(tmp_path / "absent"), "--results",
                  str(tmp_path / "absent.json")]) == 2

@@ -256,6 +256,12 @@ def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
          "nested_cv_ensemble": {"uf1": 0.74, "uar": 0.75}}))
     assert default_loso_results(NESTED, tmp_path, ensemble=True,
                                 calibrated=True).name == "f_cal.json"
+    # A class-bias file (another rule) is never quoted by a class-prior engine.
+    (tmp_path / "calibration" / "a_bias.json").write_text(json.dumps(
+        {**_results(NESTED), "complete": True, "calibration": {"kind": "bias"},
+         "nested_cv_ensemble": {"uf1": 0.76, "uar": 0.75}}))
+    assert default_loso_results(NESTED, tmp_path, ensemble=True,
+                                calibrated=True).name == "f_cal.json"
     assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
 
 
@@ -459,6 +465,12 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
                        ensemble=True, calibrate=True)
     (tmp_path / "cal.json").write_text(json.dumps(calibrate_run(tmp_path / "run",
                                                                 tmp_path / "loso.json")))
+    # A class-bias file is not the engine's rule.
+    (tmp_path / "bias.json").write_text(json.dumps(calibrate_run(
+        tmp_path / "run", tmp_path / "loso.json", rule="bias")))
+    with pytest.raises(ValueError, match="bias rule"):
+        export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "bias.json",
+                       ensemble=True, calibrate=True)
     m = export_default(data, cfg, tmp_path / "cal.onnx", loso_results=tmp_path / "cal.json",
                        ensemble=True, calibrate=True)
     assert m["training"]["calibration"]["tau"] == cal["tau"]
