@@ -184,16 +184,16 @@ def default_loso_results(cfg, results_dir: Path | None = None,
     epoch selection (the one a manifest may quote; for an ensemble, one that scored the CV
     ensemble; calibrated: a ``training calibrate`` file in docs/results/calibration), or
     None."""
+    from training.calibrate import calibration_kind
     from training.export import check_loso_results
 
     folder = results_dir or REPO_ROOT / "docs" / "results"
     for path in sorted((folder / "calibration" if calibrated else folder).glob("*.json")):
         try:
             doc = json.loads(path.read_text())
-            if not (doc.get("complete") and "uf1" in doc) or calibrated != ("calibration" in doc):
-                continue
             # The engines' calibration is the class-prior rule; a class-bias file is not theirs.
-            if calibrated and doc["calibration"].get("kind", "prior") != "prior":
+            if not (doc.get("complete") and "uf1" in doc) or \
+                    calibration_kind(doc) != ("prior" if calibrated else None):
                 continue
             if ensemble and "nested_cv_ensemble" not in doc:
                 continue

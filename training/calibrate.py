@@ -33,7 +33,7 @@ import numpy as np
 from training.metrics import pooled_scores, uf1_uar
 
 __all__ = ["CalibrationError", "RULES", "TAUS", "BIASES", "prior_offsets", "prior_shift",
-           "offset_shift", "choose_tau", "choose_bias", "calibrate_run"]
+           "offset_shift", "choose_tau", "choose_bias", "calibration_kind", "calibrate_run"]
 
 RULES = ("prior", "bias")
 
@@ -77,12 +77,27 @@ def prior_shift(probs: np.ndarray, class_counts: np.ndarray, tau: float) -> np.n
     return offset_shift(probs, prior_offsets(class_counts, tau))
 
 
+def _uf1_of_offsets(val_probs: np.ndarray, val_labels: np.ndarray, offsets) -> np.ndarray:
+    """Pooled UF1 of the validation predictions shifted by each offset vector (argmax of
+    log p + offsets: the softmax does not move it)."""
+    logp = np.log(np.clip(np.asarray(val_probs, dtype=np.float64), 1e-12, None))
+    return np.array([uf1_uar(val_labels, (logp + o).argmax(-1))[0] for o in offsets])
+
+
+def calibration_kind(doc: dict) -> str | None:
+    """The rule of a ``calibrate_run`` results dict (:data:`RULES`; files written before the
+    class-bias rule are class-prior), None for an uncalibrated results file."""
+    if "calibration" not in doc:
+        return None
+    return doc["calibration"].get("kind", "prior")
+
+
 def choose_tau(val_probs: np.ndarray, val_labels: np.ndarray, class_counts: np.ndarray,
                taus: tuple[float, ...] = TAUS) -> tuple[float, list[float]]:
     """The tau of ``taus`` whose shift gives the best pooled UF1 on the validation
     predictions (the smallest on ties), and the UF1 of every candidate."""
-    scores = [uf1_uar(val_labels, prior_shift(val_probs, class_counts, t).argmax(-1))[0]
-              for t in taus]
+    scores = _uf1_of_offsets(val_probs, val_labels,
+                             [prior_offsets(class_counts, t) for t in taus])
     return float(taus[int(np.argmax(scores))]), [float(s) for s in scores]
 
 
@@ -92,12 +107,11 @@ def choose_bias(val_probs: np.ndarray, val_labels: np.ndarray,
     the best pooled UF1 on the validation predictions: of the grid points that reach it, the
     one nearest their centroid (the first in grid order on ties). Returns the offsets, their
     UF1 and how many grid points reached it."""
-    logp = np.log(np.clip(np.asarray(val_probs, dtype=np.float64), 1e-12, None))
-    n_classes = logp.shape[1]
+    n_classes = np.shape(val_probs)[1]
     grid = np.array(np.meshgrid(*[biases] * (n_classes - 1), indexing="ij"))
     grid = grid.reshape(n_classes - 1, -1).T  # (points, C - 1), grid order
     offsets = np.concatenate([np.zeros((len(grid), 1)), grid], axis=1)
-    scores = np.array([uf1_uar(val_labels, (logp + o).argmax(-1))[0] for o in offsets])
+    scores = _uf1_of_offsets(val_probs, val_labels, offsets)
     best = np.flatnonzero(scores >= scores.max() - 1e-12)
     centroid = grid[best].mean(axis=0)
     pick = best[int(np.argmin(((grid[best] - centroid) ** 2).sum(axis=1)))]

@@ -34,7 +34,7 @@ from realtime_mer.errors import EngineError
 from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.calibrate import TAUS, choose_tau, prior_offsets
+from training.calibrate import TAUS, calibration_kind, choose_tau, prior_offsets
 from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, hflip_maps,
                            model_inputs, normalise, select_epochs_full, train_models)
 
@@ -390,15 +390,13 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         if ensemble and "nested_cv_ensemble" not in loso_doc:
             raise ValueError(f"{loso_results} holds no nested_cv_ensemble score to quote for "
                              "an ensemble engine (it predates the CV ensemble; rerun the LOSO)")
-        if calibrate != ("calibration" in loso_doc):
+        kind = calibration_kind(loso_doc)
+        if kind != ("prior" if calibrate else None):
             raise ValueError(
-                f"{loso_results} is {'a' if 'calibration' in loso_doc else 'not a'} calibrated "
-                f"run (python -m training calibrate) and the engine is "
-                f"{'' if calibrate else 'not '}calibrated: quote the results of the same rule")
-        if calibrate and loso_doc["calibration"].get("kind", "prior") != "prior":
-            raise ValueError(f"{loso_results} is calibrated by the "
-                             f"{loso_doc['calibration']['kind']} rule and the engine by the "
-                             "class-prior rule: quote the results of the same rule")
+                f"{loso_results} is {f'calibrated by the {kind} rule' if kind else 'not calibrated'}"
+                f" (python -m training calibrate) and the engine is "
+                f"{'calibrated by the prior rule' if calibrate else 'not calibrated'}: quote the "
+                "results of the same rule")
     if not weights:
         t0 = time.perf_counter()
         model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble,

@@ -460,7 +460,7 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
                                atol=1e-8)
 
     run_loso(data, cfg, tmp_path / "run", results_path=tmp_path / "loso.json")
-    with pytest.raises(ValueError, match="not a calibrated run"):
+    with pytest.raises(ValueError, match="loso.json is not calibrated"):
         export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "loso.json",
                        ensemble=True, calibrate=True)
     (tmp_path / "cal.json").write_text(json.dumps(calibrate_run(tmp_path / "run",
@@ -468,9 +468,12 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
     # A class-bias file is not the engine's rule.
     (tmp_path / "bias.json").write_text(json.dumps(calibrate_run(
         tmp_path / "run", tmp_path / "loso.json", rule="bias")))
-    with pytest.raises(ValueError, match="bias rule"):
+    with pytest.raises(ValueError, match="calibrated by the bias rule"):
         export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "bias.json",
                        ensemble=True, calibrate=True)
+    with pytest.raises(ValueError, match="calibrated by the prior rule .* not calibrated"):
+        export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "cal.json",
+                       ensemble=True)
     m = export_default(data, cfg, tmp_path / "cal.onnx", loso_results=tmp_path / "cal.json",
                        ensemble=True, calibrate=True)
     assert m["training"]["calibration"]["tau"] == cal["tau"]
