@@ -178,22 +178,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+# Where the results of each calibration rule are kept under docs/results.
+CALIBRATION_FOLDERS = {"prior": "calibration", "bias": "calibration_bias"}
+
+
 def default_loso_results(cfg, results_dir: Path | None = None,
-                         ensemble: bool = False, calibrated: bool = False) -> Path | None:
+                         ensemble: bool = False, calibrated: str | None = None) -> Path | None:
     """The complete LOSO results file in docs/results made with exactly this schedule and
     epoch selection (the one a manifest may quote; for an ensemble, one that scored the CV
-    ensemble; calibrated: a ``training calibrate`` file in docs/results/calibration), or
-    None."""
+    ensemble; calibrated "prior" or "bias": a ``training calibrate`` file of that rule in
+    docs/results/calibration or calibration_bias), or None."""
     from training.calibrate import calibration_kind
     from training.export import check_loso_results
 
     folder = results_dir or REPO_ROOT / "docs" / "results"
-    for path in sorted((folder / "calibration" if calibrated else folder).glob("*.json")):
+    if calibrated is not None:
+        folder = folder / CALIBRATION_FOLDERS[calibrated]
+    for path in sorted(folder.glob("*.json")):
         try:
             doc = json.loads(path.read_text())
-            # The engines' calibration is the class-prior rule; a class-bias file is not theirs.
-            if not (doc.get("complete") and "uf1" in doc) or \
-                    calibration_kind(doc) != ("prior" if calibrated else None):
+            # Only a file of the engine's own rule is quoted (none for an uncalibrated one).
+            if not (doc.get("complete") and "uf1" in doc) or calibration_kind(doc) != calibrated:
                 continue
             if ensemble and "nested_cv_ensemble" not in doc:
                 continue
@@ -455,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None,
                     help="engine path (default engines/<model>_3db.onnx, "
                          "engines/<model>_cv<k+1>_3db.onnx with --ensemble, then _mirror with "
-                         "--tta hflip, _shiftK with --shift K, _cal with --calibrate, before "
+                         "--tta hflip, _shiftK with --shift K, _cal with --calibrate (prior), "
+                         "_calbias with --calibrate bias, before "
                          "_3db); a name ending in "
                          ".pt2 writes a torch.export program instead of ONNX (the engine of "
                          "the torch and TensorRT backends); the manifest is written beside it "
@@ -464,11 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="export the CV ensemble (nested only): the full model and the inner "
                          "models of its epoch selection, probabilities averaged; quotes the "
                          "LOSO run's nested_cv_ensemble score")
-    sp.add_argument("--calibrate", action="store_true",
-                    help="class-prior calibration inside the engine (nested only), tau chosen "
-                         "by the inner CV on all subjects; quotes a `training calibrate` "
-                         "results file (default: the one in docs/results/calibration of this "
-                         "schedule)")
+    sp.add_argument("--calibrate", nargs="?", const="prior", default=None,
+                    choices=("prior", "bias"), metavar="RULE",
+                    help="calibration inside the engine (nested only), chosen by the inner CV "
+                         "on all subjects: prior (the default when RULE is left out; tau of "
+                         "the class-prior shift) or bias (a bias per class); quotes a "
+                         "`training calibrate` results file of that rule (default: the one of "
+                         "this schedule in docs/results/calibration, or calibration_bias for "
+                         "bias)")
     sp.add_argument("--loso-results", default=None,
                     help="LOSO results file (same schedule and epoch selection; refused "
                          "otherwise) whose honest UF1/UAR go into the manifest (default: the "

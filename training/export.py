@@ -9,9 +9,10 @@ model is trained on every sample for that many epochs. The selection (rule, cand
 scores, choice) is written into the manifest, and a LOSO results file is only quoted if it was
 made with the same schedule and the same selection rule.
 
-With ``calibrate`` (nested only) the engine also applies the class-prior calibration of
-``training/calibrate.py``, its tau chosen by the same full-data inner CV, and the manifest must
-quote a ``training calibrate`` results file.
+With ``calibrate`` (nested only) the engine also applies a calibration of
+``training/calibrate.py`` (``"prior"``: the class-prior shift; ``"bias"``: a bias per class),
+chosen by the same rule on the same full-data inner CV, and the manifest must quote a
+``training calibrate`` results file of that rule.
 
 The normalisation is NOT baked into the graph: the manifest states mean/std and the runtime
 applies them, so the engine's input is the plain network input and the manifest is the single
@@ -34,7 +35,9 @@ from realtime_mer.errors import EngineError
 from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
 from training.data.megc3db import CLASS_NAMES, Megc3DB
-from training.calibrate import TAUS, calibration_kind, choose_tau, prior_offsets
+from training.calibrate import (BIASES, RULES, TAUS, calibration_kind, choose_bias, choose_tau,
+                                prior_offsets)
+from training.metrics import uf1_uar
 from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, hflip_maps,
                            model_inputs, normalise, select_epochs_full, train_models)
 
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 class ExportError(RuntimeError):
     """The ONNX export failed or disagrees with the eager model."""
 
-__all__ = ["ProbabilityAverage", "MirrorAverage", "PriorShift", "calibration_of",
+__all__ = ["ProbabilityAverage", "MirrorAverage", "CalibrationShift", "calibration_of",
            "check_engine_schedule", "engine_network",
            "train_full", "fit_full", "save_weights", "load_weights", "read_weights", "WeightsFile",
            "export_onnx", "export_default", "check_export", "check_loso_results"]
@@ -90,10 +93,11 @@ class MirrorAverage(torch.nn.Module):
         return torch.log(((probs[:n] + probs[n:]) / 2).clamp_min(1e-12))
 
 
-class PriorShift(torch.nn.Module):
-    """Class-prior calibration inside the engine: log_softmax(output + offsets), offsets =
-    tau * log(training class frequencies) (training/calibrate.py). The output of the wrapped
-    network may be logits or log-probabilities: both give the same shifted softmax."""
+class CalibrationShift(torch.nn.Module):
+    """A calibration inside the engine: log_softmax(output + offsets), the offsets of the
+    class-prior rule (tau * log(training class frequencies)) or of the class-bias rule (a bias
+    per class) of training/calibrate.py. The output of the wrapped network may be logits or
+    log-probabilities: both give the same shifted softmax."""
 
     def __init__(self, model: torch.nn.Module, offsets) -> None:
         super().__init__()
@@ -111,14 +115,39 @@ CALIBRATION_RULE = ("class-prior calibration: the engine's probabilities are sof
                     "model that did not see it; the smallest tau on ties); the LOSO score quoted "
                     "is the same rule per fold (python -m training calibrate)")
 
+BIAS_CALIBRATION_RULE = ("class-bias calibration: the engine's probabilities are softmax(log p "
+                         "+ b), b = (0, b_1, ..., b_C-1), each b_c from {biases}, the grid point "
+                         "with the best pooled UF1 of the nested selection's inner validation "
+                         "predictions at the chosen epoch (every sample predicted once by the "
+                         "inner model that did not see it); of the grid points reaching it, the "
+                         "one nearest their centroid; the LOSO score quoted is the same rule per "
+                         "fold (python -m training calibrate --rule bias)")
 
-def calibration_of(data: Megc3DB, val_idx: np.ndarray, val_probs: np.ndarray) -> dict:
-    """The tau that the inner CV of the full model's nested selection chooses (its validation
-    samples ``val_idx`` and probabilities ``val_probs`` at the chosen epoch), and the offsets
-    it gives (:class:`PriorShift`), as a manifest record."""
+
+def check_calibration_rule(calibrate: str | None) -> None:
+    """Refuse a calibration rule that is neither None nor one of :data:`RULES`."""
+    if calibrate is not None and calibrate not in RULES:
+        raise ValueError(f"unknown calibration rule {calibrate!r}; one of {', '.join(RULES)}")
+
+
+def calibration_of(data: Megc3DB, val_idx: np.ndarray, val_probs: np.ndarray,
+                   rule: str = "prior") -> dict:
+    """The calibration that ``rule`` chooses on the inner CV of the full model's nested
+    selection (its validation samples ``val_idx`` and probabilities ``val_probs`` at the chosen
+    epoch): tau for the class-prior rule, the biases for the class-bias rule, and the offsets
+    they give (:class:`CalibrationShift`), as a manifest record."""
+    check_calibration_rule(rule)
+    val_labels = data.y[val_idx]
+    if rule == "bias":
+        offsets, best, plateau = choose_bias(val_probs, val_labels)
+        return {"kind": "bias", "rule": BIAS_CALIBRATION_RULE.format(biases=list(BIASES)),
+                "biases": list(BIASES), "inner_uf1": round(best, 6),
+                "plateau_points": plateau,
+                "unshifted_inner_uf1": round(uf1_uar(val_labels, val_probs.argmax(1))[0], 6),
+                "offsets": [round(float(b), 8) for b in offsets]}
     counts = np.bincount(data.y, minlength=len(CLASS_NAMES))
-    tau, curve = choose_tau(val_probs, data.y[val_idx], counts)
-    return {"rule": CALIBRATION_RULE.format(taus=list(TAUS)), "tau": tau,
+    tau, curve = choose_tau(val_probs, val_labels, counts)
+    return {"kind": "prior", "rule": CALIBRATION_RULE.format(taus=list(TAUS)), "tau": tau,
             "inner_uf1": [round(u, 6) for u in curve], "taus": list(TAUS),
             "class_counts": counts.tolist(),
             "offsets": prior_offsets(counts, tau).round(8).tolist()}
@@ -169,18 +198,20 @@ def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
 
 def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size: int = 68,
              progress: Callable[[str], None] | None = None, ensemble: bool = False,
-             calibrate: bool = False) -> tuple[torch.nn.Module, dict | None]:
+             calibrate: str | None = None) -> tuple[torch.nn.Module, dict | None]:
     """The product's training protocol: with ``cfg.select_epochs == "nested"`` the epoch count
     is chosen by :func:`select_epochs_full` (inner CV over all subjects), then the model is
     trained on all samples for that count; with "fixed" for ``cfg.epochs``. ``ensemble``
     (nested only): return the CV ensemble (:class:`ProbabilityAverage` of the full model and
-    the inner models). ``calibrate`` (nested only): the selection record gains the class-prior
-    calibration its inner CV chooses (:func:`calibration_of`), which the engine applies.
+    the inner models). ``calibrate`` (nested only; "prior" or "bias"): the selection record
+    gains the calibration of that rule its inner CV chooses (:func:`calibration_of`), which the
+    engine applies.
     Returns the model and the selection record (None for fixed)."""
     say = progress or log.info
     if ensemble and cfg.select_epochs != "nested":
         raise ValueError("a CV ensemble is built from the nested epoch selection's inner "
                          "models: use --select-epochs nested")
+    check_calibration_rule(calibrate)
     if calibrate and cfg.select_epochs != "nested":
         raise ValueError("the calibration is chosen by the nested epoch selection's inner CV: "
                          "use --select-epochs nested")
@@ -197,10 +228,14 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
             + f"; chosen {epochs} epochs ({selection['wall_s']:.0f} s)")
         inner_val = selection.pop("inner_val")
         if calibrate:
-            selection["calibration"] = calibration_of(data, *inner_val)
-            say(f"calibration on all subjects: tau {selection['calibration']['tau']} "
-                "(inner UF1 " + ", ".join(f"{t}:{u:.4f}" for t, u in zip(
-                    TAUS, selection["calibration"]["inner_uf1"])) + ")")
+            cal = selection["calibration"] = calibration_of(data, *inner_val, rule=calibrate)
+            if calibrate == "prior":
+                say(f"calibration on all subjects: tau {cal['tau']} (inner UF1 " + ", ".join(
+                    f"{t}:{u:.4f}" for t, u in zip(TAUS, cal["inner_uf1"])) + ")")
+            else:
+                say(f"calibration on all subjects: biases {cal['offsets']} (inner UF1 "
+                    f"{cal['inner_uf1']:.4f} on a plateau of {cal['plateau_points']} grid "
+                    f"points; unshifted {cal['unshifted_inner_uf1']:.4f})")
     model = train_full(data, cfg, device=device, progress=say, epochs=epochs)
     if not ensemble:
         return model, selection
@@ -330,32 +365,36 @@ def check_export(model: torch.nn.Module, engine_path: str | Path, x: np.ndarray)
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
-def engine_file_name(cfg: LosoConfig, ensemble: bool = False, calibrate: bool = False) -> str:
+def engine_file_name(cfg: LosoConfig, ensemble: bool = False,
+                     calibrate: str | None = None) -> str:
     """The file name ``training export`` gives an engine of this schedule under engines/: the
     network, then what changes its predictions (CV ensemble, mirrored prediction, shifted
-    training, class-prior calibration), so that engines of different schedules never
-    overwrite one another."""
+    training, calibration: ``_cal`` for the class-prior rule, ``_calbias`` for the class-bias
+    rule), so that engines of different schedules never overwrite one another."""
+    check_calibration_rule(calibrate)
     name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if ensemble else cfg.model
     name += "_mirror" if cfg.tta == "hflip" else ""
     name += f"_shift{cfg.shift_pixels}" if cfg.shift_pixels else ""
-    name += "_cal" if calibrate else ""
+    name += {None: "", "prior": "_cal", "bias": "_calbias"}[calibrate]
     return f"{name}_3db.onnx"
 
 
 def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                    loso_results: str | Path | None = None,
                    weights: str | Path | WeightsFile | None = None,
-                   device: str = "cpu", ensemble: bool = False, calibrate: bool = False,
+                   device: str = "cpu", ensemble: bool = False, calibrate: str | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Train on all of ``data`` (or load ``weights``), export to ``out`` (ONNX for ``.onnx``, a
     torch.export program for ``.pt2``), write ``<out>.json``, verify the export on the real
-    maps; returns the manifest dict."""
+    maps; returns the manifest dict. ``calibrate``: None, "prior" or "bias" (the rule of
+    training/calibrate.py the engine applies)."""
     import onnx
 
     import realtime_mer
     from realtime_mer.runtime.manifest import Manifest
 
     say = progress or log.info
+    check_calibration_rule(calibrate)
     try:  # the file name sets the format, read as the runtime reads it
         fmt = engine_format(Path(out))
     except EngineError:
@@ -391,12 +430,12 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
             raise ValueError(f"{loso_results} holds no nested_cv_ensemble score to quote for "
                              "an ensemble engine (it predates the CV ensemble; rerun the LOSO)")
         kind = calibration_kind(loso_doc)
-        if kind != ("prior" if calibrate else None):
-            raise ValueError(
-                f"{loso_results} is {f'calibrated by the {kind} rule' if kind else 'not calibrated'}"
-                f" (python -m training calibrate) and the engine is "
-                f"{'calibrated by the prior rule' if calibrate else 'not calibrated'}: quote the "
-                "results of the same rule")
+        if kind != calibrate:
+            def said(rule):
+                return f"calibrated by the {rule} rule" if rule else "not calibrated"
+            raise ValueError(f"{loso_results} is {said(kind)} (python -m training calibrate) and "
+                             f"the engine is {said(calibrate)}: quote the results of the same "
+                             "rule")
     if not weights:
         t0 = time.perf_counter()
         model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble,
@@ -410,7 +449,8 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         engine_model = engine_network(model, cfg)
         if selection is not None and "calibration" in selection:
             # Outermost: the LOSO rule shifts the final (mirrored, averaged) probabilities.
-            engine_model = PriorShift(engine_model, selection["calibration"]["offsets"]).eval()
+            engine_model = CalibrationShift(engine_model,
+                                            selection["calibration"]["offsets"]).eval()
         write = export_onnx if fmt == "onnx" else export_program
         write(engine_model, out,
               example=model_inputs(data.x[:2], cfg, None if lm is None else lm[:2]))
@@ -538,9 +578,16 @@ def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
     calibrated = {}
     if "calibration" in r:
         cal = r["calibration"]
-        calibrated = {"calibration": "each fold's probabilities shifted by the tau its inner CV "
-                                     "chose (python -m training calibrate), like this engine",
-                      "median_tau": cal["median_tau"],
+        if calibration_kind(r) == "bias":
+            what = {"calibration": "each fold's probabilities shifted by the class biases its "
+                                   "inner CV chose (python -m training calibrate --rule bias), "
+                                   "like this engine",
+                    "median_bias": cal["median_bias"]}
+        else:
+            what = {"calibration": "each fold's probabilities shifted by the tau its inner CV "
+                                   "chose (python -m training calibrate), like this engine",
+                    "median_tau": cal["median_tau"]}
+        calibrated = {**what,
                       "uncalibrated_uf1": cal["uncalibrated"]["cv_ensemble" if ensemble
                                                               else "single"]["uf1"]}
     if ensemble:

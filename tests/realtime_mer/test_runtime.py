@@ -182,7 +182,7 @@ def test_default_engine_path_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MER_ENGINE", str(tmp_path / "x.onnx"))
     assert default_engine_path() == tmp_path / "x.onnx"
     monkeypatch.delenv("MER_ENGINE")
-    assert default_engine_path().name == "ststnet_cv6_mirror_shift2_cal_3db.onnx"
+    assert default_engine_path().name == "ststnet_cv6_mirror_shift2_calbias_3db.onnx"
     assert default_engine_path().parent.name == "engines"
 
 
@@ -292,18 +292,23 @@ def test_unknown_backend_and_device():
 def test_default_engine_has_the_best_honest_loso_score(engine):
     """The default model is the one with the highest honest LOSO UF1, among the complete
     68-fold results in docs/results whose network's float32 engine fits the repository's
-    5 MB budget for engine files (the rule of docs/RESULTS.md), class-prior calibrated runs
-    (docs/results/calibration) included; its manifest quotes that run."""
+    5 MB budget for engine files (the rule of docs/RESULTS.md), calibrated runs of both rules
+    (docs/results/calibration and calibration_bias) included; its manifest quotes that run and
+    its engine applies that run's calibration rule."""
+    from training.calibrate import calibration_kind
     from training.models import create_model
 
     root = Path(__file__).resolve().parents[2]
     runs, too_big = [], []
     results = root / "docs" / "results"
-    for path in sorted([*results.glob("*.json"), *results.glob("calibration/*.json")]):
+    kinds = {}
+    for path in sorted([*results.glob("*.json"), *results.glob("calibration/*.json"),
+                        *results.glob("calibration_bias/*.json")]):
         doc = json.loads(path.read_text())
         # (A calibrated file has no folds_run of its own: it covers its run's subjects.)
         folds = doc.get("folds_run", doc.get("dataset", {}).get("n_subjects"))
         if "uf1" in doc and "config" in doc and doc.get("complete") and folds == 68:
+            kinds[path.name] = calibration_kind(doc)
             cfg = doc["config"]
             model = create_model(cfg["model"], **cfg["model_kwargs"])
             weight_bytes = 4 * sum(p.numel() for p in model.parameters())
@@ -321,4 +326,7 @@ def test_default_engine_has_the_best_honest_loso_score(engine):
     assert engine.manifest.networks == best[2]
     assert engine.manifest.loso["uf1"] == pytest.approx(best[0], abs=1e-9)
     assert engine.manifest.loso["results_file"].endswith(best[3])
+    applied = engine.manifest.training.get("calibration")
+    assert (None if applied is None else calibration_kind(engine.manifest.training)) == \
+        kinds[best[3]]
     assert ENGINE.stat().st_size <= ENGINE_BUDGET_BYTES

@@ -249,20 +249,26 @@ def test_default_loso_results_is_the_file_of_the_same_schedule(tmp_path):
         {**_results(NESTED), "nested_cv_ensemble": {"uf1": 0.72, "uar": 0.73}}))
     assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
     # A calibrated engine quotes a `training calibrate` file, kept in calibration/.
-    assert default_loso_results(NESTED, tmp_path, ensemble=True, calibrated=True) is None
+    assert default_loso_results(NESTED, tmp_path, ensemble=True, calibrated="prior") is None
     (tmp_path / "calibration").mkdir()
     (tmp_path / "calibration" / "f_cal.json").write_text(json.dumps(
         {**_results(NESTED), "complete": True, "calibration": {},
          "nested_cv_ensemble": {"uf1": 0.74, "uar": 0.75}}))
     assert default_loso_results(NESTED, tmp_path, ensemble=True,
-                                calibrated=True).name == "f_cal.json"
+                                calibrated="prior").name == "f_cal.json"
     # A class-bias file (another rule) is never quoted by a class-prior engine.
     (tmp_path / "calibration" / "a_bias.json").write_text(json.dumps(
         {**_results(NESTED), "complete": True, "calibration": {"kind": "bias"},
          "nested_cv_ensemble": {"uf1": 0.76, "uar": 0.75}}))
     assert default_loso_results(NESTED, tmp_path, ensemble=True,
-                                calibrated=True).name == "f_cal.json"
+                                calibrated="prior").name == "f_cal.json"
     assert default_loso_results(NESTED, tmp_path, ensemble=True).name == "e_nested_ens.json"
+    # A class-bias engine quotes a class-bias file, kept in calibration_bias/.
+    assert default_loso_results(NESTED, tmp_path, ensemble=True, calibrated="bias") is None
+    (tmp_path / "calibration_bias").mkdir()
+    (tmp_path / "calibration" / "a_bias.json").rename(tmp_path / "calibration_bias" / "a.json")
+    assert default_loso_results(NESTED, tmp_path, ensemble=True,
+                                calibrated="bias").name == "a.json"
 
 
 def test_train_and_export_refuse_bad_input_before_any_work(tmp_path, capsys):
@@ -296,6 +302,13 @@ def test_train_and_export_refuse_bad_input_before_any_work(tmp_path, capsys):
     # engine after it) is refused; options left at their defaults are taken from the file.
     refused(["export", "--data", absent, "--weights", str(tmp_path / "w.pt"), "--model",
              "ahmsa", "--out", str(out)], "model: command line 'ahmsa', weights 'ststnet'")
+    # --calibrate alone is the class-prior rule; an unknown rule is refused by the parser.
+    from training.__main__ import build_parser
+    assert build_parser().parse_args(["export", "--calibrate"]).calibrate == "prior"
+    assert build_parser().parse_args(["export", "--calibrate", "bias"]).calibrate == "bias"
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["export", "--calibrate", "tau"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tau'" in capsys.readouterr().err
 
 
 def test_export_refuses_a_missing_results_file_and_unfit_input_before_training(tmp_path):
@@ -420,6 +433,7 @@ def test_every_shipped_engine_has_the_name_its_schedule_gives():
     """`training export` names an engine by its manifest's schedule; a shipped file under
     another name (or two schedules mapped to one name) would let an export overwrite it."""
     from training.__main__ import REPO_ROOT
+    from training.calibrate import calibration_kind
     from training.export import engine_file_name
 
     fields = {f.name for f in dataclasses.fields(LosoConfig)}
@@ -429,8 +443,10 @@ def test_every_shipped_engine_has_the_name_its_schedule_gives():
         cfg = LosoConfig.from_dict({k: v for k, v in training["schedule"].items()
                                     if k in fields})
         names[manifest.name.removesuffix(".json")] = engine_file_name(
-            cfg, ensemble="ensemble" in training, calibrate="calibration" in training)
-    assert "ststnet_cv6_mirror_shift2_cal_3db.onnx" in names  # the default engine is among them
+            cfg, ensemble="ensemble" in training,
+            calibrate=calibration_kind(training) if "calibration" in training else None)
+    assert {"ststnet_cv6_mirror_shift2_calbias_3db.onnx",  # the default engine
+            "ststnet_cv6_mirror_shift2_cal_3db.onnx"} <= set(names)
     assert all(file == name for file, name in names.items()), names
     base = dataclasses.replace(LosoConfig(), tta="hflip")
     assert engine_file_name(dataclasses.replace(base, shift_pixels=3)) == \
@@ -439,12 +455,40 @@ def test_every_shipped_engine_has_the_name_its_schedule_gives():
         "ststnet_cv4_mirror_3db.onnx"
 
 
-def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_path):
-    """--calibrate: the tau chosen on the full-data selection's inner validation predictions
-    (training subjects only), applied inside the engine to the final probabilities; the
-    manifest quotes a `training calibrate` results file and refuses an uncalibrated one."""
+def test_shipped_calibrated_engines_are_the_uncalibrated_ensemble_shifted(megc_dir):
+    """Both calibrated engines come from the same training as the shipped uncalibrated
+    ensemble (same selection, seeds and epochs): on the real 442 maps each one's probabilities
+    are the uncalibrated engine's shifted by its manifest's offsets, to float32 rounding."""
     from realtime_mer.runtime import load_engine
-    from training.calibrate import TAUS, calibrate_run, choose_tau, prior_shift
+    from training.__main__ import REPO_ROOT
+    from training.calibrate import offset_shift
+    from training.data import load_megc3db
+
+    x = load_megc3db(megc_dir).x
+    engines = REPO_ROOT / "engines"
+    base = load_engine(engines / "ststnet_cv6_mirror_shift2_3db.onnx",
+                       backend="onnxruntime").predict(x)
+    kinds = set()
+    for name in ("ststnet_cv6_mirror_shift2_cal_3db.onnx",
+                 "ststnet_cv6_mirror_shift2_calbias_3db.onnx"):
+        engine = load_engine(engines / name, backend="onnxruntime")
+        calibration = engine.manifest.training["calibration"]
+        kinds.add(calibration.get("kind", "prior"))
+        np.testing.assert_allclose(engine.predict(x),
+                                   offset_shift(base, calibration["offsets"]), atol=1e-5)
+        # The offsets matter: the calibrated engine does not predict like the base one.
+        assert (engine.predict(x).argmax(1) != base.argmax(1)).sum() > 10
+    assert kinds == {"prior", "bias"}
+
+
+def test_calibrated_engine_shifts_the_ensemble_by_what_its_inner_cv_chose(tmp_path):
+    """--calibrate prior / bias: the tau or the class biases chosen on the full-data
+    selection's inner validation predictions (training subjects only), applied inside the
+    engine to the final probabilities; the manifest quotes a `training calibrate` results file
+    of the same rule and refuses an uncalibrated one or one of the other rule."""
+    from realtime_mer.runtime import load_engine
+    from training.calibrate import (TAUS, calibrate_run, choose_bias, choose_tau, offset_shift,
+                                    prior_shift)
     from training.export import calibration_of, engine_file_name
     from training.loso import run_loso
 
@@ -462,20 +506,25 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
     run_loso(data, cfg, tmp_path / "run", results_path=tmp_path / "loso.json")
     with pytest.raises(ValueError, match="loso.json is not calibrated"):
         export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "loso.json",
-                       ensemble=True, calibrate=True)
+                       ensemble=True, calibrate="prior")
     (tmp_path / "cal.json").write_text(json.dumps(calibrate_run(tmp_path / "run",
                                                                 tmp_path / "loso.json")))
     # A class-bias file is not the engine's rule.
     (tmp_path / "bias.json").write_text(json.dumps(calibrate_run(
         tmp_path / "run", tmp_path / "loso.json", rule="bias")))
-    with pytest.raises(ValueError, match="calibrated by the bias rule"):
+    with pytest.raises(ValueError, match="calibrated by the bias rule .* the prior rule"):
         export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "bias.json",
-                       ensemble=True, calibrate=True)
+                       ensemble=True, calibrate="prior")
+    with pytest.raises(ValueError, match="calibrated by the prior rule .* the bias rule"):
+        export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "cal.json",
+                       ensemble=True, calibrate="bias")
+    with pytest.raises(ValueError, match="unknown calibration rule 'tau'"):
+        export_default(data, cfg, tmp_path / "e.onnx", loso_results=None, calibrate="tau")
     with pytest.raises(ValueError, match="calibrated by the prior rule .* not calibrated"):
         export_default(data, cfg, tmp_path / "e.onnx", loso_results=tmp_path / "cal.json",
                        ensemble=True)
     m = export_default(data, cfg, tmp_path / "cal.onnx", loso_results=tmp_path / "cal.json",
-                       ensemble=True, calibrate=True)
+                       ensemble=True, calibrate="prior")
     assert m["training"]["calibration"]["tau"] == cal["tau"]
     # Recorded once: the epoch selection holds the selection only.
     assert not {"calibration", "ensemble"} & set(m["training"]["schedule"]["epoch_selection"])
@@ -488,7 +537,21 @@ def test_calibrated_engine_shifts_the_ensemble_by_the_tau_of_its_inner_cv(tmp_pa
     got = load_engine(tmp_path / "cal.onnx", backend="onnxruntime").predict(data.x)
     base = load_engine(tmp_path / "plain.onnx", backend="onnxruntime").predict(data.x)
     np.testing.assert_allclose(got, prior_shift(base, counts, cal["tau"]), atol=1e-5)
-    assert engine_file_name(cfg, ensemble=True, calibrate=True) == "ststnet_cv4_cal_3db.onnx"
+    assert engine_file_name(cfg, ensemble=True, calibrate="prior") == "ststnet_cv4_cal_3db.onnx"
+
+    # The class-bias rule: the biases of choose_bias on the same inner predictions.
+    offsets = choose_bias(val_probs, data.y[val_idx])[0]
+    mb = export_default(data, cfg, tmp_path / "bias.onnx", loso_results=tmp_path / "bias.json",
+                        ensemble=True, calibrate="bias")
+    assert mb["training"]["calibration"]["kind"] == "bias"
+    np.testing.assert_allclose(mb["training"]["calibration"]["offsets"], offsets, atol=1e-8)
+    assert mb["loso"]["uf1"] == json.loads((tmp_path / "bias.json").read_text())[
+        "nested_cv_ensemble"]["uf1"]
+    assert "median_bias" in mb["loso"] and "median_tau" not in mb["loso"]
+    got = load_engine(tmp_path / "bias.onnx", backend="onnxruntime").predict(data.x)
+    np.testing.assert_allclose(got, offset_shift(base, offsets), atol=1e-5)
+    assert engine_file_name(cfg, ensemble=True, calibrate="bias") == \
+        "ststnet_cv4_calbias_3db.onnx"
     with pytest.raises(ValueError, match="--select-epochs nested"):
         export_default(data, dataclasses.replace(cfg, select_epochs="fixed"),
-                       tmp_path / "f.onnx", loso_results=None, calibrate=True)
+                       tmp_path / "f.onnx", loso_results=None, calibrate="prior")
