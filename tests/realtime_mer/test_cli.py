@@ -223,10 +223,13 @@ def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
     import time
 
     out = tmp_path / "out"
+    # A test runner started in the background of a shell inherits SIGINT ignored, and Python
+    # then keeps it ignored; the user at a terminal has the default, which the child gets here.
     process = subprocess.Popen(
         [sys.executable, "-m", "realtime_mer.cli", "analyze",
          str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # Wait until the run is under way (the events file is created when frames start flowing).
     while not (out / "events.jsonl").exists() and time.monotonic() < deadline:
