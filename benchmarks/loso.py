@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.data import load_megc3db  # noqa: E402
+from training import loso  # noqa: E402
 from training.loso import LosoConfig, train_models, trains_channels_last  # noqa: E402
 from training.models import create_model  # noqa: E402
 
@@ -83,37 +84,47 @@ def time_epochs(data, train_sets, fold_ids, cfg: LosoConfig, device: str,
     return marks[cfg.epochs] - marks[1]
 
 
-def _config(name: str, epochs: int) -> LosoConfig:
+def _config(name: str, epochs: int, augment: dict | None = None) -> LosoConfig:
     kwargs, kind, size, _ = NETWORKS[name]
     return LosoConfig(model=name, model_kwargs=kwargs, input_kind=kind, input_size=size,
-                      epochs=epochs + 1, eval_every=10_000)
+                      epochs=epochs + 1, eval_every=10_000, **(augment or {}))
+
+
+def _plain_runner() -> None:
+    """Pool initializer: this process trains as the runner did before its two CPU changes
+    (glibc's default allocation policy, and each batch augmented as it is drawn instead of
+    taken from the input bank); they change where memory comes from, not the results."""
+    loso.KEEP_FREED_MEMORY = False
+    loso.INPUT_BANK_MAX_BYTES = 0
 
 
 def _worker_sum(name: str, data_dir: str, fold_ids: list[int], epochs: int,
-                channels_last: bool | None = None) -> float:
+                channels_last: bool | None = None, augment: dict | None = None) -> float:
     """In a worker process: one thread, the given folds one after another."""
     torch.set_num_threads(1)
     data = load_megc3db(data_dir)
-    cfg = _config(name, epochs)
+    cfg = _config(name, epochs, augment)
     return sum(time_epochs(data, [np.flatnonzero(data.subjects != data.subject_list[f])], [f],
                            cfg, "cpu", channels_last) for f in fold_ids)
 
 
 def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device: str,
-                  workers: int = 0, pool=None) -> dict:
+                  workers: int = 0, pool=None, plain_pool=None,
+                  augment: dict | None = None) -> dict:
     _, kind, size, schedule_epochs = NETWORKS[name]
-    cfg = _config(name, epochs)
+    cfg = _config(name, epochs, augment)
     subjects = data.subject_list
     fold_ids = list(range(folds))
     train_sets = [np.flatnonzero(data.subjects != subjects[f]) for f in fold_ids]
     times: dict[str, list[float]] = {"seq": [], "seq_other": [], "par": [], "workers": [],
-                                     "workers_other": []}
+                                     "workers_other": [], "workers_plain": []}
     # The runner's layout for this network, and the other one (compared on a CPU only).
     runner_cl = trains_channels_last(create_model(name, **cfg.model_kwargs), device)
     other = device == "cpu"
     ways = (["seq"] + (["seq_other"] if other else []) + ["par"]
             + (["workers"] if pool is not None else [])
-            + (["workers_other"] if pool is not None and other else []))
+            + (["workers_other"] if pool is not None and other else [])
+            + (["workers_plain"] if plain_pool is not None else []))
     for r in range(repeats):
         order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: noise hits all alike
         for way in order:
@@ -125,8 +136,9 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
                 t = time_epochs(data, train_sets, fold_ids, cfg, device)
             else:
                 shares = [fold_ids[w::workers] for w in range(workers)]
-                t = max(pool.starmap(_worker_sum, [(name, str(data.root), s, epochs, layout)
-                                                   for s in shares]))
+                runner = plain_pool if way == "workers_plain" else pool
+                t = max(runner.starmap(_worker_sum, [(name, str(data.root), s, epochs, layout,
+                                                      augment) for s in shares]))
             times[way].append(t)
             print(f"  {name} repeat {r + 1}/{repeats} {way}: {t:.1f} s", flush=True)
     fold_epochs = folds * epochs
@@ -155,8 +167,17 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
                       "workers_channels_last_speedup": cl_speedup(s_w, s_wo),
                       "workers_other_layout_runs_s": [round(t, 2)
                                                       for t in times["workers_other"]]})
+    if times["workers_plain"]:
+        s_wp = statistics.median(times["workers_plain"]) / fold_epochs
+        extra.update({"workers_plain_runner_s_per_fold_epoch": round(s_wp, 4),
+                      "runner_cpu_changes_speedup": round(s_wp / s_w, 2),
+                      "projected_full_loso_min_workers_plain":
+                          round(s_wp * 68 * schedule_epochs / 60, 1),
+                      "workers_plain_runner_runs_s": [round(t, 2)
+                                                      for t in times["workers_plain"]]})
     return {
         "network": name, "input": f"{kind}{'' if size is None else f' {size}'}",
+        "augment": {"augment": cfg.augment, "shift_pixels": cfg.shift_pixels, "tta": cfg.tta},
         "folds": folds, "epochs_timed": epochs, "repeats": repeats,
         "seq_s_per_fold_epoch": round(s_seq, 4), "par_s_per_fold_epoch": round(s_par, 4),
         "speedup": round(s_seq / s_par, 2),
@@ -176,14 +197,16 @@ def markdown(rows: list[dict], env: dict) -> str:
         "",
         "| network | runner's layout | input | folds | s/fold-epoch: sequential | other layout "
         "(channels-last speed-up) | vectorised (speed-up) | worker processes (speed-up) "
-        "| workers, other layout (channels-last speed-up) | schedule "
+        "| workers, other layout (channels-last speed-up) "
+        "| workers, runner without its CPU memory changes (their speed-up) | schedule "
         "| projected 68-fold run: sequential | vectorised | workers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r.get("workers_s_per_fold_epoch")
         c = r.get("seq_other_layout_s_per_fold_epoch")
         wc = r.get("workers_other_layout_s_per_fold_epoch")
+        wp = r.get("workers_plain_runner_s_per_fold_epoch")
         layout = "channels-last" if r.get("runner_channels_last") else "default"
         lines.append(
             f"| {r['network']} | {layout} | {r['input']} | {r['folds']} "
@@ -192,6 +215,7 @@ def markdown(rows: list[dict], env: dict) -> str:
             + f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
             + (f"| {w:.3f} ({r['workers_speedup']:.2f}x, {r['workers']} procs) " if w else "| - ")
             + (f"| {wc:.3f} ({r['workers_channels_last_speedup']:.2f}x) " if wc else "| - ")
+            + (f"| {wp:.3f} ({r['runner_cpu_changes_speedup']:.2f}x) " if wp else "| - ")
             + f"| {r['schedule_epochs']} ep "
             f"| {r['projected_full_loso_min_sequential']:.0f} min "
             f"| {r['projected_full_loso_min_parallel']:.0f} min "
@@ -209,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--shift", type=int, default=0,
+                   help="random translation in training (--shift of training loso)")
+    p.add_argument("--tta", default="none", choices=("none", "hflip"),
+                   help="test-time mirroring (--tta of training loso)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "loso_bench.json")
     args = p.parse_args(argv)
     if args.folds < 2 or args.epochs < 1 or args.repeats < 1:
@@ -221,20 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
            "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
            "cpu_count": os.cpu_count()}
+    if args.device == "cpu":
+        loso.keep_freed_memory()  # as train_models does: the sequential ways run here
+    augment = {"shift_pixels": args.shift, "tta": args.tta}
     rows = []
-    pool = None
+    pool = plain_pool = None
     if args.device == "cpu" and args.threads > 1:
         import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(args.threads)
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(args.threads)
+        plain_pool = ctx.Pool(args.threads, initializer=_plain_runner)
     try:
         for name in args.models:
             rows.append(bench_network(name, data, args.folds, args.epochs, args.repeats,
-                                      args.device, workers=args.threads, pool=pool))
+                                      args.device, workers=args.threads, pool=pool,
+                                      plain_pool=plain_pool, augment=augment))
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        for p_ in (pool, plain_pool):
+            if p_ is not None:
+                p_.close()
+                p_.join()
     md = markdown(rows, env)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from realtime_mer.errors import DatasetError
 from realtime_mer.input_kinds import (LANDMARK_KINDS, NETWORK_INPUT_KINDS, check_input_options,
                                       hflip_landmarks, network_inputs)
 from training.data.megc3db import CLASS_NAMES, Megc3DB
+from training.allocator import keep_freed_memory
 from training.metrics import evaluate, per_database, pooled_scores
 from training.models import create_model
 
@@ -270,6 +271,8 @@ def train_models(
     (:func:`trains_channels_last`; the result differs from the default layout by
     floating-point order only). Returns the trained models (eval mode, CPU) and the final state.
     """
+    if KEEP_FREED_MEMORY and not str(device).startswith("cuda"):
+        keep_freed_memory()
     n_models = len(train_sets)
     num_classes = len(CLASS_NAMES)
     for tr, fid in zip(train_sets, fold_ids):
@@ -344,6 +347,8 @@ def train_models(
             torch.cuda.set_rng_state(state["dropout_rng_cuda"], device)
     if channels_last is None:
         channels_last = trains_channels_last(models[0], device)
+    bank = _InputBank.build(x_dev, x_flip if cfg.augment == "hflip" else None,
+                            cfg.shift_pixels, channels_last and n_models == 1)
     if n_models == 1:
         # One model: call it directly on views of the stacked tensors (gradients and
         # BatchNorm statistic updates reach the stacked state); vmap's per-call overhead
@@ -397,14 +402,19 @@ def train_models(
                 flip = torch.stack([torch.rand(cfg.batch_size, generator=g) < 0.5 for g in gens])
                 flip = flip.to(device)
             idx = idx.to(device)
-            xb = x_dev[idx]
-            if cfg.augment == "hflip":
-                xb = torch.where(flip[:, :, None, None, None], x_flip[idx], xb)
+            offsets = None
             if cfg.shift_pixels:
                 offsets = torch.stack([
                     torch.randint(-cfg.shift_pixels, cfg.shift_pixels + 1,
-                                  (cfg.batch_size, 2), generator=g) for g in gens])
-                xb = shift_images(xb, offsets.to(device), cfg.shift_pixels)
+                                  (cfg.batch_size, 2), generator=g) for g in gens]).to(device)
+            if bank is not None:
+                xb = bank.batch(idx, flip if cfg.augment == "hflip" else None, offsets)
+            else:
+                xb = x_dev[idx]
+                if cfg.augment == "hflip":
+                    xb = torch.where(flip[:, :, None, None, None], x_flip[idx], xb)
+                if offsets is not None:
+                    xb = shift_images(xb, offsets, cfg.shift_pixels)
             yb = y_dev[idx]
             mixing = None
             if mix is not None:
@@ -433,6 +443,71 @@ def train_models(
                            **{k: v[i].detach().cpu() for k, v in buffers.items()}})
         trained.append(m.eval())
     return trained, snapshot(cfg.epochs)
+
+
+# CPU training keeps freed heap memory in the process (training.allocator: the same results,
+# without a page fault per activation page per step); the speed benchmark turns it off to
+# measure what it gains.
+KEEP_FREED_MEMORY = True
+
+# The largest input bank (below) built for a training run; larger ones (big images with random
+# shifts: 2 x 25 copies of the data set) fall back to augmenting each batch as it is drawn.
+INPUT_BANK_MAX_BYTES = 512 * 2**20
+
+
+class _InputBank:
+    """Every training input the augmentation can produce, built once: the network inputs of
+    the maps and of their mirror image, each translated by every offset of the random shift,
+    as rows of one tensor. A batch is then one ``index_select`` of whole rows instead of a
+    gather, a select and a padded gather per step, which cost a small network's CPU step
+    about a quarter of its time. The rows are the same copies of the same values, so training
+    is bitwise unchanged (tested against the per-batch path)."""
+
+    def __init__(self, rows: torch.Tensor, n_samples: int, max_shift: int) -> None:
+        self.rows = rows
+        self.n_samples = n_samples
+        self.max_shift = max_shift
+        self.n_offsets = (2 * max_shift + 1) ** 2
+
+    @classmethod
+    def build(cls, x: torch.Tensor, x_flip: torch.Tensor | None, max_shift: int,
+              channels_last: bool) -> "_InputBank | None":
+        """None when the bank would exceed ``INPUT_BANK_MAX_BYTES`` or the inputs are not
+        (N, C, H, W) images."""
+        if x.ndim != 4:
+            return None
+        views = [x] if x_flip is None else [x, x_flip]
+        n_offsets = (2 * max_shift + 1) ** 2
+        if len(views) * n_offsets * x.numel() * x.element_size() > INPUT_BANK_MAX_BYTES:
+            return None
+        n = x.shape[0]
+        parts = []
+        for view in views:  # row order: (flip, dy, dx, sample)
+            for dy in range(-max_shift, max_shift + 1):
+                for dx in range(-max_shift, max_shift + 1):
+                    if max_shift == 0:
+                        parts.append(view)
+                        continue
+                    offsets = torch.tensor([dy, dx], device=x.device).expand(n, 2)
+                    parts.append(shift_images(view, offsets, max_shift))
+        rows = torch.cat(parts)
+        if channels_last:
+            rows = rows.contiguous(memory_format=torch.channels_last)
+        return cls(rows, n, max_shift)
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor | None,
+              offsets: torch.Tensor | None) -> torch.Tensor:
+        """The inputs of samples ``idx`` (M, B), mirrored where ``flip`` (M, B) and translated
+        by ``offsets`` (M, B, 2) (either None: not drawn), as (M, B, C, H, W)."""
+        which = torch.zeros_like(idx)
+        if offsets is not None:
+            k = self.max_shift
+            which = (offsets[..., 0] + k) * (2 * k + 1) + (offsets[..., 1] + k)
+        if flip is not None:
+            which = which + flip.long() * self.n_offsets
+        rows = which * self.n_samples + idx
+        out = self.rows.index_select(0, rows.flatten())
+        return out.view(*idx.shape, *self.rows.shape[1:])
 
 
 def shift_images(x: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
