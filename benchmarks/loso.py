@@ -1,7 +1,8 @@
 """LOSO training speed: folds one at a time, as one vectorised ensemble, or in worker processes.
 
     python benchmarks/loso.py [--models ststnet ahmsa mjfn] [--folds 8] [--epochs 2]
-                              [--repeats 3] [--threads 2] [--device cpu]
+                              [--repeats 3] [--threads 2] [--device cpu] [--shift 0]
+                              [--tta none]
                               [--out docs/results/loso_bench.json]
 
 For each network, the first ``--folds`` LOSO folds of the real 3DB data (their real training
@@ -19,6 +20,14 @@ run:
 - **workers**: the folds shared round robin by ``--threads`` spawned processes of one thread
   each, every process training its folds one at a time (``--workers 2 --chunk-size 1``). Its
   time is the slowest process's sum of timed epochs (they run side by side).
+
+- **workers, without the CPU memory changes**: the workers way in processes that train as the
+  runner did before two changes that alter where memory comes from, not what is computed
+  (``training.allocator.keep_freed_memory``, and batches taken from a prebuilt input bank,
+  ``training.loso._InputBank``): what the two gain, side by side.
+
+``--shift`` and ``--tta`` train with random translation and predict with mirroring, as the
+default engine's protocol does (``--shift 2 --tta hflip``).
 
 Each way trains ``--epochs`` + 1 epochs; the first epoch is a warm-up (allocation, input
 building) and the time of the remaining ones is taken from the runner's per-epoch callback.
@@ -60,6 +69,9 @@ NETWORKS = {
     "mjfn": ({"input_size": 112}, "colour", 112, 40),
     "mcnet": ({}, "mcnet", 112, 40),
 }
+
+
+WAYS = ("seq", "seq_other", "par", "workers", "workers_other", "workers_plain")
 
 
 def _default_data() -> Path:
@@ -110,7 +122,7 @@ def _worker_sum(name: str, data_dir: str, fold_ids: list[int], epochs: int,
 
 def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device: str,
                   workers: int = 0, pool=None, plain_pool=None,
-                  augment: dict | None = None) -> dict:
+                  augment: dict | None = None, only: list[str] | None = None) -> dict:
     _, kind, size, schedule_epochs = NETWORKS[name]
     cfg = _config(name, epochs, augment)
     subjects = data.subject_list
@@ -125,6 +137,11 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
             + (["workers"] if pool is not None else [])
             + (["workers_other"] if pool is not None and other else [])
             + (["workers_plain"] if plain_pool is not None else []))
+    if only:
+        ways = [w for w in ways if w in only]
+        if not ways:
+            raise ValueError(f"none of the ways {only} can run here (CPU with --threads > 1 "
+                             "for the worker ways)")
     for r in range(repeats):
         order = ways[r % len(ways):] + ways[:r % len(ways)]  # rotate: noise hits all alike
         for way in order:
@@ -142,10 +159,11 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
             times[way].append(t)
             print(f"  {name} repeat {r + 1}/{repeats} {way}: {t:.1f} s", flush=True)
     fold_epochs = folds * epochs
-    s_seq = statistics.median(times["seq"]) / fold_epochs
-    s_par = statistics.median(times["par"]) / fold_epochs
+    nan = float("nan")
+    s_seq = statistics.median(times["seq"]) / fold_epochs if times["seq"] else nan
+    s_par = statistics.median(times["par"]) / fold_epochs if times["par"] else nan
     seq, par = times["seq"], times["par"]
-    extra = {"runner_channels_last": runner_cl}
+    extra = {"runner_channels_last": runner_cl, "ways": ways}
 
     def cl_speedup(runner_s: float, other_s: float) -> float:  # default layout / channels-last
         return round(other_s / runner_s if runner_cl else runner_s / other_s, 2)
@@ -189,6 +207,21 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     }
 
 
+def _ratio(value: float | None, suffix: str = "") -> str:
+    """" (1.23x, ...)" beside a time; without the ratio where its reference way was not timed."""
+    inner = ([f"{value:.2f}x"] if value is not None else []) + ([suffix[2:]] if suffix else [])
+    return f" ({', '.join(inner)})" if inner else ""
+
+
+def _minutes(value: float | None) -> str:
+    return "| - " if value is None else f"| {value:.0f} min "
+
+
+def _no_nan(row: dict) -> dict:
+    """NaN (a way not timed) as None, so the JSON file stays standard JSON."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         f"LOSO training speed, {env['device']} ({env['threads']} threads, {env['machine']}), "
@@ -208,17 +241,19 @@ def markdown(rows: list[dict], env: dict) -> str:
         wc = r.get("workers_other_layout_s_per_fold_epoch")
         wp = r.get("workers_plain_runner_s_per_fold_epoch")
         layout = "channels-last" if r.get("runner_channels_last") else "default"
+        procs = f", {r.get('workers')} procs"
         lines.append(
             f"| {r['network']} | {layout} | {r['input']} | {r['folds']} "
-            f"| {r['seq_s_per_fold_epoch']:.3f} "
-            + (f"| {c:.3f} ({r['channels_last_speedup']:.2f}x) " if c else "| - ")
-            + f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
-            + (f"| {w:.3f} ({r['workers_speedup']:.2f}x, {r['workers']} procs) " if w else "| - ")
+            + (f"| {r['seq_s_per_fold_epoch']:.3f} " if r["seq_s_per_fold_epoch"] else "| - ")
+            + (f"| {c:.3f}{_ratio(r.get('channels_last_speedup'))} " if c else "| - ")
+            + (f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
+               if r["par_s_per_fold_epoch"] and r["speedup"] else "| - ")
+            + (f"| {w:.3f}{_ratio(r.get('workers_speedup'), procs)} " if w else "| - ")
             + (f"| {wc:.3f} ({r['workers_channels_last_speedup']:.2f}x) " if wc else "| - ")
             + (f"| {wp:.3f} ({r['runner_cpu_changes_speedup']:.2f}x) " if wp else "| - ")
             + f"| {r['schedule_epochs']} ep "
-            f"| {r['projected_full_loso_min_sequential']:.0f} min "
-            f"| {r['projected_full_loso_min_parallel']:.0f} min "
+            + _minutes(r["projected_full_loso_min_sequential"])
+            + _minutes(r["projected_full_loso_min_parallel"])
             + (f"| {r['projected_full_loso_min_workers']:.0f} min |" if w else "| - |"))
     return "\n".join(lines) + "\n"
 
@@ -237,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="random translation in training (--shift of training loso)")
     p.add_argument("--tta", default="none", choices=("none", "hflip"),
                    help="test-time mirroring (--tta of training loso)")
+    p.add_argument("--ways", nargs="+", choices=WAYS, default=None,
+                   help="time only these ways (default: all that can run here)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "loso_bench.json")
     args = p.parse_args(argv)
     if args.folds < 2 or args.epochs < 1 or args.repeats < 1:
@@ -262,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         plain_pool = ctx.Pool(args.threads, initializer=_plain_runner)
     try:
         for name in args.models:
-            rows.append(bench_network(name, data, args.folds, args.epochs, args.repeats,
+            rows.append(_no_nan(bench_network(name, data, args.folds, args.epochs, args.repeats,
                                       args.device, workers=args.threads, pool=pool,
-                                      plain_pool=plain_pool, augment=augment))
+                                      plain_pool=plain_pool, augment=augment,
+                                      only=args.ways)))
     finally:
         for p_ in (pool, plain_pool):
             if p_ is not None:

@@ -20,7 +20,6 @@ go back to the kernel when freed, so a process does not hold on to gigabytes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -51,9 +50,9 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+        # The process's own symbols: the C library it runs on, without a library search.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # C libraries without mallopt
         log.debug("no glibc mallopt; the C library's own allocation policy stays")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
