@@ -24,7 +24,10 @@ run:
 - **workers, without the CPU memory changes**: the workers way in processes that train as the
   runner did before two changes that alter where memory comes from, not what is computed
   (``training.allocator.keep_freed_memory``, and batches taken from a prebuilt input bank,
-  ``training.loso._InputBank``): what the two gain, side by side.
+  ``training.loso._InputBank``): what the two gain, side by side. Only the networks that
+  declare it keep freed memory (``training.loso.keeps_freed_memory``), and the setting stays
+  in a process once made: worker pools are fresh per network, but the sequential ways of a
+  network timed after the STSTNet-sized one in the same run keep freed memory too.
 
 ``--shift`` and ``--tta`` train with random translation and predict with mirroring, as the
 default engine's protocol does (``--shift 2 --tta hflip``).
@@ -286,28 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
            "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
            "cpu_count": os.cpu_count()}
-    if args.device == "cpu":
-        loso.keep_freed_memory()  # as train_models does: the sequential ways run here
     augment = {"shift_pixels": args.shift, "tta": args.tta}
     rows = []
-    pool = plain_pool = None
-    if args.device == "cpu" and args.threads > 1:
-        import multiprocessing
+    for name in args.models:
+        # Fresh worker pools per network: a process that trained a network which keeps freed
+        # memory (training.loso.keeps_freed_memory) keeps that setting for good.
+        pool = plain_pool = None
+        if args.device == "cpu" and args.threads > 1:
+            import multiprocessing
 
-        ctx = multiprocessing.get_context("spawn")
-        pool = ctx.Pool(args.threads)
-        plain_pool = ctx.Pool(args.threads, initializer=_plain_runner)
-    try:
-        for name in args.models:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(args.threads)
+            plain_pool = ctx.Pool(args.threads, initializer=_plain_runner)
+        try:
             rows.append(_no_nan(bench_network(name, data, args.folds, args.epochs, args.repeats,
-                                      args.device, workers=args.threads, pool=pool,
-                                      plain_pool=plain_pool, augment=augment,
-                                      only=args.ways)))
-    finally:
-        for p_ in (pool, plain_pool):
-            if p_ is not None:
-                p_.close()
-                p_.join()
+                                              args.device, workers=args.threads, pool=pool,
+                                              plain_pool=plain_pool, augment=augment,
+                                              only=args.ways)))
+        finally:
+            for p_ in (pool, plain_pool):
+                if p_ is not None:
+                    p_.close()
+                    p_.join()
     md = markdown(rows, env)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)

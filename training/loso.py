@@ -217,6 +217,16 @@ def trains_channels_last(model: torch.nn.Module, device: str) -> bool:
                                                           False)
 
 
+def keeps_freed_memory(model: torch.nn.Module, device: str) -> bool:
+    """Whether training ``model`` sets the process to keep freed heap memory
+    (:func:`training.allocator.keep_freed_memory`): on a CPU, for the networks whose class
+    declares ``keep_freed_memory_on_cpu``. Measured per network (``benchmarks/loso.py``):
+    STSTNet-sized 1.28-1.38x faster, MJFN unchanged (1.01x), AHMSA-Net slower (0.85x), so only
+    the first declares it. The setting is process-wide and stays once made."""
+    return torch.device(device).type == "cpu" and getattr(type(model),
+                                                          "keep_freed_memory_on_cpu", False)
+
+
 def _make_optimizer(cfg: LosoConfig, params):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -271,8 +281,6 @@ def train_models(
     (:func:`trains_channels_last`; the result differs from the default layout by
     floating-point order only). Returns the trained models (eval mode, CPU) and the final state.
     """
-    if KEEP_FREED_MEMORY and not str(device).startswith("cuda"):
-        keep_freed_memory()
     n_models = len(train_sets)
     num_classes = len(CLASS_NAMES)
     for tr, fid in zip(train_sets, fold_ids):
@@ -288,6 +296,8 @@ def train_models(
     for fid in fold_ids:
         torch.manual_seed(cfg.seed * 100_003 + fid)
         models.append(create_model(cfg.model, **cfg.model_kwargs))
+    if KEEP_FREED_MEMORY and keeps_freed_memory(models[0], device):
+        keep_freed_memory()
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
@@ -445,9 +455,9 @@ def train_models(
     return trained, snapshot(cfg.epochs)
 
 
-# CPU training keeps freed heap memory in the process (training.allocator: the same results,
-# without a page fault per activation page per step); the speed benchmark turns it off to
-# measure what it gains.
+# CPU training of the networks that declare it keeps freed heap memory in the process
+# (training.allocator: the same results, without a page fault per activation page per step;
+# keeps_freed_memory); the speed benchmark turns it off to measure what it gains.
 KEEP_FREED_MEMORY = True
 
 # The largest input bank (below) built for a training run; larger ones (big images with random

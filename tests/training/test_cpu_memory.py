@@ -117,3 +117,14 @@ def test_keeping_freed_memory_changes_page_faults_not_results():
     # 5x those of kept memory (measured here: about 8x in the LOSO runner's own process).
     assert default["faults_after_warmup"] > 5 * max(kept["faults_after_warmup"], 1), \
         (default["faults_after_warmup"], kept["faults_after_warmup"])
+
+
+def test_only_networks_measured_faster_keep_freed_memory():
+    from training.loso import keeps_freed_memory
+    from training.models import create_model
+
+    assert keeps_freed_memory(create_model("ststnet"), "cpu")
+    assert not keeps_freed_memory(create_model("ststnet"), "cuda")
+    # AHMSA-Net measured slower with it (0.85x), MJFN unchanged (1.01x): they keep glibc's policy.
+    assert not keeps_freed_memory(create_model("ahmsa"), "cpu")
+    assert not keeps_freed_memory(create_model("mjfn"), "cpu")
