@@ -210,9 +210,10 @@ def bench_network(name: str, data, folds: int, epochs: int, repeats: int, device
     }
 
 
-def _ratio(value: float | None, suffix: str = "") -> str:
-    """" (1.23x, ...)" beside a time; without the ratio where its reference way was not timed."""
-    inner = ([f"{value:.2f}x"] if value is not None else []) + ([suffix[2:]] if suffix else [])
+def _ratio(value: float | None, note: str = "") -> str:
+    """" (1.23x, note)" beside a time; the ratio left out where its reference way (the
+    sequential one) was not timed."""
+    inner = ([f"{value:.2f}x"] if value is not None else []) + ([note] if note else [])
     return f" ({', '.join(inner)})" if inner else ""
 
 
@@ -244,11 +245,11 @@ def markdown(rows: list[dict], env: dict) -> str:
         wc = r.get("workers_other_layout_s_per_fold_epoch")
         wp = r.get("workers_plain_runner_s_per_fold_epoch")
         layout = "channels-last" if r.get("runner_channels_last") else "default"
-        procs = f", {r.get('workers')} procs"
+        procs = f"{r.get('workers')} procs"
         lines.append(
             f"| {r['network']} | {layout} | {r['input']} | {r['folds']} "
             + (f"| {r['seq_s_per_fold_epoch']:.3f} " if r["seq_s_per_fold_epoch"] else "| - ")
-            + (f"| {c:.3f}{_ratio(r.get('channels_last_speedup'))} " if c else "| - ")
+            + (f"| {c:.3f} ({r['channels_last_speedup']:.2f}x) " if c else "| - ")
             + (f"| {r['par_s_per_fold_epoch']:.3f} ({r['speedup']:.2f}x) "
                if r["par_s_per_fold_epoch"] and r["speedup"] else "| - ")
             + (f"| {w:.3f}{_ratio(r.get('workers_speedup'), procs)} " if w else "| - ")
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.folds < 2 or args.epochs < 1 or args.repeats < 1:
         p.error("--folds must be >= 2, --epochs and --repeats >= 1")
+    for way, ref in (("seq_other", "seq"), ("workers_other", "workers"),
+                     ("workers_plain", "workers")):
+        if args.ways and way in args.ways and ref not in args.ways:
+            p.error(f"--ways {way} is timed as a ratio to {ref}: add {ref}")
     if not (args.data / "labels.csv").is_file():
         print(f"error: no 3DB data at {args.data} (set --data or MER_SHARED)", file=sys.stderr)
         return 2

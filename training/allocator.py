@@ -4,8 +4,10 @@ Why: a CPU training step of a small network allocates and frees the same few act
 tensors every step (STSTNet: about ten of 3.2 MB each at batch 64). glibc's malloc returns
 freed memory at the top of its heap to the kernel once it exceeds the trim threshold, and
 serves large blocks with fresh ``mmap`` pages; either way the next step touches new pages and
-the kernel zeroes each one on its first write. Measured on the 2-core development CPU, that
-page-fault work is about 40 % of an STSTNet step (``benchmarks/loso.py``, "allocator" column).
+the kernel zeroes each one on its first write. Keeping the memory cuts a short STSTNet
+training run's page faults about 15x (``tests/training/test_cpu_memory.py``); together with the
+input bank it made two-worker training 1.28-1.38x faster (``benchmarks/loso.py``, the column
+"workers, runner without its CPU memory changes").
 
 The fix is glibc's own knobs (``mallopt``, the same settings as the ``MALLOC_TRIM_THRESHOLD_``
 and ``MALLOC_MMAP_THRESHOLD_`` environment variables, but settable from inside the running

@@ -468,16 +468,15 @@ INPUT_BANK_MAX_BYTES = 512 * 2**20
 class _InputBank:
     """Every training input the augmentation can produce, built once: the network inputs of
     the maps and of their mirror image, each translated by every offset of the random shift,
-    as rows of one tensor. A batch is then one ``index_select`` of whole rows instead of a
-    gather, a select and a padded gather per step, which cost a small network's CPU step
-    about a quarter of its time. The rows are the same copies of the same values, so training
-    is bitwise unchanged (tested against the per-batch path)."""
+    as rows of one tensor, built once per ``train_models`` call. A batch is then one
+    ``index_select`` of whole rows instead of a gather, a select and a padded gather per step.
+    The rows are the same copies of the same values, so training is bitwise unchanged (tested
+    against the per-batch path)."""
 
     def __init__(self, rows: torch.Tensor, n_samples: int, max_shift: int) -> None:
         self.rows = rows
         self.n_samples = n_samples
         self.max_shift = max_shift
-        self.n_offsets = (2 * max_shift + 1) ** 2
 
     @classmethod
     def build(cls, x: torch.Tensor, x_flip: torch.Tensor | None, max_shift: int,
@@ -490,32 +489,34 @@ class _InputBank:
         n_offsets = (2 * max_shift + 1) ** 2
         if len(views) * n_offsets * x.numel() * x.element_size() > INPUT_BANK_MAX_BYTES:
             return None
-        n = x.shape[0]
+        k = max_shift
+        h, w = x.shape[-2:]
         parts = []
         for view in views:  # row order: (flip, dy, dx, sample)
-            for dy in range(-max_shift, max_shift + 1):
-                for dx in range(-max_shift, max_shift + 1):
-                    if max_shift == 0:
-                        parts.append(view)
-                        continue
-                    offsets = torch.tensor([dy, dx], device=x.device).expand(n, 2)
-                    parts.append(shift_images(view, offsets, max_shift))
+            # Edge-padded once; each offset is then a window of it, the same values as
+            # shift_images gives per batch (out[i, j] = x[i - dy, j - dx], edges repeated).
+            padded = F.pad(view, (k,) * 4, mode="replicate") if k else view
+            if channels_last:
+                padded = padded.contiguous(memory_format=torch.channels_last)
+            for dy in range(-k, k + 1):
+                for dx in range(-k, k + 1):
+                    parts.append(padded[..., k - dy:k - dy + h, k - dx:k - dx + w])
         rows = torch.cat(parts)
         if channels_last:
             rows = rows.contiguous(memory_format=torch.channels_last)
-        return cls(rows, n, max_shift)
+        return cls(rows, x.shape[0], max_shift)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor | None,
               offsets: torch.Tensor | None) -> torch.Tensor:
         """The inputs of samples ``idx`` (M, B), mirrored where ``flip`` (M, B) and translated
         by ``offsets`` (M, B, 2) (either None: not drawn), as (M, B, C, H, W)."""
-        which = torch.zeros_like(idx)
+        k = self.max_shift
+        rows = idx
         if offsets is not None:
-            k = self.max_shift
-            which = (offsets[..., 0] + k) * (2 * k + 1) + (offsets[..., 1] + k)
+            offset_row = (offsets[..., 0] + k) * (2 * k + 1) + (offsets[..., 1] + k)
+            rows = rows + offset_row * self.n_samples
         if flip is not None:
-            which = which + flip.long() * self.n_offsets
-        rows = which * self.n_samples + idx
+            rows = rows + flip.long() * ((2 * k + 1) ** 2 * self.n_samples)
         out = self.rows.index_select(0, rows.flatten())
         return out.view(*idx.shape, *self.rows.shape[1:])
 

@@ -21,8 +21,8 @@ class STSTNet(nn.Module):
     # two-worker LOSO training measured 1.28x faster that way (benchmarks/loso.py).
     channels_last_on_cpu = True
     # ... and sets the process to keep freed heap memory (training.loso.keeps_freed_memory):
-    # its step reallocates ~40 MB of activations, and reusing the pages made two-worker
-    # training 1.28-1.38x faster with the input bank, with the same results.
+    # its step reallocates ~40 MB of activations; with the input bank, two-worker training
+    # measured 1.28-1.38x faster (benchmarks/loso.py), with the same results.
     keep_freed_memory_on_cpu = True
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3,
