@@ -114,7 +114,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", type=Path, default=None, metavar="FILE",
                         help="engine file (.onnx, .pt2, or an ensemble .ens) with its .json "
                              "manifest beside it (default: the shipped "
-                             "engines/ststnet_cv6_mirror_shift2_calbias_3db.onnx, or $MER_ENGINE)")
+                             "engines/ststnet_cv6_mirror_shift2_cal_3db.onnx, or $MER_ENGINE)")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "onnxruntime", "torch", "tensorrt"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

@@ -445,8 +445,8 @@ def test_every_shipped_engine_has_the_name_its_schedule_gives():
         names[manifest.name.removesuffix(".json")] = engine_file_name(
             cfg, ensemble="ensemble" in training,
             calibrate=calibration_kind(training) if "calibration" in training else None)
-    assert {"ststnet_cv6_mirror_shift2_calbias_3db.onnx",  # the default engine
-            "ststnet_cv6_mirror_shift2_cal_3db.onnx"} <= set(names)
+    assert {"ststnet_cv6_mirror_shift2_cal_3db.onnx",  # the default engine
+            "ststnet_cv6_mirror_shift2_calbias_3db.onnx"} <= set(names)
     assert all(file == name for file, name in names.items()), names
     base = dataclasses.replace(LosoConfig(), tta="hflip")
     assert engine_file_name(dataclasses.replace(base, shift_pixels=3)) == \
