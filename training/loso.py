@@ -210,11 +210,16 @@ def git_commit() -> str | None:
         return None
 
 
+def _declares_on_cpu(model: torch.nn.Module, device: str, flag: str) -> bool:
+    """Whether ``model``'s class declares the CPU training setting ``flag`` and ``device`` is a
+    CPU (each setting is measured per network; a class without the flag does not use it)."""
+    return torch.device(device).type == "cpu" and bool(getattr(type(model), flag, False))
+
+
 def trains_channels_last(model: torch.nn.Module, device: str) -> bool:
     """Whether one-model training feeds ``model`` channels-last images by default: on a CPU,
     for the networks whose class declares ``channels_last_on_cpu`` (measured faster there)."""
-    return torch.device(device).type == "cpu" and getattr(type(model), "channels_last_on_cpu",
-                                                          False)
+    return _declares_on_cpu(model, device, "channels_last_on_cpu")
 
 
 def keeps_freed_memory(model: torch.nn.Module, device: str) -> bool:
@@ -223,8 +228,7 @@ def keeps_freed_memory(model: torch.nn.Module, device: str) -> bool:
     declares ``keep_freed_memory_on_cpu``. Measured per network (``benchmarks/loso.py``):
     STSTNet-sized 1.28-1.38x faster, MJFN unchanged (1.01x), AHMSA-Net slower (0.85x), so only
     the first declares it. The setting is process-wide and stays once made."""
-    return torch.device(device).type == "cpu" and getattr(type(model),
-                                                          "keep_freed_memory_on_cpu", False)
+    return _declares_on_cpu(model, device, "keep_freed_memory_on_cpu")
 
 
 def _make_optimizer(cfg: LosoConfig, params):
