@@ -594,10 +594,12 @@ def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
         ens = r["nested_cv_ensemble"]
         single = {"single_model_uf1": r["uf1"], "single_model_uar": r["uar"]}
         r = {**r, "uf1": ens["uf1"], "uar": ens["uar"], "accuracy": ens["accuracy"]}
-    leaky = {"leaky_best_epoch_uf1": r["leaky_best_epoch"]["uf1"],
-             "leaky_best_epoch_uar": r["leaky_best_epoch"]["uar"],
-             "leaky_warning": "LEAKY, paper-comparable only: each test subject's epoch chosen "
-                              "on that subject's labels; not an estimate of performance"}
+    # A run whose outer models stopped at their chosen epochs measured no LEAKY figure.
+    leaky = ({"leaky_best_epoch_uf1": r["leaky_best_epoch"]["uf1"],
+              "leaky_best_epoch_uar": r["leaky_best_epoch"]["uar"],
+              "leaky_warning": "LEAKY, paper-comparable only: each test subject's epoch chosen "
+                               "on that subject's labels; not an estimate of performance"}
+             if "leaky_best_epoch" in r else {})
     if cfg.select_epochs == "nested":
         ns = r["nested_selection"]
         fixed = ns.get("fixed_final_epoch_same_run", {})

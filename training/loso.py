@@ -24,6 +24,13 @@ checkpoint of the chunk in progress (saved every ``checkpoint_every`` epochs, re
 ``torch.load(weights_only=True)``). Rerunning the same command skips finished folds and
 continues the chunk from its checkpoint. The nested selection keeps each inner model's
 predictions (``inner_KK_G.json``) until its fold's choice is written (``nested_XX.json``).
+
+Outer models trained only to their chosen epoch (``outer_epochs="chosen"``): the nested
+selection runs first, then each outer model trains up to the epoch its fold's inner CV chose
+and stops. The learning rate is constant and evaluations leave the weights alone, so the model
+at that epoch is the same as in a run that goes on to the end (tested): the honest scores and
+the CV ensemble are unchanged, for a fraction of the outer training. What is lost is what needs
+the later epochs: the LEAKY best-epoch figure and the fixed-schedule figure of the same run.
 """
 
 from __future__ import annotations
@@ -61,6 +68,11 @@ __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_ima
            "class_weighted_loss"]
 
 RESULTS_FORMAT = 1
+
+# How far the outer models train: "all" (to the schedule's end: the LEAKY best-epoch and
+# fixed-schedule figures come with the honest one) or "chosen" (nested runs only: each outer
+# model stops at its fold's chosen epoch; the same honest scores, faster).
+OUTER_EPOCHS = ("all", "chosen")
 
 
 class LosoWorkerError(RuntimeError):
@@ -589,6 +601,7 @@ def run_loso(
     progress: Callable[[str], None] | None = None,
     invocation: dict | None = None,
     workers: int = 1,
+    outer_epochs: str = "all",
 ) -> dict:
     """Run (or resume) LOSO over ``data``'s subjects and return the results dict.
 
@@ -597,6 +610,8 @@ def run_loso(
     that share the folds (and their nested epoch selection), each with
     ``torch.get_num_threads() // workers`` threads; they print their own progress. The results
     are also written to ``run_dir/results.json`` and, if given, ``results_path``.
+    outer_epochs: "all" (the outer models train the whole schedule) or "chosen" (a nested run's
+    outer models stop at their fold's chosen epoch; the module docstring says what is lost).
     """
     say = progress or (lambda msg: log.info(msg))
     run_dir = Path(run_dir)
@@ -611,6 +626,11 @@ def run_loso(
         raise ValueError("chunk_size must be >= 1")
     if workers < 1:
         raise ValueError("workers must be >= 1")
+    if outer_epochs not in OUTER_EPOCHS:
+        raise ValueError(f"outer_epochs {outer_epochs!r} is not one of {', '.join(OUTER_EPOCHS)}")
+    if outer_epochs == "chosen" and cfg.select_epochs != "nested":
+        raise ValueError("outer models can stop at their chosen epoch only when the epochs are "
+                         "chosen (select_epochs nested)")
     if workers > 1 and not str(device).startswith("cpu"):
         raise ValueError("worker processes are for CPU runs; on a GPU the folds of a chunk "
                          "already train at once (use --chunk-size)")
@@ -619,7 +639,10 @@ def run_loso(
     _check_training_sets(data, folds)
     check_model(data, cfg)
     config_doc = {"config": cfg.to_dict(), "n_samples": len(data), "subjects": subjects,
-                  "format": RESULTS_FORMAT}
+                  "format": RESULTS_FORMAT,
+                  # recorded only when not the default, so older run directories still resume;
+                  # folds trained to their chosen epoch cannot serve a run that needs them all
+                  **({"outer_epochs": outer_epochs} if outer_epochs != "all" else {})}
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
@@ -647,10 +670,14 @@ def run_loso(
         if workers > 1:
             _run_workers(data, cfg, run_dir, folds, pending, workers=workers,
                          chunk_size=chunk_size, device=device,
-                         checkpoint_every=checkpoint_every, say=say)
+                         checkpoint_every=checkpoint_every, say=say, outer_epochs=outer_epochs)
         else:
+            if outer_epochs == "chosen":  # the outer models need their folds' choices
+                select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
+                                     device=device, progress=say)
             _train_outer_folds(data, cfg, run_dir, pending, chunk_size=chunk_size,
-                               device=device, checkpoint_every=checkpoint_every, say=say)
+                               device=device, checkpoint_every=checkpoint_every, say=say,
+                               outer_epochs=outer_epochs)
         nested = None
         if cfg.select_epochs == "nested":
             nested = select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
@@ -663,7 +690,7 @@ def run_loso(
             **(invocation or {})}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name()
-    return _collect(data, cfg, run_dir, folds, results_path, info, nested)
+    return _collect(data, cfg, run_dir, folds, results_path, info, nested, outer_epochs)
 
 
 def _remove_finished_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:
@@ -738,10 +765,12 @@ def _elapsed(run_dir: Path) -> float | None:
 
 def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
                  pending: list[int], *, workers: int, chunk_size: int, device: str,
-                 checkpoint_every: int, say: Callable[[str], None]) -> None:
+                 checkpoint_every: int, say: Callable[[str], None],
+                 outer_epochs: str = "all") -> None:
     """Share the folds round robin among ``workers`` spawned processes. Each trains its
-    pending outer folds, then (nested) selects its folds' epochs; everything lands in the run
-    directory as per-fold files, so the parent only collects, and a rerun resumes."""
+    pending outer folds, then (nested) selects its folds' epochs (the other way round with
+    ``outer_epochs="chosen"``); everything lands in the run directory as per-fold files, so the
+    parent only collects, and a rerun resumes."""
     import multiprocessing
 
     nested_todo = (_nested_todo(run_dir, folds) if cfg.select_epochs == "nested" else [])
@@ -758,7 +787,7 @@ def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int]
     ctx = multiprocessing.get_context("spawn")  # fork after torch init is unsafe
     procs = [ctx.Process(target=_worker_main, name=f"loso-worker-{i}",
                          args=(i, data, cfg, str(run_dir), outer, inner, chunk_size, device,
-                               checkpoint_every, threads))
+                               checkpoint_every, threads, outer_epochs))
              for i, (outer, inner) in enumerate(shares)]
     say(f"{len(procs)} worker processes, {threads} torch thread(s) each")
     for p in procs:
@@ -781,7 +810,7 @@ def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int]
 
 def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, outer: list[int],
                  inner: list[int], chunk_size: int, device: str, checkpoint_every: int,
-                 threads: int) -> None:
+                 threads: int, outer_epochs: str = "all") -> None:
     import sys
 
     torch.set_num_threads(threads)
@@ -789,12 +818,19 @@ def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, oute
     def say(msg: str) -> None:
         print(f"[worker {worker}] {msg}", flush=True)
 
-    try:
-        _train_outer_folds(data, cfg, Path(run_dir), outer, chunk_size=chunk_size,
-                           device=device, checkpoint_every=checkpoint_every, say=say)
+    def select() -> None:
         if inner:
             select_epochs_nested(data, cfg, Path(run_dir), inner, chunk_size=chunk_size,
                                  device=device, progress=say)
+
+    try:
+        if outer_epochs == "chosen":
+            select()  # the outer models (this worker's share of the folds) need the choices
+        _train_outer_folds(data, cfg, Path(run_dir), outer, chunk_size=chunk_size,
+                           device=device, checkpoint_every=checkpoint_every, say=say,
+                           outer_epochs=outer_epochs)
+        if outer_epochs != "chosen":
+            select()
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # the parent reports which worker failed and how to resume
@@ -804,16 +840,21 @@ def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, oute
 
 def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: list[int], *,
                        chunk_size: int, device: str, checkpoint_every: int,
-                       say: Callable[[str], None]) -> None:
+                       say: Callable[[str], None], outer_epochs: str = "all") -> None:
     """Train and score the outer folds ``pending`` (``chunk_size`` at a time), writing
-    ``fold_XX.json`` for each and resuming a chunk from its checkpoint."""
+    ``fold_XX.json`` for each and resuming a chunk from its checkpoint. With
+    ``outer_epochs="chosen"`` a chunk trains to the largest epoch its folds' nested selections
+    chose (``nested_XX.json``, written before), and each fold is scored at its own."""
     subjects = data.subject_list
+    stop_at = _chosen_epochs(run_dir, pending) if outer_epochs == "chosen" else {}
     test_idx = {f: np.flatnonzero(data.subjects == subjects[f]) for f in pending}
     fold_file = lambda f: run_dir / f"fold_{f:02d}.json"  # noqa: E731
     session_t0 = time.perf_counter()
 
     for c0 in range(0, len(pending), chunk_size):
         chunk = pending[c0:c0 + chunk_size]
+        chunk_cfg = (dataclasses.replace(cfg, epochs=max(stop_at[f] for f in chunk))
+                     if stop_at else cfg)
         ckpt_path = run_dir / f"chunk_{chunk[0]:02d}_{chunk[-1]:02d}.pt"
         state = None
         if ckpt_path.exists():
@@ -856,25 +897,33 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
             os.replace(tmp, ckpt_path)
 
         def on_epoch(epoch: int) -> None:
-            if epoch == 1 or epoch % max(1, cfg.epochs // 10) == 0 or epoch == cfg.epochs:
+            last = chunk_cfg.epochs
+            if epoch == 1 or epoch % max(1, cfg.epochs // 10) == 0 or epoch == last:
                 el = timing["prior_s"] + time.perf_counter() - timing["t0"]
-                say(f"folds {chunk[0]}..{chunk[-1]} ({len(chunk)}): epoch {epoch}/{cfg.epochs}"
+                say(f"folds {chunk[0]}..{chunk[-1]} ({len(chunk)}): epoch {epoch}/{last}"
                     f"  {el:.0f} s")
 
         train_sets = [np.setdiff1d(np.arange(len(data)), test_idx[f]) for f in chunk]
         models, _ = train_models(
-            data.x, data.y, train_sets, cfg, chunk, device=device, eval_hook=eval_hook,
+            data.x, data.y, train_sets, chunk_cfg, chunk, device=device, eval_hook=eval_hook,
             state=state, checkpoint=save, checkpoint_every=checkpoint_every, on_epoch=on_epoch,
             landmarks=data.landmarks,
         )
         elapsed = timing["prior_s"] + time.perf_counter() - timing["t0"]
         for f, m in zip(chunk, models):
-            p = predict_probs(m, data.x[test_idx[f]], cfg, _rows(data.landmarks, test_idx[f]))
+            if stop_at:
+                # scored at its own chosen epoch (a chunk trains to its folds' largest)
+                entry = next(h for h in history[f] if h["epoch"] == stop_at[f])
+                p = np.asarray(entry["probs"], dtype=np.float32)
+            else:
+                p = predict_probs(m, data.x[test_idx[f]], cfg,
+                                  _rows(data.landmarks, test_idx[f]))
             _atomic_write_json(fold_file(f), {
                 "fold": f, "subject": subjects[f], "indices": test_idx[f].tolist(),
                 "probs": p.tolist(), "pred": p.argmax(-1).tolist(),
                 "history": history[f],
                 "chunk": [chunk[0], chunk[-1]], "chunk_wall_s": elapsed,
+                "trained_epochs": chunk_cfg.epochs,
             })
             acc = float((p.argmax(-1) == data.y[test_idx[f]]).mean())
             say(f"fold {f:2d} {subjects[f]:<16} n={len(test_idx[f]):2d} acc={acc:.2f}")
@@ -1053,6 +1102,14 @@ def _nested_todo(run_dir: Path, folds: list[int]) -> list[int]:
     return [f for f in folds if str(f) not in done and not _nested_file(run_dir, f).exists()]
 
 
+def _chosen_epochs(run_dir: Path, folds: list[int]) -> dict[int, int]:
+    """Each fold's chosen epoch, from the nested selection's files in ``run_dir``."""
+    legacy = Path(run_dir) / "nested_epochs.json"
+    old = json.loads(legacy.read_text())["chosen"] if legacy.exists() else {}
+    return {f: int(old[str(f)]) if str(f) in old
+            else int(json.loads(_nested_file(run_dir, f).read_text())["chosen"]) for f in folds}
+
+
 def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int], *,
                          chunk_size: int = 68, device: str = "cpu",
                          progress: Callable[[str], None] | None = None) -> dict:
@@ -1172,7 +1229,11 @@ def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) ->
 
 
 def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
-             results_path, info: dict, nested: dict | None = None) -> dict:
+             results_path, info: dict, nested: dict | None = None,
+             outer_epochs: str = "all") -> dict:
+    # Outer models stopped at their chosen epochs have no later epochs: no fixed-schedule or
+    # LEAKY best-epoch figure (the LEAKY one would be a maximum over fewer epochs).
+    whole_schedule = outer_epochs == "all"
     subjects = data.subject_list
     y_true, y_pred, idx_all, probs_all = [], [], [], []
     leaky_pred, leaky_epochs, wall = [], {}, {}
@@ -1203,7 +1264,7 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
         wall[tuple(doc["chunk"])] = doc["chunk_wall_s"]
     dbs = data.databases[idx_all]
     honest = evaluate(y_true, y_pred)
-    leaky = evaluate(y_true, leaky_pred)
+    leaky = evaluate(y_true, leaky_pred) if whole_schedule else None
     results = {
         "format": RESULTS_FORMAT,
         "protocol": ("LOSO, predictions of all folds pooled, scored once; epochs: "
@@ -1236,13 +1297,14 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
             "inner_uf1_curves": {subjects[int(f)]: c
                                  for f, c in nested["inner_uf1_curves"].items()},
             "candidate_epochs": nested["epochs"],
-            "fixed_final_epoch_same_run": {
-                k: evaluate(y_true, final_pred)[k] for k in ("uf1", "uar", "accuracy")},
+            **({"fixed_final_epoch_same_run": {
+                k: evaluate(y_true, final_pred)[k] for k in ("uf1", "uar", "accuracy")}}
+               if whole_schedule else {}),
         }}),
         **({} if len(ensemble_probs) != len(folds) or not folds else {
             "nested_cv_ensemble": _ensemble_block(np.concatenate(ensemble_probs), y_true, dbs,
                                                   nested["inner_folds"])}),
-        "leaky_best_epoch": {
+        **({"leaky_best_epoch": {
             "WARNING": "LEAKY, paper-comparable only: each test subject's epoch was chosen by "
                        "looking at that subject's labels. Not an estimate of performance.",
             "eval_every": cfg.eval_every,
@@ -1251,7 +1313,12 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
             "per_database": {db: {"uf1": r["uf1"], "uar": r["uar"]}
                              for db, r in per_database(y_true, leaky_pred, dbs).items()},
             "best_epoch_per_subject": leaky_epochs,
-        },
+        }} if whole_schedule else {"outer_epochs": {
+            "rule": "chosen: each outer model trained only to its fold's chosen epoch",
+            "not_measured": "the LEAKY best-epoch and the fixed-schedule figures (they need "
+                            "the epochs after the chosen one); the honest scores are those of "
+                            "a run to the schedule's end",
+        }}),
         "predictions": [
             {"index": int(i), "file": os.path.basename(str(data.files[i])),
              "subject": str(data.subjects[i]), "database": str(data.databases[i]),

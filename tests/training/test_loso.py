@@ -146,6 +146,44 @@ def test_nested_selection_in_workers_matches_serial_and_resumes(tmp_path):
     assert again["uf1"] == parallel["uf1"]
 
 
+def test_outer_models_stopped_at_their_chosen_epoch_give_the_same_honest_results(tmp_path):
+    """``outer_epochs="chosen"`` trains each outer model only to its fold's chosen epoch. The
+    learning rate is constant and evaluations do not touch the weights, so the honest
+    predictions and the CV ensemble are those of the run to the schedule's end, bit for bit in
+    one process; the figures that need the later epochs are left out, not made up."""
+    data = _synthetic()
+    cfg = dataclasses.replace(NESTED, epochs=6)  # candidates 2, 4, 6
+    full = run_loso(data, cfg, tmp_path / "all", folds=[0, 1, 2], chunk_size=1)
+    msgs: list[str] = []
+    short = run_loso(data, cfg, tmp_path / "chosen", folds=[0, 1, 2], chunk_size=1,
+                     outer_epochs="chosen", progress=msgs.append)
+    chosen = full["nested_selection"]["chosen_epochs"]
+    assert short["nested_selection"]["chosen_epochs"] == chosen
+    trained = [json.loads((tmp_path / "chosen" / f"fold_{f:02d}.json").read_text())
+               ["trained_epochs"] for f in (0, 1, 2)]
+    assert trained == [chosen[data.subject_list[f]] for f in (0, 1, 2)]
+    assert min(trained) < cfg.epochs  # the test exercises a model that stopped early
+    # The selection ran before the outer models (they need its choices).
+    first_outer = next(i for i, m in enumerate(msgs) if m.startswith("folds 0..0"))
+    assert any("epochs chosen" in m for m in msgs[:first_outer])
+    assert [p["probs"] for p in short["predictions"]] == [p["probs"] for p in full["predictions"]]
+    assert short["nested_cv_ensemble"]["probs"] == full["nested_cv_ensemble"]["probs"]
+    assert (short["uf1"], short["uar"]) == (full["uf1"], full["uar"])
+    assert "leaky_best_epoch" not in short and "leaky_best_epoch" in full
+    assert "fixed_final_epoch_same_run" not in short["nested_selection"]
+    assert "LEAKY" in short["outer_epochs"]["not_measured"]
+    # Worker processes: the same choices and predictions (one thread each, as here).
+    parallel = run_loso(data, cfg, tmp_path / "workers", folds=[0, 1, 2], chunk_size=1,
+                        workers=2, outer_epochs="chosen")
+    np.testing.assert_allclose(np.array([p["probs"] for p in parallel["predictions"]]),
+                               np.array([p["probs"] for p in full["predictions"]]), atol=1e-5)
+    # A run directory of one kind does not resume as the other.
+    with pytest.raises(ValueError, match="different configuration"):
+        run_loso(data, cfg, tmp_path / "chosen", folds=[0, 1, 2], chunk_size=1)
+    with pytest.raises(ValueError, match="only when the epochs are chosen"):
+        run_loso(data, CFG, tmp_path / "fixed", folds=[0], outer_epochs="chosen")
+
+
 def test_cv_ensemble_averages_the_outer_and_the_retrained_inner_models(tmp_path):
     """The ensemble's probabilities are the mean of the outer model and the inner models at
     the chosen epoch; the inner models are rebuilt here from their documented seed ids and
@@ -415,6 +453,8 @@ def test_landmark_input_kinds_train_and_need_landmarks(tmp_path):
     (["--folds", "1,x"], "--folds takes N or a comma list"),
     (["--folds", "0"], "--folds N needs N >= 1"),
     (["--model", "nosuch"], "unknown model 'nosuch'"),
+    (["--outer-epochs", "chosen", "--select-epochs", "fixed"],
+     "--outer-epochs chosen needs --select-epochs nested"),
 ])
 def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, args, message):
     from training.__main__ import main
