@@ -602,7 +602,12 @@ def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
              if "leaky_best_epoch" in r else {})
     if cfg.select_epochs == "nested":
         ns = r["nested_selection"]
-        fixed = ns.get("fixed_final_epoch_same_run", {})
+        # A run whose outer models stopped at their chosen epochs has no fixed-schedule figure.
+        fixed = ns.get("fixed_final_epoch_same_run")
+        fixed_block = {} if fixed is None else {
+            "fixed_schedule_uf1": fixed.get("uf1"), "fixed_schedule_uar": fixed.get("uar"),
+            "fixed_schedule_protocol": f"same run, every fold scored after {cfg.epochs} epochs "
+                                       "chosen a priori (honest; the pre-registered estimator)"}
         return {
             "protocol": f"LOSO, {n} subjects, pooled; each fold's epoch count chosen by nested "
                         "subject-wise CV on its training subjects only (honest) -- the rule "
@@ -613,9 +618,7 @@ def _loso_block(r: dict, cfg: LosoConfig, path, ensemble: bool = False) -> dict:
             "uf1": r["uf1"], "uar": r["uar"], "accuracy": r.get("accuracy"),
             "complete": r.get("complete"), "results_file": _cite(path),
             "median_chosen_epochs": ns.get("median_epochs"),
-            "fixed_schedule_uf1": fixed.get("uf1"), "fixed_schedule_uar": fixed.get("uar"),
-            "fixed_schedule_protocol": f"same run, every fold scored after {cfg.epochs} epochs "
-                                       "chosen a priori (honest; the pre-registered estimator)",
+            **fixed_block,
             "note": "the nested protocol was adopted after the fixed-schedule result had been "
                     "seen; it is a second honest estimator, not a pre-registered one",
             **leaky,

@@ -78,7 +78,10 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
                    for h in fold["history"]}
         epochs = window_epochs(chosen_of[subject], candidates, width)
         if any(e not in history for e in epochs):
-            raise WindowError(f"{path}: lacks the evaluation epochs {epochs}")
+            stopped = (" (its outer models stopped at their chosen epochs: --outer-epochs "
+                       "chosen; the window needs a run to the schedule's end)"
+                       if "outer_epochs" in doc else "")
+            raise WindowError(f"{path}: lacks the evaluation epochs {epochs}{stopped}")
         indices = [int(i) for i in fold["indices"]]
         stored = np.array([by_index[i]["probs"] for i in indices], dtype=np.float64)
         if not np.allclose(history[chosen_of[subject]], stored, atol=_SAME_PROBS_ATOL, rtol=0):

@@ -126,6 +126,20 @@ def test_export_nested_manifest(tmp_path):
     assert m["export_check"]["min_cosine"] >= 0.99 and m["export_check"]["argmax_equal"]
 
 
+def test_manifest_of_a_run_with_outer_models_stopped_at_their_chosen_epoch(tmp_path):
+    """Such a run measured no LEAKY and no fixed-schedule figure: the manifest's LOSO block
+    quotes its honest scores and leaves those out instead of failing or inventing them."""
+    from training.export import _loso_block
+
+    r = _results(NESTED)
+    del r["leaky_best_epoch"], r["nested_selection"]["fixed_final_epoch_same_run"]
+    loso = _loso_block(r, NESTED, tmp_path / "loso.json")
+    assert (loso["uf1"], loso["uar"]) == (0.7, 0.71)
+    assert not any(k.startswith(("leaky", "fixed_schedule")) for k in loso)
+    full = _loso_block(_results(NESTED), NESTED, tmp_path / "loso.json")
+    assert full["leaky_best_epoch_uf1"] == 0.8 and full["fixed_schedule_uf1"] == 0.68
+
+
 def test_cv_ensemble_engine_is_the_mean_of_its_members_and_quotes_the_ensemble_score(tmp_path):
     from realtime_mer.runtime import load_engine
     from training.export import train_full

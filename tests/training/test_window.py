@@ -97,3 +97,16 @@ def test_window_refuses_a_results_file_of_another_run(nested_run, tmp_path):
     with pytest.raises(WindowError, match="not a nested run"):
         checkpoint_window(tmp_path / "fixed", fixed, width=2)
     assert main(["window", "--run-dir", str(tmp_path / "missing"), "--results", str(out)]) == 2
+
+
+def test_window_refuses_a_run_whose_outer_models_stopped_at_their_chosen_epoch(nested_run,
+                                                                               tmp_path):
+    """Such a run has no checkpoints after a fold's choice: averaging only the earlier ones
+    would be another estimator, so the window says why it cannot be made."""
+    data = nested_run[0]
+    out = tmp_path / "chosen.json"
+    res = run_loso(data, NESTED, tmp_path / "chosen", chunk_size=1, results_path=out,
+                   outer_epochs="chosen")
+    assert min(res["nested_selection"]["chosen_epochs"].values()) < NESTED.epochs
+    with pytest.raises(WindowError, match="outer-epochs chosen"):
+        checkpoint_window(tmp_path / "chosen", out, width=NESTED.epochs)
