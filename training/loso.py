@@ -667,19 +667,19 @@ def run_loso(
         say(f"resuming: {len(folds) - len(pending)} of {len(folds)} folds already done")
     t0 = time.perf_counter()
     try:
+        nested = None
         if workers > 1:
             _run_workers(data, cfg, run_dir, folds, pending, workers=workers,
                          chunk_size=chunk_size, device=device,
                          checkpoint_every=checkpoint_every, say=say, outer_epochs=outer_epochs)
         else:
             if outer_epochs == "chosen":  # the outer models need their folds' choices
-                select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
-                                     device=device, progress=say)
+                nested = select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
+                                              device=device, progress=say)
             _train_outer_folds(data, cfg, run_dir, pending, chunk_size=chunk_size,
                                device=device, checkpoint_every=checkpoint_every, say=say,
-                               outer_epochs=outer_epochs)
-        nested = None
-        if cfg.select_epochs == "nested":
+                               stop_at=None if nested is None else nested["chosen"])
+        if cfg.select_epochs == "nested" and nested is None:
             nested = select_epochs_nested(data, cfg, run_dir, folds, chunk_size=chunk_size,
                                           device=device, progress=say)
     finally:
@@ -818,19 +818,22 @@ def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, oute
     def say(msg: str) -> None:
         print(f"[worker {worker}] {msg}", flush=True)
 
-    def select() -> None:
-        if inner:
-            select_epochs_nested(data, cfg, Path(run_dir), inner, chunk_size=chunk_size,
-                                 device=device, progress=say)
-
     try:
         if outer_epochs == "chosen":
-            select()  # the outer models (this worker's share of the folds) need the choices
-        _train_outer_folds(data, cfg, Path(run_dir), outer, chunk_size=chunk_size,
-                           device=device, checkpoint_every=checkpoint_every, say=say,
-                           outer_epochs=outer_epochs)
-        if outer_epochs != "chosen":
-            select()
+            # The outer models need their folds' choices: this worker's share is made first
+            # (its folds already chosen are only read back).
+            chosen = select_epochs_nested(data, cfg, Path(run_dir), sorted({*outer, *inner}),
+                                          chunk_size=chunk_size, device=device,
+                                          progress=say)["chosen"]
+            _train_outer_folds(data, cfg, Path(run_dir), outer, chunk_size=chunk_size,
+                               device=device, checkpoint_every=checkpoint_every, say=say,
+                               stop_at=chosen)
+        else:
+            _train_outer_folds(data, cfg, Path(run_dir), outer, chunk_size=chunk_size,
+                               device=device, checkpoint_every=checkpoint_every, say=say)
+            if inner:
+                select_epochs_nested(data, cfg, Path(run_dir), inner, chunk_size=chunk_size,
+                                     device=device, progress=say)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # the parent reports which worker failed and how to resume
@@ -840,20 +843,21 @@ def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, oute
 
 def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: list[int], *,
                        chunk_size: int, device: str, checkpoint_every: int,
-                       say: Callable[[str], None], outer_epochs: str = "all") -> None:
+                       say: Callable[[str], None],
+                       stop_at: dict[str, int] | None = None) -> None:
     """Train and score the outer folds ``pending`` (``chunk_size`` at a time), writing
-    ``fold_XX.json`` for each and resuming a chunk from its checkpoint. With
-    ``outer_epochs="chosen"`` a chunk trains to the largest epoch its folds' nested selections
-    chose (``nested_XX.json``, written before), and each fold is scored at its own."""
+    ``fold_XX.json`` for each and resuming a chunk from its checkpoint. ``stop_at``: each
+    fold's chosen epoch (``select_epochs_nested(...)["chosen"]``) for outer models that stop
+    there (``outer_epochs="chosen"``): a chunk trains to its folds' largest, and each fold is
+    scored at its own."""
     subjects = data.subject_list
-    stop_at = _chosen_epochs(run_dir, pending) if outer_epochs == "chosen" else {}
     test_idx = {f: np.flatnonzero(data.subjects == subjects[f]) for f in pending}
     fold_file = lambda f: run_dir / f"fold_{f:02d}.json"  # noqa: E731
     session_t0 = time.perf_counter()
 
     for c0 in range(0, len(pending), chunk_size):
         chunk = pending[c0:c0 + chunk_size]
-        chunk_cfg = (dataclasses.replace(cfg, epochs=max(stop_at[f] for f in chunk))
+        chunk_cfg = (dataclasses.replace(cfg, epochs=max(stop_at[str(f)] for f in chunk))
                      if stop_at else cfg)
         ckpt_path = run_dir / f"chunk_{chunk[0]:02d}_{chunk[-1]:02d}.pt"
         state = None
@@ -913,7 +917,7 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
         for f, m in zip(chunk, models):
             if stop_at:
                 # scored at its own chosen epoch (a chunk trains to its folds' largest)
-                entry = next(h for h in history[f] if h["epoch"] == stop_at[f])
+                entry = next(h for h in history[f] if h["epoch"] == stop_at[str(f)])
                 p = np.asarray(entry["probs"], dtype=np.float32)
             else:
                 p = predict_probs(m, data.x[test_idx[f]], cfg,
@@ -1100,14 +1104,6 @@ def _nested_todo(run_dir: Path, folds: list[int]) -> list[int]:
     legacy = Path(run_dir) / "nested_epochs.json"  # one file for all folds (older runs)
     done = set(json.loads(legacy.read_text())["chosen"]) if legacy.exists() else set()
     return [f for f in folds if str(f) not in done and not _nested_file(run_dir, f).exists()]
-
-
-def _chosen_epochs(run_dir: Path, folds: list[int]) -> dict[int, int]:
-    """Each fold's chosen epoch, from the nested selection's files in ``run_dir``."""
-    legacy = Path(run_dir) / "nested_epochs.json"
-    old = json.loads(legacy.read_text())["chosen"] if legacy.exists() else {}
-    return {f: int(old[str(f)]) if str(f) in old
-            else int(json.loads(_nested_file(run_dir, f).read_text())["chosen"]) for f in folds}
 
 
 def select_epochs_nested(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int], *,
