@@ -50,6 +50,10 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                    help="test-time augmentation: hflip averages the predictions of the maps "
                         "and of their mirror image, in LOSO scoring and in the exported engine "
                         "(map28 engines); default %(default)s")
+    g.add_argument("--tta-shift", type=int, default=d.tta_shift, metavar="PIXELS",
+                   help="test-time translation: also average the predictions over every "
+                        "offset of up to PIXELS along each axis (edges repeated), in LOSO "
+                        "scoring; 0 (default) is off")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="epochs between evaluations (the LEAKY best-epoch number; the "
@@ -96,6 +100,7 @@ def _config(args):
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
         augment=args.augment, mixup_alpha=args.mixup, shift_pixels=args.shift, tta=args.tta,
+        tta_shift=args.tta_shift,
         seed=args.seed,
         eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,

@@ -155,6 +155,9 @@ def calibration_of(data: Megc3DB, val_idx: np.ndarray, val_probs: np.ndarray,
 
 def check_engine_schedule(cfg: LosoConfig) -> None:
     """Refuse, before any training, a schedule whose prediction an engine cannot reproduce."""
+    if cfg.tta_shift:
+        raise ValueError(f"--tta-shift {cfg.tta_shift} is a LOSO scoring option that engines "
+                         "do not build in; export with --tta-shift 0")
     if cfg.tta != "none" and cfg.input_kind != "map28":
         raise ValueError(f"--tta {cfg.tta} is built into map28 engines only (the {cfg.input_kind} "
                          "input is rebuilt from the maps, which a graph on that input cannot "

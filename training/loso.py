@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_images", "normalise",
            "train_models", "git_commit", "select_epochs_nested", "select_epochs_full",
-           "NESTED_RULE", "model_inputs", "predict_probs", "trains_channels_last",
+           "NESTED_RULE", "model_inputs", "predict_probs", "translations",
+           "average_over_test_views", "trains_channels_last",
            "class_weighted_loss"]
 
 RESULTS_FORMAT = 1
@@ -108,6 +109,14 @@ class LosoConfig:
     # mirror image at every prediction (evaluation epochs, nested selection, the final
     # scores), as the exported engine does; "none" predicts from the maps alone.
     tta: str = "none"
+    # Test-time translation: 0 is off; k > 0 also averages the class probabilities over every
+    # integer offset (dy, dx) in [-k, k] x [-k, k] (the training shift's range, edges repeated
+    # as there), of the maps and, with tta "hflip", of their mirror image, in the predictions
+    # of held-out test subjects (the scores, the CV ensemble's members, the leaky history).
+    # The inner validation predictions that the epoch count and the calibration are chosen on
+    # keep tta alone (k x k times cheaper; the evaluations dominate a run otherwise), so every
+    # choice and every network is the same as in the run without it.
+    tta_shift: int = 0
     # Fixed per-channel normalisation (u, v, strain), applied after augmentation. Chosen a
     # priori (maps are in [0, 1]), so it carries no statistic of any held-out subject.
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -137,6 +146,8 @@ class LosoConfig:
             raise ValueError(f"augment {self.augment!r} is not one of none, hflip")
         if self.tta not in ("none", "hflip"):
             raise ValueError(f"tta {self.tta!r} is not one of none, hflip")
+        if not isinstance(self.tta_shift, int) or self.tta_shift < 0:
+            raise ValueError(f"tta_shift must be an integer >= 0, got {self.tta_shift!r}")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
         if not self.mixup_alpha >= 0 or not math.isfinite(self.mixup_alpha):
@@ -162,7 +173,7 @@ class LosoConfig:
         # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
              "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0,
-             "shift_pixels": 0, **d}
+             "shift_pixels": 0, "tta_shift": 0, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -198,16 +209,51 @@ def model_inputs(maps: np.ndarray | torch.Tensor, cfg: LosoConfig,
 def predict_probs(model: torch.nn.Module, maps: np.ndarray, cfg: LosoConfig,
                   landmarks: np.ndarray | None = None) -> np.ndarray:
     """(N, C) class probabilities of an eval-mode ``model`` for (N, 3, H, W) maps in [0, 1],
-    with the test-time augmentation of ``cfg`` (the mirror image's probabilities averaged in)."""
+    with the test-time augmentation of ``cfg`` (the probabilities of the mirror image and of
+    the translations averaged in)."""
     maps = np.asarray(maps, dtype=np.float32)
     with torch.no_grad():
-        p = torch.softmax(model(model_inputs(maps, cfg, landmarks)), -1)
+        views = [model_inputs(maps, cfg, landmarks)]
         if cfg.tta == "hflip":
             flipped = (None if landmarks is None
                        else hflip_landmarks(landmarks, float(maps.shape[-1])))
-            mirrored = model_inputs(hflip_maps(torch.as_tensor(maps)), cfg, flipped)
-            p = (p + torch.softmax(model(mirrored), -1)) / 2
+            views.append(model_inputs(hflip_maps(torch.as_tensor(maps)), cfg, flipped))
+        p = average_over_test_views(lambda x: torch.softmax(model(x), -1), views,
+                                    cfg.tta_shift)
     return p.numpy()
+
+
+def translations(x: torch.Tensor, max_shift: int) -> list[torch.Tensor]:
+    """Every translation of the images ``x`` (..., C, H, W) by integer offsets (dy, dx),
+    |dy|, |dx| <= ``max_shift``, in row-major (dy, dx) order: the same values as
+    :func:`shift_images` gives for each offset (out[i, j] = x[i - dy, j - dx], edges
+    repeated), taken as windows of one edge-padded copy."""
+    k = max_shift
+    if not k:
+        return [x]
+    h, w = x.shape[-2:]
+    lead = x.shape[:-3]
+    padded = F.pad(x.reshape(-1, *x.shape[-3:]), (k,) * 4, mode="replicate")
+    padded = padded.reshape(*lead, *padded.shape[1:])
+    return [padded[..., k - dy:k - dy + h, k - dx:k - dx + w]
+            for dy in range(-k, k + 1) for dx in range(-k, k + 1)]
+
+
+def average_over_test_views(probs_of: Callable[[torch.Tensor], torch.Tensor],
+                            views: list[torch.Tensor], max_shift: int) -> torch.Tensor:
+    """The mean of ``probs_of`` over each view (the input; its mirror image) translated by every
+    offset of the test-time shift: the one definition of a test-time-augmented prediction, used
+    by evaluation during training and by :func:`predict_probs` alike. The sum runs in a fixed
+    order, so both give the same floats."""
+    if max_shift and views[0].ndim < 4:
+        raise ValueError("a test-time shift needs image inputs (..., C, H, W)")
+    total, count = None, 0
+    for view in views:
+        for shifted in translations(view, max_shift):
+            p = probs_of(shifted.contiguous())
+            total = p if total is None else total + p
+            count += 1
+    return total / count
 
 
 def git_commit() -> str | None:
@@ -290,8 +336,9 @@ def train_models(
     input kinds that locate facial regions (mirrored with the maps by the flip). ``fold_ids``
     seed each model (init, batches, flips, shifts) so a model's run does not depend on the
     others. ``eval_hook(epoch, predict)`` is called every ``cfg.eval_every`` epochs and at the
-    end; ``predict`` maps an (M, T) index array into ``x`` (row m for model m) to (M, T, C)
-    probabilities in eval mode. ``state``/``checkpoint`` resume and save training.
+    end; ``predict(index, tta_shift=0)`` maps an (M, T) index array into ``x`` (row m for model
+    m) to (M, T, C) probabilities in eval mode, with the test-time mirror of ``cfg.tta`` and the
+    translations of ``tta_shift`` (the callers pass ``cfg.tta_shift`` for test subjects only). ``state``/``checkpoint`` resume and save training.
     ``channels_last``: feed a one-model chunk its images in channels-last layout; None
     (default) does so on a CPU for the networks that declare ``channels_last_on_cpu``
     (:func:`trains_channels_last`; the result differs from the default layout by
@@ -390,14 +437,14 @@ def train_models(
     else:
         train_fwd = vmap(fwd, in_dims=(0, 0, 0), randomness="different")
 
-    def predict(index: np.ndarray) -> torch.Tensor:
+    def predict(index: np.ndarray, tta_shift: int = 0) -> torch.Tensor:
         base.eval()
         with torch.no_grad():
             rows = torch.as_tensor(index, dtype=torch.long, device=device)
-            out = torch.softmax(train_fwd(params, buffers, x_dev[rows]), dim=-1)
-            if cfg.tta == "hflip":
-                out = (out + torch.softmax(train_fwd(params, buffers, x_flip[rows]), dim=-1)) / 2
-            out = out.cpu()
+            views = [x_dev[rows]] + ([x_flip[rows]] if cfg.tta == "hflip" else [])
+            out = average_over_test_views(
+                lambda xb: torch.softmax(train_fwd(params, buffers, xb), dim=-1), views,
+                tta_shift).cpu()
         base.train()
         return out
 
@@ -505,18 +552,9 @@ class _InputBank:
         n_offsets = (2 * max_shift + 1) ** 2
         if len(views) * n_offsets * x.numel() * x.element_size() > INPUT_BANK_MAX_BYTES:
             return None
-        k = max_shift
-        h, w = x.shape[-2:]
         parts = []
         for view in views:  # row order: (flip, dy, dx, sample)
-            # Edge-padded once; each offset is then a window of it, the same values as
-            # shift_images gives per batch (out[i, j] = x[i - dy, j - dx], edges repeated).
-            padded = F.pad(view, (k,) * 4, mode="replicate") if k else view
-            if channels_last:
-                padded = padded.contiguous(memory_format=torch.channels_last)
-            for dy in range(-k, k + 1):
-                for dx in range(-k, k + 1):
-                    parts.append(padded[..., k - dy:k - dy + h, k - dx:k - dx + w])
+            parts.extend(translations(view, max_shift))
         rows = torch.cat(parts)
         if channels_last:
             rows = rows.contiguous(memory_format=torch.channels_last)
@@ -884,7 +922,7 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
         padded = np.stack([np.resize(test_idx[f], width) for f in chunk])
 
         def eval_hook(epoch: int, predict) -> None:
-            probs = predict(padded)  # (M, T, C)
+            probs = predict(padded, cfg.tta_shift)  # (M, T, C); test subjects only
             for j, f in enumerate(chunk):
                 p = probs[j, :len(test_idx[f])]
                 history[f].append({"epoch": epoch,
@@ -1055,14 +1093,25 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         width = max(len(r) for r in rows)
         padded = np.stack([np.resize(r, width) for r in rows])
 
-        def hook(epoch: int, predict, chunk=chunk, padded=padded) -> None:
+        # The test subjects' rows again on their own, when they get the test-time translations
+        # (the validation rows, which the choices are made on, never do).
+        test_padded = None
+        if cfg.tta_shift and any(j[0] in test_of for j in chunk):
+            test_rows = [test_of.get(j[0], j[3][:1]) for j in chunk]
+            test_padded = np.stack([np.resize(r, max(len(t) for t in test_rows))
+                                    for r in test_rows])
+
+        def hook(epoch: int, predict, chunk=chunk, padded=padded,
+                 test_padded=test_padded) -> None:
             probs = predict(padded)
+            test_part = None if test_padded is None else predict(test_padded, cfg.tta_shift)
             for m, (f, g, _, val) in enumerate(chunk):
                 preds.setdefault((f, g), {})[epoch] = probs[m, :len(val)].numpy()
                 if f in test_of:
                     n_test = len(test_of[f])
-                    test_probs.setdefault((f, g), {})[epoch] = \
-                        probs[m, len(val):len(val) + n_test].numpy()
+                    test_probs.setdefault((f, g), {})[epoch] = (
+                        probs[m, len(val):len(val) + n_test] if test_part is None
+                        else test_part[m, :n_test]).numpy()
 
         # Seeds distinct from the outer folds' (which use 0..67) and the full model's (68).
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]

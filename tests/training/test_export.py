@@ -443,6 +443,15 @@ def test_mirror_tta_export_of_a_rebuilt_input_is_refused_before_training(tmp_pat
     assert not (tmp_path / "e.onnx").exists()
 
 
+def test_shift_tta_export_is_refused_before_training(tmp_path):
+    """Engines do not build the test-time translations in, so an export quoting them would
+    predict otherwise than its LOSO scores: refused before any training."""
+    cfg = LosoConfig(epochs=1, batch_size=4, tta="hflip", tta_shift=1)
+    with pytest.raises(ValueError, match="--tta-shift 1"):
+        export_default(_noisy(), cfg, tmp_path / "e.onnx", loso_results=None)
+    assert not (tmp_path / "e.onnx").exists()
+
+
 def test_every_shipped_engine_has_the_name_its_schedule_gives():
     """`training export` names an engine by its manifest's schedule; a shipped file under
     another name (or two schedules mapped to one name) would let an export overwrite it."""

@@ -184,6 +184,40 @@ def test_outer_models_stopped_at_their_chosen_epoch_give_the_same_honest_results
         run_loso(data, CFG, tmp_path / "fixed", folds=[0], outer_epochs="chosen")
 
 
+def test_shift_tta_changes_the_test_predictions_and_no_choice(tmp_path):
+    """tta_shift acts on the predictions of test subjects only: the inner validation
+    predictions (the choices' inputs) and so the chosen epochs are bit for bit those of the run
+    without it; the outer scores and the CV ensemble are the translation-averaged ones (the
+    outer ones checked against predict_probs of the model rebuilt from its fold's seed)."""
+    from training.loso import predict_probs, train_models
+
+    data = _synthetic()
+    cfg = dataclasses.replace(NESTED, tta="hflip", lr=5e-4)
+    plain = run_loso(data, cfg, tmp_path / "plain", folds=[0, 1], chunk_size=1,
+                     outer_epochs="chosen")
+    shifted_cfg = dataclasses.replace(cfg, tta_shift=1)
+    shifted = run_loso(data, shifted_cfg, tmp_path / "shift", folds=[0, 1], chunk_size=1,
+                       outer_epochs="chosen")
+    assert (shifted["nested_selection"]["chosen_epochs"]
+            == plain["nested_selection"]["chosen_epochs"])
+    for f in (0, 1):
+        a = json.loads((tmp_path / "plain" / f"nested_{f:02d}.json").read_text())
+        b = json.loads((tmp_path / "shift" / f"nested_{f:02d}.json").read_text())
+        assert a["inner_uf1"] == b["inner_uf1"]
+    p_plain = np.array([p["probs"] for p in plain["predictions"]])
+    p_shift = np.array([p["probs"] for p in shifted["predictions"]])
+    assert np.abs(p_plain - p_shift).max() > 1e-4
+    e_plain = np.array(plain["nested_cv_ensemble"]["probs"])
+    e_shift = np.array(shifted["nested_cv_ensemble"]["probs"])
+    assert np.abs(e_plain - e_shift).max() > 1e-4
+    test = np.flatnonzero(data.subjects == data.subject_list[0])
+    chosen = shifted["nested_selection"]["chosen_epochs"][data.subject_list[0]]
+    (model,), _ = train_models(data.x, data.y, [np.setdiff1d(np.arange(len(data)), test)],
+                               dataclasses.replace(shifted_cfg, epochs=chosen), [0])
+    np.testing.assert_allclose(p_shift[:len(test)], predict_probs(model, data.x[test],
+                                                                  shifted_cfg), atol=1e-5)
+
+
 def test_cv_ensemble_averages_the_outer_and_the_retrained_inner_models(tmp_path):
     """The ensemble's probabilities are the mean of the outer model and the inner models at
     the chosen epoch; the inner models are rebuilt here from their documented seed ids and
@@ -386,6 +420,9 @@ def test_bad_config():
     for shift in (-1, 1.5):
         with pytest.raises(ValueError, match="shift_pixels"):
             LosoConfig(shift_pixels=shift)
+    for shift in (-1, 1.5):
+        with pytest.raises(ValueError, match="tta_shift"):
+            LosoConfig(tta_shift=shift)
     for alpha in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="mixup_alpha"):
             LosoConfig(mixup_alpha=alpha)
@@ -587,6 +624,41 @@ def test_mirror_tta_scores_the_mean_of_the_maps_and_their_mirror(tmp_path):
     # Mirroring the input leaves the averaged prediction unchanged.
     np.testing.assert_allclose(predict_probs(model, hflip_maps(x).numpy(), cfg), want,
                                atol=1e-6)
+
+
+def test_shift_tta_scores_the_mean_over_the_mirror_and_every_translation(tmp_path):
+    """With tta=hflip and tta_shift=k each prediction is the mean of the model's probabilities
+    on the maps and on their mirror image, each translated by every offset of [-k, k]^2 (the
+    reference translates with shift_images, one offset at a time); the evaluation inside
+    training and predict_probs on the trained model agree."""
+    from training.loso import predict_probs, train_models
+
+    data = _synthetic()
+    k = 1
+    cfg = dataclasses.replace(CFG, tta="hflip", tta_shift=k, lr=5e-4)
+    res = run_loso(data, cfg, tmp_path / "run", folds=[0])
+    test = np.flatnonzero(data.subjects == data.subject_list[0])
+    (model,), _ = train_models(data.x, data.y, [np.setdiff1d(np.arange(len(data)), test)],
+                               cfg, [0])
+    x = torch.as_tensor(data.x[test])
+    parts = []
+    with torch.no_grad():
+        for view in (x, hflip_maps(x)):
+            for dy in range(-k, k + 1):
+                for dx in range(-k, k + 1):
+                    off = torch.tensor([[dy, dx]] * len(x))
+                    parts.append(torch.softmax(
+                        model(shift_images((view - 0.5) / 0.5, off, k)), -1).numpy())
+    want = np.mean(parts, axis=0)
+    assert len(parts) == 18
+    mirror_only = (parts[4] + parts[13]) / 2  # offset (0, 0) of each view
+    assert np.abs(want - mirror_only).max() > 1e-4  # the translations change the prediction
+    np.testing.assert_allclose([p["probs"] for p in res["predictions"]], want, atol=1e-5)
+    np.testing.assert_allclose(predict_probs(model, data.x[test], cfg), want, atol=1e-6)
+    # tta_shift 0 is the mirror-only prediction
+    np.testing.assert_allclose(
+        predict_probs(model, data.x[test], dataclasses.replace(cfg, tta_shift=0)),
+        mirror_only, atol=1e-6)
 
 
 def test_run_dir_written_before_a_schedule_field_existed_resumes(tmp_path):
