@@ -107,16 +107,21 @@ def _child(mode: str, epochs: int) -> dict:
 def test_keeping_freed_memory_changes_page_faults_not_results():
     """Fresh processes (the setting is process-wide and one-way). Each training step of an
     STSTNet at batch 64 allocates about 40 MB of activations and gradients; with glibc's
-    default policy part of it comes back as fresh pages every step, kept memory is reused."""
+    default policy part of it comes back as fresh pages every step, kept memory is reused.
+    How much the default policy faults varies from process to process (its dynamic mmap and
+    trim thresholds depend on the heap's layout: 4,700 to 65,000 faults measured for the
+    run below, kept memory 800 to 2,400), so three processes of each are summed."""
     epochs = 12
-    default = _child("default", epochs)
-    kept = _child("keep", epochs)
-    assert kept["kept"] is True
-    assert kept["preds"] == default["preds"]  # bitwise: the same floats, as JSON
-    # Page faults of epochs 3..12 (10 epochs of 2 steps): the default policy's are at least
-    # 5x those of kept memory (about 15x when this test was written).
-    assert default["faults_after_warmup"] > 5 * max(kept["faults_after_warmup"], 1), \
-        (default["faults_after_warmup"], kept["faults_after_warmup"])
+    default = [_child("default", epochs) for _ in range(3)]
+    kept = [_child("keep", epochs) for _ in range(3)]
+    assert all(k["kept"] is True for k in kept)
+    for run in default + kept:
+        assert run["preds"] == default[0]["preds"]  # bitwise: the same floats, as JSON
+    # Page faults of epochs 3..12 (10 epochs of 2 steps), summed over the three processes:
+    # the default policy's are at least 3x those of kept memory (about 15x typically).
+    faults_default = sum(r["faults_after_warmup"] for r in default)
+    faults_kept = sum(r["faults_after_warmup"] for r in kept)
+    assert faults_default > 3 * max(faults_kept, 1), (faults_default, faults_kept)
 
 
 def test_only_networks_measured_faster_keep_freed_memory():
