@@ -114,8 +114,9 @@ class LosoConfig:
     # as there), of the maps and, with tta "hflip", of their mirror image, in the predictions
     # of held-out test subjects (the scores, the CV ensemble's members, the leaky history).
     # The inner validation predictions that the epoch count and the calibration are chosen on
-    # keep tta alone (k x k times cheaper; the evaluations dominate a run otherwise), so every
-    # choice and every network is the same as in the run without it.
+    # keep tta alone ((2k + 1)^2 times fewer forward passes; the evaluations would otherwise
+    # cost as much as the training), so every choice and every network is the same as in the
+    # run without it.
     tta_shift: int = 0
     # Fixed per-channel normalisation (u, v, strain), applied after augmentation. Chosen a
     # priori (maps are in [0, 1]), so it carries no statistic of any held-out subject.
@@ -338,7 +339,8 @@ def train_models(
     others. ``eval_hook(epoch, predict)`` is called every ``cfg.eval_every`` epochs and at the
     end; ``predict(index, tta_shift=0)`` maps an (M, T) index array into ``x`` (row m for model
     m) to (M, T, C) probabilities in eval mode, with the test-time mirror of ``cfg.tta`` and the
-    translations of ``tta_shift`` (the callers pass ``cfg.tta_shift`` for test subjects only). ``state``/``checkpoint`` resume and save training.
+    translations of ``tta_shift`` (the callers pass ``cfg.tta_shift`` for test subjects only).
+    ``state``/``checkpoint`` resume and save training.
     ``channels_last``: feed a one-model chunk its images in channels-last layout; None
     (default) does so on a CPU for the networks that declare ``channels_last_on_cpu``
     (:func:`trains_channels_last`; the result differs from the default layout by
@@ -1094,12 +1096,14 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         padded = np.stack([np.resize(r, width) for r in rows])
 
         # The test subjects' rows again on their own, when they get the test-time translations
-        # (the validation rows, which the choices are made on, never do).
+        # (the validation rows, which the choices are made on, never do). The joint call above
+        # stays as it is, so a run without translations keeps its floats; a model of the chunk
+        # without a test subject is given one of its validation rows, whose result is unused.
         test_padded = None
         if cfg.tta_shift and any(j[0] in test_of for j in chunk):
             test_rows = [test_of.get(j[0], j[3][:1]) for j in chunk]
-            test_padded = np.stack([np.resize(r, max(len(t) for t in test_rows))
-                                    for r in test_rows])
+            test_width = max(len(r) for r in test_rows)
+            test_padded = np.stack([np.resize(r, test_width) for r in test_rows])
 
         def hook(epoch: int, predict, chunk=chunk, padded=padded,
                  test_padded=test_padded) -> None:
