@@ -43,6 +43,9 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=d.mixup_alpha, metavar="ALPHA",
                    help="mixup: train on mixtures of sample pairs and of their losses, mixing "
                         "weight ~ Beta(ALPHA, ALPHA) per sample; 0 (default) is off")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, metavar="EPS",
+                   help="train against (1 - EPS) * the one-hot label + EPS / classes on every "
+                        "class; 0 (default) is off")
     g.add_argument("--shift", type=int, default=d.shift_pixels, metavar="PIXELS",
                    help="random translation of each training input by up to PIXELS along each "
                         "axis (edges repeated); 0 (default) is off")
@@ -99,7 +102,8 @@ def _config(args):
         epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
-        augment=args.augment, mixup_alpha=args.mixup, shift_pixels=args.shift, tta=args.tta,
+        augment=args.augment, mixup_alpha=args.mixup,
+        label_smoothing=args.label_smoothing, shift_pixels=args.shift, tta=args.tta,
         tta_shift=args.tta_shift,
         seed=args.seed,
         eval_every=args.eval_every,

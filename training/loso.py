@@ -99,6 +99,10 @@ class LosoConfig:
     # batch, lam ~ Beta(alpha, alpha) per sample, and on the same mixture of their (class
     # weighted) losses. Applied to the network's input after the flip.
     mixup_alpha: float = 0.0
+    # Label smoothing (Szegedy et al., CVPR 2016): 0 is off; eps > 0 trains each sample
+    # against (1 - eps) * its one-hot label + eps / C on every class (PyTorch's convention),
+    # before its class weight, so the network is not pushed to ever more confident logits.
+    label_smoothing: float = 0.0
     # Random translation: 0 is off; k > 0 shifts each training sample's network input by
     # integers drawn uniformly from [-k, k] along each axis (per sample, from the fold's own
     # generator), the edge rows and columns repeated into the vacated border. Applied after
@@ -153,6 +157,8 @@ class LosoConfig:
             raise ValueError("eval_every must be >= 1")
         if not self.mixup_alpha >= 0 or not math.isfinite(self.mixup_alpha):
             raise ValueError(f"mixup_alpha must be a finite number >= 0, got {self.mixup_alpha}")
+        if not 0.0 <= self.label_smoothing < 1.0:  # also rejects NaN
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not isinstance(self.shift_pixels, int) or self.shift_pixels < 0:
             raise ValueError(f"shift_pixels must be an integer >= 0, got {self.shift_pixels!r}")
         if self.select_epochs not in ("fixed", "nested"):
@@ -174,7 +180,7 @@ class LosoConfig:
         # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
              "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0,
-             "shift_pixels": 0, "tta_shift": 0, **d}
+             "label_smoothing": 0.0, "shift_pixels": 0, "tta_shift": 0, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
 
@@ -499,7 +505,8 @@ def train_models(
                 x_mix = lam.view(*lam.shape, *[1] * (xb.ndim - 2))
                 xb = x_mix * xb + (1 - x_mix) * xb.roll(1, dims=1)
                 mixing = (lam, yb.roll(1, dims=1))
-            loss = class_weighted_loss(train_fwd(params, buffers, xb), yb, class_w, mixing)
+            loss = class_weighted_loss(train_fwd(params, buffers, xb), yb, class_w, mixing,
+                                       cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -598,21 +605,25 @@ def shift_images(x: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torc
 
 
 def class_weighted_loss(logits: torch.Tensor, y: torch.Tensor, class_w: torch.Tensor,
-                        mixing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        mixing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
     """The training loss, summed over models so each model's gradient is its own loss's: per
     model, the class-weighted mean of the cross-entropy over its batch (PyTorch's weighted-CE
     convention). With ``mixing = (lam, y_partner)`` (mixup) each sample's loss is
     lam * CE(y) + (1 - lam) * CE(y_partner), each part weighted by its class's weight, and
-    normalised by the sum of those weights. logits (M, B, C); y, y_partner (M, B) int;
-    lam (M, B); class_w (M, C)."""
+    normalised by the sum of those weights. With ``label_smoothing`` eps each CE is taken
+    against the smoothed target (1 - eps) * one-hot + eps / C; the weights stay those of the
+    labels. logits (M, B, C); y, y_partner (M, B) int; lam (M, B); class_w (M, C)."""
     rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
     flat = logits.flatten(0, 1)
     w = class_w[rows, y]  # (M, B)
-    ce = F.cross_entropy(flat, y.flatten(), reduction="none").view_as(w)
+    ce = F.cross_entropy(flat, y.flatten(), reduction="none",
+                         label_smoothing=label_smoothing).view_as(w)
     if mixing is None:
         return ((ce * w).sum(1) / w.sum(1)).sum()
     lam, y_partner = mixing
-    ce_b = F.cross_entropy(flat, y_partner.flatten(), reduction="none").view_as(w)
+    ce_b = F.cross_entropy(flat, y_partner.flatten(), reduction="none",
+                           label_smoothing=label_smoothing).view_as(w)
     w_a, w_b = lam * w, (1 - lam) * class_w[rows, y_partner]
     return ((w_a * ce + w_b * ce_b).sum(1) / (w_a + w_b).sum(1)).sum()
 

@@ -374,10 +374,24 @@ def test_training_loss_matches_pytorchs_weighted_and_soft_target_cross_entropy()
     torch.testing.assert_close(
         class_weighted_loss(logits, y, torch.ones(m, c), (lam, y_partner)), reference,
         rtol=1e-6, atol=1e-6)
+    # Label smoothing eps: each sample's CE is against (1 - eps) * one-hot + eps / C, written
+    # out here from the log-softmax, weighted by the class weight of the sample's label.
+    eps = 0.1
+    log_p = torch.log_softmax(logits, dim=-1)
+    smooth = (1 - eps) * torch.nn.functional.one_hot(y, c) + eps / c
+    per_sample = -(smooth * log_p).sum(-1)  # (M, B)
+    w = torch.gather(class_w, 1, y)
+    reference = ((per_sample * w).sum(1) / w.sum(1)).sum()
+    torch.testing.assert_close(class_weighted_loss(logits, y, class_w, label_smoothing=eps),
+                               reference, rtol=1e-6, atol=1e-6)
+    # ... and differs from the unsmoothed loss (the logits are not uniform).
+    assert abs(float(reference) - float(weighted)) > 1e-3
 
 
-# Shifted batches are harder than mixed ones: that run gets twice the steps of CFG.
-@pytest.mark.parametrize("option,value,epochs", [("mixup_alpha", 0.4, 4), ("shift_pixels", 2, 8)])
+# Shifted batches are harder than mixed ones: that run gets twice the steps of CFG. Label
+# smoothing changes the loss, not the inputs, but the run must still learn.
+@pytest.mark.parametrize("option,value,epochs", [("mixup_alpha", 0.4, 4), ("shift_pixels", 2, 8),
+                                                 ("label_smoothing", 0.1, 4)])
 def test_training_augmentation_trains_on_other_inputs_and_still_learns(tmp_path, option, value,
                                                                         epochs):
     data = _synthetic()
@@ -426,6 +440,9 @@ def test_bad_config():
     for alpha in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="mixup_alpha"):
             LosoConfig(mixup_alpha=alpha)
+    for eps in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            LosoConfig(label_smoothing=eps)
     with pytest.raises(ValueError):
         LosoConfig(epochs=0)
     cfg = LosoConfig.from_dict(CFG.to_dict())
