@@ -126,9 +126,10 @@ def test_truncated_video_keeps_events_found_before_the_damage(media_dir, tmp_pat
 @pytest.mark.parametrize("content", ["random", "text", "empty"])
 def test_not_a_video_gives_a_clear_error(tmp_path, capsys, content):
     bad = tmp_path / "clip.mp4"
-    # Fixed random bytes, not os.urandom: about 1 in 150 random 200 kB blobs holds an H.263
-    # start code that FFmpeg's probe accepts as a raw H.263 stream; it then decodes a real
-    # (faceless) frame, which the CLI rightly reports as a video without a face (exit 0).
+    # Fixed random bytes, not os.urandom: now and then a random blob (one in the first 147 of
+    # a seeded search) holds an H.263 start code that FFmpeg's probe accepts as a raw H.263
+    # stream; it then decodes a real (faceless) frame, which the CLI rightly reports as a
+    # video without a face (exit 0).
     payload = {"random": random.Random(0).randbytes(200_000),
                "text": b"hello, not a video\n" * 100, "empty": b""}[content]
     bad.write_bytes(payload)
