@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -273,6 +274,29 @@ def git_commit() -> str | None:
         return sha if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha) else None
     except Exception:
         return None
+
+
+def host_cpu() -> dict:
+    """The CPU the numbers came from: its identity, the vector ISA torch dispatches to and the
+    oneDNN version. CPU training is deterministic on one host but a rerun on another host with
+    other kernels need not be bit-identical (seed 0 of the SGD runs moved by 0.003), so a
+    result file says which host produced it."""
+    cpu: dict = {"capability": torch.backends.cpu.get_cpu_capability()}
+    onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    cpu["onednn"] = onednn.group(1) if onednn else None
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: the ISA and oneDNN version are still recorded
+        return cpu
+    wanted = {"model name": "model_name", "cpu family": "family", "model": "model",
+              "stepping": "stepping"}
+    for line in lines:
+        if not line.strip():
+            break  # the first processor's block is enough: the cores of a host are alike
+        key, _, value = line.partition(":")
+        if key.strip() in wanted:
+            cpu[wanted[key.strip()]] = value.strip()
+    return cpu
 
 
 def _declares_on_cpu(model: torch.nn.Module, device: str, flag: str) -> bool:
@@ -1338,6 +1362,7 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
                     "class_names": list(CLASS_NAMES)},
         "environment": {"torch": torch.__version__, "numpy": np.__version__,
                         "git_commit": git_commit(), "threads": torch.get_num_threads(),
+                        "cpu": host_cpu(),
                         **info},
         "wall_time_s": float(sum(wall.values())),
         # Wall clock of the whole run (outer folds, nested selection, worker processes

@@ -65,6 +65,10 @@ def test_short_loso_end_to_end(tmp_path):
                 "augment"):
         assert key in saved["config"]
     assert saved["environment"]["torch"] == torch.__version__
+    # The host CPU is named so that a rerun elsewhere can be told apart from drift.
+    cpu = saved["environment"]["cpu"]
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu["onednn"] is None or cpu["onednn"][0].isdigit()
     assert "wall_time_s" in saved and saved["per_database"]["casme2"]["n"] == 27
     assert not list((tmp_path / "run").glob("chunk_*.pt"))  # checkpoint removed when done
 
