@@ -15,6 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from realtime_mer.native_logs import quiet_native_logs
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
@@ -184,16 +186,18 @@ class FaceAligner:
         thumbnail = cut_thumbnail(image)
         cut = self._last_thumbnail is not None and \
             cut_score(self._last_thumbnail, thumbnail) > self.options.cut_threshold
-        if cut and self._mesh is not None:
-            log.debug("hard cut at %.1f ms; restarting face tracking", t_ms)
-            self._mesh.reset()  # restarts the graph (~3 ms) without reloading its models
         self._last_thumbnail = thumbnail
-        if self._mesh is None:
-            self._mesh = self._make_mesh()
-
         rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         rgb.flags.writeable = False  # lets MediaPipe wrap the buffer instead of copying it
-        found = self._mesh.process(rgb).multi_face_landmarks
+        # A graph start (a new mesh, or a restart after a cut) and its first frame are when
+        # MediaPipe prints its native start-up warnings; they go to the debug log instead.
+        with quiet_native_logs(enabled=self._mesh is None or cut):
+            if cut and self._mesh is not None:
+                log.debug("hard cut at %.1f ms; restarting face tracking", t_ms)
+                self._mesh.reset()  # restarts the graph (~3 ms) without reloading its models
+            if self._mesh is None:
+                self._mesh = self._make_mesh()
+            found = self._mesh.process(rgb).multi_face_landmarks
         if not found:
             return FaceResult(found=False, n_faces=0, cut=cut)
 

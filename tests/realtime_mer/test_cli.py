@@ -405,3 +405,19 @@ def test_live_run_stops_at_its_duration_with_a_complete_result(media_dir, tmp_pa
     assert 0 < frames["processed"] and frames["processed"] + frames["dropped"] < 72
     assert result.summary["input"]["duration_limit_s"] == 1.0
     assert json.loads((tmp_path / "live" / "summary.json").read_text())["complete"] is True
+
+
+def test_stderr_carries_no_native_library_chatter(media_dir, tmp_path):
+    """A clean run's stderr is the CLI's own: MediaPipe's start-up warnings (printed by native
+    code at every graph start, here also at the video's face restarts) are in the debug log."""
+    from realtime_mer.native_logs import is_native_chatter
+
+    result = subprocess.run(
+        [sys.executable, "-m", "realtime_mer.cli", "analyze",
+         str(media_dir / "face_noface.mov"), "--out", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    chatter = [line for line in result.stderr.splitlines()
+               if is_native_chatter(line) or line.startswith(("W0000", "I0000"))]
+    assert chatter == []
+    assert "face_noface.mov" in result.stdout

@@ -5,6 +5,7 @@ tracking at a hard cut."""
 from __future__ import annotations
 
 import csv
+import logging
 import math
 
 import cv2
@@ -216,3 +217,20 @@ def test_time_going_back_restarts_tracking_and_bad_frames_raise(aligner, media_d
         aligner.process(image.astype(np.float32), 20.0)
     with pytest.raises(ValueError, match="shape"):
         aligner.process(image[..., :2], 20.0)
+
+
+def test_mediapipe_start_up_warnings_go_to_the_debug_log(media_dir, capfd, caplog):
+    """Each graph start (a new tracker, a restart after a cut) makes MediaPipe print native
+    warnings on stderr; the face stage hands them to the debug log so the CLI's output stays
+    its own."""
+    caplog.set_level(logging.DEBUG, logger="realtime_mer")
+    image = cv2.imread(str(media_dir / "single_face.jpg"))
+    with FaceAligner(FaceOptions(crop_size=CROP)) as face:
+        assert face.process(image, 0.0).found
+        face.reset()
+        assert face.process(image, 40.0).found
+    err = capfd.readouterr().err
+    assert "inference_feedback_manager" not in err and "W0000" not in err, err
+    native = [r.getMessage() for r in caplog.records if r.getMessage().startswith("native: ")]
+    assert sum("Feedback manager" in m for m in native) >= 2, native
+
