@@ -690,13 +690,14 @@ def run_loso(
     """
     say = progress or (lambda msg: log.info(msg))
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     subjects = data.subject_list
     all_folds = list(range(len(subjects)))
     folds = all_folds if folds is None else sorted(set(int(f) for f in folds))
     bad = [f for f in folds if f < 0 or f >= len(subjects)]
     if bad:
-        raise ValueError(f"fold index(es) {bad} outside 0..{len(subjects) - 1}")
+        shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise ValueError(f"fold index(es) {shown} outside 0..{len(subjects) - 1}: the dataset has "
+                         f"{len(subjects)} folds, one per subject")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     if workers < 1:
@@ -718,6 +719,7 @@ def run_loso(
                   # recorded only when not the default, so older run directories still resume;
                   # folds trained to their chosen epoch cannot serve a run that needs them all
                   **({"outer_epochs": outer_epochs} if outer_epochs != "all" else {})}
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no directory behind
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())

@@ -318,6 +318,16 @@ def test_network_that_does_not_fit_is_refused_before_the_run_dir_records_it(tmp_
     run_loso(data, CFG, tmp_path / "run", folds=[0])  # the fixed command runs in that dir
 
 
+def test_folds_beyond_the_dataset_are_refused_briefly_before_any_work(tmp_path):
+    data = _synthetic()  # 4 subjects: folds 0..3
+    with pytest.raises(ValueError) as info:
+        run_loso(data, CFG, tmp_path / "run", folds=range(1, 1000))
+    message = str(info.value)
+    assert message.startswith("fold index(es) 4, 5, 6, 7, 8, ... (996 in all) outside 0..3")
+    assert len(message) < 200
+    assert not (tmp_path / "run").exists()
+
+
 def test_unreadable_checkpoint_restarts_its_chunk(tmp_path):
     data = _synthetic()
     run_dir = tmp_path / "run"
