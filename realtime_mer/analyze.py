@@ -87,7 +87,7 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
                    progress: ProgressCallback | None = None,
                    on_event: EventCallback | None = None) -> AnalysisResult:
     """Analyse a live camera (OpenCV device index or stream URL) until ``duration_s`` passes,
-    the camera disconnects, or Ctrl+C. Frames the pipeline cannot keep up with are dropped at the
+    the camera disconnects, or Ctrl+C; a local video file plays in real time to its end. Frames the pipeline cannot keep up with are dropped at the
     source (oldest first) and counted in the summary."""
     camera = WebcamSource(device, capture)
     camera.start()  # raises InputError when the camera cannot be opened
@@ -102,7 +102,8 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
                 problems.append(str(error))
                 return
             if frame is None:
-                problems.append(f"no frame from camera {device!r} for {frame_timeout_s:g} s")
+                if not camera.ended:  # a video file played to its end is a complete run
+                    problems.append(f"no frame from camera {device!r} for {frame_timeout_s:g} s")
                 return
             yield frame
 

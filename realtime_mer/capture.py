@@ -366,6 +366,28 @@ class VideoFileSource:
             pass
 
 
+def _is_local_file(device: int | str | os.PathLike) -> bool:
+    if isinstance(device, int):
+        return False
+    text = os.fspath(device)
+    return "://" not in text and Path(text).is_file()
+
+
+def _open_capture(device: int | str | os.PathLike) -> Any:
+    """``cv2.VideoCapture`` without OpenCV's own warnings on stderr (a camera index that does not
+    exist makes each video backend print one); the caller's one-line error says what happened.
+    ``--verbose`` (the realtime_mer logger at DEBUG) leaves OpenCV's logging as it is."""
+    quiet = not log.isEnabledFor(logging.DEBUG)
+    previous = cv2.getLogLevel()
+    if quiet:
+        cv2.setLogLevel(1)  # fatal only
+    try:
+        return cv2.VideoCapture(os.fspath(device) if isinstance(device, os.PathLike) else device)
+    finally:
+        if quiet:
+            cv2.setLogLevel(previous)
+
+
 class WebcamSource:
     """A live camera read by a daemon thread into a bounded queue.
 
@@ -373,6 +395,10 @@ class WebcamSource:
     OpenCV's ``read()`` / ``isOpened()`` / ``release()`` (which is how tests drive it with a video
     file). When the consumer is slower than the camera the OLDEST queued frame is dropped and
     counted in ``dropped``: a live recognizer wants the present, not a growing backlog.
+
+    A local video file given by its path plays like a camera: its frames are delivered at their
+    own timestamps (not as fast as they decode, which would drop most of them), and its end is the
+    end of the stream (``ended``), not a disconnection. A stream URL that stops is a disconnection.
     """
 
     #: consecutive failed reads after which the camera is considered gone
@@ -391,7 +417,10 @@ class WebcamSource:
         self._thread: threading.Thread | None = None
         self._cap: Any = None
         self._disconnected: str | None = None
+        self._ended = False
         self._t0: float | None = None
+        #: deliver frames at the file's own timestamps (set by start() for a local file path)
+        self.paced = False
 
     # -- lifetime --------------------------------------------------------------------------
     def start(self) -> "WebcamSource":
@@ -399,7 +428,8 @@ class WebcamSource:
             return self
         cap = self.device
         if isinstance(cap, (int, str, os.PathLike)):
-            cap = cv2.VideoCapture(os.fspath(cap) if isinstance(cap, os.PathLike) else cap)
+            self.paced = _is_local_file(cap)
+            cap = _open_capture(cap)
         for name in ("read", "isOpened", "release"):
             if not callable(getattr(cap, name, None)):
                 raise TypeError(f"device must be an index, a path or a capture object; {cap!r} "
@@ -411,6 +441,7 @@ class WebcamSource:
         self._cap = cap
         self._stop.clear()
         self._disconnected = None
+        self._ended = False
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="mer-webcam", daemon=True)
         self._thread.start()
@@ -437,15 +468,24 @@ class WebcamSource:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def ended(self) -> bool:
+        """True once a paced video file has delivered its last frame."""
+        return self._ended
+
     # -- producer --------------------------------------------------------------------------
     def _run(self) -> None:
         cap = self._cap
         failures = 0
         index = 0
+        file_t_ms = -math.inf
         try:
             while not self._stop.is_set():
                 ok, image = cap.read()
                 t = time.monotonic()
+                if (not ok or image is None) and self.paced:
+                    self._mark_ended(index)
+                    return
                 if not ok or image is None:
                     failures += 1
                     if failures >= self.max_failed_reads:
@@ -455,8 +495,17 @@ class WebcamSource:
                     time.sleep(self.retry_pause_s)
                     continue
                 failures = 0
-                frame = Frame(t_ms=(t - self._t0) * 1000.0,
-                              image_bgr=_downscale(image, self.options.max_side), index=index)
+                t_ms = (t - self._t0) * 1000.0
+                if self.paced:
+                    # The file's own clock; a backend that reports no position gets its rate.
+                    position = cap.get(cv2.CAP_PROP_POS_MSEC)
+                    step = 1000.0 / (cap.get(cv2.CAP_PROP_FPS) or 30.0)
+                    file_t_ms = position if position > file_t_ms else file_t_ms + step
+                    t_ms = max(file_t_ms, 0.0)
+                    if self._stop.wait(max(0.0, self._t0 + t_ms / 1000.0 - time.monotonic())):
+                        break
+                frame = Frame(t_ms=t_ms, image_bgr=_downscale(image, self.options.max_side),
+                              index=index)
                 index += 1
                 self._put(frame)
         except Exception as exc:  # noqa: BLE001 - a driver error must reach the consumer
@@ -474,6 +523,12 @@ class WebcamSource:
             self.frames_captured += 1
             self._cond.notify()
 
+    def _mark_ended(self, frames: int) -> None:
+        log.info("the video file ended after %d frames", frames)
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
     def _mark_disconnected(self, message: str) -> None:
         log.warning("%s", message)
         with self._cond:
@@ -483,14 +538,14 @@ class WebcamSource:
     # -- consumer --------------------------------------------------------------------------
     def read(self, timeout_s: float | None = 1.0) -> Frame | None:
         """The oldest queued frame, waiting up to ``timeout_s`` (None: forever). Returns None on
-        timeout or after ``stop()``; raises ``InputError`` once the camera is gone and every frame
-        it delivered has been read."""
+        timeout, after ``stop()`` or at the end of a video file (``ended``); raises ``InputError``
+        once the camera is gone and every frame it delivered has been read."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while not self._queue:
                 if self._disconnected is not None:
                     raise InputError(self._disconnected)
-                if self._thread is None:
+                if self._thread is None or self._ended:
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -506,7 +561,7 @@ class WebcamSource:
             except InputError:
                 return
             if frame is None:
-                if self._thread is None:
+                if self._thread is None or self._ended:
                     return
                 continue
             yield frame

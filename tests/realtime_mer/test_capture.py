@@ -256,6 +256,22 @@ def test_webcam_read_times_out_with_none(media_dir):
     assert source.read(timeout_s=0.05) is None  # stopped: no frame, no error
 
 
+def test_video_file_path_plays_at_its_own_timestamps_and_ends_cleanly(media_dir):
+    """A file given by path plays like a camera: each frame arrives no earlier than its time in
+    the file (72 frames at 30 fps: 2.37 s), t_ms is the file's clock, and its end is ``ended``,
+    not a disconnection."""
+    start = time.monotonic()
+    with WebcamSource(str(media_dir / "single_face.mp4"), CaptureOptions(queue_size=100)) as source:
+        assert source.paced
+        got = list(source)
+        arrival = time.monotonic() - start
+        assert source.ended
+        assert source.read(timeout_s=0.1) is None  # the end is not an error
+    assert [f.index for f in got] == list(range(72)) and source.dropped == 0
+    np.testing.assert_allclose([f.t_ms for f in got], np.arange(72) * 1000.0 / 30.0, atol=0.5)
+    assert arrival >= 71 / 30.0 - 0.05
+
+
 def test_webcam_that_cannot_open_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot open camera"):
         WebcamSource(cv2.VideoCapture(str(tmp_path / "no_camera.mp4"))).start()

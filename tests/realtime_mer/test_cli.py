@@ -250,10 +250,14 @@ def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
     read_events(out / "events.jsonl")  # every line parses
 
 
-def test_live_camera_that_disconnects(media_dir, tmp_path, capsys):
-    """A video file opened through OpenCV stands in for a camera: it delivers frames faster than
-    the pipeline consumes them (so the capture thread drops the oldest) and then "disconnects"
-    when it ends. The run stops with a clear message and keeps its outputs."""
+def test_live_camera_that_disconnects(media_dir, tmp_path, capsys, monkeypatch):
+    """A video file opened through OpenCV, treated as a stream URL (not played at its own pace),
+    stands in for a camera: it delivers frames faster than the pipeline consumes them (so the
+    capture thread drops the oldest) and then "disconnects" when it ends. The run stops with a
+    clear message and keeps its outputs."""
+    import realtime_mer.capture
+
+    monkeypatch.setattr(realtime_mer.capture, "_is_local_file", lambda device: False)
     out = tmp_path / "live"
     code = main(["live", "--camera", str(media_dir / "single_face.mp4"), "--out", str(out)])
     captured = capsys.readouterr()
@@ -266,6 +270,23 @@ def test_live_camera_that_disconnects(media_dir, tmp_path, capsys):
     assert summary["problems"]
     for name in OUTPUT_FILES:
         assert (out / name).exists()
+
+
+def test_live_on_a_video_file_plays_it_in_real_time_to_a_complete_end(media_dir, tmp_path,
+                                                                      capsys):
+    """`mer live --camera FILE` plays the file like a camera: frames at their own times, so a
+    pipeline faster than 30 frames/s keeps (nearly) all of them, and the file's end is a
+    complete run with exit 0, not a disconnection."""
+    out = tmp_path / "live"
+    code = main(["live", "--camera", str(media_dir / "single_face.mp4"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "disconnected" not in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["problems"] == []
+    frames = summary["frames"]
+    assert frames["processed"] + frames["dropped"] == 72
+    assert frames["processed"] >= 36  # as fast as decoding, far fewer survive a queue of 8
 
 
 def test_huge_frames_are_downscaled(media_dir, tmp_path):
