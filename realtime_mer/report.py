@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,14 +97,29 @@ def read_events(path: str | Path) -> list[EventRecord]:
     return events
 
 
+#: Decimals of the CSV's numeric columns: the table is for people and spreadsheets, so times
+#: keep 0.1 ms (frames are tens of ms apart) and probabilities and flow magnitudes 4 decimals;
+#: events.jsonl keeps full precision.
+_CSV_DECIMALS = {"confidence": 4, "onset_ms": 1, "apex_ms": 1, "offset_ms": 1, "duration_ms": 1,
+                 "peak": 4, "threshold": 4}
+_CSV_PROBABILITY_DECIMALS = 4
+
+
+def _rounded(value: Any, decimals: int) -> Any:
+    return round(value, decimals) if isinstance(value, float) and math.isfinite(value) else value
+
+
 def write_csv(path: str | Path, events: Sequence[EventRecord], class_names: Sequence[str]) -> None:
     columns = list(CSV_COLUMNS) + [f"p_{name}" for name in class_names]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for event in events:
-            row = {key: getattr(event, key) for key in CSV_COLUMNS}
-            row.update({f"p_{name}": event.probabilities.get(name, "") for name in class_names})
+            row = {key: _rounded(getattr(event, key), _CSV_DECIMALS[key])
+                   if key in _CSV_DECIMALS else getattr(event, key) for key in CSV_COLUMNS}
+            row.update({f"p_{name}": _rounded(event.probabilities.get(name, ""),
+                                              _CSV_PROBABILITY_DECIMALS)
+                        for name in class_names})
             writer.writerow(row)
 
 
