@@ -206,6 +206,7 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             except Exception as error:  # the annotated copy must never cost the report
                 result.problems.append(f"could not finish {ANNOTATED_MP4}: {error}")
         result.problems.extend(problems())
+        pipeline.warn_if_small_face()
         result.summary = _summary(facts, pipeline, result, count, dropped(), trace,
                                   time.perf_counter() - started)
         try:
@@ -240,6 +241,7 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "ring_buffer_slots": pipeline.buffer.capacity,
             "dropped": dropped,  # only live sources drop; a file is read at the consumer's pace
         },
+        "face": pipeline.face_size(),
         "events": {
             "total": len(result.events),
             "micro": sum(e.kind == "micro" for e in result.events),

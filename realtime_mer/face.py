@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
            "ALIGN_LANDMARKS", "canonical_points", "similarity_transform", "alignment_transform",
-           "cut_thumbnail", "cut_score"]
+           "cut_thumbnail", "cut_score", "upsampling_eye_distance"]
 
 #: MediaPipe Face Mesh indices (refined mesh, 478 points) of the five alignment points: image-left
 #: iris centre, image-right iris centre, nose tip, image-left and image-right mouth corner.
@@ -52,6 +52,16 @@ CANONICAL_POINTS_28.setflags(write=False)
 #: A similarity transform alone cannot reproduce that shape, so alignment is a similarity fit in
 #: un-stretched template space followed by this fixed stretch (1.0 = plain similarity).
 CANONICAL_STRETCH_X = 1.214
+
+
+def upsampling_eye_distance(options: "FaceOptions") -> float:
+    """The eye distance (frame px) below which the aligned crop is made by enlarging the face:
+    the template's eye distance at ``crop_size``, without the horizontal dataset stretch (56.8 px
+    at 128). A smaller face holds less detail than the crop the flow is computed on, so the
+    movements of a pixel or two that the networks learned from dataset faces of 140-400 px
+    approach the video's own resolution."""
+    template = canonical_points(options.crop_size)
+    return float(np.linalg.norm(template[1] - template[0])) / options.stretch_x
 
 
 def canonical_points(crop_size: int) -> np.ndarray:
@@ -139,7 +149,9 @@ class FaceResult:
     ``box_xyxy``: the subject's landmark extent in frame pixels; ``transform``: 2x3 frame->crop
     (for ``cv2.warpAffine``; invert with ``cv2.invertAffineTransform``). All None when
     ``found`` is False. ``n_faces`` counts every face seen, the subject included. ``cut``: this
-    frame is a hard cut from the previous one (a new shot; see ``FaceOptions.cut_threshold``)."""
+    frame is a hard cut from the previous one (a new shot; see ``FaceOptions.cut_threshold``).
+    ``eye_distance_px``: the subject's iris centres' distance in frame pixels, its size in the
+    video (see :func:`upsampling_eye_distance`)."""
 
     found: bool
     n_faces: int
@@ -148,6 +160,7 @@ class FaceResult:
     box_xyxy: tuple[float, float, float, float] | None = None
     transform: np.ndarray | None = None
     cut: bool = False
+    eye_distance_px: float | None = None
 
 
 class FaceAligner:
@@ -232,6 +245,8 @@ class FaceAligner:
             box_xyxy=(float(x0), float(y0), float(x1), float(y1)),
             transform=transform.astype(np.float32),
             cut=cut,
+            eye_distance_px=float(np.linalg.norm(best_pts[ALIGN_LANDMARKS[1]]
+                                                 - best_pts[ALIGN_LANDMARKS[0]])),
         )
 
     def reset(self) -> None:

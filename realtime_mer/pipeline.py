@@ -8,6 +8,7 @@ the spot from the onset and apex crops held in the ring buffer.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ import numpy as np
 
 from realtime_mer.buffer import RingBuffer
 from realtime_mer.capture import Frame
-from realtime_mer.face import ALIGN_LANDMARKS, FaceAligner, FaceOptions, FaceResult
+from realtime_mer.face import (
+    ALIGN_LANDMARKS, FaceAligner, FaceOptions, FaceResult, upsampling_eye_distance,
+)
 from realtime_mer.features import FeatureExtractor, FeatureOptions
 from realtime_mer.report import EventRecord
 from realtime_mer.runtime import Backend, default_engine_path, load_engine
@@ -95,6 +98,13 @@ class Pipeline:
         self.frames_with_several_faces = 0
         self.sequence_restarts = 0
         self.hard_cuts = 0
+        # The subject's size in the video, per frame with a face (4 bytes each: hours fit).
+        self._eye_distances = array("f")
+        self._small_face_warned = False
+
+    #: frames with a face after which a small face is reported (once), so a live user hears
+    #: it early; the summary's figure covers the whole run
+    small_face_check_frames = 30
 
     # -- per frame ---------------------------------------------------------------------------
     def process(self, frame: Frame) -> FrameResult:
@@ -114,6 +124,7 @@ class Pipeline:
             return FrameResult(frame.index, frame.t_ms, face, None, None, record, feature_map)
 
         self.frames_with_face += 1
+        self._note_face_size(face.eye_distance_px)
         if self._last_face_ms is not None and (
                 frame.t_ms - self._last_face_ms > self.options.face_gap_reset_ms
                 or _jumped(self._last_box, face.box_xyxy, self.options.face_jump_reset)):
@@ -136,6 +147,40 @@ class Pipeline:
             record, feature_map = self._completed_in_background()
         return FrameResult(frame.index, frame.t_ms, face, self.spotter.signal,
                            self.spotter.threshold, record, feature_map)
+
+    def _note_face_size(self, eye_distance_px: float | None) -> None:
+        if eye_distance_px is None:
+            return
+        self._eye_distances.append(eye_distance_px)
+        if len(self._eye_distances) == self.small_face_check_frames:
+            self.warn_if_small_face()
+
+    def warn_if_small_face(self) -> None:
+        """Log (once) that the subject's face is small for the crop, if it is. Called after the
+        first frames with a face, and by the caller at the end of a run shorter than that."""
+        size = self.face_size()
+        if size["small"] and not self._small_face_warned:
+            self._small_face_warned = True
+            log.warning("%sthe face is small: its eyes are %.0f px apart (median), below the "
+                        "%.0f px at which the face crop needs no enlarging, so movements of a "
+                        "pixel or two approach the video's resolution; a closer or "
+                        "higher-resolution camera (or a larger --max-side) helps",
+                        f"{self.source_name}: " if self.source_name else "",
+                        size["median_eye_distance_px"], size["upsampling_eye_distance_px"])
+
+    def face_size(self) -> dict:
+        """The subject's size over the frames so far: median and 10th percentile of the eye
+        distance (frame px, as analysed), the size below which the crop enlarges the face, and
+        whether the median is below it (``small``)."""
+        limit = upsampling_eye_distance(self.options.face)
+        if not self._eye_distances:
+            return {"median_eye_distance_px": None, "p10_eye_distance_px": None,
+                    "upsampling_eye_distance_px": limit, "small": False}
+        values = np.frombuffer(self._eye_distances, dtype=np.float32)
+        median = float(np.median(values))
+        return {"median_eye_distance_px": median,
+                "p10_eye_distance_px": float(np.percentile(values, 10)),
+                "upsampling_eye_distance_px": limit, "small": median < limit}
 
     def _completed_in_background(self) -> tuple[EventRecord | None, np.ndarray | None]:
         if self._pending and self._pending[0].done():
@@ -161,6 +206,8 @@ class Pipeline:
         self.timer.reset()
         self.frames_seen = self.frames_with_face = self.frames_with_several_faces = 0
         self.sequence_restarts = self.hard_cuts = 0
+        self._eye_distances = array("f")
+        self._small_face_warned = False
 
     def close(self) -> None:
         if self._executor is not None:

@@ -246,6 +246,14 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
             f"<td>{esc(event.kind)}</td><td><b>{esc(event.label)}</b> {event.confidence:.2f}</td>"
             f"<td>{probabilities}</td><td>{map_image(feature_map)}</td></tr>")
     problems = "".join(f"<li>{esc(p)}</li>" for p in summary.get("problems", []))
+    face = summary.get("face") or {}
+    small_face = ""
+    if face.get("small"):
+        small_face = (f'<p class="bad">Small face: the eyes are '
+                      f'{face["median_eye_distance_px"]:.0f} px apart (median), below the '
+                      f'{face["upsampling_eye_distance_px"]:.0f} px at which the face crop needs '
+                      f'no enlarging; movements of a pixel or two approach the video\'s '
+                      f'resolution.</p>')
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>realtime-mer report: {esc(str(facts.get('path', facts.get('camera', ''))))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
@@ -261,6 +269,7 @@ Events: {counts.get('micro', 0)} micro, {counts.get('macro', 0)} macro.
 Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
 ({esc(str(summary.get('engine', {}).get('backend', '')))}).</p>
 {f'<p class="bad">Incomplete run:</p><ul class="bad">{problems}</ul>' if problems else ''}
+{small_face}
 {'<p class="bad">Interrupted: the events found before the interruption are listed.</p>' if summary.get('interrupted') else ''}
 {timeline}
 <h2>Events</h2>

@@ -446,3 +446,25 @@ def test_stderr_carries_no_native_library_chatter(media_dir, tmp_path):
                if is_native_chatter(line) or line.startswith(("W0000", "I0000"))]
     assert chatter == []
     assert "face_noface.mov" in result.stdout
+
+
+def test_small_face_is_reported_and_a_large_enough_one_is_not(media_dir, tmp_path, capsys):
+    """The same recording shrunk to 128x72 puts the eyes ~14 px apart, far below the 57 px at
+    which the face crop needs no enlarging: the summary, the report and stderr say so (exit 0,
+    it is still analysed). At its own size (eyes ~69 px apart) nothing is said."""
+    small = tmp_path / "small.mp4"
+    _reencode(media_dir / "single_face.mp4", small, frames=40, rate=30, size=(128, 72))
+    assert run_cli(str(small), "--out", str(tmp_path / "small")) == 0
+    err = capsys.readouterr().err
+    face = json.loads((tmp_path / "small" / "summary.json").read_text())["face"]
+    assert face["small"] is True
+    assert face["median_eye_distance_px"] < 20 < face["upsampling_eye_distance_px"]
+    assert err.count("the face is small") == 1
+    assert "Small face" in (tmp_path / "small" / "report.html").read_text()
+
+    assert run_cli(str(media_dir / "single_face.mp4"), "--out", str(tmp_path / "large")) == 0
+    assert "the face is small" not in capsys.readouterr().err
+    face = json.loads((tmp_path / "large" / "summary.json").read_text())["face"]
+    assert face["small"] is False
+    assert face["median_eye_distance_px"] > face["upsampling_eye_distance_px"]
+    assert "Small face" not in (tmp_path / "large" / "report.html").read_text()
