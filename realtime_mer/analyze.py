@@ -87,8 +87,9 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
                    progress: ProgressCallback | None = None,
                    on_event: EventCallback | None = None) -> AnalysisResult:
     """Analyse a live camera (OpenCV device index or stream URL) until ``duration_s`` passes,
-    the camera disconnects, or Ctrl+C; a local video file plays in real time to its end. Frames the pipeline cannot keep up with are dropped at the
-    source (oldest first) and counted in the summary."""
+    the camera disconnects, or Ctrl+C; a local video file plays in real time to its end.
+    Frames the pipeline cannot keep up with are dropped at the source (oldest first) and counted
+    in the summary."""
     camera = WebcamSource(device, capture)
     camera.start()  # raises InputError when the camera cannot be opened
     problems: list[str] = []

@@ -17,7 +17,8 @@ _GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (
 
 def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord | None,
              fps: float = 0.0) -> np.ndarray:
-    """Face box, the spotting signal against its threshold, the last event."""
+    """Face box (and a note when the face is too small), the spotting signal against its
+    threshold, the last event."""
     out = image_bgr.copy()
     height, width = out.shape[:2]
     scale = max(0.4, min(width, height) / 720)
@@ -27,6 +28,9 @@ def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord
         cv2.rectangle(out, (x0, y0), (x1, y1), _GREEN, 2)
         if face.n_faces > 1:
             _text(out, f"{face.n_faces} faces: tracking the largest", (x0, max(15, y0 - 8)),
+                  scale, _ORANGE)
+        if result.face_small:
+            _text(out, "face small: come closer", (x0, min(height - 30, y1 + int(28 * scale) + 6)),
                   scale, _ORANGE)
     else:
         _text(out, "no face", (10, int(30 * scale) + 10), scale, _RED)

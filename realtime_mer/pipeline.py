@@ -65,6 +65,9 @@ class FrameResult:
     threshold: float | None
     event: EventRecord | None
     feature_map: np.ndarray | None = None  # (28, 28, 3) map of the event, for display
+    # The face in this frame is smaller than the crop (see face.upsampling_eye_distance): a live
+    # view tells the user to come closer.
+    face_small: bool = False
 
 
 class Pipeline:
@@ -101,6 +104,7 @@ class Pipeline:
         # The subject's size in the video, per frame with a face (4 bytes each: hours fit).
         self._eye_distances = array("f")
         self._small_face_warned = False
+        self._small_face_px = upsampling_eye_distance(options.face)
 
     #: frames with a face after which a small face is reported (once), so a live user hears
     #: it early; the summary's figure covers the whole run
@@ -146,7 +150,9 @@ class Pipeline:
         if record is None:
             record, feature_map = self._completed_in_background()
         return FrameResult(frame.index, frame.t_ms, face, self.spotter.signal,
-                           self.spotter.threshold, record, feature_map)
+                           self.spotter.threshold, record, feature_map,
+                           face_small=face.eye_distance_px is not None
+                           and face.eye_distance_px < self._small_face_px)
 
     def _note_face_size(self, eye_distance_px: float | None) -> None:
         if eye_distance_px is None:
@@ -172,7 +178,7 @@ class Pipeline:
         """The subject's size over the frames so far: median and 10th percentile of the eye
         distance (frame px, as analysed), the size below which the crop enlarges the face, and
         whether the median is below it (``small``)."""
-        limit = upsampling_eye_distance(self.options.face)
+        limit = self._small_face_px
         if not self._eye_distances:
             return {"median_eye_distance_px": None, "p10_eye_distance_px": None,
                     "upsampling_eye_distance_px": limit, "small": False}

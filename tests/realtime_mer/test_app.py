@@ -54,6 +54,34 @@ def test_annotation_marks_the_face_and_the_missing_face(media_dir, engine):
     assert session.pipeline.frames_with_face == 1
 
 
+def test_annotation_asks_a_small_face_to_come_closer(media_dir, engine):
+    """The same frame at half size puts the eyes ~34 px apart, under the 57 px the crop needs:
+    the pipeline marks the frame and the annotation writes a note under the face box; at full
+    size (~69 px) neither happens."""
+    import dataclasses
+
+    from realtime_mer.annotate import annotate
+    from realtime_mer.capture import Frame
+    from realtime_mer.pipeline import Pipeline
+
+    with open_video(media_dir / "single_face.mp4") as source:
+        full = next(iter(source)).image_bgr
+    small = np.zeros_like(full)
+    half = cv2.resize(full, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    small[:half.shape[0], :half.shape[1]] = half
+    for name, image in (("full", full), ("small", small)):
+        with Pipeline(engine=engine) as pipeline:
+            result = pipeline.process(Frame(t_ms=0.0, image_bgr=image, index=0))
+        assert result.face.found and result.face_small is (name == "small"), name
+        marked = annotate(image, dataclasses.replace(result, face_small=True), None)
+        plain = annotate(image, dataclasses.replace(result, face_small=False), None)
+        changed_rows = np.flatnonzero(np.any(marked != plain, axis=(1, 2)))
+        assert changed_rows.size > 5
+        assert changed_rows.min() > result.face.box_xyxy[3]  # under the face box
+        drawn = annotate(image, result, None)
+        assert np.array_equal(drawn, marked if name == "small" else plain)
+
+
 def test_upload_tab_reports_errors_instead_of_raising(tmp_path, engine):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 1000)
