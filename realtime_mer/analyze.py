@@ -15,8 +15,8 @@ from realtime_mer.annotate import AnnotatedVideoWriter, annotate
 from realtime_mer.capture import CaptureOptions, Frame, WebcamSource, open_video
 from realtime_mer.errors import InputError, OutputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
-from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, REPORT_HTML, SUMMARY_JSON,
-                                 TIMELINE_PNG, EventRecord, EventWriter, SignalTrace,
+from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, OUTPUT_FILES, REPORT_HTML,
+                                 SUMMARY_JSON, TIMELINE_PNG, EventRecord, EventWriter, SignalTrace,
                                  plot_timeline, write_csv, write_html, write_json)
 from realtime_mer.runtime import Backend
 
@@ -126,6 +126,14 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
          fps_hint: float = 30.0) -> AnalysisResult:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # An earlier run's files go first, so the folder never mixes two runs (its annotated
+        # video beside this run's events, say).
+        earlier = [out_dir / n for n in (*OUTPUT_FILES, ANNOTATED_MP4) if (out_dir / n).exists()]
+        if earlier:
+            log.warning("%s: replacing the results of an earlier run (%s)", out_dir,
+                        ", ".join(path.name for path in earlier))
+            for path in earlier:
+                path.unlink()
         writer = EventWriter(out_dir / EVENTS_JSONL)
     except OSError as error:  # checked before any frame is read, so nothing is lost
         raise OutputError(f"cannot write the results into {out_dir}: "

@@ -468,3 +468,22 @@ def test_small_face_is_reported_and_a_large_enough_one_is_not(media_dir, tmp_pat
     assert face["small"] is False
     assert face["median_eye_distance_px"] > face["upsampling_eye_distance_px"]
     assert "Small face" not in (tmp_path / "large" / "report.html").read_text()
+
+
+def test_rerun_into_the_same_folder_replaces_the_earlier_run_whole(media_dir, tmp_path, capsys):
+    """A second run into a folder that holds a first run's results (with its annotated video)
+    replaces them all: no annotated.mp4 of the first run is left beside the second run's
+    events, and stderr says what was replaced; other files in the folder are not touched."""
+    out = tmp_path / "out"
+    video = str(media_dir / "single_face.mp4")
+    assert run_cli(video, "--out", str(out), "--video") == 0
+    assert (out / "annotated.mp4").exists()
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert run_cli(video, "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "replacing the results of an earlier run" in err and "annotated.mp4" in err
+    assert not (out / "annotated.mp4").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    for name in OUTPUT_FILES:
+        assert (out / name).exists(), name
