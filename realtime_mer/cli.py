@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a camera (OpenCV device index) or stream URL in a capture thread; "
                     "frames the pipeline cannot keep up with are dropped oldest-first and "
                     "counted. Writes the same files as analyze into --out; stops at --duration, "
-                    "when the camera disconnects, or on Ctrl+C (everything found is kept).")
-    live.add_argument("--camera", default="0", help="device index or stream URL (default 0)")
+                    "when the camera disconnects, or on Ctrl+C (everything found is kept). A "
+                    "video file's path plays like a camera, each frame at its own time, to its "
+                    "end (analyze reads every frame of a file instead).")
+    live.add_argument("--camera", default="0",
+                      help="device index, stream URL or video file (default 0)")
     live.add_argument("--out", type=Path, default=Path("mer-live"), metavar="DIR")
     live.add_argument("--duration", type=float, default=None, metavar="SECONDS")
     _add_engine_arguments(live)
