@@ -144,6 +144,11 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
     s = result.summary
     message = (f"{s['frames']['processed']} frames, {s['frames']['without_face']} without a "
                f"face; {s['events']['micro']} micro and {s['events']['macro']} macro events.")
+    face = s.get("face") or {}
+    if face.get("small"):
+        message += (f" The face is small (eyes {face['median_eye_distance_px']:.0f} px apart, "
+                    f"under the {face['upsampling_eye_distance_px']:.0f} px the face crop needs):"
+                    f" movements of a pixel or two approach the video's resolution.")
     if result.problems:
         message += " Problems: " + "; ".join(result.problems) + " (events before it are kept)."
     timeline = str(out_dir / "timeline.png") if (out_dir / "timeline.png").exists() else None

@@ -125,3 +125,16 @@ def test_upload_reports_are_kept_an_hour_then_removed(tmp_path, engine, media_di
     assert not old.exists()  # older than the keep time: removed
     assert files and all(Path(f).parent.parent == root for f in files)
     assert "frames" in message
+
+
+def test_upload_message_warns_of_a_small_face(tmp_path, engine, media_dir):
+    from tests.realtime_mer.test_cli import _reencode
+
+    small = tmp_path / "small.mp4"
+    _reencode(media_dir / "single_face.mp4", small, frames=40, rate=30, size=(128, 72))
+    options = LiveSession(engine).options
+    *_, message = analyze_upload(str(small), engine, options, out_root=tmp_path / "uploads")
+    assert "The face is small" in message
+    *_, message = analyze_upload(str(media_dir / "single_face.mp4"), engine, options,
+                                 out_root=tmp_path / "uploads")
+    assert "frames" in message and "small" not in message
