@@ -128,7 +128,7 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         out_dir.mkdir(parents=True, exist_ok=True)
         # An earlier run's files go first, so the folder never mixes two runs (its annotated
         # video beside this run's events, say).
-        earlier = [out_dir / n for n in (*OUTPUT_FILES, ANNOTATED_MP4) if (out_dir / n).exists()]
+        earlier = [out_dir / n for n in (*OUTPUT_FILES, ANNOTATED_MP4) if (out_dir / n).is_file()]
         if earlier:
             log.warning("%s: replacing the results of an earlier run (%s)", out_dir,
                         ", ".join(path.name for path in earlier))
