@@ -196,11 +196,27 @@ def _analyze(args) -> int:
 
     from realtime_mer.analyze import analyze_video
     from realtime_mer.capture import CaptureOptions
+    from realtime_mer.report import index_row, write_index
 
     engine = _load_engine(args)  # fail on a bad engine before touching any video
     options = _pipeline_options()
     capture = CaptureOptions(max_side=args.max_side or None)
     exit_code = 0
+    batch = len(args.videos) > 1
+    index: list[dict] = []  # a batch's index.csv / index.html, rewritten after each video
+    class_names = list(engine.manifest.class_names)
+
+    def add_to_index(video: Path, out_dir: Path, summary: dict | None,
+                     error: str | None = None) -> None:
+        if not batch:
+            return
+        index.append(index_row(video, out_dir.name, summary, class_names, error))
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_index(args.out, index, class_names)
+        except OSError as err:  # the videos' own folders hold their results regardless
+            log.warning("could not write the batch index in %s: %s", args.out, err)
+
     for video, out_dir in zip(args.videos, _output_dirs(args.videos, args.out)):
         bars: list = []  # the bar appears with the first frame, not for a file that fails
 
@@ -219,7 +235,14 @@ def _analyze(args) -> int:
             where = "" if str(video) in str(error) else f"{video}: "
             print(f"mer: error: {where}{error}", file=sys.stderr)
             exit_code = max(exit_code, error.exit_code)
+            add_to_index(video, out_dir, None, str(error))
             continue
+        except KeyboardInterrupt:  # its outputs are written (interrupted): index them too
+            try:
+                add_to_index(video, out_dir, json.loads((out_dir / "summary.json").read_text()))
+            except (OSError, ValueError):
+                pass
+            raise
         finally:
             for bar in bars:
                 bar.close()
@@ -232,6 +255,9 @@ def _analyze(args) -> int:
             print(f"mer: error: {video}: {problem}; the {len(result.events)} events found are "
                   f"kept in {out_dir}", file=sys.stderr)
             exit_code = max(exit_code, EXIT_INPUT_DAMAGED)
+        add_to_index(video, out_dir, s)
+    if batch and index:
+        print(f"{len(index)} videos: index of the reports → {args.out / 'index.html'}")
     return exit_code
 
 

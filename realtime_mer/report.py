@@ -26,6 +26,11 @@ SUMMARY_JSON = "summary.json"
 TIMELINE_PNG = "timeline.png"
 REPORT_HTML = "report.html"
 OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG, REPORT_HTML)
+# A run over several videos also writes, beside their folders, one row per video.
+INDEX_CSV = "index.csv"
+INDEX_HTML = "index.html"
+INDEX_COLUMNS = ("video", "folder", "status", "frames", "without_face", "with_several_faces",
+                 "micro", "macro", "small_face", "problems")
 
 
 @dataclass(frozen=True)
@@ -279,3 +284,64 @@ Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
 </table></body></html>
 """
     Path(path).write_text(body, encoding="utf-8")
+
+
+def index_row(video: str | Path, folder: str, summary: dict[str, Any] | None,
+              class_names: Sequence[str], error: str | None = None) -> dict[str, Any]:
+    """One video's row of the batch index: where its report is, whether it is complete
+    ("complete", "incomplete": damaged or interrupted, results kept; "failed": no results),
+    its frame and event counts (micro events per class too) and what went wrong."""
+    row: dict[str, Any] = {"video": str(video), "folder": folder}
+    if summary is None:
+        row.update(status="failed", problems=error or "")
+        return row
+    frames = summary.get("frames", {})
+    events = summary.get("events", {})
+    micro_per_class = events.get("per_class", {}).get("micro", {})
+    row.update(
+        status="complete" if summary.get("complete") else "incomplete",
+        frames=frames.get("processed", 0), without_face=frames.get("without_face", 0),
+        with_several_faces=frames.get("with_several_faces", 0),
+        micro=events.get("micro", 0), macro=events.get("macro", 0),
+        small_face=bool((summary.get("face") or {}).get("small", False)),
+        problems="; ".join(summary.get("problems", [])
+                           + (["interrupted"] if summary.get("interrupted") else [])),
+        **{f"micro_{name}": micro_per_class.get(name, 0) for name in class_names})
+    return row
+
+
+def write_index(out_dir: str | Path, rows: Sequence[dict[str, Any]],
+                class_names: Sequence[str]) -> None:
+    """``index.csv`` and ``index.html`` in ``out_dir``: one row per video of a batch, the page
+    linking each video's report. Rewritten after every video, so an interrupted batch keeps
+    the index of what it finished."""
+    import html
+
+    out_dir = Path(out_dir)
+    columns = list(INDEX_COLUMNS[:8]) + [f"micro_{name}" for name in class_names] \
+        + list(INDEX_COLUMNS[8:])
+    with open(out_dir / INDEX_CSV, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    esc = html.escape
+    body = []
+    for row in rows:
+        report = Path(row["folder"]) / REPORT_HTML
+        link = (f'<a href="{esc(report.as_posix(), quote=True)}">{esc(Path(row["video"]).name)}</a>'
+                if row["status"] != "failed" and (out_dir / report).exists()
+                else esc(Path(row["video"]).name))
+        cells = "".join(f"<td>{esc(str(row.get(c, '')))}</td>" for c in columns[2:])
+        body.append(f"<tr><td>{link}</td><td>{esc(row['folder'])}</td>{cells}</tr>")
+    header = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>realtime-mer: {len(rows)} videos</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
+<h1>Micro-expression reports: {len(rows)} videos</h1>
+<table><tr>{header}</tr>
+{''.join(body)}
+</table></body></html>
+"""
+    (out_dir / INDEX_HTML).write_text(page, encoding="utf-8")
+

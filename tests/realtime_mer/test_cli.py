@@ -188,6 +188,27 @@ def test_several_videos_go_to_their_own_folders(media_dir, tmp_path):
     for stem in ("single_face", "no_face"):
         for name in OUTPUT_FILES:
             assert (out / stem / name).exists()
+    # The batch index: one row per video, saying what each video's own summary says, and a
+    # page whose links open each video's report.
+    import csv
+    import re
+
+    with open(out / "index.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["folder"] for row in rows] == ["single_face", "no_face"]
+    for row in rows:
+        summary = json.loads((out / row["folder"] / "summary.json").read_text())
+        assert row["status"] == "complete" and row["problems"] == ""
+        assert int(row["frames"]) == summary["frames"]["processed"]
+        assert int(row["without_face"]) == summary["frames"]["without_face"]
+        assert (int(row["micro"]), int(row["macro"])) == (summary["events"]["micro"],
+                                                          summary["events"]["macro"])
+        assert sum(int(row[f"micro_{c}"]) for c in ("negative", "positive", "surprise")) == \
+            summary["events"]["micro"]
+    assert rows[1]["without_face"] == "95"
+    links = re.findall(r'href="([^"]+)"', (out / "index.html").read_text())
+    assert links == ["single_face/report.html", "no_face/report.html"]
+    assert all((out / link).is_file() for link in links)
 
 
 def test_one_bad_video_does_not_stop_the_others(media_dir, tmp_path, capsys):
@@ -198,6 +219,13 @@ def test_one_bad_video_does_not_stop_the_others(media_dir, tmp_path, capsys):
     assert code == 2
     assert (out / "no_face" / "summary.json").exists()
     assert "broken.mp4" in capsys.readouterr().err
+    import csv
+
+    with open(out / "index.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["folder"], row["status"]) for row in rows] == [("broken", "failed"),
+                                                               ("no_face", "complete")]
+    assert "cannot open" in rows[0]["problems"] and rows[0]["frames"] == ""
 
 
 def test_missing_engine_file(media_dir, tmp_path, capsys):
@@ -487,3 +515,32 @@ def test_rerun_into_the_same_folder_replaces_the_earlier_run_whole(media_dir, tm
     assert (out / "notes.txt").read_text() == "mine"
     for name in OUTPUT_FILES:
         assert (out / name).exists(), name
+
+
+def test_interrupted_batch_keeps_the_index_of_what_it_did(media_dir, tmp_path):
+    """Ctrl+C during the second video of a batch: the index lists the finished first video and
+    the interrupted second one (its results kept, marked incomplete)."""
+    import csv
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "realtime_mer.cli", "analyze", str(media_dir / "single_face.mp4"),
+         str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out / "WolfgangLanger_Pexels" / "events.jsonl").exists() \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    with open(out / "index.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["folder"], row["status"]) for row in rows] == [
+        ("single_face", "complete"), ("WolfgangLanger_Pexels", "incomplete")]
+    assert rows[1]["problems"] == "interrupted"
+    assert 0 < int(rows[1]["frames"]) < 472
