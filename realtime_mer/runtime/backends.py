@@ -26,12 +26,17 @@ _DEFAULT_ENGINE = "ststnet_cv6_mirror_shift2_cal_3db.onnx"
 
 
 def default_engine_path() -> Path:
-    """``$MER_ENGINE`` if set, else the repository's default,
-    ``engines/ststnet_cv6_mirror_shift2_cal_3db.onnx``."""
+    """``$MER_ENGINE`` if set, else the default engine,
+    ``engines/ststnet_cv6_mirror_shift2_cal_3db.onnx``: in the repository (a checkout or an
+    editable install), or else the copy a wheel carries in ``realtime_mer/engines/`` (setup.py)."""
     env = os.environ.get("MER_ENGINE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "engines" / _DEFAULT_ENGINE
+    here = Path(__file__).resolve()
+    repository, packaged = here.parents[2] / "engines", here.parents[1] / "engines"
+    if not (repository / _DEFAULT_ENGINE).exists() and (packaged / _DEFAULT_ENGINE).exists():
+        return packaged / _DEFAULT_ENGINE
+    return repository / _DEFAULT_ENGINE
 
 
 def sha256_file(path: str | Path) -> str:
