@@ -206,10 +206,24 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
 
 
 def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-           block: bool = True):
+           block: bool = True, on_ready=None):
     """Serve the app. Loopback only unless ``host`` says otherwise; no share link unless asked.
-    Returns the local URL (``block=False`` returns at once, for tests and embedding)."""
-    _, local_url, _ = app.queue().launch(
-        server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
-        prevent_thread_lock=not block)
+    Returns the local URL (``block=False`` returns at once, for tests and embedding;
+    ``on_ready(url)`` is called once the server listens, before blocking). A port that is taken
+    or an address that is not this machine's raises :class:`ServeError`."""
+    from realtime_mer.errors import ServeError
+
+    try:
+        _, local_url, _ = app.queue().launch(
+            server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
+            prevent_thread_lock=True)
+    except OSError as error:
+        if "empty port" in str(error):  # Gradio's wording; its advice names its own API
+            raise ServeError(f"port {port} on {host} is in use; choose another with --port") \
+                from None
+        raise ServeError(f"cannot serve the demo on {host}:{port}: {error}") from None
+    if on_ready is not None:
+        on_ready(local_url)
+    if block:
+        app.block_thread()  # until Ctrl+C, which closes the server
     return local_url

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", parents=[common], help="the live webcam demo (Gradio web app)",
         description="Serve the Gradio app: webcam streaming with annotated frames and an event "
-                    "log, and an upload tab that analyses a file.")
+                    "log, and an upload tab that analyses a file. Exit code 6 when the port is "
+                    "taken or the address is not this machine's.")
     demo.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=int, default=7860)
@@ -290,8 +291,14 @@ def _demo(args) -> int:
 
     engine = _load_engine(args)
     app = build_app(engine=engine, options=_pipeline_options())
-    print(f"mer demo: serving on http://{args.host}:{args.port} (Ctrl+C to stop)")
-    launch(app, host=args.host, port=args.port, share=args.share, block=True)
+    # Said once the server listens, with the address it got: a taken port is an error instead.
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share, block=True,
+               on_ready=lambda url: print(f"mer demo: serving on {url} (Ctrl+C to stop)",
+                                          flush=True))
+    except KeyboardInterrupt:  # Ctrl+C is how a server is stopped; a second one lands here
+        app.close()
+    print("mer demo: stopped", flush=True)
     return 0
 
 

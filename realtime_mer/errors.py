@@ -37,3 +37,11 @@ class DatasetError(MerError):
 
 class BackendUnavailable(EngineError):
     """An explicitly requested backend or device (TensorRT, CUDA) is not available here."""
+
+
+class ServeError(MerError):
+    """The demo cannot listen where it was asked to (the port is taken, the address is not this
+    machine's)."""
+
+    exit_code = 6
+

@@ -138,3 +138,22 @@ def test_upload_message_warns_of_a_small_face(tmp_path, engine, media_dir):
     *_, message = analyze_upload(str(media_dir / "single_face.mp4"), engine, options,
                                  out_root=tmp_path / "uploads")
     assert "frames" in message and "small" not in message
+
+
+def test_demo_on_a_taken_port_is_a_clear_error_not_an_internal_one(capsys):
+    """`mer demo --port P` with P in use: one line naming the port and the option to change,
+    exit 6, and no "serving on" announced before the server listens."""
+    import socket
+
+    from realtime_mer.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["demo", "--port", str(port)])
+    captured = capsys.readouterr()
+    assert code == 6, captured.err
+    assert f"port {port} on 127.0.0.1 is in use; choose another with --port" in captured.err
+    assert "internal error" not in captured.err and "Traceback" not in captured.err
+    assert "serving on" not in captured.out
