@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--max-side", type=_max_side, default=1280, metavar="PX",
                       help="downscale frames whose longer side exceeds this (default 1280; 0 "
                            "keeps full size)")
+    live.add_argument("--no-progress", action="store_true",
+                      help="no status line (frames, rate, dropped frames, events)")
 
     demo = commands.add_parser(
         "demo", parents=[common], help="the live webcam demo (Gradio web app)",
@@ -266,17 +268,40 @@ def _live(args) -> int:
     from realtime_mer.analyze import analyze_camera
     from realtime_mer.capture import CaptureOptions
 
+    from tqdm import tqdm
+
     engine = _load_engine(args)
     camera = int(args.camera) if args.camera.isdigit() else args.camera
+    bars: list = []  # a status line on stderr, from the first frame: frames, rate, events
+    found = [0]
 
     def show(event) -> None:
-        print(f"{event.apex_ms / 1000:8.2f} s  {event.kind:5s}  {event.label:8s} "
-              f"{event.confidence:.2f}  ({event.duration_ms:.0f} ms)", flush=True)
+        found[0] += 1
+        line = (f"{event.apex_ms / 1000:8.2f} s  {event.kind:5s}  {event.label:8s} "
+                f"{event.confidence:.2f}  ({event.duration_ms:.0f} ms)")
+        if bars:
+            bars[0].set_postfix(events=found[0], refresh=False)
+        tqdm.write(line, file=sys.stdout)  # above the status line, which then redraws
+        sys.stdout.flush()
 
-    result = analyze_camera(camera, args.out, duration_s=args.duration,
-                            options=_pipeline_options(),
-                            capture=CaptureOptions(max_side=args.max_side or None),
-                            engine=engine, on_event=show)
+    def progress(done: int, _expected: int | None) -> None:
+        if args.no_progress:
+            return
+        if not bars:
+            name = args.camera if args.camera.isdigit() or "://" in args.camera \
+                else Path(args.camera).name
+            bars.append(tqdm(desc=f"camera {name}", unit="frame", file=sys.stderr,
+                             dynamic_ncols=True, leave=True, postfix={"events": 0}))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        result = analyze_camera(camera, args.out, duration_s=args.duration,
+                                options=_pipeline_options(),
+                                capture=CaptureOptions(max_side=args.max_side or None),
+                                engine=engine, on_event=show, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     frames = result.summary["frames"]
     print(f"{frames['processed']} frames ({frames['dropped']} dropped, {frames['without_face']} "
           f"without a face), {len(result.events)} events → {args.out}")

@@ -319,6 +319,13 @@ def test_live_on_a_video_file_plays_it_in_real_time_to_a_complete_end(media_dir,
     frames = summary["frames"]
     assert frames["processed"] + frames["dropped"] == 72
     assert frames["processed"] >= 36  # as fast as decoding, far fewer survive a queue of 8
+    # The status line counts the frames analysed and the events found.
+    status = captured.err.replace("\r", "\n").splitlines()
+    last = [line for line in status if line.startswith("camera single_face.mp4:")][-1]
+    assert f"{frames['processed']}frame" in last and "events=0" in last
+    assert main(["live", "--camera", str(media_dir / "single_face.mp4"), "--out",
+                 str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "camera single_face.mp4" not in capsys.readouterr().err
 
 
 def test_huge_frames_are_downscaled(media_dir, tmp_path):
