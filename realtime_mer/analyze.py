@@ -48,10 +48,13 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
                   engine: Backend | None = None,
                   progress: ProgressCallback | None = None,
                   on_event: EventCallback | None = None,
-                  annotated_video: bool = False) -> AnalysisResult:
+                  annotated_video: bool = False,
+                  classify_in_background: bool = True) -> AnalysisResult:
     """Analyse a video file: events.jsonl (written as events are found), events.csv,
     summary.json, timeline.png and report.html in ``out_dir`` (and annotated.mp4 when
-    ``annotated_video``).
+    ``annotated_video``). ``classify_in_background``: each event's flow and network run in a
+    worker thread beside the next frames' face stage (the same events, faster on 2+ cores);
+    False classifies inline, for the side-by-side benchmark.
 
     Raises :class:`InputError` before writing anything when the file cannot be opened as a
     video. Damage met later (a truncated file) ends the run early: the outputs are still written,
@@ -73,6 +76,11 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
             # would already be overwritten. Capped where the spotter's own history is.
             fps = min(info.fps_nominal, options.spotter.max_fps)
             options = replace(options, fps_hint=max(options.fps_hint, fps))
+        # An event's TV-L1 flow (hundreds of ms on a CPU) runs in a worker thread while the
+        # face stage goes on with the next frames: OpenCV and MediaPipe release the GIL, so the
+        # two overlap on a second core (1.27x faster on the 2-core CPU, the same events in the
+        # same order; docs/BENCHMARK_PIPELINE.md).
+        options = replace(options, classify_in_background=classify_in_background)
         return _run(iter(source), Path(out_dir), path.name, facts, options, engine,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
                     expected=info.n_frames_declared or None, progress=progress,

@@ -50,9 +50,11 @@ class PipelineOptions:
     # cut of the whole frame (FaceOptions.cut_threshold) restarts it too.
     face_jump_reset: float = 0.5
     fps_hint: float = 30.0
-    # Live sources: classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread
-    # so the per-frame loop never stalls and drops frames; the event then arrives with a later
-    # frame. Files are classified inline, so results come back in order with their frame.
+    # Classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread so the
+    # per-frame loop never stalls (a live source would drop frames) and the flow overlaps the
+    # face stage on another core; the event then arrives with a later frame, still in order
+    # (one worker). analyze_video and analyze_camera turn it on; off, each event comes back
+    # with the frame that closed it.
     classify_in_background: bool = False
 
 

@@ -551,3 +551,29 @@ def test_interrupted_batch_keeps_the_index_of_what_it_did(media_dir, tmp_path):
         ("single_face", "complete"), ("WolfgangLanger_Pexels", "incomplete")]
     assert rows[1]["problems"] == "interrupted"
     assert 0 < int(rows[1]["frames"]) < 472
+
+
+def test_analyze_classifies_in_the_background_with_the_same_events_as_inline(media_dir,
+                                                                              wolfgang_run):
+    """analyze overlaps each event's TV-L1 with the face stage of the next frames; the events
+    (frames, classes, probabilities) and their order are those of the pipeline classifying
+    each event inline, with the frame that closed it."""
+    from realtime_mer.capture import open_video
+    from realtime_mer.pipeline import Pipeline, PipelineOptions
+
+    code, out = wolfgang_run
+    background = read_events(out / "events.jsonl")
+    assert code == 0 and len(background) >= 3
+    inline = []
+    with Pipeline(PipelineOptions(classify_in_background=False)) as pipeline, \
+            open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source:
+        for frame in source:
+            result = pipeline.process(frame)
+            if result.event is not None:
+                assert result.event.offset_frame <= frame.index  # closed by this frame
+                inline.append(result.event)
+    assert [(e.onset_frame, e.apex_frame, e.offset_frame, e.kind, e.label) for e in background] \
+        == [(e.onset_frame, e.apex_frame, e.offset_frame, e.kind, e.label) for e in inline]
+    for a, b in zip(background, inline):
+        for name in a.probabilities:
+            assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=1e-6)
