@@ -70,6 +70,8 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
                  "fps_nominal": info.fps_nominal, "frames_declared": info.n_frames_declared,
                  "duration_ms": info.duration_ms,
                  "variable_frame_rate": info.variable_frame_rate, "codec": info.codec}
+        if capture.start_ms > 0 or capture.end_ms is not None:  # a segment of the file
+            facts.update(start_ms=capture.start_ms, end_ms=capture.end_ms)
         if info.fps_nominal > 0:
             # The ring buffer must hold buffer_seconds of *this* video: at 200 fps (CASME II,
             # SAMM) a 30 fps-sized buffer keeps under a second, and a long event's onset crop
@@ -83,7 +85,7 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
         options = replace(options, classify_in_background=classify_in_background)
         return _run(iter(source), Path(out_dir), path.name, facts, options, engine,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
-                    expected=info.n_frames_declared or None, progress=progress,
+                    expected=source.frames_expected, progress=progress,
                     on_event=on_event, annotated_video=annotated_video,
                     fps_hint=info.fps_nominal or 30.0)
 

@@ -52,16 +52,24 @@ class Frame:
 class CaptureOptions:
     """``max_side``: frames whose longer side exceeds it are downscaled (aspect kept), a guard
     against 4K input costing the face stage 10x more for no gain. ``queue_size``: frames a live
-    source holds for a slow consumer before dropping the oldest."""
+    source holds for a slow consumer before dropping the oldest. ``start_ms`` / ``end_ms``
+    (files only): read only the frames whose time lies in [start_ms, end_ms] (None: to the
+    end); the file is entered by a seek, and times and frame indices stay the file's own."""
 
     max_side: int | None = None
     queue_size: int = 8
+    start_ms: float = 0.0
+    end_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side must be None or >= 16, got {self.max_side}")
         if self.queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if not (math.isfinite(self.start_ms) and self.start_ms >= 0):
+            raise ValueError(f"start_ms must be >= 0, got {self.start_ms}")
+        if self.end_ms is not None and not self.end_ms > self.start_ms:
+            raise ValueError(f"end_ms must be after start_ms ({self.start_ms}), got {self.end_ms}")
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,54 @@ class VideoFileSource:
             self.close()
             raise InputError(f"cannot decode {self.path}: {_ffmpeg_reason(exc)}") from None
         self._pending = first
+        self._ended_at_range = False
+        #: frames this source will deliver, if the container says (for progress bars)
+        self.frames_expected = self.info.n_frames_declared or None
+        if self.options.start_ms > 0:
+            self._enter_at(first, self.options.start_ms)
+        if self.options.end_ms is not None and self.info.fps_nominal > 0:
+            span = self.options.end_ms - max(self.options.start_ms, 0.0)
+            in_range = int(span / 1000.0 * self.info.fps_nominal) + 1
+            self.frames_expected = min(in_range, self.frames_expected or in_range)
+
+    def _enter_at(self, first, start_ms: float) -> None:
+        """Seek to the keyframe at or before ``start_ms`` so decoding starts there, and count the
+        frames before ``start_ms`` from the packets alone (no decoding), so that frame indices
+        stay the file's. Frames between the keyframe and ``start_ms`` are decoded and skipped."""
+        import av
+
+        self._t0_s = float(first.pts * first.time_base) if first.pts is not None else 0.0
+        base = self._stream.time_base
+        before, keyframe = 0, None
+        try:
+            self._container.seek(0, stream=self._stream, backward=True)
+            for packet in self._container.demux(self._stream):
+                if packet.pts is None:
+                    continue
+                t_ms = (float(packet.pts * base) - self._t0_s) * 1000.0
+                if t_ms < start_ms:
+                    before += 1
+                    if packet.is_keyframe:
+                        keyframe = packet.pts
+                elif t_ms > start_ms + 10_000.0:
+                    break  # decode order strays from display order by a few frames only
+            if keyframe is None:
+                keyframe = first.pts
+            self._container.seek(keyframe, stream=self._stream, backward=True)
+        except av.error.FFmpegError as exc:
+            self.close()
+            raise InputError(f"cannot seek to {start_ms / 1000:.2f} s in {self.path}: "
+                             f"{_ffmpeg_reason(exc)}") from None
+        duration = self.info.duration_ms
+        if math.isfinite(duration) and start_ms >= duration:
+            self.close()
+            raise InputError(f"--start {start_ms / 1000:.2f} s is past the end of {self.path} "
+                             f"({duration / 1000:.2f} s)")
+        self._frames = self._decode_packets()
+        self._pending = None
+        self.frames_decoded = before
+        if self.frames_expected:
+            self.frames_expected = max(self.frames_expected - before, 0) or None
 
     def _decode_packets(self):
         """The stream's frames, packet by packet. ``container.decode()`` is one generator that
@@ -260,16 +316,24 @@ class VideoFileSource:
         return self
 
     def __next__(self) -> Frame:
-        if self._done:
-            raise StopIteration
-        if self._pending is not None:
-            av_frame, self._pending = self._pending, None
-        else:
-            av_frame = self._next_av_frame()
-            if av_frame is None:
+        while True:
+            if self._done:
+                raise StopIteration
+            if self._pending is not None:
+                av_frame, self._pending = self._pending, None
+            else:
+                av_frame = self._next_av_frame()
+                if av_frame is None:
+                    self._finish()
+                    raise StopIteration
+            t_ms = self._timestamp_ms(av_frame)
+            if t_ms < self.options.start_ms:
+                continue  # decoded from the keyframe before the range, not part of it
+            if self.options.end_ms is not None and t_ms > self.options.end_ms:
+                self._ended_at_range = True
                 self._finish()
                 raise StopIteration
-        return self._to_frame(av_frame)
+            return self._to_frame(av_frame, t_ms)
 
     def _next_av_frame(self):
         import av
@@ -283,8 +347,7 @@ class VideoFileSource:
                 f"decoding stopped after frame {self.frames_decoded}: {_ffmpeg_reason(exc)}")
             return None
 
-    def _to_frame(self, av_frame) -> Frame:
-        t_ms = self._timestamp_ms(av_frame)
+    def _to_frame(self, av_frame, t_ms: float) -> Frame:
         size = _scaled_size(av_frame.width, av_frame.height, self.options.max_side)
         if size is None:
             image = av_frame.to_ndarray(format="bgr24")
@@ -329,7 +392,8 @@ class VideoFileSource:
                        f"after them{lost}")
             log.warning("%s: %s", self.path, message)
             self.errors.append(message)
-        if not self.truncated and declared and self.frames_decoded < declared:
+        if not self.truncated and not self._ended_at_range and declared \
+                and self.frames_decoded < declared:
             # Containers like MP4 index every frame up front; when the bytes behind the index
             # are missing the demuxer simply reports end of file, so compare with the index.
             last = self._last_t_ms or 0.0

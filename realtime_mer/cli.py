@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write annotated.mp4: the input with the face box, the "
                               "spotting signal and the events drawn on it")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
+    analyze.add_argument("--start", type=_time_of_day, default=0.0, metavar="TIME",
+                         help="analyse from this time in the video: seconds (75.5) or "
+                              "[hh:]mm:ss(.s) (1:15.5); the file is entered by a seek, events "
+                              "keep the video's own times and frame numbers")
+    analyze.add_argument("--end", type=_time_of_day, default=None, metavar="TIME",
+                         help="analyse up to this time in the video (same formats)")
 
     live = commands.add_parser(
         "live", parents=[common], help="analyse a webcam or stream live, printing events as they are found",
@@ -101,6 +108,24 @@ def _max_side(text: str) -> int:
     if value != 0 and value < 16:
         raise argparse.ArgumentTypeError(f"must be 0 (full size) or at least 16, got {value}")
     return value
+
+
+def _time_of_day(text: str) -> float:
+    """A position in a video, in milliseconds, from seconds ("75.5") or [hh:]mm:ss(.s)."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) > 3 or not all(parts):
+            raise ValueError
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (seconds such as 75.5, or [hh:]mm:ss such as 1:15.5)") from None
+    if any(v < 0 or not math.isfinite(v) for v in values) or any(v >= 60 for v in values[1:]):
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (minutes and seconds under 60)")
+    seconds = 0.0
+    for value in values:
+        seconds = seconds * 60.0 + value
+    return seconds * 1000.0
 
 
 def _output_dirs(videos: list[Path], out: Path) -> list[Path]:
@@ -203,7 +228,11 @@ def _analyze(args) -> int:
 
     engine = _load_engine(args)  # fail on a bad engine before touching any video
     options = _pipeline_options()
-    capture = CaptureOptions(max_side=args.max_side or None)
+    if args.end is not None and args.end <= args.start:
+        raise InputError(f"--end ({args.end / 1000:g} s) must be after --start "
+                         f"({args.start / 1000:g} s)")
+    capture = CaptureOptions(max_side=args.max_side or None, start_ms=args.start,
+                             end_ms=args.end)
     exit_code = 0
     batch = len(args.videos) > 1
     index: list[dict] = []  # a batch's index.csv / index.html, rewritten after each video

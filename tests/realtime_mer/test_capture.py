@@ -215,6 +215,35 @@ class _SlowCapture:
         self.cap.release()
 
 
+def test_a_segment_is_the_same_frames_as_decoding_from_the_start(media_dir):
+    """--start/--end seek to the keyframe before the start and drop what precedes it: the
+    frames delivered are exactly those of a full decode whose time lies in the range, with the
+    file's own indices and times, and ending at --end is not mistaken for truncation."""
+    path = media_dir / "WolfgangLanger_Pexels.mp4"
+    with open_video(path) as source:
+        full = [f for f in source if 5000.0 <= f.t_ms <= 9000.0]
+    with open_video(path, CaptureOptions(start_ms=5000.0, end_ms=9000.0)) as source:
+        expected = source.frames_expected
+        segment = list(source)
+        assert not source.truncated and source.errors == []
+    assert [f.index for f in segment] == [f.index for f in full]
+    assert full[0].index > 100  # the seek skipped the first keyframe interval
+    np.testing.assert_allclose([f.t_ms for f in segment], [f.t_ms for f in full], atol=1e-9)
+    assert all(np.array_equal(a.image_bgr, b.image_bgr) for a, b in zip(segment, full))
+    assert abs(expected - len(segment)) <= 1
+    with open_video(path, CaptureOptions(start_ms=15000.0)) as source:
+        tail = list(source)
+        assert not source.truncated and source.errors == []
+    assert tail[-1].index == 471 and tail[0].t_ms >= 15000.0
+
+
+def test_a_segment_that_starts_after_the_end_is_an_input_error(media_dir):
+    with pytest.raises(InputError, match="past the end"):
+        open_video(media_dir / "single_face.mp4", CaptureOptions(start_ms=60_000.0))
+    with pytest.raises(ValueError, match="end_ms must be after start_ms"):
+        CaptureOptions(start_ms=2000.0, end_ms=1000.0)
+
+
 def test_webcam_drops_oldest_for_a_slow_consumer_then_reports_disconnect(media_dir):
     source = WebcamSource(cv2.VideoCapture(str(media_dir / "single_face.mp4")),
                           CaptureOptions(queue_size=4))

@@ -577,3 +577,33 @@ def test_analyze_classifies_in_the_background_with_the_same_events_as_inline(med
     for a, b in zip(background, inline):
         for name in a.probabilities:
             assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=1e-6)
+
+
+def test_start_and_end_analyse_a_segment_in_the_videos_own_time(media_dir, tmp_path, capsys):
+    """`--start 0:05 --end 12.5` analyses the frames from 5 s to 12.5 s: the summary says which
+    segment, every event lies in it with the video's own times and frame numbers, and the
+    progress total is the segment's. Times that cannot be read, or an end before the start,
+    are refused before any work."""
+    from realtime_mer.capture import open_video
+
+    path = media_dir / "WolfgangLanger_Pexels.mp4"
+    out = tmp_path / "segment"
+    assert run_cli(str(path), "--out", str(out), "--start", "0:05", "--end", "12.5") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["input"]["start_ms"], summary["input"]["end_ms"]) == (5000.0, 12500.0)
+    with open_video(path) as source:
+        in_range = [f.index for f in source if 5000.0 <= f.t_ms <= 12500.0]
+    assert summary["frames"]["processed"] == len(in_range) and summary["complete"]
+    events = read_events(out / "events.jsonl")
+    assert events
+    for event in events:
+        assert 5000.0 <= event.onset_ms <= event.offset_ms <= 12500.0
+        assert in_range[0] <= event.onset_frame <= event.offset_frame <= in_range[-1]
+    capsys.readouterr()
+    for args, message in ((["--start", "1:x"], "not a time"), (["--start", "0:75"], "under 60")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit 2
+            run_cli(str(path), "--out", str(tmp_path / "bad"), *args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert run_cli(str(path), "--out", str(tmp_path / "bad"), "--start", "10", "--end", "5") == 2
+    assert "must be after --start" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
