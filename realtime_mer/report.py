@@ -251,7 +251,14 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
             f"<td>{esc(event.kind)}</td><td><b>{esc(event.label)}</b> {event.confidence:.2f}</td>"
             f"<td>{probabilities}</td><td>{map_image(feature_map)}</td></tr>")
     problems = "".join(f"<li>{esc(p)}</li>" for p in summary.get("problems", []))
+    segment = ""
+    if facts.get("start_ms") is not None or facts.get("end_ms") is not None:
+        end = facts.get("end_ms")
+        segment = (f", segment {(facts.get('start_ms') or 0.0) / 1000:.2f} s to "
+                   f"{'the end' if end is None else f'{end / 1000:.2f} s'}")
     face = summary.get("face") or {}
+    if face.get("median_eye_distance_px") is not None:
+        segment += f"; the face's eyes {face['median_eye_distance_px']:.0f} px apart (median)"
     small_face = ""
     if face.get("small"):
         small_face = (f'<p class="bad">Small face: the eyes are '
@@ -266,7 +273,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:midd
 .bad{{color:#b00}}</style></head><body>
 <h1>Micro-expression report</h1>
 <p>Input: <code>{esc(str(facts.get('path', facts.get('camera', ''))))}</code>
-{esc(str(facts.get('width', '')))}×{esc(str(facts.get('height', '')))},
+{esc(str(facts.get('width', '')))}×{esc(str(facts.get('height', '')))}{segment},
 {frames.get('processed', 0)} frames ({frames.get('without_face', 0)} without a face,
 {frames.get('with_several_faces', 0)} with several faces, {frames.get('dropped', 0)} dropped;
 {frames.get('hard_cuts', 0)} hard cuts).

@@ -594,6 +594,9 @@ def test_start_and_end_analyse_a_segment_in_the_videos_own_time(media_dir, tmp_p
     with open_video(path) as source:
         in_range = [f.index for f in source if 5000.0 <= f.t_ms <= 12500.0]
     assert summary["frames"]["processed"] == len(in_range) and summary["complete"]
+    page = (out / "report.html").read_text()
+    assert "segment 5.00 s to 12.50 s" in page
+    assert f"eyes {summary['face']['median_eye_distance_px']:.0f} px apart (median)" in page
     events = read_events(out / "events.jsonl")
     assert events
     for event in events:
