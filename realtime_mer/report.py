@@ -323,6 +323,7 @@ def write_index(out_dir: str | Path, rows: Sequence[dict[str, Any]],
     linking each video's report. Rewritten after every video, so an interrupted batch keeps
     the index of what it finished."""
     import html
+    from urllib.parse import quote
 
     out_dir = Path(out_dir)
     columns = list(INDEX_COLUMNS[:8]) + [f"micro_{name}" for name in class_names] \
@@ -335,9 +336,10 @@ def write_index(out_dir: str | Path, rows: Sequence[dict[str, Any]],
     body = []
     for row in rows:
         report = Path(row["folder"]) / REPORT_HTML
-        link = (f'<a href="{esc(report.as_posix(), quote=True)}">{esc(Path(row["video"]).name)}</a>'
-                if row["status"] != "failed" and (out_dir / report).exists()
-                else esc(Path(row["video"]).name))
+        name = esc(Path(row["video"]).name)
+        # A relative URL: folder names with spaces or other characters are percent-encoded.
+        link = (f'<a href="{esc(quote(report.as_posix()), quote=True)}">{name}</a>'
+                if row["status"] != "failed" and (out_dir / report).exists() else name)
         cells = "".join(f"<td>{esc(str(row.get(c, '')))}</td>" for c in columns[2:])
         body.append(f"<tr><td>{link}</td><td>{esc(row['folder'])}</td>{cells}</tr>")
     header = "".join(f"<th>{esc(c)}</th>" for c in columns)

@@ -367,6 +367,23 @@ def test_unwritable_output_is_refused_before_any_frame(media_dir, tmp_path, caps
     assert blocker.read_text().startswith("a file")  # left alone
 
 
+def test_batch_index_links_folders_with_any_name(media_dir, tmp_path):
+    """Videos named with spaces, brackets and Cyrillic letters: the index's links are
+    percent-encoded relative URLs that resolve to each video's report."""
+    import re
+    from urllib.parse import unquote
+
+    named = tmp_path / "интервью 1 (copy).mp4"
+    shutil.copyfile(media_dir / "no_face.mp4", named)
+    out = tmp_path / "out dir"
+    assert run_cli(str(named), str(media_dir / "no_face.mp4"), "--out", str(out)) == 0
+    links = re.findall(r'href="([^"]+)"', (out / "index.html").read_text(encoding="utf-8"))
+    assert len(links) == 2 and all(" " not in link and "(" not in link for link in links)
+    assert [unquote(link) for link in links] == ["интервью 1 (copy)/report.html",
+                                                 "no_face/report.html"]
+    assert all((out / unquote(link)).is_file() for link in links)
+
+
 def test_videos_that_share_a_name_do_not_overwrite_each_other(media_dir, tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
