@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from realtime_mer import __version__
+from realtime_mer import __version__, native_logs
 from realtime_mer.errors import InputError, MerError, OutputError
 
 log = logging.getLogger("realtime_mer")
@@ -155,6 +155,14 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    native_logs.set_capture(not args.debug)  # --debug: native output unfiltered, as written
+    try:
+        return _run_command(args)
+    finally:
+        native_logs.set_capture(True)
+
+
+def _run_command(args) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)

@@ -24,7 +24,7 @@ from typing import IO, Iterator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quiet_native_logs", "is_native_chatter"]
+__all__ = ["quiet_native_logs", "is_native_chatter", "set_capture"]
 
 # glog/absl lines at INFO or WARNING ("I0000 00:00:17964.. 123 file.cc:45] ..."; "W1204 ..."),
 # TFLite's "INFO: ..." banner and absl's notice that logging was not initialised. Errors ("E...",
@@ -36,9 +36,18 @@ _CHATTER = re.compile(
 )
 
 _lock = threading.Lock()
+_capture_enabled = True
 _depth = 0
 _saved_fd: int | None = None
 _capture: IO[bytes] | None = None
+
+
+def set_capture(enabled: bool) -> None:
+    """Turn the capture on or off for the whole process. ``mer --debug`` turns it off: a native
+    crash inside a captured block would take its last words with it, and whoever debugs wants
+    every line as the libraries write it."""
+    global _capture_enabled
+    _capture_enabled = bool(enabled)
 
 
 def is_native_chatter(line: str) -> bool:
@@ -99,7 +108,7 @@ def quiet_native_logs(enabled: bool = True) -> Iterator[None]:
     Thread-safe and re-entrant: descriptor 2 is process-wide, so concurrent blocks share one
     capture, restored when the last of them ends.
     """
-    if not enabled:
+    if not (enabled and _capture_enabled):
         yield
         return
     _enter()

@@ -498,6 +498,19 @@ def test_stderr_carries_no_native_library_chatter(media_dir, tmp_path):
                if is_native_chatter(line) or line.startswith(("W0000", "I0000"))]
     assert chatter == []
     assert "face_noface.mov" in result.stdout
+    # --debug leaves the native output as the libraries write it (a native crash inside a
+    # capture would lose its message), and main() restores the capture for the process.
+    debug = subprocess.run(
+        [sys.executable, "-m", "realtime_mer.cli", "--debug", "analyze",
+         str(media_dir / "single_face.mp4"), "--out", str(tmp_path / "debug"), "--no-progress"],
+        capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 0, debug.stderr
+    assert any(is_native_chatter(line) for line in debug.stderr.splitlines())
+    from realtime_mer import native_logs
+
+    assert main(["--debug", "analyze", str(media_dir / "no_face.mp4"), "--out",
+                 str(tmp_path / "in_process"), "--no-progress"]) == 0
+    assert native_logs._capture_enabled
 
 
 def test_small_face_is_reported_and_a_large_enough_one_is_not(media_dir, tmp_path, capsys):
