@@ -11,6 +11,7 @@ import collections
 import logging
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from realtime_mer.errors import InputError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Frame", "CaptureOptions", "VideoInfo", "VideoFileSource", "WebcamSource",
-    "open_video", "probe_video",
+    "Frame", "CaptureOptions", "VideoInfo", "VideoFileSource", "ImageSequenceSource",
+    "WebcamSource", "open_video", "probe_video",
 ]
 
 # FFmpeg happily "opens" some non-video files: still images through its image demuxers, and any
@@ -60,6 +61,8 @@ class CaptureOptions:
     queue_size: int = 8
     start_ms: float = 0.0
     end_ms: float | None = None
+    #: frame rate of a folder of images (a dataset's frames): they carry no timestamps
+    image_fps: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_side is not None and self.max_side < 16:
@@ -70,6 +73,9 @@ class CaptureOptions:
             raise ValueError(f"start_ms must be >= 0, got {self.start_ms}")
         if self.end_ms is not None and not self.end_ms > self.start_ms:
             raise ValueError(f"end_ms must be after start_ms ({self.start_ms}), got {self.end_ms}")
+        if self.image_fps is not None and not (math.isfinite(self.image_fps)
+                                               and self.image_fps > 0):
+            raise ValueError(f"image_fps must be > 0, got {self.image_fps}")
 
 
 @dataclass(frozen=True)
@@ -197,10 +203,103 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         container.close()
 
 
-def open_video(path: str | os.PathLike, options: CaptureOptions | None = None) -> "VideoFileSource":
-    """Open a video file for iteration. The first frame is decoded here, so a file that opens
-    but cannot be decoded fails now with ``InputError`` rather than mid-pipeline."""
-    return VideoFileSource(path, options or CaptureOptions())
+def open_video(path: str | os.PathLike, options: CaptureOptions | None = None
+               ) -> "VideoFileSource | ImageSequenceSource":
+    """Open a video file, or a folder of frame images (``options.image_fps`` gives its rate),
+    for iteration. The first frame is decoded here, so an input that opens but cannot be
+    decoded fails now with ``InputError`` rather than mid-pipeline."""
+    options = options or CaptureOptions()
+    if Path(os.fspath(path)).is_dir():
+        return ImageSequenceSource(path, options)
+    return VideoFileSource(path, options)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def _natural_key(path: Path) -> list:
+    """img2 before img10: runs of digits compare as numbers (CASME II names its frames
+    img1.jpg ... img100.jpg, without zero padding)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", path.name) if part]
+
+
+class ImageSequenceSource:
+    """Iterator of ``Frame`` over a folder of frame images, as micro-expression databases store
+    their recordings: the files in natural order, ``t_ms = index * 1000 / image_fps``. An image
+    that cannot be read, or whose size differs from the first, is skipped and recorded in
+    ``errors`` (like a damaged packet of a video); the others go on. Same interface as
+    :class:`VideoFileSource` (``info``, ``errors``, ``truncated``, ``frames_expected``)."""
+
+    def __init__(self, folder: str | os.PathLike, options: CaptureOptions | None = None) -> None:
+        self.options = options or CaptureOptions()
+        self.path = os.fspath(folder)
+        fps = self.options.image_fps
+        if fps is None:
+            raise InputError(f"{self.path} is a folder: give the frame rate of its images with "
+                             "--fps (200 for CASME II and SAMM, 100 for SMIC-HS)")
+        files = sorted((p for p in Path(self.path).iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+        if not files:
+            raise InputError(f"{self.path} holds no frame images "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+        self._step_ms = 1000.0 / fps
+        first = cv2.imread(str(files[0]), cv2.IMREAD_COLOR)
+        if first is None:
+            raise InputError(f"cannot read the first frame image {files[0]}")
+        self._size = first.shape[:2]
+        self.errors: list[str] = []
+        self.truncated = False
+        lo = math.ceil(self.options.start_ms / self._step_ms - 1e-9)
+        hi = len(files) - 1 if self.options.end_ms is None else \
+            min(len(files) - 1, math.floor(self.options.end_ms / self._step_ms + 1e-9))
+        if lo > len(files) - 1:
+            raise InputError(f"--start {self.options.start_ms / 1000:.2f} s is past the end of "
+                             f"{self.path} ({len(files)} frames at {fps:g} fps)")
+        self._files = files
+        self._next_index = lo
+        self._last_index = hi
+        self.frames_expected = hi - lo + 1
+        self.frames_decoded = 0
+        self.info = VideoInfo(path=self.path, width=int(first.shape[1]),
+                              height=int(first.shape[0]), fps_nominal=float(fps),
+                              n_frames_declared=len(files),
+                              duration_ms=len(files) * self._step_ms,
+                              variable_frame_rate=False, codec="images")
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self
+
+    def __next__(self) -> Frame:
+        while self._next_index <= self._last_index:
+            index = self._next_index
+            self._next_index += 1
+            path = self._files[index]
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                self._skip(f"frame image {path.name} cannot be read; skipped")
+                continue
+            if image.shape[:2] != self._size:
+                self._skip(f"frame image {path.name} is {image.shape[1]}x{image.shape[0]}, not "
+                           f"{self._size[1]}x{self._size[0]} like the first; skipped")
+                continue
+            self.frames_decoded += 1
+            return Frame(t_ms=index * self._step_ms,
+                         image_bgr=_downscale(image, self.options.max_side), index=index)
+        raise StopIteration
+
+    def _skip(self, message: str) -> None:
+        log.warning("%s: %s", self.path, message)
+        self.errors.append(message)
+
+    def close(self) -> None:
+        self._next_index = self._last_index + 1
+
+    def __enter__(self) -> "ImageSequenceSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # More refused packets in a row than this is a broken stream, not a damaged spot: stop there.

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "keep the video's own times and frame numbers")
     analyze.add_argument("--end", type=_time_of_day, default=None, metavar="TIME",
                          help="analyse up to this time in the video (same formats)")
+    analyze.add_argument("--fps", type=_frame_rate, default=None, metavar="FPS",
+                         help="frame rate of a VIDEO that is a folder of frame images (a "
+                              "database's recording: 200 for CASME II and SAMM, 100 for "
+                              "SMIC-HS); the images are taken in natural order (img2 before "
+                              "img10)")
 
     live = commands.add_parser(
         "live", parents=[common], help="analyse a webcam or stream live, printing events as they are found",
@@ -107,6 +112,16 @@ def _max_side(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number of pixels: {text!r}") from None
     if value != 0 and value < 16:
         raise argparse.ArgumentTypeError(f"must be 0 (full size) or at least 16, got {value}")
+    return value
+
+
+def _frame_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a frame rate: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 10_000):
+        raise argparse.ArgumentTypeError(f"a frame rate must be in (0, 10000], got {text!r}")
     return value
 
 
@@ -240,7 +255,7 @@ def _analyze(args) -> int:
         raise InputError(f"--end ({args.end / 1000:g} s) must be after --start "
                          f"({args.start / 1000:g} s)")
     capture = CaptureOptions(max_side=args.max_side or None, start_ms=args.start,
-                             end_ms=args.end)
+                             end_ms=args.end, image_fps=args.fps)
     exit_code = 0
     batch = len(args.videos) > 1
     index: list[dict] = []  # a batch's index.csv / index.html, rewritten after each video

@@ -125,7 +125,8 @@ def _bad_inputs(media_dir, tmp_path):
         w.writeframes((rng.standard_normal(16000) * 1000).astype("<i2").tobytes())
     return {
         "missing": (tmp_path / "nope.mp4", "not found"),
-        "directory": (tmp_path, "directory"),
+        # open_video reads a folder as frame images, which need --fps; probe_video wants a file
+        "directory": (tmp_path, "directory|folder: give the frame rate"),
         "empty": (empty, "empty"),
         "random bytes .bin": (random_bin, "not a video"),
         "random bytes .mp4": (random_mp4, "cannot open|not a video"),
@@ -242,6 +243,55 @@ def test_a_segment_that_starts_after_the_end_is_an_input_error(media_dir):
         open_video(media_dir / "single_face.mp4", CaptureOptions(start_ms=60_000.0))
     with pytest.raises(ValueError, match="end_ms must be after start_ms"):
         CaptureOptions(start_ms=2000.0, end_ms=1000.0)
+
+
+def _frame_folder(media_dir, folder, names):
+    """Frames of single_face.mp4 written as PNG under ``names`` (in the video's order)."""
+    folder.mkdir()
+    with open_video(media_dir / "single_face.mp4") as source:
+        frames = [f.image_bgr for f in source][:len(names)]
+    for name, image in zip(names, frames):
+        cv2.imwrite(str(folder / name), image)
+    return frames
+
+
+def test_a_folder_of_frames_plays_in_natural_order_at_its_rate(media_dir, tmp_path):
+    """CASME II names frames img1 ... img100 without padding: img10 comes after img9, not after
+    img1. Times are index / fps; a file that is not an image is ignored."""
+    names = [f"img{i}.png" for i in range(1, 13)]
+    frames = _frame_folder(media_dir, tmp_path / "clip", names)
+    (tmp_path / "clip" / "notes.txt").write_text("not a frame")
+    with open_video(tmp_path / "clip", CaptureOptions(image_fps=200.0)) as source:
+        assert source.info.fps_nominal == 200.0 and source.info.n_frames_declared == 12
+        got = list(source)
+        assert source.errors == [] and source.frames_expected == 12
+    assert [f.index for f in got] == list(range(12))
+    np.testing.assert_allclose([f.t_ms for f in got], np.arange(12) * 5.0)
+    assert all(np.array_equal(a.image_bgr, b) for a, b in zip(got, frames))
+    with open_video(tmp_path / "clip", CaptureOptions(image_fps=200.0, start_ms=20.0,
+                                                      end_ms=40.0)) as source:
+        assert [f.index for f in source] == [4, 5, 6, 7, 8]
+
+
+def test_a_folder_with_a_bad_frame_skips_it_and_says_so(media_dir, tmp_path):
+    names = [f"{i:03d}.png" for i in range(1, 7)]
+    _frame_folder(media_dir, tmp_path / "clip", names)
+    (tmp_path / "clip" / "003.png").write_bytes(b"not a png")
+    small = cv2.resize(cv2.imread(str(tmp_path / "clip" / "005.png")), (320, 180))
+    cv2.imwrite(str(tmp_path / "clip" / "005.png"), small)
+    with open_video(tmp_path / "clip", CaptureOptions(image_fps=100.0)) as source:
+        got = [f.index for f in source]
+        errors = source.errors
+    assert got == [0, 1, 3, 5]
+    assert len(errors) == 2 and "003.png cannot be read" in errors[0] and "005.png" in errors[1]
+
+
+def test_a_folder_needs_a_frame_rate_and_frames(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="--fps"):
+        open_video(tmp_path / "empty")
+    with pytest.raises(InputError, match="no frame images"):
+        open_video(tmp_path / "empty", CaptureOptions(image_fps=200.0))
 
 
 def test_webcam_drops_oldest_for_a_slow_consumer_then_reports_disconnect(media_dir):

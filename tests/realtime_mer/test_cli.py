@@ -640,3 +640,34 @@ def test_start_and_end_analyse_a_segment_in_the_videos_own_time(media_dir, tmp_p
     assert run_cli(str(path), "--out", str(tmp_path / "bad"), "--start", "10", "--end", "5") == 2
     assert "must be after --start" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_folder_of_frames_gives_the_events_of_the_video_it_came_from(media_dir, tmp_path,
+                                                                      wolfgang_run):
+    """The Wolfgang video written out as img1.png ... img472.png and analysed with --fps at the
+    video's rate: the same frames, so the same events, frames, classes and probabilities."""
+    import cv2
+
+    from realtime_mer.capture import open_video
+
+    code, out = wolfgang_run
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    with open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source:
+        fps = source.info.fps_nominal
+        for frame in source:
+            cv2.imwrite(str(folder / f"img{frame.index + 1}.png"), frame.image_bgr)
+    assert run_cli(str(folder), "--fps", repr(fps), "--out", str(tmp_path / "out")) == 0
+    video_events = read_events(out / "events.jsonl")
+    folder_events = read_events(tmp_path / "out" / "events.jsonl")
+    assert len(video_events) >= 3
+    assert [(e.onset_frame, e.apex_frame, e.offset_frame, e.kind, e.label)
+            for e in folder_events] == [(e.onset_frame, e.apex_frame, e.offset_frame, e.kind,
+                                         e.label) for e in video_events]
+    for a, b in zip(folder_events, video_events):
+        assert a.apex_ms == pytest.approx(b.apex_ms, abs=0.01)
+        for name in a.probabilities:
+            assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=1e-5)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["input"]["codec"] == "images" and summary["frames"]["processed"] == 472
+

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
+from realtime_mer.capture import IMAGE_SUFFIXES
 from realtime_mer.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ CLASS_NAMES = ("negative", "positive", "surprise")
 RAW_DATABASES = ("casme2", "samm", "smic", "casme3")
 KINDS = ("map28", "colour224", "stack16")
 APEX_METHODS = ("max_flow", "middle")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the product's own list: `mer analyze FOLDER --fps` reads these
 CACHE_VERSION = 1
 
 # MEGC2019's composite 3-class split: each database's own emotion names, lower case. Anything
