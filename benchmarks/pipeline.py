@@ -117,6 +117,38 @@ def time_background_classification(repeats: int) -> list[dict]:
     return rows
 
 
+def time_max_faces(repeats: int, frames: int = 200) -> list[dict]:
+    """The face stage alone (MediaPipe + alignment) per frame with 4 faces tracked (the
+    default: MediaPipe keeps looking for more, so the largest is the subject) and with 1
+    (--max-faces 1), on the first frames of the Wolfgang video, alternated run by run."""
+    from realtime_mer.capture import open_video
+    from realtime_mer.face import FaceAligner, FaceOptions
+
+    with open_video(shared_media() / "WolfgangLanger_Pexels.mp4") as source:
+        images = [(f.image_bgr, f.t_ms) for _, f in zip(range(frames), source)]
+    ms: dict[int, list[float]] = {4: [], 1: []}
+    for _ in range(repeats):
+        for max_faces in ms:
+            with FaceAligner(FaceOptions(max_faces=max_faces)) as aligner:
+                aligner.process(*images[0])  # graph start and first detection, not per frame
+                t0 = time.perf_counter()
+                for image, t_ms in images[1:]:
+                    aligner.process(image, t_ms)
+                ms[max_faces].append((time.perf_counter() - t0) * 1e3 / (len(images) - 1))
+    return [{"max_faces": k, "median_ms": statistics.median(v), "runs": repeats,
+             "frames": len(images) - 1,
+             "x_faster_than_4": statistics.median(a / b for a, b in zip(ms[4], v))}
+            for k, v in ms.items()]
+
+
+def max_faces_table(rows: list[dict]) -> str:
+    lines = ["| --max-faces | face stage, median ms / frame | speed vs 4 (median of paired runs) |",
+             "|---|---|---|"]
+    lines += [f"| {r['max_faces']} | {r['median_ms']:.2f} | {r['x_faster_than_4']:.2f}x |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def background_table(rows: list[dict]) -> str:
     lines = ["| video | events | same events | fps inline | fps in a worker thread | "
              "speed-up (median of paired runs) |", "|---|---|---|---|---|---|"]
@@ -266,6 +298,9 @@ def main() -> None:
     background_rows = time_background_classification(args.repeats)
     background_text = background_table(background_rows)
     print(background_text)
+    max_faces_rows = time_max_faces(args.repeats)
+    max_faces_text = max_faces_table(max_faces_rows)
+    print(max_faces_text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
@@ -293,10 +328,16 @@ def main() -> None:
             "thread while the face stage goes on with the next frames; OpenCV and MediaPipe "
             "release the GIL, so the two share the cores. Inline, the frame loop waits for "
             "each event. Videos without events are left out (nothing to overlap).\n\n"
-            + background_text + "\n")
+            + background_text + "\n\n"
+            f"## Faces tracked at once (`--max-faces`; {args.repeats} runs each, alternated, "
+            f"{max_faces_rows[0]['frames']} frames of the Wolfgang video)\n\n"
+            "The face stage alone. With 4 (the default) MediaPipe keeps running its detector "
+            "while fewer faces are tracked, so that the largest face in view is the subject; "
+            "1 stops at the first face found.\n\n" + max_faces_text + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(
             {"videos": rows, "engines": engine_rows, "cut_detection": cut_rows,
-             "background_classification": background_rows}, indent=2) + "\n")
+             "background_classification": background_rows, "max_faces": max_faces_rows},
+            indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -178,17 +178,19 @@ class Pipeline:
 
     def face_size(self) -> dict:
         """The subject's size over the frames so far: median and 10th percentile of the eye
-        distance (frame px, as analysed), the size below which the crop enlarges the face, and
-        whether the median is below it (``small``)."""
+        distance (frame px, as analysed), the size below which the crop enlarges the face,
+        whether the median is below it (``small``), and how many faces were tracked at once."""
         limit = self._small_face_px
+        tracked = self.options.face.max_faces
         if not self._eye_distances:
             return {"median_eye_distance_px": None, "p10_eye_distance_px": None,
-                    "upsampling_eye_distance_px": limit, "small": False}
+                    "upsampling_eye_distance_px": limit, "small": False, "max_faces": tracked}
         values = np.frombuffer(self._eye_distances, dtype=np.float32)
         median = float(np.median(values))
         return {"median_eye_distance_px": median,
                 "p10_eye_distance_px": float(np.percentile(values, 10)),
-                "upsampling_eye_distance_px": limit, "small": median < limit}
+                "upsampling_eye_distance_px": limit, "small": median < limit,
+                "max_faces": tracked}
 
     def _completed_in_background(self) -> tuple[EventRecord | None, np.ndarray | None]:
         if self._pending and self._pending[0].done():

@@ -671,3 +671,33 @@ def test_a_folder_of_frames_gives_the_events_of_the_video_it_came_from(media_dir
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["input"]["codec"] == "images" and summary["frames"]["processed"] == 472
 
+
+
+def test_max_faces_sets_how_many_faces_are_tracked(media_dir, tmp_path):
+    """A clip of the group photo: by default several faces are seen in its frames (the largest
+    is the subject); with --max-faces 1 MediaPipe tracks one face only, which the summary
+    records, and no frame counts several faces."""
+    import av
+    import cv2
+
+    clip = tmp_path / "group.mp4"
+    image = cv2.imread(str(media_dir / "multi_face.jpg"))[100:600, 250:950]  # as test_face
+    height, width = (image.shape[0] // 2) * 2, (image.shape[1] // 2) * 2
+    with av.open(str(clip), "w") as sink:
+        stream = sink.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(10):
+            frame = av.VideoFrame.from_ndarray(image[:height, :width], format="bgr24")
+            for packet in stream.encode(frame):
+                sink.mux(packet)
+        for packet in stream.encode():
+            sink.mux(packet)
+    summaries = {}
+    for name, extra in (("default", []), ("one", ["--max-faces", "1"])):
+        assert run_cli(str(clip), "--out", str(tmp_path / name), *extra) == 0
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summaries["default"]["face"]["max_faces"] == 4
+    assert summaries["default"]["frames"]["with_several_faces"] >= 5
+    assert summaries["one"]["face"]["max_faces"] == 1
+    assert summaries["one"]["frames"]["with_several_faces"] == 0
+    assert summaries["one"]["frames"]["with_face"] == 10
