@@ -574,7 +574,10 @@ def test_interrupted_batch_keeps_the_index_of_what_it_did(media_dir, tmp_path):
     time.sleep(2.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    # 130 from main(); once in CI runs Python instead ended itself by SIGINT (-2) after main()
+    # had handled the interrupt. A shell shows both as 130; what was kept is what matters here.
+    assert process.returncode in (130, -signal.SIGINT), err
+    assert "interrupted; events found so far are kept" in err
     with open(out / "index.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["folder"], row["status"]) for row in rows] == [
