@@ -254,6 +254,15 @@ def test_corrupt_engine_file(media_dir, tmp_path, capsys):
     assert "sha256" in err.lower() and "Traceback" not in err
 
 
+# main() returns 130 after Ctrl+C, yet 1 run in 12 (the interrupt 0.8 s into the second video)
+# ended by SIGINT (returncode -2) after main() had printed its message and kept everything. No
+# library replaces the SIGINT handler (checked with sigaction); the likely cause is CPython
+# flagging an interrupt as unhandled when it passes through code run by PyRun_* (as native
+# bindings may do), which makes the interpreter re-raise SIGINT at exit. A shell shows 130 either
+# way and the outputs are complete, so both count as the expected exit.
+_EXIT_AFTER_CTRL_C = (130, -2)
+
+
 def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
     """SIGINT half-way: exit 130, summary written with interrupted=true, events file intact."""
     import signal
@@ -274,7 +283,8 @@ def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
     time.sleep(3.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode in _EXIT_AFTER_CTRL_C, err
+    assert "interrupted; events found so far are kept" in err
     assert "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True
@@ -574,9 +584,7 @@ def test_interrupted_batch_keeps_the_index_of_what_it_did(media_dir, tmp_path):
     time.sleep(2.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    # 130 from main(); once in CI runs Python instead ended itself by SIGINT (-2) after main()
-    # had handled the interrupt. A shell shows both as 130; what was kept is what matters here.
-    assert process.returncode in (130, -signal.SIGINT), err
+    assert process.returncode in _EXIT_AFTER_CTRL_C, err
     assert "interrupted; events found so far are kept" in err
     with open(out / "index.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
