@@ -80,7 +80,7 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
             options = replace(options, fps_hint=max(options.fps_hint, fps))
         # An event's TV-L1 flow (hundreds of ms on a CPU) runs in a worker thread while the
         # face stage goes on with the next frames: OpenCV and MediaPipe release the GIL, so the
-        # two overlap on a second core (1.27x faster on the 2-core CPU, the same events in the
+        # two overlap on a second core (1.26x faster on the 2-core CPU, the same events in the
         # same order; docs/BENCHMARK_PIPELINE.md).
         options = replace(options, classify_in_background=classify_in_background)
         return _run(iter(source), Path(out_dir), path.name, facts, options, engine,

@@ -18,6 +18,7 @@ import numpy as np
 
 from realtime_mer.annotate import annotate
 from realtime_mer.capture import Frame
+from realtime_mer.face import small_face_note
 from realtime_mer.pipeline import FrameResult, Pipeline, PipelineOptions
 from realtime_mer.report import OUTPUT_FILES, EventRecord
 from realtime_mer.runtime import Backend
@@ -146,9 +147,8 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
                f"face; {s['events']['micro']} micro and {s['events']['macro']} macro events.")
     face = s.get("face") or {}
     if face.get("small"):
-        message += (f" The face is small (eyes {face['median_eye_distance_px']:.0f} px apart, "
-                    f"under the {face['upsampling_eye_distance_px']:.0f} px the face crop needs):"
-                    f" movements of a pixel or two approach the video's resolution.")
+        note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"])
+        message += f" {note[0].upper() + note[1:]}."
     if result.problems:
         message += " Problems: " + "; ".join(result.problems) + " (events before it are kept)."
     timeline = str(out_dir / "timeline.png") if (out_dir / "timeline.png").exists() else None

@@ -642,6 +642,8 @@ class WebcamSource:
         failures = 0
         index = 0
         file_t_ms = -math.inf
+        # A backend that reports no position for a paced file gets its nominal rate instead.
+        step_ms = 1000.0 / (cap.get(cv2.CAP_PROP_FPS) or 30.0) if self.paced else 0.0
         try:
             while not self._stop.is_set():
                 ok, image = cap.read()
@@ -660,10 +662,8 @@ class WebcamSource:
                 failures = 0
                 t_ms = (t - self._t0) * 1000.0
                 if self.paced:
-                    # The file's own clock; a backend that reports no position gets its rate.
-                    position = cap.get(cv2.CAP_PROP_POS_MSEC)
-                    step = 1000.0 / (cap.get(cv2.CAP_PROP_FPS) or 30.0)
-                    file_t_ms = position if position > file_t_ms else file_t_ms + step
+                    position = cap.get(cv2.CAP_PROP_POS_MSEC)  # the file's own clock
+                    file_t_ms = position if position > file_t_ms else file_t_ms + step_ms
                     t_ms = max(file_t_ms, 0.0)
                     if self._stop.wait(max(0.0, self._t0 + t_ms / 1000.0 - time.monotonic())):
                         break

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
            "ALIGN_LANDMARKS", "canonical_points", "similarity_transform", "alignment_transform",
-           "cut_thumbnail", "cut_score", "upsampling_eye_distance"]
+           "cut_thumbnail", "cut_score", "upsampling_eye_distance", "small_face_note"]
 
 #: MediaPipe Face Mesh indices (refined mesh, 478 points) of the five alignment points: image-left
 #: iris centre, image-right iris centre, nose tip, image-left and image-right mouth corner.
@@ -62,6 +62,13 @@ def upsampling_eye_distance(options: "FaceOptions") -> float:
     approach the video's own resolution."""
     template = canonical_points(options.crop_size)
     return float(np.linalg.norm(template[1] - template[0])) / options.stretch_x
+
+
+def small_face_note(eye_distance_px: float, limit_px: float) -> str:
+    """The one wording of the small-face warning, for the log, the report and the demo."""
+    return (f"the face is small: its eyes are {eye_distance_px:.0f} px apart (median), below the "
+            f"{limit_px:.0f} px at which the face crop needs no enlarging, so movements of a "
+            "pixel or two approach the video's resolution")
 
 
 def canonical_points(crop_size: int) -> np.ndarray:

@@ -19,7 +19,8 @@ import numpy as np
 from realtime_mer.buffer import RingBuffer
 from realtime_mer.capture import Frame
 from realtime_mer.face import (
-    ALIGN_LANDMARKS, FaceAligner, FaceOptions, FaceResult, upsampling_eye_distance,
+    ALIGN_LANDMARKS, FaceAligner, FaceOptions, FaceResult, small_face_note,
+    upsampling_eye_distance,
 )
 from realtime_mer.features import FeatureExtractor, FeatureOptions
 from realtime_mer.report import EventRecord
@@ -169,12 +170,10 @@ class Pipeline:
         size = self.face_size()
         if size["small"] and not self._small_face_warned:
             self._small_face_warned = True
-            log.warning("%sthe face is small: its eyes are %.0f px apart (median), below the "
-                        "%.0f px at which the face crop needs no enlarging, so movements of a "
-                        "pixel or two approach the video's resolution; a closer or "
-                        "higher-resolution camera (or a larger --max-side) helps",
-                        f"{self.source_name}: " if self.source_name else "",
-                        size["median_eye_distance_px"], size["upsampling_eye_distance_px"])
+            log.warning("%s%s; a closer or higher-resolution camera (or a larger --max-side) "
+                        "helps", f"{self.source_name}: " if self.source_name else "",
+                        small_face_note(size["median_eye_distance_px"],
+                                        size["upsampling_eye_distance_px"]))
 
     def face_size(self) -> dict:
         """The subject's size over the frames so far: median and 10th percentile of the eye

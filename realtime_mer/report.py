@@ -261,11 +261,10 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
         segment += f"; the face's eyes {face['median_eye_distance_px']:.0f} px apart (median)"
     small_face = ""
     if face.get("small"):
-        small_face = (f'<p class="bad">Small face: the eyes are '
-                      f'{face["median_eye_distance_px"]:.0f} px apart (median), below the '
-                      f'{face["upsampling_eye_distance_px"]:.0f} px at which the face crop needs '
-                      f'no enlarging; movements of a pixel or two approach the video\'s '
-                      f'resolution.</p>')
+        from realtime_mer.face import small_face_note
+
+        note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"])
+        small_face = f'<p class="bad">{esc(note[0].upper() + note[1:])}.</p>'
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>realtime-mer report: {esc(str(facts.get('path', facts.get('camera', ''))))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}

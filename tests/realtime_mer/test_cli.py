@@ -263,28 +263,35 @@ def test_corrupt_engine_file(media_dir, tmp_path, capsys):
 _EXIT_AFTER_CTRL_C = (130, -2)
 
 
-def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
-    """SIGINT half-way: exit 130, summary written with interrupted=true, events file intact."""
+def _ctrl_c_during(args: list[str], started: Path, after_s: float) -> str:
+    """Run `mer ARGS` in a subprocess, send it Ctrl+C ``after_s`` seconds after ``started``
+    appears (an events file: frames are flowing), and return its stderr once it has exited
+    as an interrupted run."""
     import signal
     import time
 
-    out = tmp_path / "out"
     # A test runner started in the background of a shell inherits SIGINT ignored, and Python
     # then keeps it ignored; the user at a terminal has the default, which the child gets here.
     process = subprocess.Popen(
-        [sys.executable, "-m", "realtime_mer.cli", "analyze",
-         str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "realtime_mer.cli", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    # Wait until the run is under way (the events file is created when frames start flowing).
-    while not (out / "events.jsonl").exists() and time.monotonic() < deadline:
+    while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(3.0)
+    time.sleep(after_s)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode in _EXIT_AFTER_CTRL_C, err
     assert "interrupted; events found so far are kept" in err
+    return err
+
+
+def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
+    """SIGINT half-way: exit 130, summary written with interrupted=true, events file intact."""
+    out = tmp_path / "out"
+    err = _ctrl_c_during(["analyze", str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out",
+                          str(out), "--no-progress"], out / "events.jsonl", after_s=3.0)
     assert "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True
@@ -535,14 +542,14 @@ def test_small_face_is_reported_and_a_large_enough_one_is_not(media_dir, tmp_pat
     assert face["small"] is True
     assert face["median_eye_distance_px"] < 20 < face["upsampling_eye_distance_px"]
     assert err.count("the face is small") == 1
-    assert "Small face" in (tmp_path / "small" / "report.html").read_text()
+    assert "The face is small" in (tmp_path / "small" / "report.html").read_text()
 
     assert run_cli(str(media_dir / "single_face.mp4"), "--out", str(tmp_path / "large")) == 0
     assert "the face is small" not in capsys.readouterr().err
     face = json.loads((tmp_path / "large" / "summary.json").read_text())["face"]
     assert face["small"] is False
     assert face["median_eye_distance_px"] > face["upsampling_eye_distance_px"]
-    assert "Small face" not in (tmp_path / "large" / "report.html").read_text()
+    assert "The face is small" not in (tmp_path / "large" / "report.html").read_text()
 
 
 def test_rerun_into_the_same_folder_replaces_the_earlier_run_whole(media_dir, tmp_path, capsys):
@@ -568,24 +575,11 @@ def test_interrupted_batch_keeps_the_index_of_what_it_did(media_dir, tmp_path):
     """Ctrl+C during the second video of a batch: the index lists the finished first video and
     the interrupted second one (its results kept, marked incomplete)."""
     import csv
-    import signal
-    import time
 
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "realtime_mer.cli", "analyze", str(media_dir / "single_face.mp4"),
-         str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (out / "WolfgangLanger_Pexels" / "events.jsonl").exists() \
-            and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2.0)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode in _EXIT_AFTER_CTRL_C, err
-    assert "interrupted; events found so far are kept" in err
+    _ctrl_c_during(["analyze", str(media_dir / "single_face.mp4"),
+                    str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out),
+                    "--no-progress"], out / "WolfgangLanger_Pexels" / "events.jsonl", after_s=2.0)
     with open(out / "index.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["folder"], row["status"]) for row in rows] == [

@@ -49,7 +49,6 @@ CLASS_NAMES = ("negative", "positive", "surprise")
 RAW_DATABASES = ("casme2", "samm", "smic", "casme3")
 KINDS = ("map28", "colour224", "stack16")
 APEX_METHODS = ("max_flow", "middle")
-IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the product's own list: `mer analyze FOLDER --fps` reads these
 CACHE_VERSION = 1
 
 # MEGC2019's composite 3-class split: each database's own emotion names, lower case. Anything
@@ -392,7 +391,7 @@ class RawAdapter:
         if index is None:
             index = {}
             for p in sorted(folder.iterdir()):
-                if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+                if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
                     continue
                 n = _frame_number(p)
                 if n is None:
