@@ -147,8 +147,8 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
                f"face; {s['events']['micro']} micro and {s['events']['macro']} macro events.")
     face = s.get("face") or {}
     if face.get("small"):
-        note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"])
-        message += f" {note[0].upper() + note[1:]}."
+        message += " " + small_face_note(face["median_eye_distance_px"],
+                                         face["upsampling_eye_distance_px"], sentence=True)
     if result.problems:
         message += " Problems: " + "; ".join(result.problems) + " (events before it are kept)."
     timeline = str(out_dir / "timeline.png") if (out_dir / "timeline.png").exists() else None

@@ -358,6 +358,11 @@ class VideoFileSource:
         stay the file's. Frames between the keyframe and ``start_ms`` are decoded and skipped."""
         import av
 
+        duration = self.info.duration_ms
+        if math.isfinite(duration) and start_ms >= duration:  # before scanning the whole file
+            self.close()
+            raise InputError(f"--start {start_ms / 1000:.2f} s is past the end of {self.path} "
+                             f"({duration / 1000:.2f} s)")
         self._t0_s = float(first.pts * first.time_base) if first.pts is not None else 0.0
         base = self._stream.time_base
         before, keyframe = 0, None
@@ -380,11 +385,6 @@ class VideoFileSource:
             self.close()
             raise InputError(f"cannot seek to {start_ms / 1000:.2f} s in {self.path}: "
                              f"{_ffmpeg_reason(exc)}") from None
-        duration = self.info.duration_ms
-        if math.isfinite(duration) and start_ms >= duration:
-            self.close()
-            raise InputError(f"--start {start_ms / 1000:.2f} s is past the end of {self.path} "
-                             f"({duration / 1000:.2f} s)")
         self._frames = self._decode_packets()
         self._pending = None
         self.frames_decoded = before

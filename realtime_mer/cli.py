@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="downscale frames whose longer side exceeds this (default 1280; 0 "
                            "keeps full size)")
     live.add_argument("--no-progress", action="store_true",
-                      help="no status line (frames, rate, dropped frames, events)")
+                      help="no status line (frames, rate, events)")
     _add_max_faces_argument(live)
 
     demo = commands.add_parser(

@@ -64,11 +64,13 @@ def upsampling_eye_distance(options: "FaceOptions") -> float:
     return float(np.linalg.norm(template[1] - template[0])) / options.stretch_x
 
 
-def small_face_note(eye_distance_px: float, limit_px: float) -> str:
-    """The one wording of the small-face warning, for the log, the report and the demo."""
-    return (f"the face is small: its eyes are {eye_distance_px:.0f} px apart (median), below the "
+def small_face_note(eye_distance_px: float, limit_px: float, sentence: bool = False) -> str:
+    """The one wording of the small-face warning, for the log, the report and the demo;
+    ``sentence``: capitalised, with a full stop, to stand alone in a page."""
+    note = (f"the face is small: its eyes are {eye_distance_px:.0f} px apart (median), below the "
             f"{limit_px:.0f} px at which the face crop needs no enlarging, so movements of a "
             "pixel or two approach the video's resolution")
+    return f"{note[0].upper()}{note[1:]}." if sentence else note
 
 
 def canonical_points(crop_size: int) -> np.ndarray:

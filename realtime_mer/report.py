@@ -29,8 +29,10 @@ OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG, REPORT_HTM
 # A run over several videos also writes, beside their folders, one row per video.
 INDEX_CSV = "index.csv"
 INDEX_HTML = "index.html"
-INDEX_COLUMNS = ("video", "folder", "status", "frames", "without_face", "with_several_faces",
-                 "micro", "macro", "small_face", "problems")
+# The columns before and after the per-class counts of micro events (micro_<class>).
+INDEX_COLUMNS_BEFORE_CLASSES = ("video", "folder", "status", "frames", "without_face",
+                                "with_several_faces", "micro", "macro")
+INDEX_COLUMNS_AFTER_CLASSES = ("small_face", "problems")
 
 
 @dataclass(frozen=True)
@@ -263,8 +265,9 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
     if face.get("small"):
         from realtime_mer.face import small_face_note
 
-        note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"])
-        small_face = f'<p class="bad">{esc(note[0].upper() + note[1:])}.</p>'
+        note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"],
+                               sentence=True)
+        small_face = f'<p class="bad">{esc(note)}</p>'
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>realtime-mer report: {esc(str(facts.get('path', facts.get('camera', ''))))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
@@ -325,8 +328,8 @@ def write_index(out_dir: str | Path, rows: Sequence[dict[str, Any]],
     from urllib.parse import quote
 
     out_dir = Path(out_dir)
-    columns = list(INDEX_COLUMNS[:8]) + [f"micro_{name}" for name in class_names] \
-        + list(INDEX_COLUMNS[8:])
+    columns = [*INDEX_COLUMNS_BEFORE_CLASSES, *(f"micro_{name}" for name in class_names),
+               *INDEX_COLUMNS_AFTER_CLASSES]
     with open(out_dir / INDEX_CSV, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
