@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "uf1_uar", "per_class", "evaluate", "per_database", "pooled_scores"]
+__all__ = ["confusion_matrix", "uf1_uar", "per_class", "evaluate", "per_database", "pooled_scores",
+           "interval_iou", "match_intervals", "spotting_scores"]
 
 
 def _check(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,3 +98,50 @@ def pooled_scores(y_true, y_pred, databases, num_classes: int = 3) -> dict:
             "per_database": {db: {"uf1": d["uf1"], "uar": d["uar"], "n": d["n"]}
                              for db, d in per_database(y_true, y_pred, databases,
                                                        num_classes).items()}}
+
+
+# -- spotting (MEGC rule) -----------------------------------------------------------------------
+
+def interval_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Intersection over union of two closed intervals ``(start, end)`` on one clock (ms)."""
+    inter = min(a[1], b[1]) - max(a[0], b[0])
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    if inter <= 0 or union <= 0:
+        return 0.0
+    return float(inter / union)
+
+
+def match_intervals(truth, detections, min_iou: float = 0.5) -> list[tuple[int, int, float]]:
+    """One-to-one matches ``(truth index, detection index, IoU)`` between true intervals and
+    detected ones (each ``(onset, offset)``), MEGC rule: a pair counts when its IoU is at least
+    ``min_iou``; pairs are taken greedily by decreasing IoU, so each interval is matched once
+    and the best overlaps win (ties by earlier truth, then earlier detection)."""
+    pairs = []
+    for i, t in enumerate(truth):
+        for j, d in enumerate(detections):
+            iou = interval_iou(t, d)
+            if iou >= min_iou:
+                pairs.append((-iou, i, j))
+    pairs.sort()
+    used_t, used_d, out = set(), set(), []
+    for neg, i, j in pairs:
+        if i in used_t or j in used_d:
+            continue
+        used_t.add(i)
+        used_d.add(j)
+        out.append((i, j, -neg))
+    return sorted(out)
+
+
+def spotting_scores(n_truth: int, n_detections: int, n_matched: int) -> dict:
+    """Precision, recall and F1 from counts (None where undefined), MEGC style: F1 from the
+    pooled counts of all clips, not averaged per clip."""
+    if n_matched > min(n_truth, n_detections) or min(n_truth, n_detections, n_matched) < 0:
+        raise ValueError(f"{n_matched} matches for {n_truth} true and {n_detections} detected "
+                         "intervals")
+    precision = n_matched / n_detections if n_detections else None
+    recall = n_matched / n_truth if n_truth else None
+    denom = n_truth + n_detections
+    f1 = 2 * n_matched / denom if denom else None
+    return {"truth": n_truth, "detections": n_detections, "tp": n_matched,
+            "precision": precision, "recall": recall, "f1": f1}
