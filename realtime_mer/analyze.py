@@ -16,8 +16,10 @@ from realtime_mer.capture import CaptureOptions, Frame, WebcamSource, open_video
 from realtime_mer.errors import InputError, OutputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
 from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, OUTPUT_FILES, REPORT_HTML,
-                                 SUMMARY_JSON, TIMELINE_PNG, EventRecord, EventWriter, SignalTrace,
-                                 plot_timeline, write_csv, write_html, write_json)
+                                 SUMMARY_JSON, TIMELINE_PNG, TRACE_CSV, EventRecord, EventWriter,
+                                 SignalTrace, SpotTraceWriter, plot_timeline, write_csv,
+                                 write_html, write_json)
+from realtime_mer.speech import voice_intervals
 from realtime_mer.runtime import Backend
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,12 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
         # two overlap on a second core (1.26x faster on the 2-core CPU, the same events in the
         # same order; docs/BENCHMARK_PIPELINE.md).
         options = replace(options, classify_in_background=classify_in_background)
-        return _run(iter(source), Path(out_dir), path.name, facts, options, engine,
+        # The recording's voiced stretches: the subject talks where the lips move while a voice
+        # is heard (Silero VAD, ~1 % of real time; None without an audio track).
+        voice = voice_intervals(path) if path.is_file() else None
+        facts["audio_voice_s"] = None if voice is None else \
+            round(sum(b - a for a, b in voice) / 1000.0, 2)
+        return _run(iter(source), Path(out_dir), path.name, facts, options, engine, voice=voice,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
                     expected=source.frames_expected, progress=progress,
                     on_event=on_event, annotated_video=annotated_video,
@@ -130,7 +137,8 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
 
 
 def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
-         options: PipelineOptions, engine: Backend | None, *, problems: Callable[[], list[str]],
+         options: PipelineOptions, engine: Backend | None, *,
+         voice: list[tuple[float, float]] | None = None, problems: Callable[[], list[str]],
          dropped: Callable[[], int], expected: int | None, progress: ProgressCallback | None,
          on_event: EventCallback | None, annotated_video: bool = False,
          fps_hint: float = 30.0) -> AnalysisResult:
@@ -149,10 +157,12 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         raise OutputError(f"cannot write the results into {out_dir}: "
                           f"{error.strerror or error}") from None
     result = AnalysisResult(source=name, out_dir=out_dir)
-    trace = SignalTrace()
+    trace = SignalTrace(regions=list(options.spotter.region_names))
     started = time.perf_counter()
     try:
         pipeline = Pipeline(options, engine=engine, source_name=name)
+        pipeline.voice = voice
+        spot_trace = SpotTraceWriter(out_dir / TRACE_CSV, options.spotter.region_names)
     except BaseException:
         writer.close()
         raise
@@ -179,13 +189,15 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             pipeline.timer.add("decode", (time.perf_counter() - read_start) * 1000.0)
             frame_result = pipeline.process(frame)
             count += 1
-            trace.append(frame.t_ms, frame_result.signal, frame_result.threshold)
-            if frame_result.event is not None:
-                writer.write(frame_result.event)
-                result.events.append(frame_result.event)
-                result.feature_maps.append(frame_result.feature_map)
+            trace.append(frame.t_ms, frame_result.signal, frame_result.threshold,
+                         frame_result.floors)
+            spot_trace.write(frame, frame_result)
+            for event, feature_map in zip(frame_result.events, frame_result.feature_maps):
+                writer.write(event)
+                result.events.append(event)
+                result.feature_maps.append(feature_map)
                 if on_event is not None:
-                    on_event(frame_result.event)
+                    on_event(event)
             if video is not None:
                 try:
                     with pipeline.timer.stage("annotate"):
@@ -219,6 +231,7 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         raise
     finally:
         writer.close()
+        spot_trace.close()
         if video is not None:
             try:
                 video.close()
@@ -227,7 +240,7 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         result.problems.extend(problems())
         pipeline.warn_if_small_face()
         result.summary = _summary(facts, pipeline, result, count, dropped(), trace,
-                                  time.perf_counter() - started)
+                                  time.perf_counter() - started, spot_trace)
         try:
             _write_outputs(out_dir, result, pipeline.class_names, trace)
         except OSError as error:
@@ -240,9 +253,11 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
 
 
 def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: int, dropped: int,
-             trace: SignalTrace, wall_s: float) -> dict:
+             trace: SignalTrace, wall_s: float, spot_trace: "SpotTraceWriter") -> dict:
     per_class: dict[str, dict[str, int]] = {"micro": {}, "macro": {}}
     for event in result.events:
+        if event.kind == "blink":
+            continue
         per_class.setdefault(event.kind, {})
         per_class[event.kind][event.label] = per_class[event.kind].get(event.label, 0) + 1
     video_s = (trace.times_ms[-1] - trace.times_ms[0]) / 1000.0 if len(trace.times_ms) > 1 else 0.0
@@ -265,8 +280,12 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "total": len(result.events),
             "micro": sum(e.kind == "micro" for e in result.events),
             "macro": sum(e.kind == "macro" for e in result.events),
+            "blinks": sum(e.kind == "blink" for e in result.events),
+            "micro_during_speech": sum(e.kind == "micro" and e.speech for e in result.events),
+            "truncated": sum(e.truncated for e in result.events),
             "per_class": per_class,
         },
+        "spotting": spot_trace.summary(),
         "timings_ms": pipeline.timer.summary(),
         "throughput": {
             "wall_s": wall_s,

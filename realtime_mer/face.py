@@ -1,9 +1,13 @@
-"""Face stage: MediaPipe Face Mesh tracking, then a similarity alignment that puts the eyes, nose
-tip and mouth corners where the 3DB feature maps have them, then a greyscale crop.
+"""Face stage: MediaPipe Face Mesh tracking, then a similarity alignment on points that
+expressions do not move (eye corners, nose bridge and tip), then a greyscale crop.
 
 The framing matters: the recognition networks are trained on 3DB maps computed from dataset face
 crops (eyebrows to chin). A crop framed differently moves the facial regions the networks learned
-to look at, so the template below is measured on the 3DB maps themselves.
+to look at, so the framing is measured on the 3DB maps themselves (five points: eyes, nose tip,
+mouth corners). The crop is not fitted on those five points, though: the mouth corners move with
+every smile and the iris centres with every glance, and a fit on them moves the crop instead of
+showing the movement in it. The stable points' template is where those points fall, on real
+faces, under the five-point fit to the 3DB framing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from realtime_mer.native_logs import quiet_native_logs
 log = logging.getLogger(__name__)
 
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
-           "ALIGN_LANDMARKS", "canonical_points", "similarity_transform", "alignment_transform",
+           "ALIGN_LANDMARKS", "STABLE_LANDMARKS", "CANONICAL_STABLE_28", "canonical_points",
+           "similarity_transform", "alignment_transform",
            "cut_thumbnail", "cut_score", "upsampling_eye_distance", "small_face_note"]
 
 #: MediaPipe Face Mesh indices (refined mesh, 478 points) of the five alignment points: image-left
@@ -43,6 +48,35 @@ CANONICAL_POINTS_28 = np.array(
     dtype=np.float64,
 )
 CANONICAL_POINTS_28.setflags(write=False)
+
+#: MediaPipe Face Mesh indices of the points the crop is fitted on: the four eye corners (image-left
+#: eye outer 33, inner 133; image-right eye inner 362, outer 263), then the nose from the bridge
+#: to the tip (168, 6, 197, 195, 5, 4, 1). Eye corners sit on bone; expressions, gaze and speech
+#: leave them and the nasal ridge in place to a fraction of a pixel.
+STABLE_LANDMARKS = (33, 133, 362, 263, 168, 6, 197, 195, 5, 4, 1)
+
+#: STABLE_LANDMARKS in the 28x28 frame of the 3DB maps: per video, the median position of each
+#: point under the five-point fit (ALIGN_LANDMARKS onto CANONICAL_POINTS_28) over every frame of
+#: the eight real face videos of ../shared/media; the median of those over the videos; then made
+#: mirror-symmetric (left and right corners averaged, the nose on the eyes' midline), since a
+#: template is of no person in particular. tests/realtime_mer/test_face.py re-derives it.
+CANONICAL_STABLE_28 = np.array(
+    [
+        [3.890, 7.749],    # image-left eye, outer corner
+        [9.912, 8.074],    # image-left eye, inner corner
+        [17.758, 8.074],   # image-right eye, inner corner
+        [23.780, 7.749],   # image-right eye, outer corner
+        [13.834, 6.868],   # nose bridge (between the eyes)
+        [13.834, 8.515],
+        [13.834, 9.797],
+        [13.834, 11.052],
+        [13.834, 12.408],
+        [13.834, 14.053],
+        [13.834, 15.283],  # nose tip
+    ],
+    dtype=np.float64,
+)
+CANONICAL_STABLE_28.setflags(write=False)
 
 #: Horizontal stretch of the 3DB face crops. The dataset crops are taller than wide (CASME II
 #: and SMIC crops are 280x340 and 140x170, i.e. 340/280 = 1.214) and were resized to a square,
@@ -103,11 +137,13 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def alignment_transform(points: np.ndarray, crop_size: int,
-                        stretch_x: float = CANONICAL_STRETCH_X) -> np.ndarray:
-    """2x3 frame->crop matrix (OpenCV pixel convention) taking the five ``points`` (5, 2), given
-    in MediaPipe's edge-origin pixel coordinates (normalised x size), onto the template: the
-    least-squares similarity onto the template with its stretch undone, then the stretch."""
-    template = CANONICAL_POINTS_28 * (crop_size / 28.0)
+                        stretch_x: float = CANONICAL_STRETCH_X,
+                        template_28: np.ndarray = CANONICAL_STABLE_28) -> np.ndarray:
+    """2x3 frame->crop matrix (OpenCV pixel convention) taking ``points`` (K, 2), given in
+    MediaPipe's edge-origin pixel coordinates (normalised x size), onto ``template_28`` (K, 2,
+    the 28x28 map frame; by default the stable points, CANONICAL_POINTS_28 for the five points):
+    the least-squares similarity onto the template with its stretch undone, then the stretch."""
+    template = np.asarray(template_28, np.float64) * (crop_size / 28.0)
     unstretched = template / np.array([stretch_x, 1.0])
     m = np.diag([stretch_x, 1.0]) @ similarity_transform(points, unstretched)
     # Edge-origin to centre-origin on both sides: x_cv = x_edge - 0.5.
@@ -234,7 +270,7 @@ class FaceAligner:
         assert best_pts is not None
 
         size = self.options.crop_size
-        transform = alignment_transform(best_pts[list(ALIGN_LANDMARKS)], size,
+        transform = alignment_transform(best_pts[list(STABLE_LANDMARKS)], size,
                                         self.options.stretch_x)
         # MediaPipe's coordinates run from the image edge; OpenCV's pixel centres sit at integers.
         pts_px = best_pts - 0.5

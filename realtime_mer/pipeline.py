@@ -25,6 +25,7 @@ from realtime_mer.face import (
 from realtime_mer.features import FeatureExtractor, FeatureOptions
 from realtime_mer.report import EventRecord
 from realtime_mer.runtime import Backend, default_engine_path, load_engine
+from realtime_mer.speech import LipMotion, SpeechOptions, in_intervals
 from realtime_mer.spotting import SpotEvent, Spotter, SpotterOptions
 from realtime_mer.timing import StageTimer
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 class PipelineOptions:
     face: FaceOptions = field(default_factory=FaceOptions)
     spotter: SpotterOptions = field(default_factory=SpotterOptions)
+    speech: SpeechOptions = field(default_factory=SpeechOptions)
     features: FeatureOptions = field(default_factory=FeatureOptions)
     engine_path: str | None = None  # None: the default engine shipped in engines/
     backend: str = "auto"
@@ -61,16 +63,36 @@ class PipelineOptions:
 
 @dataclass(frozen=True)
 class FrameResult:
+    """One frame's outcome. ``events``: the events whose report was completed at this frame
+    (spotted, and classified unless blinks), each with its (28, 28, 3) map for display (None for
+    a blink) in ``feature_maps``. ``signal``/``threshold``: the region standing highest over its
+    threshold (value and threshold, % IOD); ``region_values`` and ``floors`` per region (order of
+    ``SpotterOptions.regions``; the floor is the smallest movement the spotter would report there
+    now, % IOD); ``blinking``: the lids are masked for a blink; ``speaking``: the person talks."""
+
     index: int
     t_ms: float
     face: FaceResult
     signal: float | None
     threshold: float | None
-    event: EventRecord | None
-    feature_map: np.ndarray | None = None  # (28, 28, 3) map of the event, for display
+    events: tuple[EventRecord, ...] = ()
+    feature_maps: tuple[np.ndarray | None, ...] = ()
     # The face in this frame is smaller than the crop (see face.upsampling_eye_distance): a live
     # view tells the user to come closer.
     face_small: bool = False
+    region_values: np.ndarray | None = None
+    floors: np.ndarray | None = None
+    blinking: bool = False
+    speaking: bool = False
+
+    @property
+    def event(self) -> EventRecord | None:
+        """The first event completed at this frame (most frames complete none or one)."""
+        return self.events[0] if self.events else None
+
+    @property
+    def feature_map(self) -> np.ndarray | None:
+        return self.feature_maps[0] if self.feature_maps else None
 
 
 class Pipeline:
@@ -99,6 +121,12 @@ class Pipeline:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-classify") \
             if options.classify_in_background else None
         self._pending: deque[Future] = deque()
+        self._ready: list[tuple[EventRecord, np.ndarray | None]] = []
+        self.lips = LipMotion(options.speech)
+        #: Voiced stretches of the input's audio (ms), set by the caller when it has them
+        #: (speech.voice_intervals); None: no audio, the lips decide alone.
+        self.voice: list[tuple[float, float]] | None = None
+        self._speaking_times: deque[tuple[float, bool]] = deque(maxlen=self.buffer.capacity)
         self.frames_seen = 0
         self.frames_with_face = 0
         self.frames_with_several_faces = 0
@@ -127,8 +155,7 @@ class Pipeline:
             self._last_face_ms = None
         if not face.found:
             self._maybe_restart(frame.t_ms)
-            record, feature_map = self._completed_in_background()
-            return FrameResult(frame.index, frame.t_ms, face, None, None, record, feature_map)
+            return self._result(frame, face, None)
 
         self.frames_with_face += 1
         self._note_face_size(face.eye_distance_px)
@@ -142,20 +169,49 @@ class Pipeline:
         with self.timer.stage("buffer"):
             self.buffer.push(frame.t_ms, face.crop, face.landmarks)
         with self.timer.stage("spotting"):
-            spot = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
-        record, feature_map = (None, None)
-        if spot is not None:
+            spots = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
+            speaking = self.lips.push(frame.t_ms, face.landmarks,
+                                      self.options.spotter.iod_px * self.options.spotter.stretch_x)
+            if self.voice:  # a voice in the recording: the subject talks where it is heard
+                speaking = speaking and in_intervals(frame.t_ms, self.voice)
+            self._speaking_times.append((frame.t_ms, speaking))
+        self._dispatch(spots)
+        return self._result(frame, face, speaking)
+
+    def _result(self, frame: Frame, face: FaceResult, speaking: bool | None) -> FrameResult:
+        done = self._collect()
+        spotter = self.spotter if face.found else None
+        return FrameResult(
+            frame.index, frame.t_ms, face,
+            None if spotter is None else spotter.signal,
+            None if spotter is None else spotter.threshold,
+            tuple(record for record, _ in done), tuple(m for _, m in done),
+            face_small=face.eye_distance_px is not None
+            and face.eye_distance_px < self._small_face_px,
+            region_values=None if spotter is None or spotter.region_values is None
+            else spotter.region_values.copy(),
+            floors=None if spotter is None else spotter.floors.copy(),
+            blinking=bool(spotter is not None and spotter.blinking),
+            speaking=bool(speaking))
+
+    def _dispatch(self, spots: list[SpotEvent]) -> None:
+        """Hand the spotted events to classification (blinks need none), in order: inline, or
+        queued to the worker thread with the blinks, so reports keep the spotter's order."""
+        for spot in spots:
             job = self._event_job(spot)
+            work = self._blink_record if spot.kind == "blink" else self._classify
             if self._executor is not None:
-                self._pending.append(self._executor.submit(self._classify, job))
+                self._pending.append(self._executor.submit(work, job))
             else:
-                record, feature_map = self._classify(job)
-        if record is None:
-            record, feature_map = self._completed_in_background()
-        return FrameResult(frame.index, frame.t_ms, face, self.spotter.signal,
-                           self.spotter.threshold, record, feature_map,
-                           face_small=face.eye_distance_px is not None
-                           and face.eye_distance_px < self._small_face_px)
+                self._ready.append(work(job))
+
+    def _collect(self) -> list[tuple[EventRecord, np.ndarray | None]]:
+        """The reports completed so far, in order (a background job still running holds back
+        the ones after it)."""
+        done, self._ready = self._ready, []
+        while self._pending and self._pending[0].done():
+            done.append(self._pending.popleft().result())
+        return done
 
     def _note_face_size(self, eye_distance_px: float | None) -> None:
         if eye_distance_px is None:
@@ -191,14 +247,13 @@ class Pipeline:
                 "upsampling_eye_distance_px": limit, "small": median < limit,
                 "max_faces": tracked}
 
-    def _completed_in_background(self) -> tuple[EventRecord | None, np.ndarray | None]:
-        if self._pending and self._pending[0].done():
-            return self._pending.popleft().result()
-        return None, None
-
-    def finish(self) -> list[tuple[EventRecord, np.ndarray]]:
-        """Wait for events still being classified in the background (end of a stream)."""
-        done = [future.result() for future in self._pending]
+    def finish(self) -> list[tuple[EventRecord, np.ndarray | None]]:
+        """End of the input: the events still open are closed there (marked truncated) and
+        reported, and the events still being classified in the background are waited for."""
+        if len(self.buffer):
+            self._dispatch(self.spotter.finish())
+        done = self._collect()
+        done.extend(future.result() for future in self._pending)
         self._pending.clear()
         return done
 
@@ -208,6 +263,8 @@ class Pipeline:
 
     def reset(self) -> None:
         self.finish()
+        self.lips.reset()
+        self._speaking_times.clear()
         self.aligner.reset()
         self._restart_sequence()
         self._last_face_ms = None
@@ -239,7 +296,10 @@ class Pipeline:
     def _restart_sequence(self) -> None:
         if len(self.buffer):
             self.sequence_restarts += 1
+            # Events still open end where the face was last seen (truncated), reported, not lost.
+            self._dispatch(self.spotter.finish())
         self.spotter.reset()
+        self.lips.reset()
         self.buffer.reset()
 
     def _event_job(self, spot: SpotEvent) -> _EventJob:
@@ -250,7 +310,8 @@ class Pipeline:
         offset_t = _clamp(spot.offset_ms, self.buffer)
         return _EventJob(spot, onset.crop.copy(), apex.crop.copy(),
                          self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
-                         self._frame_index(offset_t), self._map_landmarks(apex.landmarks))
+                         self._frame_index(offset_t), self._map_landmarks(apex.landmarks),
+                         self._spoken(spot.onset_ms, spot.offset_ms))
 
     def _classify(self, job: _EventJob) -> tuple[EventRecord, np.ndarray]:
         spot = job.spot
@@ -261,17 +322,31 @@ class Pipeline:
             probabilities = self.engine.predict(
                 feature_map.transpose(2, 0, 1)[None].astype(np.float32), landmarks)[0]
         best = int(np.argmax(probabilities))
-        record = EventRecord(
+        record = self._record(job, label=self.class_names[best],
+                              confidence=float(probabilities[best]),
+                              probabilities={n: float(p) for n, p in zip(self.class_names,
+                                                                         probabilities)})
+        log.debug("event %s", record)
+        return record, feature_map
+
+    def _blink_record(self, job: _EventJob) -> tuple[EventRecord, None]:
+        return self._record(job, label="", confidence=0.0, probabilities={}), None
+
+    def _record(self, job: _EventJob, **classification) -> EventRecord:
+        spot = job.spot
+        return EventRecord(
             onset_ms=float(spot.onset_ms), apex_ms=float(spot.apex_ms),
             offset_ms=float(spot.offset_ms), duration_ms=float(spot.offset_ms - spot.onset_ms),
-            kind=spot.kind, label=self.class_names[best], confidence=float(probabilities[best]),
-            probabilities={n: float(p) for n, p in zip(self.class_names, probabilities)},
+            kind=spot.kind, **classification,
             peak=float(spot.peak), threshold=float(spot.threshold),
             onset_frame=job.onset_frame, apex_frame=job.apex_frame,
             offset_frame=job.offset_frame, source=self.source_name,
-        )
-        log.debug("event %s", record)
-        return record, feature_map
+            regions=list(spot.regions), amplitude_pct=float(spot.amplitude_pct),
+            floor_pct=float(spot.floor_pct), truncated=bool(spot.truncated), speech=job.speech)
+
+    def _spoken(self, onset_ms: float, offset_ms: float) -> bool:
+        """Whether the person was talking at any frame of [onset, offset]."""
+        return any(speaking and onset_ms <= t <= offset_ms for t, speaking in self._speaking_times)
 
     def _map_landmarks(self, landmarks: np.ndarray) -> np.ndarray | None:
         """The apex's five alignment points (eyes, nose tip, mouth corners) in the feature
@@ -303,6 +378,7 @@ class _EventJob:
     apex_frame: int
     offset_frame: int
     apex_landmarks5: np.ndarray | None = None
+    speech: bool = False
 
 
 def _jumped(previous, current, fraction: float) -> bool:

@@ -25,7 +25,8 @@ EVENTS_CSV = "events.csv"
 SUMMARY_JSON = "summary.json"
 TIMELINE_PNG = "timeline.png"
 REPORT_HTML = "report.html"
-OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG, REPORT_HTML)
+TRACE_CSV = "trace.csv"
+OUTPUT_FILES = (EVENTS_JSONL, EVENTS_CSV, SUMMARY_JSON, TIMELINE_PNG, REPORT_HTML, TRACE_CSV)
 # A run over several videos also writes, beside their folders, one row per video.
 INDEX_CSV = "index.csv"
 INDEX_HTML = "index.html"
@@ -43,16 +44,21 @@ class EventRecord:
     apex_ms: float
     offset_ms: float
     duration_ms: float
-    kind: str  # "micro" (≤ 0.5 s) or "macro"
-    label: str  # class name with the highest probability
+    kind: str  # "micro" (≤ 0.5 s and ≤ 5 % of the eye distance), "macro", or "blink"
+    label: str  # class name with the highest probability ("" for a blink)
     confidence: float  # that probability
     probabilities: dict[str, float]
-    peak: float  # spotting signal at the apex
-    threshold: float  # spotting threshold when the event was found
+    peak: float  # the main region's spotting value at the apex (% of the eye distance)
+    threshold: float  # that region's threshold when the event was found
     onset_frame: int
     apex_frame: int
     offset_frame: int
     source: str = ""
+    regions: list[str] = field(default_factory=list)  # the regions that moved, main one first
+    amplitude_pct: float = 0.0  # the movement's size, % of the eye distance
+    floor_pct: float = 0.0  # the smallest movement the spotter could report there and then
+    truncated: bool = False  # the input (or the face) ended while the event was open
+    speech: bool = False  # the person was talking during the event
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +66,8 @@ class EventRecord:
 
 CSV_COLUMNS = (
     "source", "kind", "label", "confidence", "onset_ms", "apex_ms", "offset_ms", "duration_ms",
-    "onset_frame", "apex_frame", "offset_frame", "peak", "threshold",
+    "onset_frame", "apex_frame", "offset_frame", "regions", "amplitude_pct", "floor_pct",
+    "speech", "truncated", "peak", "threshold",
 )
 
 
@@ -108,7 +115,7 @@ def read_events(path: str | Path) -> list[EventRecord]:
 #: keep 0.1 ms (frames are tens of ms apart) and probabilities and flow magnitudes 4 decimals;
 #: events.jsonl keeps full precision.
 _CSV_DECIMALS = {"confidence": 4, "onset_ms": 1, "apex_ms": 1, "offset_ms": 1, "duration_ms": 1,
-                 "peak": 4, "threshold": 4}
+                 "peak": 4, "threshold": 4, "amplitude_pct": 2, "floor_pct": 2}
 _CSV_PROBABILITY_DECIMALS = 4
 
 
@@ -124,6 +131,7 @@ def write_csv(path: str | Path, events: Sequence[EventRecord], class_names: Sequ
         for event in events:
             row = {key: _rounded(getattr(event, key), _CSV_DECIMALS[key])
                    if key in _CSV_DECIMALS else getattr(event, key) for key in CSV_COLUMNS}
+            row["regions"] = "+".join(event.regions)
             row.update({f"p_{name}": _rounded(event.probabilities.get(name, ""),
                                               _CSV_PROBABILITY_DECIMALS)
                         for name in class_names})
@@ -165,51 +173,141 @@ def _json_default(value: Any) -> Any:
 
 @dataclass
 class SignalTrace:
-    """The spotting signal over time, kept for the timeline plot (NaN where no face)."""
+    """The spotting signal over time, kept for the timeline plot (NaN where no face): the region
+    standing highest over its threshold (value and threshold), and every region's floor."""
 
     times_ms: list[float] = field(default_factory=list)
     signal: list[float] = field(default_factory=list)
     threshold: list[float] = field(default_factory=list)
+    floors: list[np.ndarray] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
 
-    def append(self, t_ms: float, signal: float | None, threshold: float | None) -> None:
+    def append(self, t_ms: float, signal: float | None, threshold: float | None,
+               floors: np.ndarray | None = None) -> None:
         self.times_ms.append(t_ms)
         self.signal.append(np.nan if signal is None else float(signal))
         self.threshold.append(np.nan if threshold is None else float(threshold))
+        if self.regions:
+            self.floors.append(np.full(len(self.regions), np.nan, np.float32) if floors is None
+                               else np.asarray(floors, np.float32))
 
 
-_KIND_COLOURS = {"micro": "tab:red", "macro": "tab:blue"}
+class SpotTraceWriter:
+    """``trace.csv``: per frame, each region's spotting value and detection floor (% of the eye
+    distance; the floor is the smallest movement the spotter would report there and then, empty
+    while warming up, inf while a blink masks the region), and whether the lids were masked for
+    a blink and the person was talking. Written as the frames go (flushed every second of
+    frames), so an interrupted run keeps it; ``summary`` gives the per-region figures of
+    ``summary.json``."""
+
+    def __init__(self, path: str | Path, regions: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.regions = list(regions)
+        self._file = open(self.path, "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file)
+        slug = [r.replace(" ", "_") for r in self.regions]
+        self._csv.writerow(["t_ms", "frame", "face", *(f"value_{r}" for r in slug),
+                            *(f"floor_{r}" for r in slug), "blinking", "speaking"])
+        self._floors: list[np.ndarray] = []
+        self._blinking = self._speaking = self._frames = 0
+        self._since_flush = 0
+
+    def write(self, frame: Any, result: Any) -> None:
+        values, floors = result.region_values, result.floors
+        n = len(self.regions)
+        face = values is not None
+        row = [f"{frame.t_ms:.3f}", frame.index, int(face)]
+        row += [f"{v:.4f}" for v in values] if face else [""] * n
+        row += [("" if math.isnan(f) else "inf" if math.isinf(f) else f"{f:.4f}")
+                for f in floors] if face and floors is not None else [""] * n
+        row += [int(result.blinking), int(result.speaking)]
+        self._csv.writerow(row)
+        self._frames += 1
+        if face and floors is not None:
+            self._floors.append(np.asarray(floors, np.float32))
+            self._blinking += bool(result.blinking)
+            self._speaking += bool(result.speaking)
+        self._since_flush += 1
+        if self._since_flush >= 30:
+            self._file.flush()
+            self._since_flush = 0
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def summary(self) -> dict[str, Any]:
+        """Per region: the floor's median, 10th and 90th percentile over the frames where it was
+        known (% of the eye distance), and the share of frames it was masked (a blink); the
+        shares of face frames with a blink under way and with the person talking."""
+        frames = len(self._floors)
+        out: dict[str, Any] = {"frames": frames, "floors_pct": {}}
+        floors = np.stack(self._floors) if frames else np.zeros((0, len(self.regions)))
+        for k, region in enumerate(self.regions):
+            column = floors[:, k]
+            known = column[np.isfinite(column)]
+            out["floors_pct"][region] = {
+                "median": float(np.median(known)) if known.size else None,
+                "p10": float(np.percentile(known, 10)) if known.size else None,
+                "p90": float(np.percentile(known, 90)) if known.size else None,
+                "masked_share": float(np.isinf(column).mean()) if frames else 0.0,
+            }
+        out["blinking_share"] = self._blinking / frames if frames else 0.0
+        out["speaking_share"] = self._speaking / frames if frames else 0.0
+        return out
+
+
+_KIND_COLOURS = {"micro": "tab:red", "macro": "tab:blue", "blink": "tab:green"}
 
 
 def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRecord],
                   title: str = "") -> None:
-    """Signal and threshold over time, each event shaded from onset to offset, apex marked and
-    labelled with its class and confidence."""
+    """Top: the spotting signal and its threshold, each event shaded from onset to offset, apex
+    marked and labelled (class and confidence; blinks as such). Below, when the trace has them:
+    each region's detection floor, the smallest movement the spotter would report there and
+    then (% of the eye distance; a micro-expression moves 1-3 %)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
 
     t_s = np.asarray(trace.times_ms, dtype=float) / 1000.0
-    fig, ax = plt.subplots(figsize=(12, 3.6), dpi=100)
+    with_floors = bool(trace.regions) and len(trace.floors) == len(t_s) and len(t_s) > 0
+    fig, axes = plt.subplots(2 if with_floors else 1, 1, figsize=(12, 5.6 if with_floors else 3.6),
+                             dpi=100, sharex=True, squeeze=False)
+    ax = axes[0, 0]
     ax.plot(t_s, trace.signal, lw=0.9, color="black", label="spotting signal")
     ax.plot(t_s, trace.threshold, lw=0.9, ls="--", color="tab:orange", label="threshold")
     for event in events:
         colour = _KIND_COLOURS.get(event.kind, "tab:gray")
         ax.axvspan(event.onset_ms / 1000, event.offset_ms / 1000, color=colour, alpha=0.18)
         ax.axvline(event.apex_ms / 1000, color=colour, lw=0.8)
-        ax.annotate(f"{event.kind}: {event.label} {event.confidence:.2f}",
-                    (event.apex_ms / 1000, 1.0), xycoords=("data", "axes fraction"),
+        text = "blink" if event.kind == "blink" else \
+            f"{event.kind}: {event.label} {event.confidence:.2f}"
+        ax.annotate(text, (event.apex_ms / 1000, 1.0), xycoords=("data", "axes fraction"),
                     rotation=90, va="top", ha="right", fontsize=7, color=colour)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("flow magnitude (px)")
+    ax.set_ylabel("movement (% eye dist.)")
     if len(t_s):
         ax.set_xlim(t_s[0], max(t_s[-1], t_s[0] + 1e-3))
     ax.set_title(title or "micro-expression spotting", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
+    if with_floors:
+        floor_ax = axes[1, 0]
+        floors = np.stack(trace.floors)
+        for k, region in enumerate(trace.regions):
+            # A masked region (a blink) has no floor: a gap in its line.
+            floor_ax.plot(t_s, np.where(np.isfinite(floors[:, k]), floors[:, k], np.nan),
+                          lw=0.9, label=region)
+        floor_ax.axhspan(1.0, 3.0, color="tab:red", alpha=0.08, label="micro-expression sizes")
+        floor_ax.set_yscale("log")
+        floor_ax.set_ylabel("detection floor (%)")
+        floor_ax.legend(loc="upper left", fontsize=7, ncol=5)
+        axes[-1, 0].set_xlabel("time (s)")
+    else:
+        ax.set_xlabel("time (s)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
 
 
 def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[EventRecord],

@@ -1,20 +1,26 @@
-"""Spotting: find facial movements (onset → apex → offset) in a stream of aligned face crops.
+"""Spotting: find facial movements (onset → apex → offset) in a stream of aligned face crops, per
+facial region, with thresholds in units of the face and a stated detection floor.
 
-The signal of a frame is optical flow (cheap DIS by default) between that crop and a reference
-crop, with the head's own motion (a robust affine fit of the whole face's flow) subtracted, then
-the mean residual flow magnitude in each facial region (brows, eyes, mouth), combined by max.
-While nothing happens the reference is the crop ``reference_lag_ms`` earlier; when the signal
-crosses a threshold made from this person's own running statistics the reference is frozen, so
-during an event the signal is the displacement from the last neutral face: it rises to the apex
-and falls back at the offset in one lobe (a sliding reference would give a second lobe ``lag``
-after the apex, when the reference itself sits on the apex).
+For each frame the dense flow (Farnebäck by default) from a reference crop is measured; the head's
+own motion (a robust affine fit of the whole face's flow) is subtracted; then in each region
+(brows, lids, upper lip, lip corners) the mean residual displacement of each of its parts (left
+and right brow, ...) is taken in Gaussian windows centred on this person's own landmarks, and the
+region's value is the root mean square of its parts' displacements, in % of the inter-ocular
+distance (IOD). While nothing happens the reference is the crop ``reference_lag_ms`` earlier;
+once a region crosses its threshold the reference is frozen, so during an event each value is the
+displacement from the last neutral face and rises to the apex and falls back in one lobe.
+
+Each region has its own threshold from its own recent idle values (median + k·robust σ), so a
+talking mouth raises the mouth's threshold and not the brows'. The **detection floor** of a region
+is that threshold expressed as a movement: the smallest movement (peak displacement, % IOD) the
+spotter would report there and then, given the region's gain (measured: a movement of A % gives
+a value of about gain·A). Events larger than ``max_micro_pct`` or longer than ``max_micro_ms`` are
+macro-expressions. Blinks (:mod:`realtime_mer.blinks`, from the eyelid landmarks) are reported as
+their own kind, and the lids and brows are kept out of movement events while the eyes close.
 
 :class:`Spotter` is the push-based state machine; :func:`spot_offline` computes the flow in
-batches (``FlowEstimator.compute_batch``, one call per batch for a GPU flow) ahead of the same
-detection rules (the same :class:`_EventDetector`, the same reference rule, the same signal
-code, written so that a frame's value does not depend on its batch), so both give the same
-events and signals to the bit. See
-``docs/SPOTTING.md`` for the rules, the parameters and what the tests measured.
+batches ahead of the same rules and gives the same events and trace to the bit.
+See ``docs/SPOTTING.md``.
 """
 
 from __future__ import annotations
@@ -22,268 +28,314 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from realtime_mer.blinks import Blink, BlinkDetector, BlinkOptions
+from realtime_mer.face import CANONICAL_STABLE_28, CANONICAL_STRETCH_X
 from realtime_mer.flow import FlowEstimator, create_flow
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SpotterOptions", "SpotEvent", "Spotter", "spot_offline", "compute_signal",
-    "signal_from_flow", "region_signals", "make_flow", "DEFAULT_REGIONS",
+    "SpotterOptions", "SpotEvent", "SpotTrace", "Spotter", "spot_offline", "region_values",
+    "make_flow", "DEFAULT_REGIONS", "DEFAULT_ANCHORS_28", "REGION_NAMES",
 ]
 
-#: Facial regions as rectangles ``(name, x0, y0, x1, y1)`` in the 28×28 coordinates of the
-#: canonical template (eye centres ≈ (6, 7.6) and (21.5, 7.6), nose tip ≈ (14, 15.5), mouth
-#: corners ≈ (8.5, 20.3) and (19.6, 20.2)); they scale with ``crop_size``. Crops are aligned on
-#: that template, so fixed rectangles stay on the same facial parts frame after frame.
-DEFAULT_REGIONS: tuple[tuple[str, float, float, float, float], ...] = (
-    ("brows", 2.5, 2.0, 25.5, 6.0),
-    ("eyes", 2.0, 6.0, 26.0, 10.0),
-    ("mouth", 5.0, 17.0, 23.0, 25.0),
+#: Regions as (name, groups): each group is a set of mirror parts (left and right, or one
+#: part on the midline) that an action unit moves together, each part a few MediaPipe Face Mesh
+#: landmarks whose Gaussian windows are averaged. Brows: inner ends (66 107 / 296 336; the brow
+#: lowerer moves them alone) and the rest (70 63 105 / 300 293 334; the brow raisers move all);
+#: lids: lower (145 153 144 / 374 380 373) and upper (159 158 160 / 386 385 387); upper lip:
+#: its halves (39 37 / 267 269) and the philtrum (0); lip corners (61 / 291).
+DEFAULT_REGIONS: tuple[tuple[str, tuple[tuple[tuple[int, ...], ...], ...]], ...] = (
+    ("brows", (((66, 107), (296, 336)), ((70, 63, 105), (300, 293, 334)))),
+    ("lids", (((145, 153, 144), (374, 380, 373)), ((159, 158, 160), (386, 385, 387)))),
+    ("upper lip", (((39, 37), (267, 269)), ((0,),))),
+    ("lip corners", (((61,), (291,)),)),
 )
+REGION_NAMES = tuple(name for name, _ in DEFAULT_REGIONS)
+
+#: Where the region landmarks sit in the 28x28 frame when the spotter is given no landmarks:
+#: the median over the eight real face videos of ../shared/media under the stable-point
+#: alignment, made mirror-symmetric. With landmarks, each person's own positions are used.
+DEFAULT_ANCHORS_28: dict[int, tuple[float, float]] = {
+    70: (1.20, 4.85), 63: (2.38, 3.72), 105: (4.38, 3.07), 66: (7.05, 3.08), 107: (10.26, 3.33),
+    145: (6.79, 8.65), 153: (7.89, 8.54), 144: (5.62, 8.58),
+    159: (6.48, 7.13), 158: (7.62, 7.17), 160: (5.38, 7.26),
+    39: (10.08, 18.95), 37: (11.93, 18.63), 0: (13.83, 18.85),
+    61: (7.88, 20.07),
+}
+# The image-right side mirrors the image-left one about the template's midline.
+_MIRROR = {300: 70, 293: 63, 334: 105, 296: 66, 336: 107, 374: 145, 380: 153, 373: 144,
+           386: 159, 385: 158, 387: 160, 267: 37, 269: 39, 291: 61}
+_MID = float(CANONICAL_STABLE_28[4, 0])
+DEFAULT_ANCHORS_28.update({r: (2 * _MID - DEFAULT_ANCHORS_28[l][0], DEFAULT_ANCHORS_28[l][1])
+                           for r, l in _MIRROR.items()})
+
+#: The template's eye distance (eye-corner midpoints) in 28x28 units, without the dataset
+#: stretch: the face unit of every value here (values are % of it).
+_IOD_28 = float(np.linalg.norm((CANONICAL_STABLE_28[2] + CANONICAL_STABLE_28[3]) / 2
+                               - (CANONICAL_STABLE_28[0] + CANONICAL_STABLE_28[1]) / 2))
 
 
 @dataclass(frozen=True)
 class SpotterOptions:
-    """Spotting parameters. Every window is in milliseconds, never frames: datasets are recorded
-    at 100–200 fps and webcams deliver 15–60 fps, often irregularly."""
+    """Spotting parameters. Windows are in milliseconds, never frames (datasets are recorded at
+    100-200 fps, webcams deliver 15-60 fps, often irregularly); sizes are in % of the IOD."""
 
-    # Compare frame t with the stored crop nearest t - lag while idle. About half a
-    # micro-expression: long enough that the rise to the apex shows in full, short enough that
-    # slow drift (lighting, posture) does not accumulate into the signal.
-    reference_lag_ms: float = 200.0
-    # Running statistics of this person's idle signal (median and MAD) over this window.
-    baseline_window_ms: float = 4000.0
-    # No event before this much of the stream was seen: the statistics need samples first.
+    # Compare frame t with the stored crop nearest t - lag while idle: long enough that most of a
+    # micro-expression's rise shows, short enough that speech and drift between the two frames
+    # stay small.
+    reference_lag_ms: float = 133.0
+    # Each region's running statistics of its idle values (median and MAD) over this window.
+    baseline_window_ms: float = 3000.0
     warmup_ms: float = 1000.0
     min_baseline_samples: int = 8
-    # Trigger threshold = median + threshold_k · 1.4826 · MAD (a robust σ), at least
-    # min_threshold (pixels of residual flow), so a perfectly still face cannot fire on noise.
-    threshold_k: float = 8.0
-    min_threshold: float = 0.06
-    # The event ends (and its onset is searched back to) where the signal crosses the release
-    # level, this fraction of the way from the median to the threshold (hysteresis).
-    release_fraction: float = 0.35
-    # Shorter events are dropped as noise; longer than max_micro_ms → "macro"; events still open
-    # after max_event_ms are closed there (a slow pose change must not hold the spotter forever).
-    min_event_ms: float = 60.0
+    # Threshold = median + threshold_k · 1.4826 · MAD of the region's idle values, and never a
+    # movement smaller than min_floor_pct (so a perfectly still face does not fire on noise).
+    threshold_k: float = 6.0
+    min_floor_pct: float = 0.5
+    # An event ends when its regions fall below median + release_fraction · (threshold - median);
+    # its onset and offset are where its main region crosses the larger of that level and
+    # edge_fraction of its peak (above the median).
+    release_fraction: float = 0.3
+    edge_fraction: float = 0.2
+    # Shorter events are noise; longer than max_micro_ms or larger than max_micro_pct → macro;
+    # still open after max_event_ms → closed there (a pose change must not hold the spotter).
+    min_event_ms: float = 100.0
     max_micro_ms: float = 500.0
+    max_micro_pct: float = 5.0
     max_event_ms: float = 2000.0
     crop_size: int = 128
+    stretch_x: float = CANONICAL_STRETCH_X
     # Any name create_flow accepts, with its keyword arguments as (name, value) pairs.
-    flow: str = "dis"
+    flow: str = "farneback"
     flow_kwargs: tuple[tuple[str, object], ...] = ()
-    regions: tuple[tuple[str, float, float, float, float], ...] = DEFAULT_REGIONS
-    # "max": a movement of one region counts in full; "mean": all regions alike.
-    combine: str = "max"
-    # Head motion = affine fit of the flow inside this ellipse (cx, cy, rx, ry; 28×28 units),
-    # refitted on the trim_fraction of points that fit best, so a local expression (a minority
-    # of the face) does not bend the fit.
+    regions: tuple[tuple[str, tuple[tuple[tuple[int, ...], ...], ...]], ...] = DEFAULT_REGIONS
+    # Value per % of movement, per region (same order): a movement of A % (peak displacement of
+    # a smooth, action-unit-sized field) gives a region value of about gain · A at its apex.
+    # Measured on the still faces of the tuning clips (docs/SPOTTING.md).
+    region_gains: tuple[float, ...] = (0.45, 0.35, 0.5, 0.55)
+    # σ of each landmark's Gaussian window, in IOD.
+    window_sigma: float = 0.07
+    # The region windows follow the median landmark positions of the last anchor_window_ms,
+    # refreshed every anchor_update_ms: a person's own face, not an expression's frame.
+    anchor_window_ms: float = 2000.0
+    anchor_update_ms: float = 500.0
+    # Head motion = affine fit of the flow inside this ellipse (cx, cy, rx, ry; 28x28 units),
+    # refitted on the trim_fraction of points that fit best.
     face_ellipse: tuple[float, float, float, float] = (14.0, 14.5, 12.0, 13.5)
     trim_fraction: float = 0.5
-    # Flow error grows with motion (DIS errs by a few % of a head movement, everywhere on the
-    # face); subtracting this quantile of the residual magnitude over the face ellipse cancels
-    # that uniform part, while a local expression (well under half the face) barely moves it.
-    # 0 disables. A movement of most of the face lowers the signal: fine for the macro
-    # expressions that do that, which stay far above threshold.
-    floor_quantile: float = 0.5
-    # Flow is sampled every `stride` pixels for the fit and the region means (4× cheaper at 2,
-    # and DIS flow is smooth at that scale anyway).
+    blink: BlinkOptions = field(default_factory=BlinkOptions)
+    # Regions a blink moves: masked while the eyes close, and left out of the events around it.
+    blink_regions: tuple[str, ...] = ("lids", "brows")
     stride: int = 2
-    # Sizes the preallocated history rings: frames arriving faster than this shorten the
-    # history (logged once) rather than growing memory.
     max_fps: float = 250.0
 
     def __post_init__(self) -> None:
         for name in ("reference_lag_ms", "baseline_window_ms", "max_micro_ms", "max_event_ms",
-                     "max_fps"):
+                     "max_fps", "min_floor_pct", "max_micro_pct", "window_sigma",
+                     "anchor_window_ms", "anchor_update_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        if self.crop_size < 16:
-            raise ValueError(f"crop_size must be >= 16; got {self.crop_size}")
-        if self.combine not in ("max", "mean"):
-            raise ValueError(f"combine must be 'max' or 'mean'; got {self.combine!r}")
-        if not 0.0 < self.trim_fraction <= 1.0:
-            raise ValueError(f"trim_fraction must be in (0, 1]; got {self.trim_fraction}")
-        if not 0.0 <= self.release_fraction < 1.0:
-            raise ValueError(f"release_fraction must be in [0, 1); got {self.release_fraction}")
+        if self.crop_size < 32:
+            raise ValueError(f"crop_size must be >= 32; got {self.crop_size}")
         if not self.regions:
             raise ValueError("at least one region is needed")
-        if not 0.0 <= self.floor_quantile < 1.0:
-            raise ValueError(f"floor_quantile must be in [0, 1); got {self.floor_quantile}")
+        if len(self.region_gains) != len(self.regions) or min(self.region_gains) <= 0:
+            raise ValueError(f"region_gains needs one positive gain per region "
+                             f"({len(self.regions)}); got {self.region_gains}")
+        for name, groups in self.regions:
+            for part in (part for group in groups for part in group):
+                if not part:
+                    raise ValueError(f"region {name!r} has an empty part")
+                if any(i not in DEFAULT_ANCHORS_28 for i in part):
+                    raise ValueError(f"region {name!r}: landmarks {part} have no default "
+                                     "position in DEFAULT_ANCHORS_28")
+        if not 0.0 < self.trim_fraction <= 1.0:
+            raise ValueError(f"trim_fraction must be in (0, 1]; got {self.trim_fraction}")
+        if not 0.0 <= self.release_fraction < 1.0 or not 0.0 <= self.edge_fraction < 1.0:
+            raise ValueError("release_fraction and edge_fraction must be in [0, 1)")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1; got {self.stride}")
+        unknown = set(self.blink_regions) - {name for name, _ in self.regions}
+        if unknown:
+            raise ValueError(f"blink_regions names regions that do not exist: {sorted(unknown)}")
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.regions)
+
+    @property
+    def iod_px(self) -> float:
+        """The template's eye distance in crop pixels (unstretched): 100 % of the face unit."""
+        return _IOD_28 * self.crop_size / 28.0
 
 
 @dataclass(frozen=True)
 class SpotEvent:
-    """One spotted movement. Times in ms on the caller's clock; ``peak`` is the signal at the
-    apex sample and ``threshold`` the trigger threshold in force when the event opened (both in
-    pixels of residual flow)."""
+    """One spotted movement or blink. Times in ms on the caller's clock. ``kind``: "micro",
+    "macro" or "blink". ``regions``: the regions that moved, the main one first. ``peak`` and
+    ``threshold``: the main region's value at the apex and its threshold (% IOD of windowed
+    displacement); ``amplitude_pct``: the movement's size (peak / gain, % IOD; for a blink, how
+    far the eyes closed, in % of their opening); ``floor_pct``: the detection floor of the main
+    region when the event opened. ``truncated``: the input ended while the event was open."""
 
     onset_ms: float
     apex_ms: float
     offset_ms: float
-    kind: str  # "micro" | "macro"
+    kind: str
     peak: float
     threshold: float
+    regions: tuple[str, ...] = ()
+    amplitude_pct: float = 0.0
+    floor_pct: float = 0.0
+    truncated: bool = False
 
     @property
     def duration_ms(self) -> float:
         return self.offset_ms - self.onset_ms
 
 
-# -- the signal ---------------------------------------------------------------------------------
+@dataclass
+class SpotTrace:
+    """Per frame: ``values`` (N, R) region values (% IOD), ``floors`` (N, R) detection floors (%
+    IOD of movement; NaN while warming up), ``blinking`` (N,) lids masked, ``in_event`` (N,)."""
+
+    times_ms: np.ndarray
+    values: np.ndarray
+    floors: np.ndarray
+    blinking: np.ndarray
+    in_event: np.ndarray
+
+
+# -- the measurement ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Geometry:
-    size: int
-    stride: int
-    grid_x: np.ndarray       # (G,) x of each sampled point, crop px, centred and scaled
-    grid_y: np.ndarray
-    fit_idx: np.ndarray      # indices into the G sampled points: the face ellipse
-    region_idx: tuple[np.ndarray, ...]
-    region_names: tuple[str, ...]
+class _Grid:
+    xx: np.ndarray          # (G,) crop px of the sampled points
+    yy: np.ndarray
+    gx: np.ndarray          # (G,) centred, unit scale (well-conditioned normal equations)
+    gy: np.ndarray
+    fit_idx: np.ndarray     # the face ellipse
 
 
 @functools.lru_cache(maxsize=8)
-def _geometry(crop_size: int, stride: int, regions: tuple, ellipse: tuple) -> _Geometry:
+def _grid(crop_size: int, stride: int, ellipse: tuple) -> _Grid:
     coords = np.arange(0, crop_size, stride, dtype=np.float64)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     xx, yy = xx.ravel(), yy.ravel()
     scale = crop_size / 28.0
-    # Template coordinates run from the image edge; pixel centres sit half a pixel in.
     tx, ty = (xx + 0.5) / scale, (yy + 0.5) / scale
     cx, cy, rx, ry = ellipse
     fit_idx = np.flatnonzero(((tx - cx) / rx) ** 2 + ((ty - cy) / ry) ** 2 <= 1.0)
-    region_idx = []
-    for name, x0, y0, x1, y1 in regions:
-        idx = np.flatnonzero((tx >= x0) & (tx < x1) & (ty >= y0) & (ty < y1))
-        if idx.size == 0:
-            raise ValueError(f"region {name!r} contains no sampled pixel at crop_size "
-                             f"{crop_size}, stride {stride}")
-        region_idx.append(idx)
-    # Centred, unit-scale coordinates keep the 3×3 normal equations well conditioned.
     half = crop_size / 2.0
-    return _Geometry(crop_size, stride, (xx - half) / half, (yy - half) / half, fit_idx,
-                     tuple(region_idx), tuple(r[0] for r in regions))
+    return _Grid(xx, yy, (xx - half) / half, (yy - half) / half, fit_idx)
 
 
-def _geometry_of(options: SpotterOptions) -> _Geometry:
-    return _geometry(options.crop_size, options.stride,
-                     tuple(tuple(region) for region in options.regions),
-                     tuple(options.face_ellipse))
+def _parts(options: SpotterOptions) -> list[tuple[int, ...]]:
+    """Every part of every group of every region, in order."""
+    return [part for _, groups in options.regions for group in groups for part in group]
 
 
-def _weighted_affine(f: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Least-squares affine model per frame and flow component.
-
-    f: (N, 2, M) flow at M points; x, y: (M,); w: (N, M) weights. Returns (N, 2, 3) parameters
-    (a0, ax, ay) of f ≈ a0 + ax·x + ay·y. Every sum runs along the last, contiguous axis and the
-    3×3 systems are solved by elementwise arithmetic, so a frame's result does not depend on the
-    batch it came in (the streaming and offline paths must agree to the bit).
-    """
-    moments = (w[:, None, :] * np.stack([np.ones_like(x), x, y, x * x, x * y, y * y])).sum(-1)
-    wf = w[:, None, :] * f                                          # (N, 2, M)
-    rhs = np.stack([wf.sum(-1), (wf * x).sum(-1), (wf * y).sum(-1)], axis=-1)  # (N, 2, 3)
-    return _solve_sym3(moments, rhs)
+def _anchor_indices(options: SpotterOptions) -> tuple[int, ...]:
+    return tuple(sorted({i for part in _parts(options) for i in part}))
 
 
-def _solve_sym3(m: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve the symmetric systems [[m0 m1 m2] [m1 m3 m4] [m2 m4 m5]] · p = b, m (N, 6),
-    b (N, C, 3) → p (N, C, 3), by the adjugate (np.linalg.solve costs ~1 ms per call here in
-    LAPACK thread start-up, more than the whole fit)."""
-    a00, a01, a02, a11, a12, a22 = (m[:, k] for k in range(6))
-    c00 = a11 * a22 - a12 * a12
-    c01 = a02 * a12 - a01 * a22
-    c02 = a01 * a12 - a02 * a11
-    c11 = a00 * a22 - a02 * a02
-    c12 = a01 * a02 - a00 * a12
-    c22 = a00 * a11 - a01 * a01
-    det = a00 * c00 + a01 * c01 + a02 * c02
-    # No weight at all (an empty face) leaves the system singular: give zero motion.
-    scale = np.abs(m).max(axis=1) ** 3
-    inv_det = np.where(np.abs(det) > 1e-12 * scale, 1.0 / np.where(det == 0, 1.0, det), 0.0)
-    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
-    col = lambda c: c[:, None]  # noqa: E731 (N,) → (N, 1) against b's (N, C)
-    p0 = col(c00) * b0 + col(c01) * b1 + col(c02) * b2
-    p1 = col(c01) * b0 + col(c11) * b1 + col(c12) * b2
-    p2 = col(c02) * b0 + col(c12) * b1 + col(c22) * b2
-    return np.stack([p0, p1, p2], axis=-1) * inv_det[:, None, None]
+def _default_anchors(options: SpotterOptions) -> np.ndarray:
+    """(K, 2) crop px of the region landmarks (order of _anchor_indices) on the template."""
+    scale = options.crop_size / 28.0
+    return np.array([DEFAULT_ANCHORS_28[i] for i in _anchor_indices(options)]) * scale - 0.5
 
 
-def region_signals(flows: np.ndarray, options: SpotterOptions = SpotterOptions()) -> np.ndarray:
-    """Per-region head-motion-free flow magnitude, in pixels.
+def _window_weights(options: SpotterOptions, anchors: np.ndarray) -> np.ndarray:
+    """(P, G) float64 weights, one row per region part (regions in order, parts in order), each
+    the normalised sum of Gaussian windows at the part's landmarks."""
+    grid = _grid(options.crop_size, options.stride, tuple(options.face_ellipse))
+    index = {i: k for k, i in enumerate(_anchor_indices(options))}
+    sigma = options.window_sigma * options.iod_px
+    rows = []
+    for part in _parts(options):
+        w = np.zeros(grid.xx.size)
+        for i in part:
+            ax, ay = anchors[index[i]]
+            w += np.exp(-((grid.xx - ax) ** 2 + (grid.yy - ay) ** 2) / (2.0 * sigma ** 2))
+        rows.append(w / w.sum())
+    return np.ascontiguousarray(np.stack(rows))
 
-    flows: (N, S, S, 2) or (S, S, 2) float, pixels, S = ``options.crop_size``. Returns (N, R)
-    float64 (or (R,)): for each region of ``options.regions``, the mean magnitude of the flow
-    minus a robust affine fit of the flow inside the face ellipse (the head's translation,
-    rotation, scale and shear), less the ``floor_quantile`` of that magnitude over the face
-    (may be slightly negative on a still face).
-    """
-    flows = np.asarray(flows)
-    single = flows.ndim == 3
-    if single:
-        flows = flows[None]
+
+@functools.lru_cache(maxsize=8)
+def _group_slices(options: SpotterOptions) -> tuple[tuple[slice, ...], ...]:
+    """Per region, the rows of its groups in the weight matrix."""
+    out, start = [], 0
+    for _, groups in options.regions:
+        slices = []
+        for group in groups:
+            slices.append(slice(start, start + len(group)))
+            start += len(group)
+        out.append(tuple(slices))
+    return tuple(out)
+
+
+def region_values(flow: np.ndarray, weights: np.ndarray,
+                  options: SpotterOptions = SpotterOptions()) -> np.ndarray:
+    """Per-region movement of one flow field, in % of the IOD.
+
+    flow: (S, S, 2) float, crop pixels, S = ``options.crop_size``; weights: (P, G) from the
+    region windows (P parts, G sampled points). Returns (R,) float64: for each region the root
+    mean square over its parts of the length of the part's mean displacement, after subtracting
+    a robust affine fit of the flow inside the face ellipse (the head's own motion)."""
     size = options.crop_size
-    if flows.ndim != 4 or flows.shape[1:] != (size, size, 2):
-        raise ValueError(f"flows must be (N, {size}, {size}, 2); got {flows.shape}")
-    geo = _geometry_of(options)
-    s = geo.stride
-    sampled = flows[:, ::s, ::s, :].astype(np.float64)
-    f = np.ascontiguousarray(sampled.reshape(len(flows), -1, 2).transpose(0, 2, 1))  # (N, 2, G)
-    fx, fy = geo.grid_x[geo.fit_idx], geo.grid_y[geo.fit_idx]
-    f_fit = np.ascontiguousarray(f[:, :, geo.fit_idx])
-    params = _weighted_affine(f_fit, fx, fy, np.ones((len(f), fx.size)))
+    flow = np.asarray(flow)
+    if flow.shape != (size, size, 2):
+        raise ValueError(f"flow must be ({size}, {size}, 2); got {flow.shape}")
+    grid = _grid(size, options.stride, tuple(options.face_ellipse))
+    s = options.stride
+    f = np.ascontiguousarray(flow[::s, ::s, :].astype(np.float64).reshape(-1, 2).T)  # (2, G)
+    fx, fy = grid.gx[grid.fit_idx], grid.gy[grid.fit_idx]
+    f_fit = np.ascontiguousarray(f[:, grid.fit_idx])
+    params = _affine_fit(f_fit, fx, fy, np.ones(fx.size))
     if options.trim_fraction < 1.0:
         resid = f_fit - _affine_eval(params, fx, fy)
-        mag = np.sqrt((resid ** 2).sum(1))                          # (N, M)
-        k = max(int(round(options.trim_fraction * mag.shape[1])) - 1, 2)
-        cut = np.partition(mag, k, axis=1)[:, k:k + 1]
-        params = _weighted_affine(f_fit, fx, fy, (mag <= cut).astype(np.float64))
-    resid = f - _affine_eval(params, geo.grid_x, geo.grid_y)
-    mag = np.sqrt((resid ** 2).sum(1))                              # (N, G)
-    floor = np.zeros((len(f), 1))
-    if options.floor_quantile > 0:
-        face = np.ascontiguousarray(mag[:, geo.fit_idx])
-        k = min(int(round(options.floor_quantile * (face.shape[1] - 1))), face.shape[1] - 1)
-        floor = np.partition(face, k, axis=1)[:, k:k + 1]
-    # Fancy indexing along the last axis returns a Fortran-ordered array for N > 1, whose sums
-    # run in another order than for N = 1: copy to C order so batch and single frames agree.
-    out = np.stack([np.ascontiguousarray(mag[:, idx]).mean(-1) for idx in geo.region_idx],
-                   axis=1) - floor
-    return out[0] if single else out
+        mag = np.sqrt((resid ** 2).sum(0))
+        k = max(int(round(options.trim_fraction * mag.size)) - 1, 2)
+        cut = np.partition(mag, k)[k]
+        params = _affine_fit(f_fit, fx, fy, (mag <= cut).astype(np.float64))
+    resid = f - _affine_eval(params, grid.gx, grid.gy)
+    parts = weights @ resid.T                                          # (P, 2) px
+    parts[:, 0] /= options.stretch_x
+    length2 = (parts ** 2).sum(1) * (100.0 / options.iod_px) ** 2
+    return np.array([math.sqrt(max(float(length2[sl].mean()) for sl in groups))
+                     for groups in _group_slices(options)])
+
+
+def _affine_fit(f: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares affine model of each flow component: f (2, M) ≈ a0 + ax·x + ay·y.
+    Returns (2, 3). The 3x3 system is solved by its adjugate: np.linalg.solve costs more in
+    LAPACK start-up than the fit."""
+    m = [(w * q).sum() for q in (np.ones_like(x), x, y, x * x, x * y, y * y)]
+    wf = w * f
+    b = np.stack([wf.sum(-1), (wf * x).sum(-1), (wf * y).sum(-1)], axis=-1)   # (2, 3)
+    a00, a01, a02, a11, a12, a22 = m
+    c = np.array([[a11 * a22 - a12 * a12, a02 * a12 - a01 * a22, a01 * a12 - a02 * a11],
+                  [a02 * a12 - a01 * a22, a00 * a22 - a02 * a02, a01 * a02 - a00 * a12],
+                  [a01 * a12 - a02 * a11, a01 * a02 - a00 * a12, a00 * a11 - a01 * a01]])
+    det = a00 * c[0, 0] + a01 * c[0, 1] + a02 * c[0, 2]
+    if abs(det) <= 1e-12 * max(abs(v) for v in m) ** 3:
+        return np.zeros((2, 3))  # no weight at all (an empty face): no head motion
+    return b @ c.T / det
 
 
 def _affine_eval(params: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return params[:, :, 0:1] + params[:, :, 1:2] * x + params[:, :, 2:3] * y
-
-
-def signal_from_flow(flows: np.ndarray, options: SpotterOptions = SpotterOptions()) -> np.ndarray:
-    """(N, S, S, 2) flows → (N,) float64 spotting signal (regions combined by ``combine``);
-    a single (S, S, 2) flow gives a 0-d array."""
-    return _combine(region_signals(flows, options), options)
+    return params[:, 0:1] + params[:, 1:2] * x + params[:, 2:3] * y
 
 
 def make_flow(options: SpotterOptions) -> FlowEstimator:
-    """The flow estimator the options name, e.g. ``dis`` (default) or a TV-L1."""
+    """The flow estimator the options name (``farneback`` by default)."""
     return create_flow(options.flow, **dict(options.flow_kwargs))
-
-
-def compute_signal(reference_crop: np.ndarray, crop: np.ndarray,
-                   options: SpotterOptions = SpotterOptions(),
-                   flow: FlowEstimator | None = None) -> float:
-    """Spotting signal of one pair of aligned greyscale crops (crop_size², uint8): how much the
-    face moved from ``reference_crop`` to ``crop`` beyond the head's own motion, in pixels.
-    Pass ``flow`` to reuse an estimator (building one per call costs more than the flow)."""
-    _check_crop(reference_crop, options.crop_size)
-    _check_crop(crop, options.crop_size)
-    estimator = flow if flow is not None else make_flow(options)
-    return float(signal_from_flow(estimator.compute(reference_crop, crop), options))
 
 
 def _check_crop(crop: np.ndarray, size: int) -> None:
@@ -291,6 +343,49 @@ def _check_crop(crop: np.ndarray, size: int) -> None:
     if shape != (size, size):
         raise ValueError(f"crop must be a greyscale ({size}, {size}) image (the aligned face "
                          f"crop; SpotterOptions.crop_size={size}); got shape {shape}")
+
+
+class _Anchors:
+    """The region windows, following the median position of the region landmarks over the last
+    ``anchor_window_ms`` (refreshed every ``anchor_update_ms``), so they sit on this person's
+    brows and lips, not on an expression's momentary shape. Fed identically by both paths."""
+
+    def __init__(self, options: SpotterOptions) -> None:
+        self.o = options
+        self._idx = np.array(_anchor_indices(options))
+        cap = int(math.ceil(options.anchor_window_ms * options.max_fps / 1000.0)) + 2
+        self._t = np.zeros(cap)
+        self._pts = np.zeros((cap, self._idx.size, 2))
+        self._cap = cap
+        self._default = _weights_for(options, _default_anchors(options).tobytes())
+        self.reset()
+
+    def reset(self) -> None:
+        self._n = self._head = 0
+        self._updated: float | None = None
+        self.weights = self._default
+
+    def push(self, t_ms: float, landmarks: np.ndarray | None) -> np.ndarray:
+        if landmarks is not None:
+            pts = np.asarray(landmarks, np.float64)
+            if pts.ndim == 2 and pts.shape[0] > self._idx.max() and \
+                    np.isfinite(pts[self._idx]).all():
+                self._t[self._head] = t_ms
+                self._pts[self._head] = pts[self._idx]
+                self._head = (self._head + 1) % self._cap
+                self._n = min(self._n + 1, self._cap)
+                if self._updated is None or t_ms - self._updated >= self.o.anchor_update_ms:
+                    self._updated = t_ms
+                    recent = self._t[:self._n] >= t_ms - self.o.anchor_window_ms
+                    anchors = np.median(self._pts[:self._n][recent], axis=0)
+                    self.weights = _weights_for(self.o, np.round(anchors, 2).tobytes())
+        return self.weights
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_for(options: SpotterOptions, anchors_bytes: bytes) -> np.ndarray:
+    anchors = np.frombuffer(anchors_bytes, dtype=np.float64).reshape(-1, 2)
+    return _window_weights(options, anchors)
 
 
 # -- the rules shared by both paths -------------------------------------------------------------
@@ -319,50 +414,83 @@ def _crossing(t0: float, s0: float, t1: float, s1: float, level: float) -> float
 
 
 class _Ring:
-    """Fixed-capacity (time, value) history, oldest overwritten; no allocation after init."""
+    """Fixed-capacity history of (time, R values, flag), oldest overwritten; no allocation after
+    init. NaN values mark regions left out (masked) at that time."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, width: int) -> None:
         self.t = np.zeros(capacity)
-        self.v = np.zeros(capacity)
+        self.v = np.zeros((capacity, width))
+        self.flag = np.zeros(capacity, bool)
         self.capacity = capacity
-        self.n = 0       # number of valid entries
-        self.head = 0    # next write position
+        self.n = 0
+        self.head = 0
 
     def clear(self) -> None:
         self.n = self.head = 0
 
-    def append(self, t: float, v: float) -> bool:
+    def append(self, t: float, v: np.ndarray, flag: bool = False) -> bool:
         """Returns False when an entry was overwritten."""
         self.t[self.head] = t
         self.v[self.head] = v
+        self.flag[self.head] = flag
         self.head = (self.head + 1) % self.capacity
         full = self.n == self.capacity
         self.n = min(self.n + 1, self.capacity)
         return not full
 
     def since(self, t_min: float) -> np.ndarray:
-        """Values with time >= t_min (any order)."""
-        valid = self.v[:self.n] if self.n < self.capacity else self.v
+        """(K, R) values with time >= t_min (any order)."""
         times = self.t[:self.n] if self.n < self.capacity else self.t
-        return valid[times >= t_min]
+        values = self.v[:self.n] if self.n < self.capacity else self.v
+        return values[times >= t_min]
 
-    def get(self, back: int) -> tuple[float, float]:
-        """(t, v) of the entry ``back`` steps before the newest (0 = newest)."""
-        i = (self.head - 1 - back) % self.capacity
-        return float(self.t[i]), float(self.v[i])
+    def last(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The newest ``count`` entries, oldest first: times (K,), values (K, R), flags (K,)."""
+        count = min(count, self.n)
+        idx = (self.head - count + np.arange(count)) % self.capacity
+        return self.t[idx], self.v[idx], self.flag[idx]
+
+
+@dataclass
+class _Levels:
+    median: np.ndarray
+    threshold: np.ndarray
+    release: np.ndarray
+
+
+@dataclass(frozen=True)
+class _RegionEvent:
+    region: int
+    onset: float
+    apex: float
+    offset: float
+    peak: float
+    truncated: bool
 
 
 class _EventDetector:
-    """The causal event rules, fed one (time, signal, reference time) at a time by both the
-    streaming and the offline path. It also decides which reference the next frame's signal
-    must use (``reference_target``), since that depends on whether an event is open."""
+    """The causal event rules, fed one frame's region values at a time by both the streaming
+    and the offline path. It also decides which reference the next frame's values must use
+    (``reference_target``), since that depends on whether an event is open.
+
+    Each region opens and closes its own event against its own threshold; they share one
+    reference, frozen when the first of them opens and released when the last closes (one flow
+    per frame, whatever the number of regions). The region events of that span are then merged
+    where they overlap (IoU >= ``merge_iou``: one movement seen in two regions) and returned."""
+
+    merge_iou = 0.3
 
     def __init__(self, options: SpotterOptions) -> None:
         self.o = options
         per_ms = options.max_fps / 1000.0
-        self._stats = _Ring(int(math.ceil(options.baseline_window_ms * per_ms)) + 2)
+        width = len(options.regions)
+        self._gains = np.asarray(options.region_gains, np.float64)
+        self._min_threshold = options.min_floor_pct * self._gains
+        self._blink_mask = np.array([name in options.blink_regions
+                                     for name in options.region_names])
+        self._stats = _Ring(int(math.ceil(options.baseline_window_ms * per_ms)) + 2, width)
         self._hist = _Ring(int(math.ceil(
-            (options.max_event_ms + 2 * options.reference_lag_ms) * per_ms)) + 4)
+            (options.max_event_ms + 2 * options.reference_lag_ms) * per_ms)) + 4, width)
         self._warned = False
         self.reset()
 
@@ -372,10 +500,30 @@ class _EventDetector:
         self.t_first: float | None = None
         self.clamp_t = -math.inf
         self.in_event = False
-        self.threshold: float | None = None
-        self._ev_onset = self._ev_thr = self._ev_release = 0.0
-        self._ev_start = 0   # samples since the trigger (the trigger sample is 0)
-        self._ev_back = 0    # samples of the onset walk-back before the trigger
+        self.levels: _Levels | None = None
+        self._ev: _Levels | None = None
+        width = len(self.o.regions)
+        self._open = np.zeros(width, bool)
+        self._count = np.zeros(width, np.int64)   # samples of each open region's event so far
+        self._onset = np.zeros(width)              # each open region's walk-back onset
+        self._group_start = 0.0
+        self._closed: list[_RegionEvent] = []
+        self._last = np.zeros(width)  # the last frame's usable values (NaN: masked)
+
+    @property
+    def floors(self) -> np.ndarray:
+        """Each region's detection floor now (% IOD of movement; NaN while warming up, inf
+        while a blink masks the region): the threshold as a movement, and while the region is
+        itself moving, what it is doing plus the threshold (a new movement must stand out of
+        it)."""
+        levels = self._ev if self.in_event else self.levels
+        if levels is None:
+            return np.full(len(self.o.regions), np.nan)
+        floor = levels.threshold / self._gains
+        if self.in_event and self._open.any():
+            current = np.where(np.isfinite(self._last), self._last, 0.0)
+            floor = np.where(self._open, (current + levels.threshold) / self._gains, floor)
+        return np.where(np.isnan(self._last), np.inf, floor)
 
     def reference_target(self, t_ms: float) -> float | None:
         """Time of the reference for a frame at ``t_ms`` while idle: ``lag`` back, but never
@@ -385,99 +533,186 @@ class _EventDetector:
             return None
         return max(t_ms - self.o.reference_lag_ms, self.clamp_t)
 
-    def _levels(self, t_ms: float) -> tuple[float, float, float] | None:
+    def _compute_levels(self, t_ms: float) -> _Levels | None:
         values = self._stats.since(t_ms - self.o.baseline_window_ms)
         if self.t_first is None or t_ms - self.t_first < self.o.warmup_ms or \
-                values.size < self.o.min_baseline_samples:
+                values.shape[0] < self.o.min_baseline_samples:
             return None
-        median = float(np.median(values))
-        sigma = 1.4826 * float(np.median(np.abs(values - median)))
-        threshold = max(median + self.o.threshold_k * sigma, self.o.min_threshold)
-        release = median + self.o.release_fraction * (threshold - median)
-        return median, threshold, release
+        median = np.full(values.shape[1], np.inf)  # a region masked all along cannot trigger
+        sigma = np.zeros(values.shape[1])
+        for r in range(values.shape[1]):
+            column = values[:, r]
+            column = column[np.isfinite(column)]
+            if column.size >= self.o.min_baseline_samples:
+                median[r] = np.median(column)
+                sigma[r] = 1.4826 * np.median(np.abs(column - median[r]))
+        threshold = np.maximum(median + self.o.threshold_k * sigma, self._min_threshold)
+        known = np.isfinite(median)
+        release = np.full_like(median, np.inf)
+        release[known] = median[known] + self.o.release_fraction * (threshold[known]
+                                                                   - median[known])
+        return _Levels(median, threshold, release)
 
-    def step(self, t_ms: float, signal: float, ref_t: float) -> tuple[SpotEvent | None, bool]:
-        """Feed one frame. Returns (closed event or None, whether an event opened here)."""
+    def step(self, t_ms: float, values: np.ndarray, ref_t: float,
+             masked: np.ndarray) -> tuple[list[SpotEvent], bool]:
+        """Feed one frame: its region values and which regions a blink makes unusable. Returns
+        (the events that closed here, whether the reference froze here)."""
         o = self.o
         if self.t_first is None:
             self.t_first = t_ms
-        if not self._hist.append(t_ms, signal) and self.in_event and not self._warned:
+        usable = np.where(masked, np.nan, values)
+        self._last = usable
+        self._hist.append(t_ms, usable)
+        if self.in_event and self._count.max() + 1 >= self._hist.capacity and not self._warned:
             self._warned = True
             log.warning("frames arrive faster than SpotterOptions.max_fps=%s: event history is "
                         "truncated", o.max_fps)
         if self.in_event:
-            self._ev_start += 1
-            if signal < self._ev_release or t_ms - self._ev_onset >= o.max_event_ms:
-                return self._close(t_ms, signal), False
-            return None, False
-        levels = self._levels(t_ms)
-        self.threshold = None if levels is None else levels[1]
+            ev = self._ev
+            self._count[self._open] += 1
+            forced = t_ms - self._group_start >= o.max_event_ms
+            for r in np.flatnonzero(self._open):
+                if masked[r]:  # a blink took the region over: its movement is the blink's
+                    self._open[r] = False
+                elif forced or usable[r] < ev.release[r]:
+                    self._close_region(r, t_ms, truncated=False, forced=forced)
+            idle = ~self._open & ~masked
+            if not forced:
+                for r in np.flatnonzero(idle & (usable > ev.threshold)):
+                    self._open_region(r, t_ms)
+            if not self._open.any():
+                return self._end_group(t_ms), False
+            return [], False
+        self.levels = self._compute_levels(t_ms)
         # A reference much nearer than the lag (right after an event or at the start) makes a
-        # smaller signal: neither a fair trigger nor a fair baseline sample.
+        # smaller value: neither a fair trigger nor a fair baseline sample.
         full_lag = t_ms - ref_t >= 0.5 * o.reference_lag_ms
-        if levels is not None and full_lag and signal > levels[1]:
-            self._open(t_ms, levels)
-            return None, True
+        if self.levels is not None and full_lag:
+            above = (usable > self.levels.threshold) & ~masked
+            if above.any():
+                self.in_event = True
+                self._ev = self.levels
+                self._group_start = t_ms
+                for r in np.flatnonzero(above):
+                    self._open_region(r, t_ms)
+                return [], True
         if full_lag:
-            self._stats.append(t_ms, signal)
-        return None, False
+            self._stats.append(t_ms, usable)
+        return [], False
 
-    def _open(self, t_ms: float, levels: tuple[float, float, float]) -> None:
-        _, threshold, release = levels
-        self.in_event = True
-        self._ev_thr, self._ev_release = threshold, release
-        self._ev_start = 0
-        # The rise began before the crossing: walk back over the samples above the release
-        # level (at most one lag: older samples were compared with an older reference).
-        back, t_k, s_k = 0, t_ms, self._hist.get(0)[1]
-        onset = t_ms
-        while back + 1 < self._hist.n:
-            t_prev, s_prev = self._hist.get(back + 1)
-            if t_prev < t_ms - self.o.reference_lag_ms or t_prev <= self.clamp_t:
-                onset = t_k
+    def _open_region(self, r: int, t_ms: float) -> None:
+        """The rise began before the crossing: walk back over the region's samples above its
+        release level (never to before one lag ahead of the span's first trigger, whose samples
+        were compared with an older reference, nor into the last span)."""
+        times, values, _ = self._hist.last(self._hist.n)
+        level = self._ev.release[r]
+        limit = self._group_start - self.o.reference_lag_ms
+        back = 0
+        while back + 1 < len(times):
+            t_prev = times[-2 - back]
+            if t_prev < limit or t_prev <= self.clamp_t or not values[-2 - back, r] > level:
                 break
-            if s_prev <= release:
-                onset = _crossing(t_prev, s_prev, t_k, s_k, release)
-                break
-            back, t_k, s_k = back + 1, t_prev, s_prev
-            onset = t_k
-        self._ev_onset = onset
-        self._ev_back = back   # samples of the walk-back before the trigger
+            back += 1
+        self._open[r] = True
+        self._count[r] = back + 1
+        i = len(times) - 1 - back
+        self._onset[r] = float(times[i])
+        if i > 0 and times[i - 1] > self.clamp_t and times[i - 1] >= limit and \
+                np.isfinite(values[i - 1, r]):
+            self._onset[r] = _crossing(times[i - 1], values[i - 1, r], times[i], values[i, r],
+                                       level)
 
-    def _close(self, t_ms: float, signal: float) -> SpotEvent | None:
+    def _close_region(self, r: int, t_ms: float, truncated: bool, forced: bool = False) -> None:
+        o = self.o
+        self._open[r] = False
+        times, values, _ = self._hist.last(int(self._count[r]))
+        ev = self._ev
+        series = values[:, r]
+        series = np.where(np.isfinite(series), series, ev.median[r])
+        if series.size < 2:
+            return
+        # The closing sample is below the release level: not a candidate apex.
+        last = series.size if truncated or forced else series.size - 1
+        apex_i = int(np.argmax(series[:last]))
+        peak = float(series[apex_i])
+        level = max(float(ev.release[r]),
+                    float(ev.median[r] + o.edge_fraction * (peak - ev.median[r])))
+        i = apex_i
+        while i > 0 and series[i - 1] > level:
+            i -= 1
+        # Back to the first stored sample: the walk-back's own crossing is the onset.
+        onset = self._onset[r] if i == 0 else _crossing(times[i - 1], series[i - 1], times[i],
+                                                        series[i], level)
+        j = apex_i
+        while j + 1 < series.size and series[j + 1] > level:
+            j += 1
+        offset = float(times[j]) if j + 1 >= series.size else _crossing(
+            times[j], series[j], times[j + 1], series[j + 1], level)
+        if offset - onset < o.min_event_ms and not truncated:
+            return
+        apex = min(max(_refine_apex(times, series, apex_i), onset), offset)
+        self._closed.append(_RegionEvent(r, float(onset), float(apex), float(offset), peak,
+                                         truncated))
+
+    def _end_group(self, t_ms: float) -> list[SpotEvent]:
+        """Release the reference and turn the span's region events into events: overlapping
+        ones (IoU >= merge_iou) are one movement, named by the region that stood highest above
+        its floor."""
         o = self.o
         self.in_event = False
         self.clamp_t = t_ms
-        n_event = self._ev_start + self._ev_back  # samples from the onset run up to the close
-        n_avail = min(n_event, self._hist.n - 1)
-        # Samples oldest → newest, the closing sample excluded from the apex search.
-        times = np.array([self._hist.get(b)[0] for b in range(n_avail, 0, -1)])
-        values = np.array([self._hist.get(b)[1] for b in range(n_avail, 0, -1)])
-        if signal < self._ev_release:
-            t_prev, s_prev = self._hist.get(1)
-            offset = _crossing(t_prev, s_prev, t_ms, signal, self._ev_release)
-        else:
-            offset = t_ms
-        onset = self._ev_onset
-        duration = offset - onset
-        if duration < o.min_event_ms or values.size == 0:
-            return None
-        apex_i = int(np.argmax(values))
-        apex = _refine_apex(times, values, apex_i, t_ms, signal)
-        kind = "micro" if duration <= o.max_micro_ms else "macro"
-        return SpotEvent(float(onset), float(min(max(apex, onset), offset)), float(offset), kind,
-                         float(values[apex_i]), float(self._ev_thr))
+        ev = self._ev
+        pending = sorted(self._closed, key=lambda e: e.onset)
+        self._closed = []
+        clusters: list[list[_RegionEvent]] = []
+        for e in pending:
+            for cluster in clusters:
+                if any(_iou(e, other) >= self.merge_iou for other in cluster):
+                    cluster.append(e)
+                    break
+            else:
+                clusters.append([e])
+        out = []
+        for cluster in clusters:
+            main = max(cluster, key=lambda e: e.peak / ev.threshold[e.region])
+            r = main.region
+            amplitude = max(e.peak / self._gains[e.region] for e in cluster)
+            others = [o.region_names[e.region] for e in sorted(
+                cluster, key=lambda e: -e.peak / ev.threshold[e.region]) if e is not main]
+            regions = tuple(dict.fromkeys([o.region_names[r], *others]))
+            duration = main.offset - main.onset
+            kind = "micro" if duration <= o.max_micro_ms and amplitude <= o.max_micro_pct \
+                else "macro"
+            out.append(SpotEvent(main.onset, main.apex, main.offset, kind, main.peak,
+                                 float(ev.threshold[r]), regions, float(amplitude),
+                                 float(ev.threshold[r] / self._gains[r]),
+                                 any(e.truncated for e in cluster)))
+        return sorted(out, key=lambda e: e.onset_ms)
+
+    def finish(self) -> list[SpotEvent]:
+        """Close the events still open when the input ends (marked truncated)."""
+        if not self.in_event or self._hist.n == 0:
+            return []
+        t_last = float(self._hist.last(1)[0][0])
+        for r in np.flatnonzero(self._open):
+            self._close_region(r, t_last, truncated=True)
+        return self._end_group(t_last)
 
 
-def _refine_apex(times: np.ndarray, values: np.ndarray, i: int, t_close: float,
-                 s_close: float) -> float:
+def _iou(a: _RegionEvent, b: _RegionEvent) -> float:
+    inter = min(a.offset, b.offset) - max(a.onset, b.onset)
+    union = max(a.offset, b.offset) - min(a.onset, b.onset)
+    return inter / union if inter > 0 and union > 0 else 0.0
+
+
+def _refine_apex(times: np.ndarray, values: np.ndarray, i: int) -> float:
     """Vertex of the parabola through the maximum and its two neighbours (uneven spacing
     allowed): at webcam rates the true apex usually falls between two frames."""
-    if i == 0:
-        return float(times[0])
+    if i == 0 or i + 1 >= len(times):
+        return float(times[i])
     t0, s0 = times[i - 1], values[i - 1]
     t1, s1 = times[i], values[i]
-    t2, s2 = (times[i + 1], values[i + 1]) if i + 1 < len(times) else (t_close, s_close)
+    t2, s2 = times[i + 1], values[i + 1]
     d0, d2 = t0 - t1, t2 - t1
     denom = d0 * d2 * (d0 - d2)
     if denom == 0:
@@ -487,6 +722,11 @@ def _refine_apex(times: np.ndarray, values: np.ndarray, i: int, t_close: float,
     if a >= 0:
         return float(t1)
     return float(t1 + min(max(-b / (2 * a), d0), d2))
+
+
+def _blink_event(blink: Blink) -> SpotEvent:
+    return SpotEvent(blink.onset_ms, blink.apex_ms, blink.offset_ms, "blink", blink.closure,
+                     0.0, ("lids",), 100.0 * blink.closure, 0.0, blink.truncated)
 
 
 # -- the two paths ------------------------------------------------------------------------------
@@ -500,14 +740,16 @@ def _to_uint8(crops: np.ndarray) -> np.ndarray:
 
 
 class Spotter:
-    """Streaming spotter: ``push`` one aligned crop at a time; an event comes back from the push
-    that closes it (at its offset, or ``max_event_ms`` after its onset).
+    """Streaming spotter: ``push`` one aligned crop (and its landmarks, in crop pixels) at a time;
+    the events that close at that frame come back from it (a movement at its offset, or
+    ``max_event_ms`` after its onset; a blink when the eyes reopen); ``finish`` closes what is
+    still open at the end of the input.
 
-    ``signal``: the last frame's signal (pixels of residual flow), None before the first frame;
-    ``threshold``: the trigger threshold in force, None during warm-up; ``region_values``: the
-    last frame's per-region values (order of ``options.regions``); ``in_event``.
-    Memory is preallocated: a ring of crops covering the reference lag at ``max_fps``, one frozen
-    reference crop, and fixed-size histories of the signal.
+    After each push: ``region_values`` (% IOD per region), ``floors`` (% IOD per region, NaN
+    while warming up), ``blinking``, ``in_event``; ``signal`` and ``threshold`` summarise them as
+    the region standing highest over its threshold (its value and its threshold). Memory is
+    preallocated: a ring of crops covering the reference lag at ``max_fps``, one frozen reference
+    crop, and fixed-size histories.
     """
 
     def __init__(self, options: SpotterOptions = SpotterOptions(),
@@ -518,96 +760,130 @@ class Spotter:
         self._capacity = _crop_capacity(options)
         self._crops = np.zeros((self._capacity, size, size), np.uint8)
         self._times = np.zeros(self._capacity)
+        self._blinking = np.zeros(self._capacity, bool)
         self._order = np.arange(self._capacity)
         self._frozen = np.zeros((size, size), np.uint8)
+        self._blink_mask = np.array([name in options.blink_regions
+                                     for name in options.region_names])
         self._detector = _EventDetector(options)
+        self._blinks = BlinkDetector(options.blink)
+        self._anchors = _Anchors(options)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything: history, statistics, an open event (it is dropped)."""
         self._head = self._n = 0
         self._frozen_t = 0.0
+        self._frozen_blinking = False
         self._detector.reset()
-        self._signal: float | None = None
+        self._blinks.reset()
+        self._anchors.reset()
         self.region_values: np.ndarray | None = None
+        self.blinking = False
+        self._last_t: float | None = None
 
     @property
-    def signal(self) -> float | None:
-        return self._signal
-
-    @property
-    def threshold(self) -> float | None:
-        return self._detector.threshold
+    def floors(self) -> np.ndarray:
+        return self._detector.floors
 
     @property
     def in_event(self) -> bool:
         return self._detector.in_event
 
+    @property
+    def signal(self) -> float | None:
+        r = self._leading_region()
+        return None if r is None else float(self.region_values[r])
+
+    @property
+    def threshold(self) -> float | None:
+        r = self._leading_region()
+        levels = self._detector._ev if self.in_event else self._detector.levels
+        return None if r is None or levels is None else float(levels.threshold[r])
+
+    def _leading_region(self) -> int | None:
+        if self.region_values is None:
+            return None
+        levels = self._detector._ev if self.in_event else self._detector.levels
+        if levels is None:
+            return int(np.argmax(self.region_values))
+        return int(np.argmax(self.region_values / levels.threshold))
+
     def push(self, t_ms: float, crop: np.ndarray,
-             landmarks: np.ndarray | None = None) -> SpotEvent | None:
-        """Feed one aligned greyscale crop (crop_size², uint8) taken at ``t_ms``; timestamps must
-        increase. ``landmarks`` is accepted for the pipeline's convenience and not used: on
-        aligned crops fixed regions already sit on the facial parts, and per-frame landmark
-        jitter would add noise to the region means."""
+             landmarks: np.ndarray | None = None) -> list[SpotEvent]:
+        """Feed one aligned greyscale crop (crop_size², uint8) taken at ``t_ms`` with its
+        landmarks (478, 2) in crop pixels (None: the regions stay on the template and no blink
+        is detected); timestamps must increase. Returns the events that closed here."""
         t = float(t_ms)
         _check_crop(crop, self.options.crop_size)
         if not math.isfinite(t):
             raise ValueError(f"t_ms must be finite; got {t_ms}")
-        if self._n and t <= self._times[(self._head - 1) % self._capacity]:
-            raise ValueError(f"timestamps must increase: got {t} after "
-                             f"{self._times[(self._head - 1) % self._capacity]}")
+        if self._last_t is not None and t <= self._last_t:
+            raise ValueError(f"timestamps must increase: got {t} after {self._last_t}")
+        self._last_t = t
+        weights = self._anchors.push(t, landmarks)
+        blink = self._blinks.push(t, landmarks)
+        self.blinking = self._blinks.masking
         pos = self._head
         self._crops[pos] = _to_uint8(crop)
         self._times[pos] = t
+        self._blinking[pos] = self.blinking
         self._head = (pos + 1) % self._capacity
         self._n = min(self._n + 1, self._capacity)
 
         det = self._detector
         target = det.reference_target(t)
         if target is None:
-            ref, ref_t = self._frozen, self._frozen_t
+            ref, ref_t, ref_blinking = self._frozen, self._frozen_t, self._frozen_blinking
         else:
             order = (self._order[:self._n] + (self._head - self._n)) % self._capacity
             ref_pos = int(order[_nearest(self._times[order], target)])
             ref, ref_t = self._crops[ref_pos], float(self._times[ref_pos])
+            ref_blinking = bool(self._blinking[ref_pos])
         if ref_t == t:
-            regions = np.zeros(len(self.options.regions))
+            values = np.zeros(len(self.options.regions))
         else:
-            regions = region_signals(self.flow.compute(ref, self._crops[pos])[None],
-                                     self.options)[0]
-        self.region_values = regions
-        signal = float(_combine(regions[None], self.options)[0])
-        self._signal = signal
-        event, opened = det.step(t, signal, ref_t)
+            values = region_values(self.flow.compute(ref, self._crops[pos]), weights,
+                                   self.options)
+        self.region_values = values
+        # Lids compared with a frame of a blink measure the blink, whichever frame blinks.
+        masked = self._blink_mask & (self.blinking or ref_blinking)
+        out, opened = det.step(t, values, ref_t, masked)
         if opened:
             self._frozen[...] = ref
             self._frozen_t = ref_t
-        if event is not None:
-            log.debug("event %s", event)
-        return event
+            self._frozen_blinking = ref_blinking
+        if blink is not None:
+            out.append(_blink_event(blink))
+        return out
 
-
-def _combine(regions: np.ndarray, options: SpotterOptions) -> np.ndarray:
-    return regions.max(-1) if options.combine == "max" else regions.mean(-1)
+    def finish(self) -> list[SpotEvent]:
+        """The movement and the blink still open when the input ends, closed at its last frame
+        and marked truncated (an open event is never dropped without a word)."""
+        out = self._detector.finish()
+        blink = self._blinks.finish(self._last_t)
+        if blink is not None:
+            out.append(_blink_event(blink))
+        return out
 
 
 def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
                  landmarks: np.ndarray | None = None,
                  options: SpotterOptions = SpotterOptions(),
                  flow: FlowEstimator | None = None,
-                 batch_size: int = 32) -> tuple[list[SpotEvent], np.ndarray]:
+                 batch_size: int = 32) -> tuple[list[SpotEvent], SpotTrace]:
     """Spot a whole recorded sequence: the same events as pushing it frame by frame into a
-    :class:`Spotter`, with the flow computed in batches (``flow.compute_batch``, which a batched
-    GPU TV-L1 runs in one call).
+    :class:`Spotter` and calling ``finish``, with the flow computed in batches
+    (``flow.compute_batch``, one call per batch for a batched GPU flow).
 
-    times_ms: (N,) increasing; crops: (N, S, S) aligned greyscale crops; landmarks: ignored (see
-    :meth:`Spotter.push`). Returns (events in time order, per-frame signal (N,) float64).
+    times_ms: (N,) increasing; crops: (N, S, S) aligned greyscale crops; landmarks: (N, 478, 2)
+    in crop pixels, or None. Returns (events in the order the streaming spotter gives them,
+    the per-frame trace).
 
     The idle-reference pairs (each frame with the frame ``reference_lag_ms`` before it) are
     computed a batch of frames ahead of the rules. The rules can ask for another reference (the
     frozen one during an event, the end of the last event right after it); those pairs are
-    computed on demand, a batch of following frames at a time. A batch cut short by a change of
-    reference is wasted work, the price of not knowing the events in advance.
+    computed on demand, a batch of following frames at a time.
     """
     times = np.asarray(times_ms, dtype=np.float64).ravel()
     crops = _to_uint8(np.asarray(crops))
@@ -616,32 +892,49 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
         raise ValueError(f"crops must be (N, {size}, {size}); got {crops.shape}")
     if len(times) != len(crops):
         raise ValueError(f"{len(times)} timestamps for {len(crops)} crops")
+    if landmarks is not None and len(landmarks) != len(times):
+        raise ValueError(f"{len(landmarks)} landmark sets for {len(times)} crops")
     if not np.isfinite(times).all() or np.any(np.diff(times) <= 0):
         raise ValueError("timestamps must be finite and increasing")
     estimator = flow if flow is not None else make_flow(options)
     n = len(times)
     lag = options.reference_lag_ms
     capacity = _crop_capacity(options)
+    regions = len(options.regions)
+
+    # The per-frame landmark rules first: they depend on the landmarks alone.
+    anchors, blinks = _Anchors(options), BlinkDetector(options.blink)
+    weights, blinking, blink_at = [], np.zeros(n, bool), {}
+    for j in range(n):
+        lm = None if landmarks is None else landmarks[j]
+        weights.append(anchors.push(float(times[j]), lm))
+        blink = blinks.push(float(times[j]), lm)
+        blinking[j] = blinks.masking
+        if blink is not None:
+            blink_at[j] = blink
 
     def window(j: int) -> int:
         return max(0, j - capacity + 1)
 
-    def signals(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(cur))
+    def values_of(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(cur), regions))
         moving = np.flatnonzero(ref != cur)
         for start in range(0, moving.size, batch_size):
             sel = moving[start:start + batch_size]
-            out[sel] = _combine(region_signals(
-                estimator.compute_batch(crops[ref[sel]], crops[cur[sel]]), options), options)
+            flows = estimator.compute_batch(crops[ref[sel]], crops[cur[sel]])
+            for k, flow_k in zip(sel, flows):
+                out[k] = region_values(flow_k, weights[cur[k]], options)
         return out
 
     idle_ref = np.array([window(j) + _nearest(times[window(j):j + 1], times[j] - lag)
                          for j in range(n)], dtype=np.int64)
-    idle_signal = np.zeros(n)
+    idle_values = np.zeros((n, regions))
     idle_done = np.zeros(n, bool)
 
     detector = _EventDetector(options)
-    signal = np.zeros(n)
+    blink_mask = np.array([name in options.blink_regions for name in options.region_names])
+    trace = SpotTrace(times.copy(), np.zeros((n, regions)), np.zeros((n, regions)),
+                      blinking, np.zeros(n, bool))
     events: list[SpotEvent] = []
     frozen = -1
     extra_ref, extra, extra_batch = -1, {}, 4
@@ -653,25 +946,32 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
             ref = window(j) + _nearest(times[window(j):j + 1], target)
         if ref == idle_ref[j]:
             if not idle_done[j]:
-                # Lazily, a batch at a time: frames inside events never need their idle pair.
                 cur = np.arange(j, min(n, j + batch_size))
                 cur = cur[~idle_done[cur]]
-                idle_signal[cur] = signals(idle_ref[cur], cur)
+                idle_values[cur] = values_of(idle_ref[cur], cur)
                 idle_done[cur] = True
-            s = idle_signal[j]
+            v = idle_values[j]
         else:
             if ref != extra_ref or j not in extra:
-                # A frozen or post-event reference holds for a run of frames of unknown length
-                # (most events are short): batches that start small and double while it lasts.
+                # A frozen or post-event reference holds for a run of frames of unknown length:
+                # batches that start small and double while it lasts.
                 extra_batch = 4 if ref != extra_ref else min(2 * extra_batch, batch_size)
                 cur = np.arange(j, min(n, j + extra_batch))
-                values = signals(np.full(cur.size, ref), cur)
-                extra_ref, extra = ref, dict(zip(cur.tolist(), values.tolist()))
-            s = extra[j]
-        signal[j] = s
-        event, opened = detector.step(float(times[j]), float(s), float(times[ref]))
+                vals = values_of(np.full(cur.size, ref), cur)
+                extra_ref, extra = ref, {int(c): vals[k] for k, c in enumerate(cur)}
+            v = extra[j]
+        trace.values[j] = v
+        masked = blink_mask & bool(blinking[j] or blinking[ref])
+        closed, opened = detector.step(float(times[j]), v, float(times[ref]), masked)
+        trace.floors[j] = detector.floors
+        trace.in_event[j] = detector.in_event
         if opened:
             frozen = ref
-        if event is not None:
-            events.append(event)
-    return events, signal
+        events.extend(closed)
+        if j in blink_at:
+            events.append(_blink_event(blink_at[j]))
+    events.extend(detector.finish())
+    blink = blinks.finish(float(times[-1]) if n else None)
+    if blink is not None:
+        events.append(_blink_event(blink))
+    return events, trace

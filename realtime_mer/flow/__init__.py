@@ -1,5 +1,5 @@
 """Optical flow stage: TV-L1 (OpenCV reference, and the project's batched PyTorch TV-L1 as
-"torch-tvl1"), DIS for per-frame signals, and optical strain.
+"torch-tvl1"), Farnebäck (the spotter's per-frame flow) and DIS, and optical strain.
 
 torch is imported only when a torch estimator is asked for (``create_flow("torch-tvl1")``,
 ``"auto"`` probing for CUDA, or the attribute ``TorchTVL1``): importing this package stays cheap."""
@@ -9,16 +9,17 @@ from __future__ import annotations
 import logging
 
 from realtime_mer.flow.base import FlowEstimator, TVL1Options, check_pair, optical_strain
-from realtime_mer.flow.opencv_flow import DISFlow, OpenCVTVL1
+from realtime_mer.flow.opencv_flow import DISFlow, FarnebackFlow, OpenCVTVL1
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FlowEstimator", "TVL1Options", "check_pair", "optical_strain", "OpenCVTVL1", "DISFlow",
+    "FarnebackFlow",
     "create_flow", "FLOW_NAMES", "TorchTVL1",
 ]
 
-FLOW_NAMES = ("auto", "opencv-tvl1", "torch-tvl1", "dis")
+FLOW_NAMES = ("auto", "opencv-tvl1", "torch-tvl1", "farneback", "dis")
 
 
 def __getattr__(name: str):
@@ -65,4 +66,6 @@ def create_flow(name: str = "auto", **kwargs) -> FlowEstimator:
         return TorchTVL1(kwargs.pop("options", TVL1Options()), **kwargs)
     if name == "dis":
         return DISFlow(**kwargs)
+    if name == "farneback":
+        return FarnebackFlow(**kwargs)
     raise ValueError(f"unknown flow {name!r}; choose from {FLOW_NAMES}")

@@ -14,7 +14,8 @@ import pytest
 
 from realtime_mer.capture import CaptureOptions, open_video
 from realtime_mer.face import (
-    ALIGN_LANDMARKS, CANONICAL_POINTS_28, CANONICAL_STRETCH_X, FaceAligner, FaceOptions,
+    ALIGN_LANDMARKS, CANONICAL_POINTS_28, CANONICAL_STABLE_28, CANONICAL_STRETCH_X,
+    STABLE_LANDMARKS, FaceAligner, FaceOptions,
     FaceResult, alignment_transform, canonical_points, upsampling_eye_distance,
 )
 
@@ -51,17 +52,19 @@ def test_canonical_points_are_the_medians_of_the_3db_landmarks(megc_dir):
 @pytest.mark.parametrize("name", ["calibration/s03_s03_po_11_onset.png", "casme2_frames/001.jpg"])
 def test_dataset_faces_land_on_the_template(aligner, media_dir, name):
     """Neutral faces from the datasets the 3DB maps came from (SMIC, CASME II), at their native
-    aspect: after alignment the eyes sit within 1.5 px of the template at 128 px. This only holds
-    with the dataset's horizontal stretch; a plain similarity misses by about 4 px."""
+    aspect: the crop is fitted on the stable points (eye corners, nose), yet the five points of
+    the 3DB framing (eyes, nose tip, mouth corners) land within 3 px of the template at 128 px
+    (measured 0.5-2.9). This only holds with the dataset's horizontal stretch; a plain
+    similarity misses by 6-8 px at the mouth corners."""
     result = _still(aligner, media_dir / name)
     assert result.found and result.n_faces == 1
     template = canonical_points(CROP)
-    eye_error = np.linalg.norm(result.landmarks[EYES] - template[:2], axis=1)
-    assert eye_error.max() < 1.5, eye_error
+    error = np.linalg.norm(result.landmarks[list(ALIGN_LANDMARKS)] - template, axis=1)
+    assert error.max() < 3.0, error
     with FaceAligner(FaceOptions(crop_size=CROP, stretch_x=1.0)) as plain:
         plain_result = _still(plain, media_dir / name)
-    plain_error = np.linalg.norm(plain_result.landmarks[EYES] - template[:2], axis=1)
-    assert plain_error.max() > 2 * eye_error.max()
+    plain_error = np.linalg.norm(plain_result.landmarks[list(ALIGN_LANDMARKS)] - template, axis=1)
+    assert plain_error.max() > 2 * error.max()
 
 
 def test_single_face_photo(aligner, media_dir):
@@ -74,13 +77,16 @@ def test_single_face_photo(aligner, media_dir):
     assert result.transform.shape == (2, 3)
     x0, y0, x1, y1 = result.box_xyxy
     assert 0 <= x0 < x1 <= image.shape[1] and 0 <= y0 < y1 <= image.shape[0]
-    # A broad smile pulls the mouth corners out of the template, so the five-point fit cannot put
-    # each eye exactly; it still levels the eyes and centres them.
+    # The crop is fitted on the eye corners and the nose, which a broad smile leaves in place: it
+    # levels the face (the eye corners within 3 degrees; the nasal ridge shares the fit, and a
+    # turned head bends it against the eyes' line) and centres the eye corners.
     template = canonical_points(CROP)
-    eyes = result.landmarks[EYES]
-    tilt = np.degrees(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
-    assert abs(tilt) < 1.0
-    assert np.linalg.norm(eyes.mean(axis=0) - template[:2].mean(axis=0)) < 3.0
+    corners = result.landmarks[[33, 263]]  # outer eye corners (the irises follow the gaze)
+    tilt = np.degrees(np.arctan2(corners[1, 1] - corners[0, 1], corners[1, 0] - corners[0, 0]))
+    assert abs(tilt) < 3.0
+    stable = CANONICAL_STABLE_28 * (CROP / 28.0) - 0.5
+    four = result.landmarks[list(STABLE_LANDMARKS[:4])]
+    assert np.linalg.norm(four.mean(axis=0) - stable[:4].mean(axis=0)) < 3.0
     # The crop is the grey frame warped by the reported transform, and the reported landmarks
     # are the frame landmarks under that transform (same pixel convention everywhere).
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
@@ -121,11 +127,11 @@ def test_eye_distance_is_the_faces_size_and_the_upsampling_limit_is_where_the_cr
 
 def test_alignment_transform_is_a_similarity_then_the_dataset_stretch():
     points = CANONICAL_POINTS_28 * 9.0 + np.array([100.0, 40.0])  # a face 9x the map's size
-    m = alignment_transform(points, CROP)
+    m = alignment_transform(points, CROP, template_28=CANONICAL_POINTS_28)
     sx = np.hypot(m[0, 0], m[1, 0])
     sy = np.hypot(m[0, 1], m[1, 1])
     assert sx / sy == pytest.approx(CANONICAL_STRETCH_X, rel=1e-6)
-    plain = alignment_transform(points, CROP, stretch_x=1.0)
+    plain = alignment_transform(points, CROP, stretch_x=1.0, template_28=CANONICAL_POINTS_28)
     assert plain[0, 0] == pytest.approx(plain[1, 1]) and plain[0, 1] == pytest.approx(-plain[1, 0])
     mapped = (points - 0.5) @ plain[:, :2].T + plain[:, 2]
     np.testing.assert_allclose(mapped, canonical_points(CROP), atol=1e-9)
