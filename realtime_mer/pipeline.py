@@ -53,6 +53,9 @@ class PipelineOptions:
     # cut of the whole frame (FaceOptions.cut_threshold) restarts it too.
     face_jump_reset: float = 0.5
     fps_hint: float = 30.0
+    # False: events are spotted and reported without a class (no flow maps, no engine loaded),
+    # for spotting alone (its benchmark, a quick look at where things move).
+    classify: bool = True
     # Classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread so the
     # per-frame loop never stalls (a live source would drop frames) and the flow overlaps the
     # face stage on another core; the event then arrives with a later frame, still in order
@@ -101,10 +104,10 @@ class Pipeline:
     def __init__(self, options: PipelineOptions = PipelineOptions(),
                  engine: Backend | None = None, source_name: str = "") -> None:
         self.options = options
-        self.engine = engine or load_engine(
+        self.engine = engine if engine is not None or not options.classify else load_engine(
             options.engine_path or default_engine_path(), backend=options.backend,
             device=options.device)
-        self.class_names = list(self.engine.manifest.class_names)
+        self.class_names = list(self.engine.manifest.class_names) if self.engine else []
         self.source_name = source_name
         self.timer = StageTimer(synchronize=_synchronizer(self.engine))
         self.aligner = FaceAligner(options.face)
@@ -170,8 +173,8 @@ class Pipeline:
             self.buffer.push(frame.t_ms, face.crop, face.landmarks)
         with self.timer.stage("spotting"):
             spots = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
-            speaking = self.lips.push(frame.t_ms, face.landmarks,
-                                      self.options.spotter.iod_px * self.options.spotter.stretch_x)
+            # The lips' opening is vertical: the crop's eye distance without its stretch.
+            speaking = self.lips.push(frame.t_ms, face.landmarks, self.options.spotter.iod_px)
             if self.voice:  # a voice in the recording: the subject talks where it is heard
                 speaking = speaking and in_intervals(frame.t_ms, self.voice)
             self._speaking_times.append((frame.t_ms, speaking))
@@ -199,7 +202,8 @@ class Pipeline:
         queued to the worker thread with the blinks, so reports keep the spotter's order."""
         for spot in spots:
             job = self._event_job(spot)
-            work = self._blink_record if spot.kind == "blink" else self._classify
+            work = self._classify if spot.kind != "blink" and self.engine is not None \
+                else self._unclassified
             if self._executor is not None:
                 self._pending.append(self._executor.submit(work, job))
             else:
@@ -329,7 +333,7 @@ class Pipeline:
         log.debug("event %s", record)
         return record, feature_map
 
-    def _blink_record(self, job: _EventJob) -> tuple[EventRecord, None]:
+    def _unclassified(self, job: _EventJob) -> tuple[EventRecord, None]:
         return self._record(job, label="", confidence=0.0, probabilities={}), None
 
     def _record(self, job: _EventJob, **classification) -> EventRecord:

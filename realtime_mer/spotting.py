@@ -96,7 +96,7 @@ class SpotterOptions:
     min_baseline_samples: int = 8
     # Threshold = median + threshold_k · 1.4826 · MAD of the region's idle values, and never a
     # movement smaller than min_floor_pct (so a perfectly still face does not fire on noise).
-    threshold_k: float = 6.0
+    threshold_k: float = 12.0
     min_floor_pct: float = 0.5
     # An event ends when its regions fall below median + release_fraction · (threshold - median);
     # its onset and offset are where its main region crosses the larger of that level and
@@ -118,7 +118,7 @@ class SpotterOptions:
     # Value per % of movement, per region (same order): a movement of A % (peak displacement of
     # a smooth, action-unit-sized field) gives a region value of about gain · A at its apex.
     # Measured on the still faces of the tuning clips (docs/SPOTTING.md).
-    region_gains: tuple[float, ...] = (0.45, 0.35, 0.5, 0.55)
+    region_gains: tuple[float, ...] = (0.53, 0.44, 0.58, 0.61)
     # σ of each landmark's Gaussian window, in IOD.
     window_sigma: float = 0.07
     # The region windows follow the median landmark positions of the last anchor_window_ms,
@@ -171,8 +171,9 @@ class SpotterOptions:
 
     @property
     def iod_px(self) -> float:
-        """The template's eye distance in crop pixels (unstretched): 100 % of the face unit."""
-        return _IOD_28 * self.crop_size / 28.0
+        """The template's eye distance in crop pixels with the dataset stretch undone (values
+        divide horizontal flow by ``stretch_x`` first): 100 % of the face unit."""
+        return _IOD_28 * self.crop_size / 28.0 / self.stretch_x
 
 
 @dataclass(frozen=True)
