@@ -69,8 +69,8 @@ class LiveSession:
         image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
         result = self.pipeline.process(Frame(t_ms=t_ms, image_bgr=image_bgr, index=self.frames))
         self.frames += 1
-        if result.event is not None:
-            self.events.append(result.event)
+        if result.events:
+            self.events.extend(result.events)
             del self.events[:-_MAX_LOG_ROWS]
         annotated = annotate(image_bgr, result, self.events[-1] if self.events else None,
                              self._fps)

@@ -345,10 +345,18 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
     maps = list(feature_maps) + [None] * (len(events) - len(feature_maps))
     for event, feature_map in zip(events, maps):
         probabilities = ", ".join(f"{esc(k)} {v:.2f}" for k, v in event.probabilities.items())
+        label = "–" if event.kind == "blink" else \
+            f"<b>{esc(event.label)}</b> {event.confidence:.2f}"
+        notes = [n for n, on in (("while talking", event.speech),
+                                 ("cut short by the end of the input", event.truncated)) if on]
+        where = esc(", ".join(event.regions))
+        size = (f"eyes {event.amplitude_pct:.0f} % closed" if event.kind == "blink" else
+                f"{event.amplitude_pct:.1f} % (floor {event.floor_pct:.1f} %)")
         rows.append(
             f"<tr><td>{event.onset_ms / 1000:.2f}</td><td>{event.apex_ms / 1000:.2f}</td>"
             f"<td>{event.offset_ms / 1000:.2f}</td><td>{event.duration_ms:.0f}</td>"
-            f"<td>{esc(event.kind)}</td><td><b>{esc(event.label)}</b> {event.confidence:.2f}</td>"
+            f"<td>{esc(event.kind)}{'<br>' + esc('; '.join(notes)) if notes else ''}</td>"
+            f"<td>{where}</td><td>{size}</td><td>{label}</td>"
             f"<td>{probabilities}</td><td>{map_image(feature_map)}</td></tr>")
     problems = "".join(f"<li>{esc(p)}</li>" for p in summary.get("problems", []))
     segment = ""
@@ -359,6 +367,13 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
     face = summary.get("face") or {}
     if face.get("median_eye_distance_px") is not None:
         segment += f"; the face's eyes {face['median_eye_distance_px']:.0f} px apart (median)"
+    floors = (summary.get("spotting") or {}).get("floors_pct") or {}
+    floor_line = ""
+    if any(v.get("median") is not None for v in floors.values()):
+        floor_line = "Detection floor (median; the smallest movement the spotter could report, " \
+            "% of the eye distance; micro-expressions move 1-3 %): " + ", ".join(
+                f"{esc(region)} {v['median']:.1f}" for region, v in floors.items()
+                if v.get("median") is not None) + "."
     small_face = ""
     if face.get("small"):
         from realtime_mer.face import small_face_note
@@ -377,7 +392,9 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:midd
 {frames.get('processed', 0)} frames ({frames.get('without_face', 0)} without a face,
 {frames.get('with_several_faces', 0)} with several faces, {frames.get('dropped', 0)} dropped;
 {frames.get('hard_cuts', 0)} hard cuts).
-Events: {counts.get('micro', 0)} micro, {counts.get('macro', 0)} macro.
+Events: {counts.get('micro', 0)} micro ({counts.get('micro_during_speech', 0)} while talking),
+{counts.get('macro', 0)} macro, {counts.get('blinks', 0)} blinks.
+{floor_line}
 Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
 ({esc(str(summary.get('engine', {}).get('backend', '')))}).</p>
 {f'<p class="bad">Incomplete run:</p><ul class="bad">{problems}</ul>' if problems else ''}
@@ -386,8 +403,9 @@ Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
 {timeline}
 <h2>Events</h2>
 <table><tr><th>onset (s)</th><th>apex (s)</th><th>offset (s)</th><th>duration (ms)</th>
-<th>kind</th><th>class</th><th>probabilities</th><th>flow map (R u, G v, B strain)</th></tr>
-{''.join(rows) or '<tr><td colspan="8">no events</td></tr>'}
+<th>kind</th><th>regions</th><th>size (% of the eye distance)</th><th>class</th>
+<th>probabilities</th><th>flow map (R u, G v, B strain)</th></tr>
+{''.join(rows) or '<tr><td colspan="10">no events</td></tr>'}
 </table></body></html>
 """
     Path(path).write_text(body, encoding="utf-8")

@@ -68,10 +68,15 @@ def test_analyze_writes_all_outputs_with_complete_events(wolfgang_run):
     assert len(events) == summary["events"]["total"] > 0  # strong expressions in this video
     for event in events:
         assert event.onset_ms <= event.apex_ms <= event.offset_ms
-        assert event.kind == ("micro" if event.duration_ms <= 500 else "macro")
+        if event.kind == "blink":  # reported as what it is, never classified
+            assert event.label == "" and event.probabilities == {} and event.regions == ["lids"]
+            continue
+        small = event.duration_ms <= 500 and event.amplitude_pct <= 5.0
+        assert event.kind == ("micro" if small else "macro")
         assert event.label in ("negative", "positive", "surprise")
         assert abs(sum(event.probabilities.values()) - 1.0) < 1e-4
         assert event.confidence == max(event.probabilities.values())
+        assert event.regions and event.amplitude_pct > 0 and event.floor_pct > 0
     # events.csv says what events.jsonl says, field by field, in the same order, rounded for
     # people: times to 0.1 ms, probabilities and flow magnitudes to 4 decimals.
     import csv
@@ -100,7 +105,9 @@ def test_analyze_writes_all_outputs_with_complete_events(wolfgang_run):
     page = (out / "report.html").read_text()
     # self-contained: one table row per event (+ header), images embedded, nothing fetched
     assert page.count("<tr>") == len(events) + 1
-    assert page.count('alt="feature map" src="data:image/png;base64,') == len(events)
+    assert page.count('alt="feature map" src="data:image/png;base64,') == \
+        sum(e.kind != "blink" for e in events)  # a blink has no flow map of its own
+    assert f"{summary['events']['blinks']} blinks" in page and "Detection floor" in page
     assert 'alt="timeline" src="data:image/png;base64,' in page
     assert "http://" not in page and "https://" not in page
 
@@ -339,7 +346,8 @@ def test_live_on_a_video_file_plays_it_in_real_time_to_a_complete_end(media_dir,
     # The status line counts the frames analysed and the events found.
     status = captured.err.replace("\r", "\n").splitlines()
     last = [line for line in status if line.startswith("camera single_face.mp4:")][-1]
-    assert f"{frames['processed']}frame" in last and "events=0" in last
+    assert f"{frames['processed']}frame" in last
+    assert f"events={summary['events']['total']}" in last
     assert main(["live", "--camera", str(media_dir / "single_face.mp4"), "--out",
                  str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert "camera single_face.mp4" not in capsys.readouterr().err
@@ -604,9 +612,10 @@ def test_analyze_classifies_in_the_background_with_the_same_events_as_inline(med
             open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source:
         for frame in source:
             result = pipeline.process(frame)
-            if result.event is not None:
-                assert result.event.offset_frame <= frame.index  # closed by this frame
-                inline.append(result.event)
+            for event in result.events:
+                assert event.offset_frame <= frame.index  # closed by this frame
+                inline.append(event)
+        inline.extend(event for event, _ in pipeline.finish())  # open at the end: truncated
     assert [(e.onset_frame, e.apex_frame, e.offset_frame, e.kind, e.label) for e in background] \
         == [(e.onset_frame, e.apex_frame, e.offset_frame, e.kind, e.label) for e in inline]
     for a, b in zip(background, inline):
