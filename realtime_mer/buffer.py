@@ -32,11 +32,13 @@ class OutOfRange(KeyError):
 
 class StoredFrame(NamedTuple):
     """One stored frame. ``crop`` and ``landmarks`` are read-only views into the ring, valid
-    until ``capacity`` more frames are pushed; copy them to keep them longer."""
+    until ``capacity`` more frames are pushed; copy them to keep them longer. ``transform``: the
+    frame → crop matrix (2x3) the crop was cut with, NaN where none was given."""
 
     crop: np.ndarray
     landmarks: np.ndarray
     t_ms: float
+    transform: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,14 @@ class RingBuffer:
         self.crops = np.zeros((self.capacity, crop_size, crop_size), dtype=np.uint8)
         self.landmarks = np.zeros((self.capacity, n_landmarks, 2), dtype=np.float32)
         self.times_ms = np.zeros(self.capacity, dtype=np.float64)
+        self.transforms = np.full((self.capacity, 2, 3), np.nan)
         self._start = 0  # slot of the oldest frame
         self._count = 0
         self.pushed = 0  # frames pushed since the last reset, overwritten ones included
 
     # -- writing -----------------------------------------------------------------------------
-    def push(self, t_ms: float, crop: np.ndarray, landmarks: np.ndarray | None) -> None:
+    def push(self, t_ms: float, crop: np.ndarray, landmarks: np.ndarray | None,
+             transform: np.ndarray | None = None) -> None:
         """Copy one frame into the next slot. ``landmarks`` may be None (stored as NaN) for a
         frame whose crop is kept but whose landmarks are unknown."""
         t = float(t_ms)
@@ -105,6 +109,7 @@ class RingBuffer:
             self.landmarks[slot] = np.nan
         else:
             self.landmarks[slot] = landmarks
+        self.transforms[slot] = np.nan if transform is None else transform
         self.times_ms[slot] = t
         self.pushed += 1
 
@@ -137,9 +142,11 @@ class RingBuffer:
     def _stored(self, slot: int) -> StoredFrame:
         crop = self.crops[slot]
         lms = self.landmarks[slot]
+        transform = self.transforms[slot]
         crop.flags.writeable = False  # a view; writing through it would corrupt the ring
         lms.flags.writeable = False
-        return StoredFrame(crop, lms, float(self.times_ms[slot]))
+        transform.flags.writeable = False
+        return StoredFrame(crop, lms, float(self.times_ms[slot]), transform)
 
     def latest(self) -> StoredFrame:
         if not self._count:

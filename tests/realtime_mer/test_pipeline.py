@@ -181,11 +181,13 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
     and its probabilities are the engine's for that map."""
     import numpy as np
 
+    from realtime_mer.buffer import StoredFrame
     from realtime_mer.features import FeatureExtractor
+    from realtime_mer.pipeline import _under_transform
 
     engine = load_engine(default_engine_path())
     options = PipelineOptions()
-    crops, times, events = {}, {}, []
+    crops, transforms, times, events = {}, {}, {}, []
     with open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source, \
             Pipeline(options, engine=engine) as pipeline:
         for frame in source:
@@ -193,6 +195,7 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
             times[frame.index] = frame.t_ms
             if result.face.found:
                 crops[frame.index] = result.face.crop.copy()
+                transforms[frame.index] = result.face.transform.astype(np.float64)
             events.extend((event, feature_map) for event, feature_map
                           in zip(result.events, result.feature_maps) if event.kind != "blink")
     assert events
@@ -202,7 +205,10 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
     for event, feature_map in events:
         for t_ms, named in ((event.onset_ms, event.onset_frame), (event.apex_ms, event.apex_frame)):
             assert named == frame_ids[np.argmin(np.abs(frame_t - t_ms))]
-        want = extractor.process(crops[event.onset_frame], crops[event.apex_frame])
+        # The pair is compared under one transform, the onset's: the apex crop re-cut with it.
+        onset, apex = event.onset_frame, event.apex_frame
+        stored = StoredFrame(crops[apex], np.zeros((478, 2)), 0.0, transforms[apex])
+        want = extractor.process(crops[onset], _under_transform(stored, transforms[onset]))
         np.testing.assert_allclose(feature_map, want, atol=1e-6)
         probs = engine.predict(want.transpose(2, 0, 1)[None].astype(np.float32))[0]
         np.testing.assert_allclose([event.probabilities[c] for c in engine.class_names], probs,

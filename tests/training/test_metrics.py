@@ -53,3 +53,52 @@ def test_errors():
     with pytest.raises(ValueError):
         uf1_uar([], [])
     assert isinstance(confusion_matrix(np.array([1]), np.array([1])), np.ndarray)
+
+
+# -- spotting (MEGC rule) -----------------------------------------------------------------------
+
+def test_interval_iou_by_hand():
+    from training.metrics import interval_iou
+
+    assert interval_iou((0, 100), (50, 150)) == pytest.approx(50 / 150)
+    assert interval_iou((0, 100), (0, 100)) == 1.0
+    assert interval_iou((0, 100), (100, 200)) == 0.0   # touching is not overlapping
+    assert interval_iou((0, 100), (200, 300)) == 0.0
+    assert interval_iou((0, 100), (25, 75)) == pytest.approx(0.5)   # nested
+    assert interval_iou((10, 10), (0, 20)) == 0.0      # an empty interval
+
+
+def test_matching_is_one_to_one_at_iou_half():
+    from training.metrics import match_intervals, spotting_scores
+
+    truth = [(1000, 1300), (2000, 2400), (5000, 5200)]
+    detections = [
+        (1010, 1290),   # truth 0: IoU 0.93
+        (1050, 1350),   # also truth 0 (IoU 0.71), but it is taken by the better one: a FP
+        (2150, 2400),   # truth 1: IoU 250/400 = 0.625
+        (4900, 5050),   # truth 2: IoU 50/300 < 0.5: a miss and a FP
+        (7000, 7300),   # nothing there: a FP
+    ]
+    matches = match_intervals(truth, detections)
+    assert [(i, j) for i, j, _ in matches] == [(0, 0), (1, 2)]
+    assert matches[1][2] == pytest.approx(0.625)
+    scores = spotting_scores(len(truth), len(detections), len(matches))
+    assert scores["tp"] == 2 and scores["precision"] == pytest.approx(2 / 5)
+    assert scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 * 2 / (3 + 5))
+    # Exactly 0.5 counts (the MEGC rule is IoU >= 0.5).
+    assert match_intervals([(0, 100)], [(0, 50)]) == [(0, 0, 0.5)]
+    assert match_intervals([(0, 100)], [(0, 49)]) == []
+    # Two detections and two truths overlapping crosswise: each truth gets its own best.
+    crossed = match_intervals([(0, 100), (80, 180)], [(75, 175), (5, 100)])
+    assert [(i, j) for i, j, _ in crossed] == [(0, 1), (1, 0)]
+
+
+def test_spotting_scores_edge_cases():
+    from training.metrics import spotting_scores
+
+    assert spotting_scores(0, 0, 0) == {"truth": 0, "detections": 0, "tp": 0,
+                                         "precision": None, "recall": None, "f1": None}
+    assert spotting_scores(4, 0, 0)["recall"] == 0.0
+    with pytest.raises(ValueError):
+        spotting_scores(1, 1, 2)
