@@ -1,5 +1,6 @@
-"""Drawing the pipeline's state on a frame: face box, spotting signal against its threshold, the
-last event. Used by the live app and by the annotated video of ``analyze``."""
+"""Drawing the pipeline's state on a frame: face box, spotting signal against its threshold, each
+region's detection floor, blink and speech, the last event. Used by the live app and by the
+annotated video of ``analyze``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from realtime_mer.pipeline import FrameResult
 from realtime_mer.report import EventRecord
+from realtime_mer.spotting import REGION_NAMES
 
 _GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (0, 165, 255)
 
@@ -18,7 +20,9 @@ _GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (
 def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord | None,
              fps: float = 0.0) -> np.ndarray:
     """Face box (and a note when the face is too small), the spotting signal against its
-    threshold, the last event."""
+    threshold, each region's detection floor (% of the eye distance: the smallest movement the
+    spotter would report there now; micro-expressions move 1-3 %), blink and speech, the last
+    event."""
     out = image_bgr.copy()
     height, width = out.shape[:2]
     scale = max(0.4, min(width, height) / 720)
@@ -44,10 +48,23 @@ def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord
         cv2.line(out, (x - 4, y - bar_h // 2), (x + 18, y - bar_h // 2), _ORANGE, 2)
         _text(out, f"signal {result.signal:.2f} / thr {result.threshold:.2f}",
               (10, height - 15), scale * 0.8, _WHITE)
+    if result.floors is not None:
+        y = int(90 * scale) + 10
+        for name, floor in zip(REGION_NAMES, result.floors):
+            text = "masked" if np.isinf(floor) else "warming up" if np.isnan(floor) \
+                else f"{floor:.1f} %"
+            colour = _GREEN if np.isfinite(floor) and floor <= 3.0 else _ORANGE
+            _text(out, f"{name}: floor {text}", (10, y), scale * 0.7, colour)
+            y += int(22 * scale) + 4
+        states = [s for s, on in (("blink", result.blinking), ("talking", result.speaking)) if on]
+        if states:
+            _text(out, " + ".join(states), (10, y), scale * 0.8, _ORANGE)
     if last_event is not None:
         colour = _RED if last_event.kind == "micro" else _ORANGE
-        _text(out, f"last: {last_event.kind} {last_event.label} {last_event.confidence:.2f} "
-                   f"at {last_event.apex_ms / 1000:.1f}s", (10, int(60 * scale) + 10),
+        what = "blink" if last_event.kind == "blink" else \
+            f"{last_event.kind} {last_event.label} {last_event.confidence:.2f}"
+        _text(out, f"last: {what} at {last_event.onset_ms / 1000:.1f}s "
+                   f"(apex {last_event.apex_ms / 1000:.1f}s)", (10, int(60 * scale) + 10),
               scale, colour)
     if fps:
         _text(out, f"{fps:.0f} fps", (width - int(110 * scale), int(30 * scale)), scale * 0.8,

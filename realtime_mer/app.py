@@ -25,14 +25,17 @@ from realtime_mer.runtime import Backend
 
 log = logging.getLogger(__name__)
 
-EVENT_LOG_COLUMNS = ["time (s)", "kind", "class", "confidence", "duration (ms)"]
+EVENT_LOG_COLUMNS = ["onset (s)", "apex (s)", "kind", "class", "confidence", "duration (ms)",
+                     "regions", "size (%)", "floor (%)", "talking"]
 _MAX_LOG_ROWS = 200
 
 
 def event_row(event: EventRecord) -> list:
     """One row of the event tables, in the order of ``EVENT_LOG_COLUMNS``."""
-    return [round(event.apex_ms / 1000, 2), event.kind, event.label,
-            round(event.confidence, 3), round(event.duration_ms)]
+    return [round(event.onset_ms / 1000, 2), round(event.apex_ms / 1000, 2), event.kind,
+            event.label, round(event.confidence, 3), round(event.duration_ms),
+            "+".join(event.regions), round(event.amplitude_pct, 1), round(event.floor_pct, 1),
+            "yes" if event.speech else ""]
 
 
 @dataclass

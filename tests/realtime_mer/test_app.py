@@ -33,8 +33,9 @@ def test_stream_gives_the_same_events_as_analyze(media_dir, engine, tmp_path):
     rows = session.finish()  # events whose background classification was still running
     expected = analyze_video(path, tmp_path, engine=engine).events
     assert len(rows) == len(expected) > 0
-    got = sorted((r[0], r[1], r[2]) for r in rows)
-    want = sorted((round(e.apex_ms / 1000, 2), e.kind, e.label) for e in expected)
+    got = sorted((r[0], r[1], r[2], r[3]) for r in rows)
+    want = sorted((round(e.onset_ms / 1000, 2), round(e.apex_ms / 1000, 2), e.kind, e.label)
+                  for e in expected)
     assert got == want
 
 
