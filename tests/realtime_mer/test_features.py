@@ -18,11 +18,13 @@ from realtime_mer.flow import DISFlow, create_flow, optical_strain
 
 SAMPLE = "s03_s03_po_11"
 # Required per-channel Pearson r with the published map (u, v, strain). Measured with the
-# defaults: 0.952, 0.972, 0.911 (docs/FEATURES.md).
-REQUIRED_R = (0.90, 0.90, 0.80)
-# With presmooth_sigma=1, which undoes the pair's 26-grey-level GIF quantisation: measured
-# 0.987, 0.985, 0.952. Guards the calibration itself against silent drift.
-PRESMOOTHED_R = (0.97, 0.97, 0.93)
+# defaults (λ 0.2, presmooth σ 1): 0.987, 0.985, 0.952 (docs/FEATURES_ROBUSTNESS.md).
+REQUIRED_R = (0.97, 0.97, 0.93)
+# Without the presmoothing: measured 0.952, 0.972, 0.911.
+UNSMOOTHED_R = (0.90, 0.90, 0.80)
+# The defaults on the pair as a recording could deliver it (a JPEG re-encode, a pixel of head
+# shift): measured at worst 0.97 / 0.96 / 0.93.
+PERTURBED_R = (0.94, 0.94, 0.90)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,11 +67,29 @@ def test_calibration_pair_matches_published_map(calibration):
         assert got >= need, f"{name}: r = {got:.3f} < {need} (all: {np.round(r, 3)})"
 
 
-def test_calibration_with_presmoothing(calibration):
+def test_calibration_without_presmoothing(calibration):
     onset, apex, published = calibration
-    ours = flow_strain_map(onset, apex, FeatureOptions(presmooth_sigma=1.0))
+    ours = flow_strain_map(onset, apex, FeatureOptions(presmooth_sigma=0.0))
     r = [_pearson(ours[..., c], published[..., c]) for c in range(3)]
-    for name, got, need in zip(("u", "v", "strain"), r, PRESMOOTHED_R):
+    for name, got, need in zip(("u", "v", "strain"), r, UNSMOOTHED_R):
+        assert got >= need, f"{name}: r = {got:.3f} < {need} (all: {np.round(r, 3)})"
+
+
+@pytest.mark.parametrize("perturbation", ["jpeg q70", "apex 1 px right"])
+def test_defaults_hold_under_what_a_recording_does_to_the_pair(calibration, perturbation):
+    onset, apex, published = calibration
+    if perturbation == "jpeg q70":
+        def jpeg(image):
+            ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 70])
+            return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+        onset, apex = jpeg(onset), jpeg(apex)
+    else:
+        m = np.float32([[1, 0, 1.0], [0, 1, 0]])
+        apex = cv2.warpAffine(apex, m, apex.shape[::-1], flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+    ours = flow_strain_map(onset, apex)
+    r = [_pearson(ours[..., c], published[..., c]) for c in range(3)]
+    for name, got, need in zip(("u", "v", "strain"), r, PERTURBED_R):
         assert got >= need, f"{name}: r = {got:.3f} < {need} (all: {np.round(r, 3)})"
 
 
