@@ -218,6 +218,9 @@ def _torch_device(device: str, what: str) -> str:
 def _load_exported(path: Path):
     import torch
 
+    from realtime_mer.runtime.safe_archive import check_pt2
+
+    check_pt2(path)  # before torch opens it: nothing in an engine file may run as code
     try:
         return torch.export.load(str(path))
     except Exception as exc:
@@ -304,8 +307,14 @@ def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str):
     from realtime_mer.runtime.ensemble import ENSEMBLE_SUFFIX, EnsembleBackend, read_members
 
     members = []
+    folder = path.parent.resolve()
     for entry in read_members(path):
         member_path = path.parent / entry["file"]
+        # Members live beside the ensemble: a list naming other files of the machine
+        # (absolute paths, "..") is not one of ours.
+        if folder not in member_path.resolve().parents:
+            raise EngineError(f"{path}: member {entry['file']!r} is outside the ensemble's "
+                              "folder; refused")
         if member_path.suffix.lower() == ENSEMBLE_SUFFIX:
             raise EngineError(f"{path}: member {entry['file']} is itself an ensemble")
         try:

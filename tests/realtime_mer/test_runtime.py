@@ -361,3 +361,81 @@ def test_default_engine_has_the_best_honest_loso_score(engine):
     assert quoted, (m.loso["results_file"], files[(chosen, seed)])
     assert m.loso["uf1"] == pytest.approx(scores[chosen][seed], abs=1e-9)
     assert ENGINE.stat().st_size <= ENGINE_BUDGET_BYTES
+
+
+# -- engines from users never run code ------------------------------------------------------------
+
+_EXPLOIT = '''
+import os, pickle, sys
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[1],))
+sys.stdout.buffer.write(pickle.dumps(Payload(), protocol=2))
+'''
+
+
+def _craft(pt2: Path, target: Path, marker: Path, where: str) -> None:
+    """A copy of a real .pt2 whose ``where`` ("weight": a weight marked use_pickle; "sample
+    inputs") is a pickle that creates ``marker`` when unpickled."""
+    import subprocess
+    import sys
+    import zipfile
+
+    evil = subprocess.run([sys.executable, "-c", _EXPLOIT, str(marker)], capture_output=True,
+                          check=True).stdout
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if where == "weight" and info.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"].values()))
+                first["use_pickle"] = True
+                evil_name = first["path_name"]
+                data = json.dumps(config).encode()
+            if where == "sample inputs" and "/sample_inputs/" in info.filename:
+                data = evil
+            dst.writestr(info, data)
+    if where == "weight":  # the payload of the weight now marked as a pickle
+        with zipfile.ZipFile(target) as z:
+            items = [(i, z.read(i.filename)) for i in z.infolist()]
+        with zipfile.ZipFile(target, "w") as z:
+            for info, data in items:
+                z.writestr(info, evil if info.filename.endswith("/" + evil_name) else data)
+
+
+@pytest.mark.parametrize("where", ["weight", "sample inputs"])
+def test_a_crafted_pt2_is_refused_before_it_can_run_code(pt2_engine, tmp_path, where):
+    """A .pt2 whose archive asks torch to unpickle (a weight marked use_pickle, or sample inputs
+    that only full unpickling reads) runs code in torch.export.load: shown here in a separate
+    process. The product refuses it, with a manifest whose sha256 matches (whoever supplies an
+    engine supplies its manifest), before torch opens it: no code runs."""
+    import subprocess
+    import sys
+
+    path, _ = pt2_engine
+    evil, marker = tmp_path / "evil.pt2", tmp_path / "pwned"
+    _craft(path, evil, marker, where)
+    d = json.loads(manifest_path(path).read_text())
+    d["sha256"] = _sha(evil)
+    manifest_path(evil).write_text(json.dumps(d))
+    # The danger is real: plain torch.export.load runs the payload.
+    subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(evil)!r})"],
+                   capture_output=True)
+    assert marker.exists(), "the crafted archive should run code in torch.export.load"
+    marker.unlink()
+    with pytest.raises(EngineError, match="pickle|unpickl"):
+        load_engine(evil, backend="torch", device="cpu")
+    assert not marker.exists()
+
+
+def test_ensemble_members_must_live_beside_it(tmp_path):
+    from realtime_mer.runtime.ensemble import COMBINE_RULE
+
+    ens = tmp_path / "e.ens"
+    ens.write_text(json.dumps({"combine": COMBINE_RULE, "members": [
+        {"file": "../outside.onnx", "sha256": "0" * 64},
+        {"file": "/etc/passwd", "sha256": "0" * 64}]}))
+    from realtime_mer.runtime.backends import _load_ensemble
+
+    with pytest.raises(EngineError, match="outside the ensemble's folder"):
+        _load_ensemble(ens, None, "auto", "cpu")
