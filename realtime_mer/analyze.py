@@ -126,7 +126,7 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
             yield frame
 
     # A live source must not stall while an event is classified: frames would be dropped.
-    options = replace(options, classify_in_background=True)
+    options = replace(options, classify_in_background=True, drop_when_busy=True)
     try:
         facts = {"camera": str(device), "duration_limit_s": duration_s}
         return _run(frames(), Path(out_dir), f"camera {device}", facts, options, engine,
@@ -162,12 +162,23 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
     try:
         pipeline = Pipeline(options, engine=engine, source_name=name)
         pipeline.voice = voice
+        # Every event is on disk the moment it is spotted (a line without its class), and again
+        # with its class when the classifier is done: a killed run keeps what was spotted.
+        pipeline.on_spotted = writer.write
         spot_trace = SpotTraceWriter(out_dir / TRACE_CSV, options.spotter.region_names)
     except BaseException:
         writer.close()
         raise
     video = None
     count = 0
+
+    def keep(event: EventRecord, feature_map) -> None:
+        if event.kind != "blink":  # a blink's line is final when it is spotted
+            writer.write(event)
+        result.events.append(event)
+        result.feature_maps.append(feature_map)
+        if on_event is not None:
+            on_event(event)
 
     def give_up_video(error: Exception) -> None:  # the annotated copy must never cost the report
         nonlocal video
@@ -193,11 +204,7 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
                          frame_result.floors)
             spot_trace.write(frame, frame_result)
             for event, feature_map in zip(frame_result.events, frame_result.feature_maps):
-                writer.write(event)
-                result.events.append(event)
-                result.feature_maps.append(feature_map)
-                if on_event is not None:
-                    on_event(event)
+                keep(event, feature_map)
             if video is not None:
                 try:
                     with pipeline.timer.stage("annotate"):
@@ -210,22 +217,16 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
                 progress(count, expected)
             read_start = time.perf_counter()
         for event, feature_map in pipeline.finish():  # still being classified in the background
-            writer.write(event)
-            result.events.append(event)
-            result.feature_maps.append(feature_map)
-            if on_event is not None:
-                on_event(event)
+            keep(event, feature_map)
         if count == 0 and not problems():
             result.problems.append("the input gave no decodable frames")
     except KeyboardInterrupt:
         result.interrupted = True
-        # Ctrl+C is how a live run normally stops: the events still being classified in the
-        # background are waited for and kept (a second Ctrl+C gives them up).
+        # Ctrl+C (or SIGTERM) stops at once: events still waiting for the classifier are kept
+        # unclassified, the reports are written from what was found, and the run ends.
         try:
-            for event, feature_map in pipeline.finish():
-                writer.write(event)
-                result.events.append(event)
-                result.feature_maps.append(feature_map)
+            for event, feature_map in pipeline.abandon():
+                keep(event, feature_map)
         except (KeyboardInterrupt, Exception) as error:
             log.warning("events still being classified were lost: %r", error)
         raise
@@ -283,6 +284,8 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "blinks": sum(e.kind == "blink" for e in result.events),
             "micro_during_speech": sum(e.kind == "micro" and e.speech for e in result.events),
             "truncated": sum(e.truncated for e in result.events),
+            "unclassified": sum(not e.classified for e in result.events),
+            "classification_drops": pipeline.classification_drops,
             "per_class": per_class,
         },
         "spotting": spot_trace.summary(),

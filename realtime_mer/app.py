@@ -59,7 +59,8 @@ class LiveSession:
             return None, self.log_rows()
         if self.pipeline is None:
             # Classification runs beside the stream so a browser frame is never held up by it.
-            self.pipeline = Pipeline(replace(self.options, classify_in_background=True),
+            self.pipeline = Pipeline(replace(self.options, classify_in_background=True,
+                                             drop_when_busy=True),
                                      engine=self.engine, source_name="webcam")
         now = time.monotonic()
         if t_ms is None:

@@ -1,7 +1,9 @@
 """The ``mer`` command: analyse recorded videos, run the live demo, inspect the engine.
 
 Every error a user can cause ends with a one-line message on stderr and a non-zero exit code
-(2 bad input, 3 engine problem, 130 interrupted); tracebacks are shown only with ``--debug``.
+(2 bad input, 3 engine problem, 130 interrupted by Ctrl+C, 143 terminated by SIGTERM); tracebacks
+are shown only with ``--debug``. Ctrl+C and SIGTERM (a timeout, systemd, ``docker stop``) stop a
+run the same way: within a couple of seconds, with the reports written from what was found.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +23,17 @@ log = logging.getLogger("realtime_mer")
 
 EXIT_INPUT_DAMAGED = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a terminated process
 EXIT_INTERNAL = 70  # EX_SOFTWARE
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl+C would be so that every stop takes the same path: the run
+    stops, its reports are written from what was found, and the process exits 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,10 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     native_logs.set_capture(not args.debug)  # --debug: native output unfiltered, as written
+    previous = _install_sigterm()
     try:
         return _run_command(args)
     finally:
         native_logs.set_capture(True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm():
+    """SIGTERM as Terminated, where signals can be handled (the main thread); returns the
+    handler it replaced."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a test runner, an embedding application)
+        return None
 
 
 def _run_command(args) -> int:
@@ -189,8 +214,13 @@ def _run_command(args) -> int:
             return _demo(args)
         if args.command == "info":
             return _info(args)
+    except Terminated:
+        print("mer: terminated (SIGTERM); the events found so far and the reports are kept",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("mer: interrupted; events found so far are kept", file=sys.stderr)
+        print("mer: interrupted; the events found so far and the reports are kept",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except MerError as error:
         if args.debug:
@@ -410,5 +440,21 @@ def _info(args) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``mer`` executable: :func:`main`, then the exit. A run stopped by Ctrl+C or SIGTERM
+    may leave the classifier thread inside a flow computation nobody waits for; the process then
+    ends at once (its reports are written and flushed) instead of letting the interpreter's
+    shutdown tear down native code that is still running."""
+    import os
+    import threading
+
+    code = main()
+    if any(t.name == "mer-classify" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -56,6 +58,11 @@ class PipelineOptions:
     # False: events are spotted and reported without a class (no flow maps, no engine loaded),
     # for spotting alone (its benchmark, a quick look at where things move).
     classify: bool = True
+    # Events waiting for background classification, at most. When the queue is full a file
+    # waits for the classifier (back-pressure: nothing is lost, memory stays bounded); a live
+    # source cannot wait, so with drop_when_busy the event is reported unclassified and counted.
+    max_pending_events: int = 16
+    drop_when_busy: bool = False
     # Classify events (TV-L1 + engine, hundreds of ms on a CPU) in a worker thread so the
     # per-frame loop never stalls (a live source would drop frames) and the flow overlaps the
     # face stage on another core; the event then arrives with a later frame, still in order
@@ -121,10 +128,16 @@ class Pipeline:
         # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
         # frame numbers as well as their times.
         self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer.capacity)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-classify") \
-            if options.classify_in_background else None
-        self._pending: deque[Future] = deque()
+        self._executor = _Classifier() if options.classify_in_background else None
+        self._abandoned = False
+        self._pending: deque[tuple[Future, _EventJob]] = deque()
         self._ready: list[tuple[EventRecord, np.ndarray | None]] = []
+        #: Called with each event the moment the spotter closes it, before its classification
+        #: (label ""; ``classified`` False), so a writer can put it on disk at once.
+        self.on_spotted: Callable[[EventRecord], None] | None = None
+        self.events_spotted = 0
+        #: Events a live source reported unclassified because the classifier was busy.
+        self.classification_drops = 0
         self.lips = LipMotion(options.speech)
         #: Voiced stretches of the input's audio (ms), set by the caller when it has them
         #: (speech.voice_intervals); None: no audio, the lips decide alone.
@@ -202,19 +215,30 @@ class Pipeline:
         queued to the worker thread with the blinks, so reports keep the spotter's order."""
         for spot in spots:
             job = self._event_job(spot)
+            if self.on_spotted is not None:
+                self.on_spotted(self._unclassified(job)[0])
             work = self._classify if spot.kind != "blink" and self.engine is not None \
                 else self._unclassified
-            if self._executor is not None:
-                self._pending.append(self._executor.submit(work, job))
-            else:
+            if self._executor is None:
                 self._ready.append(work(job))
+                continue
+            busy = [f for f, _ in self._pending if not f.done()]
+            if len(busy) >= self.options.max_pending_events and work is self._classify:
+                if self.options.drop_when_busy:
+                    self.classification_drops += 1
+                    log.warning("classifier busy: event at %.2f s reported unclassified",
+                                job.spot.onset_ms / 1000)
+                    work = self._unclassified
+                else:
+                    busy[0].result()  # back-pressure: a file waits for its classifier
+            self._pending.append((self._executor.submit(work, job), job))
 
     def _collect(self) -> list[tuple[EventRecord, np.ndarray | None]]:
         """The reports completed so far, in order (a background job still running holds back
         the ones after it)."""
         done, self._ready = self._ready, []
-        while self._pending and self._pending[0].done():
-            done.append(self._pending.popleft().result())
+        while self._pending and self._pending[0][0].done():
+            done.append(self._pending.popleft()[0].result())
         return done
 
     def _note_face_size(self, eye_distance_px: float | None) -> None:
@@ -257,7 +281,23 @@ class Pipeline:
         if len(self.buffer):
             self._dispatch(self.spotter.finish())
         done = self._collect()
-        done.extend(future.result() for future in self._pending)
+        done.extend(future.result() for future, _ in self._pending)
+        self._pending.clear()
+        return done
+
+    def abandon(self) -> list[tuple[EventRecord, np.ndarray | None]]:
+        """Stop now (Ctrl+C, SIGTERM): events not classified yet are reported unclassified, the
+        one the classifier is working on included (its flow can take a second or two on a busy
+        CPU; the worker is a daemon thread, so it does not hold the process either). Events
+        still open are not closed: an interrupted run reports what the spotter had finished."""
+        done = self._collect()
+        self._abandoned = True
+        for future, job in self._pending:
+            if future.done() and not future.cancelled():
+                done.append(future.result())
+            else:
+                future.cancel()
+                done.append(self._unclassified(job))
         self._pending.clear()
         return done
 
@@ -281,7 +321,8 @@ class Pipeline:
 
     def close(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # After abandon() the worker may still be inside a flow nobody waits for.
+            self._executor.shutdown(join=not self._abandoned)
         self.aligner.close()
 
     def __enter__(self) -> "Pipeline":
@@ -312,7 +353,9 @@ class Pipeline:
         onset = self.buffer.get(_clamp(spot.onset_ms, self.buffer))
         apex = self.buffer.get(_clamp(spot.apex_ms, self.buffer))
         offset_t = _clamp(spot.offset_ms, self.buffer)
-        return _EventJob(spot, onset.crop.copy(), _under_transform(apex, onset.transform),
+        self.events_spotted += 1
+        return _EventJob(self.events_spotted, spot, onset.crop.copy(),
+                         _under_transform(apex, onset.transform),
                          self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
                          self._frame_index(offset_t), self._map_landmarks(apex.landmarks),
                          self._spoken(spot.onset_ms, spot.offset_ms))
@@ -334,11 +377,14 @@ class Pipeline:
         return record, feature_map
 
     def _unclassified(self, job: _EventJob) -> tuple[EventRecord, None]:
-        return self._record(job, label="", confidence=0.0, probabilities={}), None
+        # A blink has no class to wait for: its record is final.
+        return self._record(job, label="", confidence=0.0, probabilities={},
+                            classified=job.spot.kind == "blink"), None
 
-    def _record(self, job: _EventJob, **classification) -> EventRecord:
+    def _record(self, job: _EventJob, classified: bool = True, **classification) -> EventRecord:
         spot = job.spot
         return EventRecord(
+            event_id=job.event_id, classified=classified,
             onset_ms=float(spot.onset_ms), apex_ms=float(spot.apex_ms),
             offset_ms=float(spot.offset_ms), duration_ms=float(spot.offset_ms - spot.onset_ms),
             kind=spot.kind, **classification,
@@ -375,6 +421,7 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class _EventJob:
+    event_id: int
     spot: SpotEvent
     onset_crop: np.ndarray
     apex_crop: np.ndarray
@@ -383,6 +430,42 @@ class _EventJob:
     offset_frame: int
     apex_landmarks5: np.ndarray | None = None
     speech: bool = False
+
+
+class _Classifier:
+    """One daemon thread that classifies events in order. Not a ThreadPoolExecutor: its worker
+    threads are joined when the interpreter exits, so a run stopped by Ctrl+C or SIGTERM would
+    wait for a flow computation it has already given up."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="mer-classify", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, job) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, job))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, job = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while waiting
+            try:
+                future.set_result(fn(job))
+            except BaseException as error:  # handed to whoever reads the result
+                future.set_exception(error)
+
+    def shutdown(self, join: bool = True) -> None:
+        """Finish what is queued (abandoned jobs are cancelled and skipped), then stop; without
+        ``join``, do not wait for that."""
+        self._queue.put(None)
+        if join:
+            self._thread.join()
 
 
 def _under_transform(frame, transform: np.ndarray | None) -> np.ndarray:

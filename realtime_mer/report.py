@@ -59,6 +59,11 @@ class EventRecord:
     floor_pct: float = 0.0  # the smallest movement the spotter could report there and then
     truncated: bool = False  # the input (or the face) ended while the event was open
     speech: bool = False  # the person was talking during the event
+    # The event's number in its run (1, 2, ...). events.jsonl gets a line the moment an event is
+    # spotted (classified False, no class yet) and a second line with the same event_id when its
+    # class is known: readers keep the last line of each event_id (read_events does).
+    event_id: int = 0
+    classified: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,16 +104,29 @@ class EventWriter:
 
 
 def read_events(path: str | Path) -> list[EventRecord]:
-    """Read a JSON Lines file written by :class:`EventWriter` (a torn last line is skipped)."""
-    events = []
+    """Read a JSON Lines file written by :class:`EventWriter` (a torn last line is skipped):
+    one event per event_id, its last line (the classified one where it came), in the order the
+    events were first written."""
+    events: dict[int, EventRecord] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
-            events.append(EventRecord(**json.loads(line)))
+            event = EventRecord(**json.loads(line))
         except (json.JSONDecodeError, TypeError):
             log.warning("skipping an unreadable line in %s", path)
-    return events
+            continue
+        key = event.event_id if event.event_id else -len(events) - 1
+        events[key] = event
+    return list(events.values())
+
+
+def latest_per_event(events: Iterable[EventRecord]) -> list[EventRecord]:
+    """The same rule as :func:`read_events` on records in memory."""
+    out: dict[int, EventRecord] = {}
+    for event in events:
+        out[event.event_id if event.event_id else -len(out) - 1] = event
+    return list(out.values())
 
 
 #: Decimals of the CSV's numeric columns: the table is for people and spreadsheets, so times
@@ -123,15 +141,45 @@ def _rounded(value: Any, decimals: int) -> Any:
     return round(value, decimals) if isinstance(value, float) and math.isfinite(value) else value
 
 
+class _atomic:
+    """Write ``path`` through a temporary file renamed over it at the end: a report is either
+    whole or absent (a full disk or a kill mid-write leaves no truncated file behind)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            try:
+                self.tmp.unlink()
+            except OSError:
+                pass
+
+
+def _csv_cell(value: Any) -> Any:
+    """Text that a spreadsheet would read as a formula (=, +, -, @ first; a file name from a
+    user, say) is quoted with a leading apostrophe, the usual guard against CSV injection."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def write_csv(path: str | Path, events: Sequence[EventRecord], class_names: Sequence[str]) -> None:
     columns = list(CSV_COLUMNS) + [f"p_{name}" for name in class_names]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with _atomic(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for event in events:
             row = {key: _rounded(getattr(event, key), _CSV_DECIMALS[key])
                    if key in _CSV_DECIMALS else getattr(event, key) for key in CSV_COLUMNS}
             row["regions"] = "+".join(event.regions)
+            row = {key: _csv_cell(value) for key, value in row.items()}
             row.update({f"p_{name}": _rounded(event.probabilities.get(name, ""),
                                               _CSV_PROBABILITY_DECIMALS)
                         for name in class_names})
@@ -140,11 +188,9 @@ def write_csv(path: str | Path, events: Sequence[EventRecord], class_names: Sequ
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + rename), so a summary is never half-written."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False,
-                              default=_json_default) + "\n")
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False,
+                                  default=_json_default) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -306,8 +352,11 @@ def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRe
     else:
         ax.set_xlabel("time (s)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with _atomic(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[EventRecord],
@@ -408,7 +457,8 @@ Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
 {''.join(rows) or '<tr><td colspan="10">no events</td></tr>'}
 </table></body></html>
 """
-    Path(path).write_text(body, encoding="utf-8")
+    with _atomic(path) as tmp:
+        tmp.write_text(body, encoding="utf-8")
 
 
 def index_row(video: str | Path, folder: str, summary: dict[str, Any] | None,
@@ -446,10 +496,10 @@ def write_index(out_dir: str | Path, rows: Sequence[dict[str, Any]],
     out_dir = Path(out_dir)
     columns = [*INDEX_COLUMNS_BEFORE_CLASSES, *(f"micro_{name}" for name in class_names),
                *INDEX_COLUMNS_AFTER_CLASSES]
-    with open(out_dir / INDEX_CSV, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+    with _atomic(out_dir / INDEX_CSV) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
     esc = html.escape
     body = []
     for row in rows:
@@ -470,5 +520,6 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 {''.join(body)}
 </table></body></html>
 """
-    (out_dir / INDEX_HTML).write_text(page, encoding="utf-8")
+    with _atomic(out_dir / INDEX_HTML) as tmp:
+        tmp.write_text(page, encoding="utf-8")
 

@@ -270,13 +270,16 @@ def test_corrupt_engine_file(media_dir, tmp_path, capsys):
 _EXIT_AFTER_CTRL_C = (130, -2)
 
 
-def _ctrl_c_during(args: list[str], started: Path, after_s: float) -> str:
-    """Run `mer ARGS` in a subprocess, send it Ctrl+C ``after_s`` seconds after ``started``
-    appears (an events file: frames are flowing), and return its stderr once it has exited
-    as an interrupted run."""
+def _ctrl_c_during(args: list[str], started: Path, after_s: float,
+                   sig: int | None = None) -> str:
+    """Run `mer ARGS` in a subprocess, send it Ctrl+C (or ``sig``) ``after_s`` seconds after
+    ``started`` appears (an events file: frames are flowing), and return its stderr once it
+    has exited as an interrupted (terminated) run; the exit must come within 3 s of the
+    signal."""
     import signal
     import time
 
+    sig = signal.SIGINT if sig is None else sig
     # A test runner started in the background of a shell inherits SIGINT ignored, and Python
     # then keeps it ignored; the user at a terminal has the default, which the child gets here.
     process = subprocess.Popen(
@@ -287,11 +290,38 @@ def _ctrl_c_during(args: list[str], started: Path, after_s: float) -> str:
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(after_s)
-    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode in _EXIT_AFTER_CTRL_C, err
-    assert "interrupted; events found so far are kept" in err
+    took = time.monotonic() - sent
+    if sig == signal.SIGTERM:
+        assert process.returncode == 143, err
+        assert "terminated (SIGTERM); the events found so far and the reports are kept" in err
+    else:
+        assert process.returncode in _EXIT_AFTER_CTRL_C, err
+        assert "interrupted; the events found so far and the reports are kept" in err
+    assert took < 3.0, f"the run took {took:.1f} s to stop"
     return err
+
+
+def test_sigterm_stops_at_once_with_every_report_written(media_dir, tmp_path):
+    """SIGTERM (a timeout, systemd, docker stop) stops like Ctrl+C: exit 143 within seconds,
+    summary.json, events.csv and report.html written and valid, every spotted event in
+    events.jsonl (the unclassified ones marked so)."""
+    import signal
+
+    out = tmp_path / "out"
+    _ctrl_c_during(["analyze", str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out)],
+                   out / "events.jsonl", 4.0, sig=signal.SIGTERM)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["complete"] is False
+    events = read_events(out / "events.jsonl")
+    assert summary["events"]["total"] == len(events)
+    import csv
+
+    with open(out / "events.csv", newline="", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == len(events)
+    assert (out / "report.html").read_text().rstrip().endswith("</html>")
 
 
 def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
@@ -304,6 +334,42 @@ def test_interrupted_run_keeps_events_and_summary(media_dir, tmp_path):
     assert summary["interrupted"] is True
     assert 0 < summary["frames"]["processed"] < 472
     read_events(out / "events.jsonl")  # every line parses
+
+
+@pytest.mark.parametrize("after_s", [2.5, 5.0])
+def test_sigkill_loses_no_event_spotted_a_second_before(media_dir, tmp_path, wolfgang_run,
+                                                         after_s):
+    """SIGKILL cannot be handled: what is on disk is what was written. Every event is written
+    (and fsynced) the moment it is spotted, so each event of the complete run that the killed
+    run had spotted a second (40 frames at its rate) before its last flushed trace line is in
+    its events.jsonl, with the same times."""
+    import csv
+    import signal
+    import time
+
+    _, complete = wolfgang_run
+    everything = read_events(complete / "events.jsonl")
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "realtime_mer.cli", "analyze",
+         str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "events.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(after_s)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    with open(out / "trace.csv", newline="", encoding="utf-8") as handle:
+        frames = [int(row["frame"]) for row in csv.DictReader(handle) if row.get("frame")]
+    reached = max(frames, default=0) - 40
+    kept = {(round(e.onset_ms, 3), e.kind) for e in read_events(out / "events.jsonl")}
+    due = [e for e in everything if e.offset_frame + 2 <= reached]
+    print(f"killed after {after_s} s at frame >= {reached + 40}: {len(due)} events due, "
+          f"{len(kept)} on disk")
+    assert due or after_s < 3, "the run should have spotted events by then"
+    for event in due:
+        assert (round(event.onset_ms, 3), event.kind) in kept, event
 
 
 def test_live_camera_that_disconnects(media_dir, tmp_path, capsys, monkeypatch):
