@@ -209,6 +209,39 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
     return app
 
 
+def _check_address(host: str, port: int | None) -> None:
+    """Say what is wrong with the address before Gradio tries it (its own message calls every
+    failure a taken port): a name that does not resolve, an address that is not this
+    machine's, a port that is taken."""
+    import errno
+    import socket
+
+    from realtime_mer.errors import ServeError
+
+    try:
+        infos = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ServeError(f"unknown host {host!r}; give an address of this machine "
+                         "(127.0.0.1 by default, 0.0.0.0 for every interface)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ServeError(f"port {port} on {host} is in use; choose another with "
+                                 "--port") from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise ServeError(f"{host} is not an address of this machine; use 127.0.0.1 "
+                                 "(this machine only) or 0.0.0.0 (every interface)") from None
+            if error.errno == errno.EACCES:
+                raise ServeError(f"no permission to listen on port {port} (ports under 1024 "
+                                 "need privileges); choose another with --port") from None
+            raise ServeError(f"cannot serve the demo on {host}:{port}: "
+                             f"{error.strerror or error}") from None
+
+
 def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            block: bool = True, on_ready=None):
     """Serve the app. Loopback only unless ``host`` says otherwise; no share link unless asked.
@@ -217,6 +250,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
     or an address that is not this machine's raises :class:`ServeError`."""
     from realtime_mer.errors import ServeError
 
+    _check_address(host, port)
     try:
         _, local_url, _ = app.queue().launch(
             server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,

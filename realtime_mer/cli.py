@@ -110,14 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "taken or the address is not this machine's.")
     demo.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1: this machine only)")
-    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--port", type=_port, default=7860, help="port to listen on (1-65535, "
+                      "default 7860)")
     demo.add_argument("--share", action="store_true",
                       help="also open a public Gradio share link (off by default)")
     _add_engine_arguments(demo)
 
-    info = commands.add_parser("info", parents=[common], help="show the engine's manifest and the backends here")
+    info = commands.add_parser(
+        "info", parents=[common], help="what the engine is, how it scored, how it runs here",
+        description="A short summary of the engine (model, input, classes, its honest LOSO "
+                    "score, training data) and the backend and device it runs on here; --json "
+                    "prints the whole manifest instead.")
     _add_engine_arguments(info)
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    return value
 
 
 def _max_side(text: str) -> int:
@@ -369,6 +385,7 @@ def _live(args) -> int:
 
     from tqdm import tqdm
 
+    _check_camera_argument(args.camera)
     engine = _load_engine(args)
     camera = int(args.camera) if args.camera.isdigit() else args.camera
     bars: list = []  # a status line on stderr, from the first frame: frames, rate, events
@@ -376,8 +393,9 @@ def _live(args) -> int:
 
     def show(event) -> None:
         found[0] += 1
-        line = (f"{event.apex_ms / 1000:8.2f} s  {event.kind:5s}  {event.label:8s} "
-                f"{event.confidence:.2f}  ({event.duration_ms:.0f} ms)")
+        what = f"{event.label:8s} {event.confidence:.2f}" if event.kind != "blink" else " " * 13
+        line = (f"{event.onset_ms / 1000:8.2f} s  {event.kind:5s}  {what}  "
+                f"({event.duration_ms:.0f} ms, {'+'.join(event.regions)})")
         if bars:
             bars[0].set_postfix(events=found[0], refresh=False)
         tqdm.write(line, file=sys.stdout)  # above the status line, which then redraws
@@ -410,6 +428,14 @@ def _live(args) -> int:
     return EXIT_INPUT_DAMAGED if result.problems else 0
 
 
+def _check_camera_argument(camera: str) -> None:
+    """A camera is an index, a stream URL, a device node or a video file that exists: anything
+    else is a file that is not there, and is called that (not a camera that cannot open)."""
+    if camera.isdigit() or "://" in camera or Path(camera).exists():
+        return
+    raise InputError(f"no such video file or camera device: {camera}")
+
+
 def _demo(args) -> int:
     from realtime_mer.app import build_app, launch
 
@@ -429,15 +455,52 @@ def _demo(args) -> int:
 def _info(args) -> int:
     engine = _load_engine(args)
     manifest = engine.manifest
-    payload = {"engine": str(getattr(engine, "path", args.engine)), "backend": engine.name,
-               "device": str(engine.device), "manifest": manifest.to_dict()}
-    if hasattr(engine, "members"):  # an ensemble: what each member is and how it runs
-        payload["members"] = [{"engine": str(m.path), "backend": m.name, "device": str(m.device),
-                               "model": m.manifest.model,
-                               "input_kind": m.manifest.input.get("kind", "map28"),
-                               "loso": m.manifest.loso} for m in engine.members]
-    print(json.dumps(payload, indent=2, sort_keys=True))
+    if args.json:
+        payload = {"engine": str(getattr(engine, "path", args.engine)), "backend": engine.name,
+                   "device": str(engine.device), "manifest": manifest.to_dict()}
+        if hasattr(engine, "members"):  # an ensemble: what each member is and how it runs
+            payload["members"] = [{"engine": str(m.path), "backend": m.name,
+                                   "device": str(m.device), "model": m.manifest.model,
+                                   "input_kind": m.manifest.input.get("kind", "map28"),
+                                   "loso": m.manifest.loso} for m in engine.members]
+        print(json.dumps(payload, indent=2, sort_keys=True))
+        return 0
+    for line in _engine_summary(engine):
+        print(line)
     return 0
+
+
+def _engine_summary(engine) -> list[str]:
+    """The facts a user looks for, one per line."""
+    m = engine.manifest
+    shape = "×".join(str(v) for v in m.input.get("shape", [])[1:])
+    loso = m.loso or {}
+    training = m.training or {}
+
+    def score(key: str) -> str:
+        value = loso.get(key)
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+    protocol = loso.get("protocol")
+    protocol = f", {protocol.split(';')[0]}" if isinstance(protocol, str) else ""
+    lines = [f"engine:   {getattr(engine, 'path', '')}",
+             f"runs on:  {engine.name} ({engine.device})",
+             f"model:    {m.model}, input {m.input.get('kind', 'map28')} {shape} "
+             f"({', '.join(m.input.get('channels', []))})",
+             f"classes:  {', '.join(m.class_names)}",
+             f"LOSO:     UF1 {score('uf1')}, UAR {score('uar')} (honest leave-one-subject-out"
+             f"{protocol})"]
+    if training:
+        counts = training.get("class_counts")
+        lines.append(f"trained:  {training.get('data', '?')}, {training.get('n_samples', '?')} "
+                     f"samples of {training.get('n_subjects', '?')} subjects"
+                     + (f", classes {counts}" if counts else ""))
+    for member in getattr(engine, "members", []):
+        lines.append(f"member:   {member.path.name} ({member.manifest.model}, "
+                     f"{member.name} on {member.device})")
+    lines.append(f"sha256:   {m.sha256}")
+    lines.append("(mer info --json prints the whole manifest)")
+    return lines
 
 
 def run() -> None:

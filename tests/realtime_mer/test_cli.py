@@ -550,14 +550,48 @@ def test_annotated_video_that_cannot_be_written_costs_only_itself(media_dir, tmp
 
 
 def test_info_describes_the_engine_that_would_run(capsys):
-    from realtime_mer.runtime import default_engine_path, sha256_file
+    from realtime_mer.runtime import default_engine_path, load_engine, sha256_file
 
     assert main(["info"]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert len(summary) <= 12  # the facts, not the manifest
+    manifest = load_engine(default_engine_path()).manifest
+    text = "\n".join(summary)
+    assert str(default_engine_path()) in text and "onnxruntime" in text
+    assert f"UF1 {manifest.loso['uf1']:.3f}" in text and manifest.sha256 in text
+    assert "negative, positive, surprise" in text
+    assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert Path(info["engine"]) == default_engine_path()
     assert info["backend"] == "onnxruntime" and info["device"] in ("cpu", "cuda")
     assert info["manifest"]["sha256"] == sha256_file(default_engine_path())
     assert info["manifest"]["class_names"] == ["negative", "positive", "surprise"]
+
+
+def test_messages_name_the_real_problem(capsys, tmp_path):
+    """A missing file given to `mer live` is a missing file, not a camera; an impossible port is
+    refused by the parser; an address that is not this machine's is said to be so (exit 6),
+    not reported as a taken port."""
+    assert main(["live", "--camera", str(tmp_path / "nope.mp4"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"mer: error: no such video file or camera device: {tmp_path}/nope.mp4"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--port", "99999"])
+    assert exit_info.value.code == 2 and "a port is 1-65535" in capsys.readouterr().err
+    from realtime_mer.app import _check_address
+    from realtime_mer.errors import ServeError
+
+    with pytest.raises(ServeError, match="not an address of this machine"):
+        _check_address("10.9.9.9", 7861)
+    with pytest.raises(ServeError, match="unknown host"):
+        _check_address("no-such-host.invalid", 7861)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ServeError, match="in use"):
+            _check_address("127.0.0.1", taken.getsockname()[1])
 
 
 def test_live_run_stops_at_its_duration_with_a_complete_result(media_dir, tmp_path):
