@@ -7,8 +7,11 @@ session, so it can be tested on frames of a real video without a browser.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,12 +54,20 @@ class LiveSession:
     _t0: float | None = None
     _last_arrival: float | None = None
     _fps: float = 0.0
+    # The stream and the Reset button run in different worker threads: a frame and a reset
+    # must not interleave (the pipeline's queues are not shared-state safe).
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def process_rgb(self, image_rgb: np.ndarray | None, t_ms: float | None = None
                     ) -> tuple[np.ndarray | None, list[list]]:
         """One streamed frame → (annotated RGB frame, event log rows, newest first)."""
         if image_rgb is None:
             return None, self.log_rows()
+        with self._lock:
+            return self._process(image_rgb, t_ms)
+
+    def _process(self, image_rgb: np.ndarray, t_ms: float | None
+                 ) -> tuple[np.ndarray | None, list[list]]:
         if self.pipeline is None:
             # Classification runs beside the stream so a browser frame is never held up by it.
             self.pipeline = Pipeline(replace(self.options, classify_in_background=True,
@@ -90,6 +101,12 @@ class LiveSession:
         return [event_row(e) for e in reversed(self.events)]
 
     def reset(self) -> None:
+        """Start again, also while frames are streaming (the frame in progress finishes
+        first); the log is cleared."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
         if self.pipeline is not None:
             self.pipeline.reset()
         self.events.clear()
@@ -98,20 +115,29 @@ class LiveSession:
         self._fps = 0.0
 
     def close(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.close()
+        with self._lock:
+            if self.pipeline is not None:
+                self.pipeline.close()
+                self.pipeline = None
 
 
-UPLOAD_ROOT = Path(tempfile.gettempdir()) / "mer-analyze"
 UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
 UPLOAD_MAX_SIDE = 1280  # the CLI's default: a 4K upload must not cost the face stage 10x
+UPLOAD_MAX_SIZE = "500mb"  # larger uploads are refused by the server before they are stored
+SESSION_TTL_S = 120  # a live session's pipeline is freed this long after its last frame
 
 
-def _fresh_output_dir(root: Path = UPLOAD_ROOT, keep_s: float = UPLOAD_KEEP_S) -> Path:
+def _instance_folder() -> Path:
+    """This demo's own temporary folder (another demo on the machine has its own), removed when
+    the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="mer-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _fresh_output_dir(root: Path, keep_s: float = UPLOAD_KEEP_S) -> Path:
     """A new folder for one upload's report, after deleting the reports older than ``keep_s``
     (a long-running demo would otherwise fill the disk)."""
-    import shutil
-
     root.mkdir(parents=True, exist_ok=True)
     cutoff = time.time() - keep_s
     for old in root.iterdir():
@@ -124,7 +150,7 @@ def _fresh_output_dir(root: Path = UPLOAD_ROOT, keep_s: float = UPLOAD_KEEP_S) -
 
 
 def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOptions,
-                   progress=None, out_root: Path = UPLOAD_ROOT):
+                   progress=None, out_root: Path | None = None):
     """Upload tab: analyse a file into a fresh folder under ``out_root`` → (output files,
     timeline, event rows, message)."""
     from realtime_mer.analyze import analyze_video
@@ -133,7 +159,7 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
 
     if not video_path:
         return [], None, [], "Choose a video file first."
-    out_dir = _fresh_output_dir(out_root)
+    out_dir = _fresh_output_dir(out_root or Path(tempfile.gettempdir()) / "mer-analyze")
 
     def report(done: int, expected: int | None) -> None:
         if progress is not None and expected:
@@ -143,7 +169,10 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
         result = analyze_video(video_path, out_dir, options=options, engine=engine,
                                capture=CaptureOptions(max_side=UPLOAD_MAX_SIDE), progress=report)
     except MerError as error:
-        return [], None, [], f"Error: {error}"
+        # The server's paths are nobody's business in the browser: the user's file name only.
+        text = str(error).replace(str(video_path), Path(video_path).name)
+        text = text.replace(str(Path(video_path).parent), "")
+        return [], None, [], f"Error: {text}"
     files = [str(out_dir / name) for name in OUTPUT_FILES if (out_dir / name).exists()]
     rows = [event_row(e) for e in result.events]
     s = result.summary
@@ -164,8 +193,11 @@ def _close_session(session: LiveSession | None) -> None:
         session.close()
 
 
-def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
+def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
+              temp_root: Path | None = None):
     import gradio as gr
+
+    temp_root = temp_root or _instance_folder()
 
     def stream(image, session: LiveSession | None):
         if session is None:
@@ -179,17 +211,20 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
         return None, [], session
 
     def upload(video, progress=gr.Progress()):
-        return analyze_upload(video, engine, options, progress)
+        return analyze_upload(video, engine, options, progress, out_root=temp_root / "reports")
 
     manifest = engine.manifest
-    with gr.Blocks(title="realtime-mer") as app:
+    # Gradio's cache of uploads and streamed frames: files older than 10 minutes go, checked
+    # every 5 minutes, so a demo that runs for days does not fill the disk.
+    with gr.Blocks(title="realtime-mer", delete_cache=(300, 600)) as app:
         gr.Markdown(
             f"## realtime-mer: micro-expression recognition\nModel **{manifest.model}** "
             f"({engine.name} on {engine.device}); classes: {', '.join(manifest.class_names)}.")
         with gr.Tab("Live webcam"):
             # A browser session's pipeline (MediaPipe graph, worker thread) is closed when
             # Gradio drops the session's state, not left to leak.
-            session = gr.State(None, delete_callback=_close_session)
+            session = gr.State(None, time_to_live=SESSION_TTL_S,
+                               delete_callback=_close_session)
             with gr.Row():
                 camera = gr.Image(sources=["webcam"], streaming=True, label="webcam")
                 annotated = gr.Image(label="annotated", streaming=True)
@@ -205,7 +240,8 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions()):
             timeline = gr.Image(label="timeline", type="filepath")
             table = gr.Dataframe(headers=EVENT_LOG_COLUMNS, label="events")
             files = gr.File(label="outputs", file_count="multiple")
-            run.click(upload, [video], [files, timeline, table, message])
+            # One analysis at a time: a long upload must not starve the live sessions' cores.
+            run.click(upload, [video], [files, timeline, table, message], concurrency_limit=1)
     return app
 
 
@@ -254,7 +290,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
     try:
         _, local_url, _ = app.queue().launch(
             server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
-            prevent_thread_lock=True)
+            prevent_thread_lock=True, max_file_size=UPLOAD_MAX_SIZE)
     except OSError as error:
         if "empty port" in str(error):  # Gradio's wording; its advice names its own API
             raise ServeError(f"port {port} on {host} is in use; choose another with --port") \

@@ -158,3 +158,41 @@ def test_demo_on_a_taken_port_is_a_clear_error_not_an_internal_one(capsys):
     assert f"port {port} on 127.0.0.1 is in use; choose another with --port" in captured.err
     assert "internal error" not in captured.err and "Traceback" not in captured.err
     assert "serving on" not in captured.out
+
+
+def test_reset_while_streaming_neither_crashes_nor_keeps_the_log(media_dir, engine):
+    """Reset pressed while frames stream in (two Gradio worker threads): no error in either, and
+    the log the reset returns is empty."""
+    import threading
+
+    session = LiveSession(engine=engine)
+    errors, resets = [], []
+
+    def stream():
+        try:
+            with open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source:
+                for frame in source:
+                    session.process_rgb(cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB),
+                                        t_ms=frame.t_ms + 100_000.0 * len(resets))
+        except Exception as error:  # noqa: BLE001 - any error in the stream fails the test
+            errors.append(error)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=1.0)
+        session.reset()
+        resets.append(session.log_rows())
+    assert not errors, errors
+    assert resets and all(rows == [] for rows in resets)
+    session.close()
+
+
+def test_upload_error_does_not_show_the_servers_paths(tmp_path, engine):
+    bad = tmp_path / "server-side-secret-dir" / "clip.mp4"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a video")
+    *_, message = analyze_upload(str(bad), engine, LiveSession(engine).options,
+                                 out_root=tmp_path / "uploads")
+    assert message.startswith("Error:") and "clip.mp4" in message
+    assert "server-side-secret-dir" not in message and str(tmp_path) not in message
