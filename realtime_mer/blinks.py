@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from realtime_mer.buffer import TimeSeries
+
 __all__ = ["BlinkOptions", "Blink", "BlinkDetector", "eye_openness", "EYELID_PAIRS",
            "EYE_CORNERS"]
 
@@ -92,14 +94,11 @@ class BlinkDetector:
 
     def __init__(self, options: BlinkOptions = BlinkOptions()) -> None:
         self.options = options
-        cap = int(math.ceil(options.open_window_ms * options.max_fps / 1000.0)) + 2
-        self._t = np.zeros(cap)
-        self._v = np.zeros(cap)
-        self._cap = cap
+        self._open = TimeSeries(TimeSeries.capacity_for(options.open_window_ms, options.max_fps))
         self.reset()
 
     def reset(self) -> None:
-        self._n = self._head = 0
+        self._open.clear()
         self._t_first: float | None = None
         self.open_level: float | None = None
         self.openness: float = math.nan
@@ -161,17 +160,13 @@ class BlinkDetector:
         return blink
 
     def _remember(self, t_ms: float, value: float) -> None:
-        self._t[self._head] = t_ms
-        self._v[self._head] = value
-        self._head = (self._head + 1) % self._cap
-        self._n = min(self._n + 1, self._cap)
+        self._open.append(t_ms, value)
 
     def _level(self, t_ms: float) -> float | None:
         o = self.options
-        if self._n == 0 or t_ms - self._t_first < o.warmup_ms:
-            return self.open_level if self.open_level is not None and self._n else None
-        times, values = self._t[:self._n], self._v[:self._n]
-        recent = values[times >= t_ms - o.open_window_ms]
+        if self._open.n == 0 or t_ms - self._t_first < o.warmup_ms:
+            return self.open_level if self.open_level is not None and self._open.n else None
+        recent = self._open.since(t_ms - o.open_window_ms)[:, 0]
         if recent.size < 4:
             return self.open_level
         self.open_level = float(np.quantile(recent, o.open_quantile))

@@ -17,7 +17,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RingBuffer", "StoredFrame", "BufferWindow", "OutOfRange"]
+__all__ = ["RingBuffer", "StoredFrame", "BufferWindow", "OutOfRange", "TimeSeries"]
 
 #: slack when comparing times: float ms from pts arithmetic are not bit-exact
 _EPS_MS = 1e-6
@@ -197,3 +197,45 @@ class RingBuffer:
             landmarks=self.landmarks[slots],
             times_ms=self.times_ms[slots],
         )
+
+
+class TimeSeries:
+    """A fixed-capacity history of (time, values, flag), oldest overwritten first: the running
+    statistics of the spotter, the blink detector and the lip-motion detector. Allocates once;
+    ``capacity_for(window_ms, max_fps)`` sizes it for a window at the fastest expected rate.
+    NaN values are allowed (the spotter marks masked regions so)."""
+
+    def __init__(self, capacity: int, width: int = 1) -> None:
+        if capacity < 1 or width < 1:
+            raise ValueError(f"bad capacity={capacity} or width={width}")
+        self.t = np.zeros(capacity)
+        self.v = np.zeros((capacity, width))
+        self.flag = np.zeros(capacity, bool)
+        self.capacity = capacity
+        self.n = 0
+        self.head = 0
+
+    @staticmethod
+    def capacity_for(window_ms: float, max_fps: float, margin: int = 2) -> int:
+        return int(math.ceil(window_ms * max_fps / 1000.0)) + margin
+
+    def clear(self) -> None:
+        self.n = self.head = 0
+
+    def append(self, t: float, v, flag: bool = False) -> None:
+        self.t[self.head] = t
+        self.v[self.head] = v
+        self.flag[self.head] = flag
+        self.head = (self.head + 1) % self.capacity
+        self.n = min(self.n + 1, self.capacity)
+
+    def since(self, t_min: float) -> np.ndarray:
+        """(K, width) values with time >= t_min (any order)."""
+        return self.v[:self.n][self.t[:self.n] >= t_min]
+
+    def last(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The newest ``count`` entries, oldest first: times (K,), values (K, width),
+        flags (K,)."""
+        count = min(count, self.n)
+        idx = (self.head - count + np.arange(count)) % self.capacity
+        return self.t[idx], self.v[idx], self.flag[idx]

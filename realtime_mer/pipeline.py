@@ -361,7 +361,6 @@ class Pipeline:
                          self._spoken(spot.onset_ms, spot.offset_ms))
 
     def _classify(self, job: _EventJob) -> tuple[EventRecord, np.ndarray]:
-        spot = job.spot
         with self.timer.stage("features"):
             feature_map = self._features.process(job.onset_crop, job.apex_crop)
         with self.timer.stage("engine"):

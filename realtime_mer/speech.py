@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from realtime_mer.buffer import TimeSeries
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SpeechOptions", "LipMotion", "voice_intervals", "in_intervals", "INNER_LIPS"]
@@ -52,14 +54,11 @@ class LipMotion:
 
     def __init__(self, options: SpeechOptions = SpeechOptions()) -> None:
         self.options = options
-        cap = int(math.ceil(options.window_ms * options.max_fps / 1000.0)) + 2
-        self._t = np.zeros(cap)
-        self._v = np.zeros(cap)
-        self._cap = cap
+        self._opening = TimeSeries(TimeSeries.capacity_for(options.window_ms, options.max_fps))
         self.reset()
 
     def reset(self) -> None:
-        self._n = self._head = 0
+        self._opening.clear()
         self._last_speech = -math.inf
         self.speaking = False
 
@@ -69,10 +68,7 @@ class LipMotion:
             if pts.ndim == 2 and pts.shape[0] > max(INNER_LIPS):
                 gap = float(np.hypot(*(pts[INNER_LIPS[0]] - pts[INNER_LIPS[1]])))
                 if math.isfinite(gap):
-                    self._t[self._head] = t_ms
-                    self._v[self._head] = 100.0 * gap / eye_distance
-                    self._head = (self._head + 1) % self._cap
-                    self._n = min(self._n + 1, self._cap)
+                    self._opening.append(t_ms, 100.0 * gap / eye_distance)
                     if self._swings(t_ms) >= self.options.min_swings:
                         self._last_speech = t_ms
         self.speaking = t_ms - self._last_speech <= self.options.hold_ms
@@ -81,9 +77,8 @@ class LipMotion:
     def _swings(self, t_ms: float) -> int:
         """Swings of at least swing_pct in the window (a zig-zag count over the samples in
         time order)."""
-        idx = (self._head - self._n + np.arange(self._n)) % self._cap
-        times, values = self._t[idx], self._v[idx]
-        values = values[times >= t_ms - self.options.window_ms]
+        times, values, _ = self._opening.last(self._opening.n)
+        values = values[times >= t_ms - self.options.window_ms, 0]
         if values.size < 3:
             return 0
         swing = self.options.swing_pct

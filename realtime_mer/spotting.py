@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from realtime_mer.blinks import Blink, BlinkDetector, BlinkOptions
+from realtime_mer.buffer import TimeSeries
 from realtime_mer.face import CANONICAL_STABLE_28, CANONICAL_STRETCH_X
 from realtime_mer.flow import FlowEstimator, create_flow
 
@@ -414,44 +415,6 @@ def _crossing(t0: float, s0: float, t1: float, s1: float, level: float) -> float
     return t0 + a * (t1 - t0)
 
 
-class _Ring:
-    """Fixed-capacity history of (time, R values, flag), oldest overwritten; no allocation after
-    init. NaN values mark regions left out (masked) at that time."""
-
-    def __init__(self, capacity: int, width: int) -> None:
-        self.t = np.zeros(capacity)
-        self.v = np.zeros((capacity, width))
-        self.flag = np.zeros(capacity, bool)
-        self.capacity = capacity
-        self.n = 0
-        self.head = 0
-
-    def clear(self) -> None:
-        self.n = self.head = 0
-
-    def append(self, t: float, v: np.ndarray, flag: bool = False) -> bool:
-        """Returns False when an entry was overwritten."""
-        self.t[self.head] = t
-        self.v[self.head] = v
-        self.flag[self.head] = flag
-        self.head = (self.head + 1) % self.capacity
-        full = self.n == self.capacity
-        self.n = min(self.n + 1, self.capacity)
-        return not full
-
-    def since(self, t_min: float) -> np.ndarray:
-        """(K, R) values with time >= t_min (any order)."""
-        times = self.t[:self.n] if self.n < self.capacity else self.t
-        values = self.v[:self.n] if self.n < self.capacity else self.v
-        return values[times >= t_min]
-
-    def last(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The newest ``count`` entries, oldest first: times (K,), values (K, R), flags (K,)."""
-        count = min(count, self.n)
-        idx = (self.head - count + np.arange(count)) % self.capacity
-        return self.t[idx], self.v[idx], self.flag[idx]
-
-
 @dataclass
 class _Levels:
     median: np.ndarray
@@ -483,15 +446,15 @@ class _EventDetector:
 
     def __init__(self, options: SpotterOptions) -> None:
         self.o = options
-        per_ms = options.max_fps / 1000.0
         width = len(options.regions)
         self._gains = np.asarray(options.region_gains, np.float64)
         self._min_threshold = options.min_floor_pct * self._gains
         self._blink_mask = np.array([name in options.blink_regions
                                      for name in options.region_names])
-        self._stats = _Ring(int(math.ceil(options.baseline_window_ms * per_ms)) + 2, width)
-        self._hist = _Ring(int(math.ceil(
-            (options.max_event_ms + 2 * options.reference_lag_ms) * per_ms)) + 4, width)
+        self._stats = TimeSeries(
+            TimeSeries.capacity_for(options.baseline_window_ms, options.max_fps), width)
+        self._hist = TimeSeries(TimeSeries.capacity_for(
+            options.max_event_ms + 2 * options.reference_lag_ms, options.max_fps, 4), width)
         self._warned = False
         self.reset()
 
