@@ -351,10 +351,16 @@ def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRe
         axes[-1, 0].set_xlabel("time (s)")
     else:
         ax.set_xlabel("time (s)")
-    fig.tight_layout()
+    import warnings
+
     try:
-        with _atomic(path) as tmp:
-            fig.savefig(tmp, format="png")
+        # A title in a script the font lacks (a Chinese file name) draws as boxes; matplotlib's
+        # warning about each missing glyph is not the user's business on stderr.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.tight_layout()
+            with _atomic(path) as tmp:
+                fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
 

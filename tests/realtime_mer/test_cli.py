@@ -815,3 +815,15 @@ def test_max_faces_sets_how_many_faces_are_tracked(media_dir, tmp_path):
     assert summaries["one"]["face"]["max_faces"] == 1
     assert summaries["one"]["frames"]["with_several_faces"] == 0
     assert summaries["one"]["frames"]["with_face"] == 10
+
+
+def test_a_file_name_in_any_script_gives_no_extra_stderr(media_dir, tmp_path, capsys):
+    """A recording named in Chinese and Russian: the timeline's title cannot draw the glyphs,
+    and matplotlib's warnings about that stay off stderr (the run prints nothing there)."""
+    import shutil
+
+    video = tmp_path / "面试_интервью.mp4"
+    shutil.copy(media_dir / "single_face.mp4", video)
+    assert run_cli(str(video), "--out", str(tmp_path / "out")) == 0
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "out" / "timeline.png").stat().st_size > 0
