@@ -227,6 +227,15 @@ def _load_exported(path: Path):
         raise EngineError(f"{path}: not a loadable torch.export program ({exc})") from exc
 
 
+def exported_on(program, device: str):
+    """The program with every tensor it holds on ``device``: its parameters and buffers, and
+    also the constants ``torch.export`` lifts out of the graph (the mirror average's flip
+    indices, a calibration's offsets), which ``.module().to(device)`` leaves on the CPU."""
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, device)
+
+
 class TorchBackend(Backend):
     """A ``torch.export`` program (``.pt2``, saved with ``torch.export.save``)."""
 
@@ -237,7 +246,7 @@ class TorchBackend(Backend):
 
         device = _torch_device(device, "the torch backend")
         super().__init__(path, manifest, device)
-        self.module = _load_exported(path).module().to(device)
+        self.module = exported_on(_load_exported(path), device).module()
         self._torch = torch
         self._probe()
 

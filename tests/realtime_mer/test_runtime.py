@@ -439,3 +439,44 @@ def test_ensemble_members_must_live_beside_it(tmp_path):
 
     with pytest.raises(EngineError, match="outside the ensemble's folder"):
         _load_ensemble(ens, None, "auto", "cpu")
+
+
+def test_a_pt2_program_moves_whole_to_the_device_with_its_lifted_constants(tmp_path):
+    """A network whose forward uses a constant tensor (as the mirrored, calibrated default
+    does: flip indices, calibration offsets) is exported with that constant lifted out of the
+    graph. `.module().to(device)` leaves it behind; exported_on moves it too. Checked from CPU
+    to the meta device here (no GPU needed), and run on CUDA where there is one."""
+    import torch
+
+    from realtime_mer.runtime.backends import exported_on
+
+    class Calibrated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 3)
+
+        def forward(self, x):
+            mirrored = torch.flip(x, dims=[-1])
+            offsets = torch.tensor([0.1, -0.2, 0.3])  # becomes a lifted constant
+            return (self.fc(x.flatten(1)) + self.fc(mirrored.flatten(1))) / 2 + offsets
+
+    model = Calibrated().eval()
+
+    def export():
+        return torch.export.export(model, (torch.rand(2, 3, 4),))
+
+    program = export()
+    assert program.constants, "the offsets should be a lifted constant"
+    assert all(t.device.type == "cpu" for t in program.constants.values())
+    plain = program.module().to("meta")
+    moved = exported_on(export(), "meta")
+    assert all(t.device.type == "meta" for t in moved.constants.values())
+    assert all(p.device.type == "meta" for p in moved.module().parameters())
+    with pytest.raises(Exception):  # the left-behind CPU constant meets meta tensors
+        plain(torch.rand(2, 3, 4, device="meta"))
+    assert moved.module()(torch.rand(2, 3, 4, device="meta")).shape == (2, 3)
+    if _cuda():
+        on_gpu = exported_on(export(), "cuda").module()
+        x = torch.rand(2, 3, 4)
+        np.testing.assert_allclose(on_gpu(x.cuda()).cpu().numpy(),
+                                   program.module()(x).detach().numpy(), atol=1e-5)
