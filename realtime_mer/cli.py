@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "spotting signal and the events drawn on it")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_max_faces_argument(analyze)
+    _add_flow_argument(analyze)
     analyze.add_argument("--start", type=_time_of_day, default=0.0, metavar="TIME",
                          help="analyse from this time in the video: seconds (75.5) or "
                               "[hh:]mm:ss(.s) (1:15.5); the file is entered by a seek, events "
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--no-progress", action="store_true",
                       help="no status line (frames, rate, events)")
     _add_max_faces_argument(live)
+    _add_flow_argument(live)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="the live webcam demo (Gradio web app)",
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--share", action="store_true",
                       help="also open a public Gradio share link (off by default)")
     _add_engine_arguments(demo)
+    _add_flow_argument(demo)
 
     info = commands.add_parser(
         "info", parents=[common], help="what the engine is, how it scored, how it runs here",
@@ -286,7 +289,23 @@ def _pipeline_options(args=None):
     max_faces = getattr(args, "max_faces", None)
     if max_faces is not None:
         options = replace(options, face=replace(options.face, max_faces=max_faces))
+    flow = getattr(args, "flow", None)
+    if flow is not None:
+        options = replace(options, features=replace(options.features, flow=flow))
+        from realtime_mer.features import uses_torch_flow
+
+        if uses_torch_flow(options.features):
+            print("mer: warming up the PyTorch TV-L1 (torch.compile: minutes the first time on "
+                  "a machine, seconds once torch's cache holds it)", file=sys.stderr, flush=True)
     return options
+
+
+def _add_flow_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flow", choices=["auto", "opencv-tvl1", "torch-tvl1"], default="auto",
+        help="the TV-L1 that makes each event's feature map: auto (the project's PyTorch TV-L1 "
+             "on a CUDA GPU when there is one, else OpenCV's, the default), opencv-tvl1, or "
+             "torch-tvl1 (also on a CPU, compiled at start)")
 
 
 def _add_max_faces_argument(parser: argparse.ArgumentParser) -> None:
@@ -440,7 +459,7 @@ def _demo(args) -> int:
     from realtime_mer.app import build_app, launch
 
     engine = _load_engine(args)
-    app = build_app(engine=engine, options=_pipeline_options())
+    app = build_app(engine=engine, options=_pipeline_options(args))
     # Said once the server listens, with the address it got: a taken port is an error instead.
     try:
         launch(app, host=args.host, port=args.port, share=args.share, block=True,

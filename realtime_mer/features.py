@@ -30,7 +30,7 @@ from realtime_mer.flow import FlowEstimator, TVL1Options, create_flow
 
 __all__ = [
     "FeatureOptions", "FeatureExtractor", "flow_strain_map", "load_3db_map", "published_strain",
-    "normalise_minmax", "CHANNELS", "CALIBRATED_TVL1",
+    "normalise_minmax", "CHANNELS", "CALIBRATED_TVL1", "uses_torch_flow",
 ]
 
 CHANNELS = ("u", "v", "strain")
@@ -159,6 +159,18 @@ def _strain_map_from_flow(flow: np.ndarray, options: FeatureOptions) -> np.ndarr
     return np.stack([normalise_minmax(c) for c in channels], axis=-1)
 
 
+def uses_torch_flow(options: FeatureOptions) -> bool:
+    """Whether the options' flow is the project's PyTorch TV-L1 (asked for, or "auto" on a
+    machine with CUDA), which compiles before its first pair."""
+    if options.flow == "torch-tvl1":
+        return True
+    if options.flow != "auto":
+        return False
+    from realtime_mer.flow import _cuda_available
+
+    return _cuda_available()
+
+
 def _new_estimator(options: FeatureOptions) -> FlowEstimator:
     kwargs = {"options": options.tvl1} if options.flow in _TVL1_NAMES else {}
     return create_flow(options.flow, **kwargs)
@@ -221,6 +233,13 @@ class FeatureExtractor:
 
     def process(self, onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
         return flow_strain_map(onset, apex, self.options, self._flow)
+
+    def warm_up(self) -> None:
+        """One pair through the flow, so a compiled flow (the PyTorch TV-L1) compiles at start,
+        not at the first event of a live stream."""
+        rng = np.random.default_rng(0)
+        crop = rng.integers(0, 255, (self.options.flow_size,) * 2).astype(np.uint8)
+        self.process(crop, np.roll(crop, 1, axis=1))
 
     def reset(self) -> None:
         """No state carries over between pairs; present for the stage convention."""

@@ -24,7 +24,7 @@ from realtime_mer.face import (
     ALIGN_LANDMARKS, FaceAligner, FaceOptions, FaceResult, small_face_note,
     upsampling_eye_distance,
 )
-from realtime_mer.features import FeatureExtractor, FeatureOptions
+from realtime_mer.features import FeatureExtractor, FeatureOptions, uses_torch_flow
 from realtime_mer.report import EventRecord
 from realtime_mer.runtime import Backend, default_engine_path, load_engine
 from realtime_mer.speech import LipMotion, SpeechOptions, in_intervals
@@ -120,6 +120,9 @@ class Pipeline:
         self.aligner = FaceAligner(options.face)
         self.spotter = Spotter(options.spotter)
         self._features = FeatureExtractor(options.features)
+        if self.engine is not None and uses_torch_flow(options.features):
+            with self.timer.stage("warm-up"):
+                self._features.warm_up()
         self.buffer = RingBuffer(
             capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
             crop_size=options.face.crop_size, n_landmarks=478)

@@ -827,3 +827,13 @@ def test_a_file_name_in_any_script_gives_no_extra_stderr(media_dir, tmp_path, ca
     assert run_cli(str(video), "--out", str(tmp_path / "out")) == 0
     assert capsys.readouterr().err == ""
     assert (tmp_path / "out" / "timeline.png").stat().st_size > 0
+
+
+def test_flow_option_reaches_the_features(capsys):
+    from realtime_mer.cli import _pipeline_options, build_parser
+
+    for flow in ("opencv-tvl1", "torch-tvl1", "auto"):
+        args = build_parser().parse_args(["analyze", "x.mp4", "--out", "o", "--flow", flow])
+        assert _pipeline_options(args).features.flow == flow
+    assert "warming up the PyTorch TV-L1" in capsys.readouterr().err  # said for torch-tvl1
+    assert build_parser().parse_args(["demo"]).flow == "auto"
