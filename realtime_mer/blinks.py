@@ -18,7 +18,7 @@ import numpy as np
 
 from realtime_mer.buffer import TimeSeries
 
-__all__ = ["BlinkOptions", "Blink", "BlinkDetector", "eye_openness", "EYELID_PAIRS",
+__all__ = ["BlinkOptions", "Blink", "BlinkDetector", "eye_openness", "crossing", "EYELID_PAIRS",
            "EYE_CORNERS"]
 
 #: (upper lid, lower lid) pairs across each eye: image-left eye 160/144, 159/145, 158/153,
@@ -128,7 +128,7 @@ class BlinkDetector:
         blink = None
         if self._dip_start is None:
             if value < edge:
-                start = t_ms if prev is None else _crossing(prev[0], prev[1], t_ms, value, edge)
+                start = t_ms if prev is None else crossing(prev[0], prev[1], t_ms, value, edge)
                 self._dip_start, self._dip_min, self._dip_min_t = start, value, t_ms
                 self._closed = value < o.closed_fraction * level
         else:
@@ -136,7 +136,7 @@ class BlinkDetector:
                 self._dip_min, self._dip_min_t = value, t_ms
             self._closed |= value < o.closed_fraction * level
             if value >= edge:
-                end = _crossing(prev[0], prev[1], t_ms, value, edge) if prev else t_ms
+                end = crossing(prev[0], prev[1], t_ms, value, edge) if prev else t_ms
                 if self._closed and end - self._dip_start >= o.min_blink_ms:
                     blink = Blink(self._dip_start, self._dip_min_t, end,
                                   1.0 - self._dip_min / level)
@@ -173,7 +173,9 @@ class BlinkDetector:
         return self.open_level
 
 
-def _crossing(t0: float, v0: float, t1: float, v1: float, level: float) -> float:
+def crossing(t0: float, v0: float, t1: float, v1: float, level: float) -> float:
+    """Time where the straight line between two samples crosses ``level`` (clamped to them);
+    the spotter's onsets and offsets use it too."""
     if v1 == v0:
         return t1
     a = min(max((level - v0) / (v1 - v0), 0.0), 1.0)

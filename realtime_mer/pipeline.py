@@ -357,8 +357,9 @@ class Pipeline:
         apex = self.buffer.get(_clamp(spot.apex_ms, self.buffer))
         offset_t = _clamp(spot.offset_ms, self.buffer)
         self.events_spotted += 1
-        return _EventJob(self.events_spotted, spot, onset.crop.copy(),
-                         _under_transform(apex, onset.transform),
+        blink = spot.kind == "blink"  # reported as it is: no map, so no crops to keep
+        return _EventJob(self.events_spotted, spot, None if blink else onset.crop.copy(),
+                         None if blink else _under_transform(apex, onset.transform),
                          self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
                          self._frame_index(offset_t), self._map_landmarks(apex.landmarks),
                          self._spoken(spot.onset_ms, spot.offset_ms))
@@ -425,8 +426,8 @@ class Pipeline:
 class _EventJob:
     event_id: int
     spot: SpotEvent
-    onset_crop: np.ndarray
-    apex_crop: np.ndarray
+    onset_crop: np.ndarray | None
+    apex_crop: np.ndarray | None
     onset_frame: int
     apex_frame: int
     offset_frame: int

@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from realtime_mer.blinks import Blink, BlinkDetector, BlinkOptions
+from realtime_mer.blinks import crossing as _crossing
 from realtime_mer.buffer import TimeSeries
 from realtime_mer.face import CANONICAL_STABLE_28, CANONICAL_STRETCH_X
 from realtime_mer.flow import FlowEstimator, create_flow
@@ -405,14 +406,6 @@ def _nearest(times: np.ndarray, target: float) -> int:
 def _crop_capacity(options: SpotterOptions) -> int:
     # The idle reference is at most `lag` back; margin for irregular clocks.
     return int(math.ceil(options.reference_lag_ms * 1.5 * options.max_fps / 1000.0)) + 2
-
-
-def _crossing(t0: float, s0: float, t1: float, s1: float, level: float) -> float:
-    """Time where the straight line between two samples crosses ``level`` (clamped to them)."""
-    if s1 == s0:
-        return t1
-    a = min(max((level - s0) / (s1 - s0), 0.0), 1.0)
-    return t0 + a * (t1 - t0)
 
 
 @dataclass
