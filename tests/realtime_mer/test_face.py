@@ -124,7 +124,6 @@ def test_single_face_photo(aligner, media_dir):
     # The crop is fitted on the eye corners and the nose, which a broad smile leaves in place: it
     # levels the face (the eye corners within 3 degrees; the nasal ridge shares the fit, and a
     # turned head bends it against the eyes' line) and centres the eye corners.
-    template = canonical_points(CROP)
     corners = result.landmarks[[33, 263]]  # outer eye corners (the irises follow the gaze)
     tilt = np.degrees(np.arctan2(corners[1, 1] - corners[0, 1], corners[1, 0] - corners[0, 0]))
     assert abs(tilt) < 3.0
