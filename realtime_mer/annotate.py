@@ -4,6 +4,7 @@ annotated video of ``analyze``."""
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 import av
@@ -70,6 +71,79 @@ def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord
         _text(out, f"{fps:.0f} fps", (width - int(110 * scale), int(30 * scale)), scale * 0.8,
               _WHITE)
     return out
+
+
+def signal_strip(t_ms: np.ndarray, values: np.ndarray, thresholds: np.ndarray,
+                 marks: np.ndarray, span_ms: float, width: int = 480,
+                 row_height: int = 44) -> np.ndarray:
+    """The spotting signal of the last ``span_ms`` as one row per region (BGR image): each
+    region's value (% IOD, white) against its threshold (orange), red where it stands above;
+    ``marks`` (N,) 1 where a blink masked the lids, 2 where the person talked, shaded under the
+    rows. ``t_ms`` (N,), ``values`` and ``thresholds`` (N, R), NaN where there was no face."""
+    regions = values.shape[1] if values.ndim == 2 else len(REGION_NAMES)
+    out = np.full((row_height * regions + 16, width, 3), 24, np.uint8)
+    if len(t_ms) == 0:
+        return out
+    end = float(t_ms[-1])
+    x = np.round((1 - (end - t_ms) / span_ms) * (width - 1)).astype(np.int32)
+    # state shading first, so the lines stay on top: each pixel column takes the state of the
+    # last sample at or before it
+    columns = np.searchsorted(x, np.arange(width), side="right") - 1
+    column_marks = np.where(columns >= 0, np.asarray(marks)[np.maximum(columns, 0)], 0)
+    for mark, shade in ((1, (70, 45, 45)), (2, (45, 60, 45))):
+        out[:-16, column_marks == mark] = shade
+    for r in range(regions):
+        top, bottom = r * row_height + 2, (r + 1) * row_height - 2
+        value, threshold = values[:, r], thresholds[:, r]
+        known = np.isfinite(value) & np.isfinite(threshold) & (x >= 0)
+        scale = max(1.5 * threshold[known].max(), value[known].max()) if known.any() else 1.0
+        y = np.round(bottom - np.clip(np.nan_to_num(value) / max(scale, 1e-6), 0, 1)
+                     * (bottom - top)).astype(np.int32)
+        y_thr = np.round(bottom - np.clip(np.nan_to_num(threshold) / max(scale, 1e-6), 0, 1)
+                         * (bottom - top)).astype(np.int32)
+        cv2.line(out, (0, bottom + 1), (width - 1, bottom + 1), (70, 70, 70), 1)
+        if known.sum() >= 2:
+            cv2.polylines(out, [np.stack([x[known], y_thr[known]], 1).reshape(-1, 1, 2)],
+                          False, _ORANGE, 1, cv2.LINE_AA)
+            cv2.polylines(out, [np.stack([x[known], y[known]], 1).reshape(-1, 1, 2)],
+                          False, _WHITE, 1, cv2.LINE_AA)
+            above = known & (value > threshold)
+            pairs = np.flatnonzero(above[:-1] & above[1:])
+            if pairs.size:  # above the threshold: drawn again, thick and red
+                segments = np.stack([np.stack([x[pairs], y[pairs]], 1),
+                                     np.stack([x[pairs + 1], y[pairs + 1]], 1)], 1)
+                cv2.polylines(out, list(segments.reshape(-1, 2, 1, 2)), False, _RED, 3)
+    labels, drawn = _strip_labels(regions, width, row_height, span_ms)
+    out[drawn] = labels[drawn]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _strip_labels(regions: int, width: int, row_height: int, span_ms: float):
+    """The strip's text, drawn once (text is the costliest thing to draw) → (image, mask)."""
+    labels = np.zeros((row_height * regions + 16, width, 3), np.uint8)
+    for r in range(regions):
+        name = REGION_NAMES[r] if r < len(REGION_NAMES) else f"region {r}"
+        _text(labels, name, (6, r * row_height + 16), 0.45, _WHITE)
+    _text(labels, f"last {span_ms / 1000:.0f} s; orange: threshold; blue: blink; "
+                  "green: talking", (6, labels.shape[0] - 4), 0.4, _WHITE)
+    # the black outline of the text counts as drawn too (it is what keeps it readable)
+    drawn = cv2.dilate(np.any(labels > 0, axis=2).astype(np.uint8), np.ones((3, 3))) > 0
+    return labels, drawn
+
+
+def flow_map_image(feature_map: np.ndarray, size: int = 96) -> np.ndarray:
+    """An event's (28, 28, 3) map (u, v, strain) as a BGR picture: the flow's direction as hue,
+    its magnitude as brightness (scaled to the map's own largest), nearest-neighbour enlarged."""
+    u, v = feature_map[..., 0].astype(np.float32), feature_map[..., 1].astype(np.float32)
+    magnitude, angle = cv2.cartToPolar(u, v, angleInDegrees=True)
+    hsv = np.zeros((*u.shape, 3), np.uint8)
+    hsv[..., 0] = (angle / 2).astype(np.uint8)
+    hsv[..., 1] = 255
+    peak = float(magnitude.max())
+    hsv[..., 2] = np.clip(magnitude / peak * 255 if peak > 0 else 0, 0, 255).astype(np.uint8)
+    return cv2.resize(cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR), (size, size),
+                      interpolation=cv2.INTER_NEAREST)
 
 
 def _text(image, text, origin, scale, colour) -> None:

@@ -8,6 +8,9 @@ session, so it can be tested on frames of a real video without a browser.
 from __future__ import annotations
 
 import atexit
+import base64
+import collections
+import html
 import logging
 import shutil
 import tempfile
@@ -19,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from realtime_mer.annotate import annotate
+from realtime_mer.annotate import annotate, flow_map_image, signal_strip
 from realtime_mer.capture import Frame
 from realtime_mer.face import small_face_note
 from realtime_mer.pipeline import FrameResult, Pipeline, PipelineOptions
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 EVENT_LOG_COLUMNS = ["onset (s)", "apex (s)", "kind", "class", "confidence", "duration (ms)",
                      "regions", "size (%)", "floor (%)", "talking"]
 _MAX_LOG_ROWS = 200
+_STRIP_SPAN_MS = 8000.0  # the live strip shows this much of the spotting signal
+_CARDS = 4  # event cards shown, newest first
 
 
 def event_row(event: EventRecord) -> list:
@@ -54,6 +59,11 @@ class LiveSession:
     _t0: float | None = None
     _last_arrival: float | None = None
     _fps: float = 0.0
+    # Bumped whenever the event log changes: the stream sends the log and the cards only then.
+    log_version: int = 0
+    _history: collections.deque = field(default_factory=collections.deque, repr=False)
+    _cards: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_CARDS),
+                                      repr=False)
     # The stream and the Reset button run in different worker threads: a frame and a reset
     # must not interleave (the pipeline's queues are not shared-state safe).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -71,7 +81,7 @@ class LiveSession:
         if self.pipeline is None:
             # Classification runs beside the stream so a browser frame is never held up by it.
             self.pipeline = Pipeline(replace(self.options, classify_in_background=True,
-                                             drop_when_busy=True),
+                                             drop_when_busy=True, classifier_niceness=10),
                                      engine=self.engine, source_name="webcam")
         now = time.monotonic()
         if t_ms is None:
@@ -84,17 +94,51 @@ class LiveSession:
         image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
         result = self.pipeline.process(Frame(t_ms=t_ms, image_bgr=image_bgr, index=self.frames))
         self.frames += 1
+        self._remember(result)
         if result.events:
             self.events.extend(result.events)
             del self.events[:-_MAX_LOG_ROWS]
+            self._cards.extend(zip(result.events, result.feature_maps))
+            self.log_version += 1
         annotated = annotate(image_bgr, result, self.events[-1] if self.events else None,
                              self._fps)
         return cv2.cvtColor(annotated, cv2.COLOR_BGR2RGB), self.log_rows()
 
+    def _remember(self, result: FrameResult) -> None:
+        """Keep the strip's window of per-region values, thresholds and blink/speech state."""
+        regions = len(self.options.spotter.regions)
+        missing = np.full(regions, np.nan)
+        values = missing if result.region_values is None else result.region_values
+        thresholds = missing if result.thresholds is None else result.thresholds
+        mark = 1 if result.blinking else 2 if result.speaking else 0
+        self._history.append((result.t_ms, values, thresholds, mark))
+        while self._history and self._history[0][0] < result.t_ms - _STRIP_SPAN_MS:
+            self._history.popleft()
+
+    def strip(self) -> np.ndarray:
+        """The live strip (RGB): each region's spotting value against its threshold over the
+        last seconds, blinks and speech shaded."""
+        if not self._history:
+            image = signal_strip(np.empty(0), np.empty((0, 0)), np.empty((0, 0)),
+                                 np.empty(0, np.int8), _STRIP_SPAN_MS)
+        else:
+            t, values, thresholds, marks = zip(*self._history)
+            image = signal_strip(np.asarray(t), np.stack(values), np.stack(thresholds),
+                                 np.asarray(marks), _STRIP_SPAN_MS)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def cards_html(self) -> str:
+        """The newest events as cards: kind and times (onset and apex, as in the reports), the
+        regions and size, the class probabilities, and the event's flow map."""
+        return event_cards(list(self._cards)[::-1])
+
     def finish(self) -> list[list]:
         """Collect events still being classified (end of a stream) → the event log rows."""
         if self.pipeline is not None:
-            self.events.extend(event for event, _ in self.pipeline.finish())
+            done = self.pipeline.finish()
+            self.events.extend(event for event, _ in done)
+            self._cards.extend(done)
+            self.log_version += 1
         return self.log_rows()
 
     def log_rows(self) -> list[list]:
@@ -110,6 +154,9 @@ class LiveSession:
         if self.pipeline is not None:
             self.pipeline.reset()
         self.events.clear()
+        self._history.clear()
+        self._cards.clear()
+        self.log_version += 1
         self.frames = 0
         self._t0 = self._last_arrival = None
         self._fps = 0.0
@@ -121,10 +168,67 @@ class LiveSession:
                 self.pipeline = None
 
 
+def _data_url(image_bgr: np.ndarray, kind: str = ".png") -> str:
+    ok, encoded = cv2.imencode(kind, image_bgr)
+    mime = "image/png" if kind == ".png" else "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(encoded).decode()}" if ok else ""
+
+
+def event_cards(events: list[tuple[EventRecord, np.ndarray | None]]) -> str:
+    """HTML cards for events (given newest first): everything in them is escaped or drawn here;
+    the flow map is an inline picture, so no file is written per event."""
+    if not events:
+        return "<p>No events yet.</p>"
+    cards = []
+    for event, feature_map in events:
+        title = "blink" if event.kind == "blink" else \
+            f"{event.kind}: {event.label} {event.confidence:.2f}"
+        lines = [f"<b>{html.escape(title)}</b>",
+                 f"onset {event.onset_ms / 1000:.2f} s, apex {event.apex_ms / 1000:.2f} s, "
+                 f"{event.duration_ms:.0f} ms",
+                 html.escape(f"{'+'.join(event.regions) or '-'}, size {event.amplitude_pct:.1f} %"
+                             f" (floor {event.floor_pct:.1f} %)"
+                             + (", talking" if event.speech else "")
+                             + (", cut short" if event.truncated else ""))]
+        bars = "".join(
+            f"<div style='display:flex;gap:4px;align-items:center'>"
+            f"<span style='width:70px'>{html.escape(name)}</span>"
+            f"<span style='display:inline-block;height:8px;width:{round(100 * p)}px;"
+            f"background:#e07b39'></span><span>{p:.2f}</span></div>"
+            for name, p in sorted(event.probabilities.items(), key=lambda kv: -kv[1]))
+        picture = "" if feature_map is None else \
+            f"<img alt='flow map' width='96' height='96' src='{_data_url(flow_map_image(feature_map))}'>"
+        cards.append("<div style='display:flex;gap:10px;border:1px solid #8884;border-radius:6px;"
+                     f"padding:6px;margin:4px 0'>{picture}<div>{'<br>'.join(lines)}{bars}"
+                     "</div></div>")
+    return "".join(cards)
+
+
+def _inline_image(gr, **kwargs):
+    """An output image that travels inside the message as a JPEG data URL. Gradio's own Image
+    writes every returned frame to its cache (about 13 files a second while streaming); this one
+    writes nothing, and a JPEG costs less to encode than Gradio's WebP. It stays a plain
+    ``gr.Image`` (a subclass would be looked up as a custom component by the browser): only
+    this instance's ``postprocess`` is replaced."""
+    from gradio.data_classes import ImageData
+
+    image = gr.Image(**kwargs)
+
+    def postprocess(value):
+        if value is None:
+            return None
+        bgr = cv2.cvtColor(np.ascontiguousarray(value), cv2.COLOR_RGB2BGR)
+        _, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        return ImageData(url="data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
+
+    image.postprocess = postprocess
+    return image
+
+
 UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
 UPLOAD_MAX_SIDE = 1280  # the CLI's default: a 4K upload must not cost the face stage 10x
 UPLOAD_MAX_SIZE = "500mb"  # larger uploads are refused by the server before they are stored
-SESSION_TTL_S = 120  # a live session's pipeline is freed this long after its last frame
+SESSION_IDLE_S = 60.0  # a live session's pipeline is freed this long after its last frame
 
 
 def _instance_folder() -> Path:
@@ -149,10 +253,15 @@ def _fresh_output_dir(root: Path, keep_s: float = UPLOAD_KEEP_S) -> Path:
     return Path(tempfile.mkdtemp(prefix="run-", dir=root))
 
 
+class UploadAbandoned(Exception):
+    """The browser that asked for an analysis has gone: the analysis stops at the next frame."""
+
+
 def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOptions,
-                   progress=None, out_root: Path | None = None):
+                   progress=None, out_root: Path | None = None, abandoned=lambda: False):
     """Upload tab: analyse a file into a fresh folder under ``out_root`` → (output files,
-    timeline, event rows, message)."""
+    timeline, event rows, message). ``abandoned()`` is asked at every frame: when it says the
+    browser has left, the analysis stops (nobody would read it) and its folder is removed."""
     from realtime_mer.analyze import analyze_video
     from realtime_mer.capture import CaptureOptions
     from realtime_mer.errors import MerError
@@ -162,12 +271,18 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
     out_dir = _fresh_output_dir(out_root or Path(tempfile.gettempdir()) / "mer-analyze")
 
     def report(done: int, expected: int | None) -> None:
+        if abandoned():
+            raise UploadAbandoned
         if progress is not None and expected:
             progress(min(done / expected, 1.0), desc=f"frame {done} of {expected}")
 
     try:
         result = analyze_video(video_path, out_dir, options=options, engine=engine,
                                capture=CaptureOptions(max_side=UPLOAD_MAX_SIDE), progress=report)
+    except UploadAbandoned:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        log.info("upload analysis stopped: its browser left")
+        return [], None, [], "Stopped: the page was closed."
     except MerError as error:
         # The server's paths are nobody's business in the browser: the user's file name only.
         text = str(error).replace(str(video_path), Path(video_path).name)
@@ -188,9 +303,64 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
     return files, timeline, rows, message
 
 
-def _close_session(session: LiveSession | None) -> None:
-    if session is not None:
-        session.close()
+class LiveSessions:
+    """The live sessions of one demo, by browser session. A session's pipeline (MediaPipe graph,
+    classifier thread) is closed when its browser tab closes (Gradio's unload event) or, for a
+    client that just stops sending (an API client, a lost network), after ``idle_s`` without a
+    frame. Gradio's own State would keep a closed tab's value for an hour."""
+
+    def __init__(self, make, idle_s: float = SESSION_IDLE_S, check_every_s: float = 5.0) -> None:
+        self._make = make
+        self._idle_s = idle_s
+        self._sessions: dict[str, tuple[LiveSession, list[float]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_every, args=(check_every_s,),
+                                        name="mer-session-reaper", daemon=True)
+        self._reaper.start()
+
+    def get(self, key: str) -> LiveSession:
+        """The session of this browser session, made at its first frame; marks it used now."""
+        with self._lock:
+            entry = self._sessions.get(key)
+            if entry is None:
+                entry = self._sessions[key] = (self._make(), [time.monotonic()])
+                log.info("live session opened (%d open)", len(self._sessions))
+            entry[1][0] = time.monotonic()
+            return entry[0]
+
+    def peek(self, key: str) -> LiveSession | None:
+        with self._lock:
+            entry = self._sessions.get(key)
+            return None if entry is None else entry[0]
+
+    def close(self, key: str, why: str = "its tab closed") -> None:
+        with self._lock:
+            entry = self._sessions.pop(key, None)
+        if entry is not None:
+            entry[0].close()
+            log.info("live session closed: %s (%d open)", why, len(self._sessions))
+
+    def reap(self) -> int:
+        """Close the sessions idle for longer than ``idle_s`` → how many were closed."""
+        cutoff = time.monotonic() - self._idle_s
+        with self._lock:
+            idle = [key for key, (_, used) in self._sessions.items() if used[0] < cutoff]
+        for key in idle:
+            self.close(key, f"no frame for {self._idle_s:.0f} s")
+        return len(idle)
+
+    def _reap_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            self.reap()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for key in list(self._sessions):
+            self.close(key, "the demo stops")
 
 
 def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
@@ -199,19 +369,43 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
 
     temp_root = temp_root or _instance_folder()
 
-    def stream(image, session: LiveSession | None):
-        if session is None:
-            session = LiveSession(engine=engine, options=options)
-        annotated, rows = session.process_rgb(image)
-        return annotated, rows, session
+    sessions = LiveSessions(lambda: LiveSession(engine=engine, options=options))
 
-    def clear(session: LiveSession | None):
+    def stream(image, shown_version: int, request: gr.Request):
+        session = sessions.get(request.session_hash)
+        annotated, rows = session.process_rgb(image)
+        if session.log_version == shown_version:  # the log and cards are unchanged: not resent
+            return annotated, session.strip(), gr.skip(), gr.skip(), shown_version
+        return annotated, session.strip(), rows, session.cards_html(), session.log_version
+
+    def clear(request: gr.Request):
+        session = sessions.peek(request.session_hash)
         if session is not None:
             session.reset()
-        return None, [], session
+        return None, None, [], event_cards([]), -1
 
-    def upload(video, progress=gr.Progress()):
-        return analyze_upload(video, engine, options, progress, out_root=temp_root / "reports")
+    left: set[str] = set()  # browser sessions gone while their upload was being analysed
+    uploading: set[str] = set()
+
+    def leave(request: gr.Request):
+        sessions.close(request.session_hash)
+        if request.session_hash in uploading:
+            left.add(request.session_hash)
+
+    def upload(video, request: gr.Request, progress=gr.Progress()):
+        key = request.session_hash
+        uploading.add(key)
+        try:
+            return analyze_upload(video, engine, options, progress,
+                                  out_root=temp_root / "reports", abandoned=lambda: key in left)
+        finally:
+            uploading.discard(key)
+            left.discard(key)
+
+    # Gradio passes the request to a parameter annotated gr.Request; this module's annotations
+    # are strings (postponed), which Gradio would not resolve to its class.
+    for handler in (stream, clear, leave, upload):
+        handler.__annotations__["request"] = gr.Request
 
     manifest = engine.manifest
     # Gradio's cache of uploads and streamed frames: files older than 10 minutes go, checked
@@ -221,18 +415,23 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
             f"## realtime-mer: micro-expression recognition\nModel **{manifest.model}** "
             f"({engine.name} on {engine.device}); classes: {', '.join(manifest.class_names)}.")
         with gr.Tab("Live webcam"):
-            # A browser session's pipeline (MediaPipe graph, worker thread) is closed when
-            # Gradio drops the session's state, not left to leak.
-            session = gr.State(None, time_to_live=SESSION_TTL_S,
-                               delete_callback=_close_session)
+            shown_version = gr.State(-1)  # the log version this browser shows
             with gr.Row():
                 camera = gr.Image(sources=["webcam"], streaming=True, label="webcam")
-                annotated = gr.Image(label="annotated", streaming=True)
-            events = gr.Dataframe(headers=EVENT_LOG_COLUMNS, label="event log (newest first)")
+                annotated = _inline_image(gr, label="annotated", streaming=True,
+                                          elem_id="annotated")
+            with gr.Row():
+                strip = _inline_image(gr, label="spotting signal per region", streaming=True,
+                                      elem_id="strip")
+                cards = gr.HTML(event_cards([]), label="latest events", elem_id="cards")
+            events = gr.Dataframe(headers=EVENT_LOG_COLUMNS, label="event log (newest first)",
+                                  elem_id="event-log")
             reset = gr.Button("Reset")
-            camera.stream(stream, [camera, session], [annotated, events, session],
-                          stream_every=0.05, concurrency_limit=4)
-            reset.click(clear, [session], [annotated, events, session])
+            # A frame every 33 ms: the rate of a 30 fps camera.
+            camera.stream(stream, [camera, shown_version],
+                          [annotated, strip, events, cards, shown_version],
+                          stream_every=0.033, concurrency_limit=4, show_progress="hidden")
+            reset.click(clear, None, [annotated, strip, events, cards, shown_version])
         with gr.Tab("Analyze a file"):
             video = gr.File(label="video file", file_types=["video"], type="filepath")
             run = gr.Button("Analyze", variant="primary")
@@ -242,6 +441,8 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
             files = gr.File(label="outputs", file_count="multiple")
             # One analysis at a time: a long upload must not starve the live sessions' cores.
             run.click(upload, [video], [files, timeline, table, message], concurrency_limit=1)
+        app.unload(leave)  # the tab closed: its pipeline goes now, not when it times out
+    app.live_sessions = sessions  # for tests and for the soak benchmark
     return app
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import deque
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -69,6 +70,9 @@ class PipelineOptions:
     # (one worker). analyze_video and analyze_camera turn it on; off, each event comes back
     # with the frame that closed it.
     classify_in_background: bool = False
+    # The background classifier's niceness (Linux; 0 elsewhere): a live view gives frames the
+    # CPU first and classifies with what is left, so the picture stays fluid on 2 cores.
+    classifier_niceness: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,8 @@ class FrameResult:
     """One frame's outcome. ``events``: the events whose report was completed at this frame
     (spotted, and classified unless blinks), each with its (28, 28, 3) map for display (None for
     a blink) in ``feature_maps``. ``signal``/``threshold``: the region standing highest over its
-    threshold (value and threshold, % IOD); ``region_values`` and ``floors`` per region (order of
-    ``SpotterOptions.regions``; the floor is the smallest movement the spotter would report there
+    threshold (value and threshold, % IOD); ``region_values``, ``thresholds`` and ``floors`` per region
+    (order of ``SpotterOptions.regions``; the floor is the smallest movement the spotter would report there
     now, % IOD); ``blinking``: the lids are masked for a blink; ``speaking``: the person talks."""
 
     index: int
@@ -94,6 +98,7 @@ class FrameResult:
     floors: np.ndarray | None = None
     blinking: bool = False
     speaking: bool = False
+    thresholds: np.ndarray | None = None  # per region, in the units of ``region_values``
 
     @property
     def event(self) -> EventRecord | None:
@@ -131,7 +136,8 @@ class Pipeline:
         # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
         # frame numbers as well as their times.
         self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer.capacity)
-        self._executor = _Classifier() if options.classify_in_background else None
+        self._executor = _Classifier(options.classifier_niceness) \
+            if options.classify_in_background else None
         self._abandoned = False
         self._pending: deque[tuple[Future, _EventJob]] = deque()
         self._ready: list[tuple[EventRecord, np.ndarray | None]] = []
@@ -210,6 +216,7 @@ class Pipeline:
             region_values=None if spotter is None or spotter.region_values is None
             else spotter.region_values.copy(),
             floors=None if spotter is None else spotter.floors.copy(),
+            thresholds=None if spotter is None else spotter.thresholds,
             blinking=bool(spotter is not None and spotter.blinking),
             speaking=bool(speaking))
 
@@ -309,7 +316,11 @@ class Pipeline:
             yield self.process(frame)
 
     def reset(self) -> None:
-        self.finish()
+        """Start again as if new (a live view's Reset): what is waiting for classification is
+        dropped, not waited for, and the event being classified now is not reported."""
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
         self.lips.reset()
         self._speaking_times.clear()
         self.aligner.reset()
@@ -440,8 +451,9 @@ class _Classifier:
     threads are joined when the interpreter exits, so a run stopped by Ctrl+C or SIGTERM would
     wait for a flow computation it has already given up."""
 
-    def __init__(self) -> None:
+    def __init__(self, niceness: int = 0) -> None:
         self._queue: queue.Queue = queue.Queue()
+        self._niceness = niceness
         self._thread = threading.Thread(target=self._work, name="mer-classify", daemon=True)
         self._thread.start()
 
@@ -451,6 +463,11 @@ class _Classifier:
         return future
 
     def _work(self) -> None:
+        if self._niceness:
+            try:  # this thread only: Linux schedules threads as tasks of their own
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._niceness)
+            except (AttributeError, OSError):
+                pass
         while True:
             item = self._queue.get()
             if item is None:

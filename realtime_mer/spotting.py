@@ -748,6 +748,14 @@ class Spotter:
         return self._detector.in_event
 
     @property
+    def thresholds(self) -> np.ndarray:
+        """Each region's threshold now, in the units of ``region_values`` (NaN while warming
+        up)."""
+        levels = self._detector._ev if self.in_event else self._detector.levels
+        return np.full(len(self.options.regions), np.nan) if levels is None \
+            else levels.threshold.copy()
+
+    @property
     def signal(self) -> float | None:
         r = self._leading_region()
         return None if r is None else float(self.region_values[r])

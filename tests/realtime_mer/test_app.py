@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import cv2
@@ -196,3 +197,75 @@ def test_upload_error_does_not_show_the_servers_paths(tmp_path, engine):
                                  out_root=tmp_path / "uploads")
     assert message.startswith("Error:") and "clip.mp4" in message
     assert "server-side-secret-dir" not in message and str(tmp_path) not in message
+
+
+def test_the_strip_draws_each_region_against_its_threshold_and_shades_blinks():
+    """Region 0 rises above its threshold in the last second: only its row gets red pixels; a
+    blink in the first seconds shades those columns."""
+    from realtime_mer.annotate import signal_strip
+
+    t = np.arange(0, 8000, 33.0)
+    values = np.full((t.size, 4), 0.5)
+    thresholds = np.full((t.size, 4), 1.0)
+    values[t > 7000, 0] = 2.0
+    marks = np.zeros(t.size, np.int8)
+    marks[t < 1000] = 1
+    strip = signal_strip(t, values, thresholds, marks, span_ms=8000.0, row_height=44)
+    red = np.all(strip == (60, 60, 230), axis=-1)
+    rows_with_red = np.flatnonzero(red.any(axis=1))
+    assert rows_with_red.size and rows_with_red.max() < 44  # region 0's row only
+    assert np.flatnonzero(red.any(axis=0)).min() > strip.shape[1] * 0.8  # in its last second
+    assert np.all(strip[30, 20] == (70, 45, 45)) and not np.all(strip[30, 300] == (70, 45, 45))
+
+
+def test_event_cards_escape_what_they_show_and_give_every_probability():
+    from realtime_mer.app import event_cards
+    from realtime_mer.report import EventRecord
+
+    event = EventRecord(onset_ms=1200, apex_ms=1400, offset_ms=1600, duration_ms=400,
+                        kind="micro", label="<script>x</script>", confidence=0.6,
+                        probabilities={"<script>x</script>": 0.6, "surprise": 0.4}, peak=2.0,
+                        threshold=1.0, onset_frame=36, apex_frame=42, offset_frame=48,
+                        regions=["brows"], amplitude_pct=2.1, floor_pct=1.0)
+    flow = np.zeros((28, 28, 3), np.float32)
+    flow[10:14, 10:14, 0] = 1.0
+    html = event_cards([(event, flow)])
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "onset 1.20 s, apex 1.40 s" in html and "surprise" in html and "0.40" in html
+    assert html.count("data:image/png;base64,") == 1
+    assert event_cards([]) == "<p>No events yet.</p>"
+
+
+def test_live_sessions_are_closed_when_the_tab_leaves_or_after_idling(media_dir, engine):
+    """Each browser session gets its own pipeline; closing the tab closes it at once; a client
+    that stops sending is closed after the idle time; a session in use is kept."""
+    from realtime_mer.app import LiveSessions
+
+    sessions = LiveSessions(lambda: LiveSession(engine=engine), idle_s=0.3, check_every_s=3600)
+    with open_video(media_dir / "single_face.mp4") as source:
+        rgb = cv2.cvtColor(next(iter(source)).image_bgr, cv2.COLOR_BGR2RGB)
+    for key in ("a", "b", "c"):
+        sessions.get(key).process_rgb(rgb, t_ms=0.0)
+    a = sessions.peek("a")
+    assert len(sessions) == 3 and a.pipeline is not None and sessions.peek("b") is not a
+    sessions.close("a")  # the tab closed
+    assert len(sessions) == 2 and a.pipeline is None
+    time.sleep(0.4)
+    sessions.get("c")  # c is still streaming
+    assert sessions.reap() == 1 and sessions.peek("b") is None and sessions.peek("c") is not None
+    sessions.shutdown()
+    assert len(sessions) == 0
+
+
+def test_an_abandoned_upload_stops_and_leaves_nothing(tmp_path, engine, media_dir):
+    asked = []
+
+    def abandoned():
+        asked.append(1)
+        return len(asked) > 5  # the browser leaves after five frames
+
+    files, timeline, rows, message = analyze_upload(
+        str(media_dir / "WolfgangLanger_Pexels.mp4"), engine, LiveSession(engine).options,
+        out_root=tmp_path / "reports", abandoned=abandoned)
+    assert (files, timeline, rows) == ([], None, []) and message.startswith("Stopped")
+    assert len(asked) == 6 and list((tmp_path / "reports").iterdir()) == []

@@ -213,3 +213,24 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
         probs = engine.predict(want.transpose(2, 0, 1)[None].astype(np.float32))[0]
         np.testing.assert_allclose([event.probabilities[c] for c in engine.class_names], probs,
                                    atol=1e-6)
+
+
+def test_reset_drops_the_events_waiting_for_classification_without_waiting(media_dir):
+    """A live view's Reset: the events queued for the background classifier are dropped at once
+    (not classified first, which takes most of a second each on this CPU), and none of them is
+    reported after the reset."""
+    import time
+
+    engine = load_engine(default_engine_path())
+    options = PipelineOptions(classify_in_background=True)
+    with Pipeline(options, engine=engine) as pipeline:
+        with open_video(media_dir / "talking" / "d9.mp4") as source:
+            for frame in source:
+                pipeline.process(frame)
+                if len(pipeline._pending) >= 2:
+                    break
+        assert len(pipeline._pending) >= 2, "the clip gave fewer than two events to classify"
+        start = time.perf_counter()
+        pipeline.reset()
+        assert time.perf_counter() - start < 0.1
+        assert pipeline.finish() == []
