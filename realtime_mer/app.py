@@ -228,6 +228,7 @@ def _inline_image(gr, **kwargs):
 UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
 UPLOAD_MAX_SIDE = 1280  # the CLI's default: a 4K upload must not cost the face stage 10x
 UPLOAD_MAX_SIZE = "500mb"  # larger uploads are refused by the server before they are stored
+SESSION_STATES = 32  # browser sessions whose Gradio state is kept
 SESSION_IDLE_S = 60.0  # a live session's pipeline is freed this long after its last frame
 
 
@@ -303,6 +304,20 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
     return files, timeline, rows, message
 
 
+def _return_freed_memory() -> None:
+    """Hand the memory a closed session freed back to the system. glibc keeps freed blocks in
+    per-thread arenas, and a session's threads (MediaPipe, classifier) leave hundreds of MB
+    there that RSS keeps counting until ``malloc_trim``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class LiveSessions:
     """The live sessions of one demo, by browser session. A session's pipeline (MediaPipe graph,
     classifier thread) is closed when its browser tab closes (Gradio's unload event) or, for a
@@ -339,6 +354,7 @@ class LiveSessions:
             entry = self._sessions.pop(key, None)
         if entry is not None:
             entry[0].close()
+            _return_freed_memory()
             log.info("live session closed: %s (%d open)", why, len(self._sessions))
 
     def reap(self) -> int:
@@ -363,9 +379,23 @@ class LiveSessions:
             self.close(key, "the demo stops")
 
 
+def _warm_up(engine: Backend, options: PipelineOptions) -> None:
+    """Open a live pipeline, give it a frame and compute one map, then close it: the models
+    and libraries a session needs are loaded before the first visitor, who then does not wait
+    for them (and the server's memory at start is what any session returns it to)."""
+    session = LiveSession(engine=engine, options=options)
+    session.process_rgb(np.zeros((240, 320, 3), np.uint8), t_ms=0.0)
+    session.pipeline._features.warm_up()
+    session.close()
+    _return_freed_memory()
+
+
 def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
-              temp_root: Path | None = None):
+              temp_root: Path | None = None, warm_up: bool = True):
     import gradio as gr
+
+    if warm_up:
+        _warm_up(engine, options)
 
     temp_root = temp_root or _instance_folder()
 
@@ -491,7 +521,11 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
     try:
         _, local_url, _ = app.queue().launch(
             server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
-            prevent_thread_lock=True, max_file_size=UPLOAD_MAX_SIZE)
+            prevent_thread_lock=True, max_file_size=UPLOAD_MAX_SIZE,
+            # Gradio keeps a closed tab's own state for an hour; at most SESSION_STATES of them
+            # here (the oldest go first). A live session's pipeline is not in Gradio's state
+            # (LiveSessions), so an evicted entry costs only a resend of the event log.
+            state_session_capacity=SESSION_STATES)
     except OSError as error:
         if "empty port" in str(error):  # Gradio's wording; its advice names its own API
             raise ServeError(f"port {port} on {host} is in use; choose another with --port") \

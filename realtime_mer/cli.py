@@ -199,6 +199,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "onnxruntime", "torch", "tensorrt"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto (CUDA where the backend can use it, else CPU), cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                        help="TensorRT only: fp16 lets it run layers in half precision "
+                             "(default fp32); the compiled program is kept for the next run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +324,7 @@ def _load_engine(args):
     from realtime_mer.runtime import default_engine_path, load_engine
 
     return load_engine(args.engine or default_engine_path(), backend=args.backend,
-                       device=args.device)
+                       device=args.device, precision=args.precision)
 
 
 def _analyze(args) -> int:

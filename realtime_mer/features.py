@@ -30,7 +30,8 @@ from realtime_mer.flow import FlowEstimator, TVL1Options, create_flow
 
 __all__ = [
     "FeatureOptions", "FeatureExtractor", "flow_strain_map", "load_3db_map", "published_strain",
-    "normalise_minmax", "CHANNELS", "CALIBRATED_TVL1", "uses_torch_flow",
+    "normalise_minmax", "CHANNELS", "CALIBRATED_TVL1", "uses_torch_flow", "area_matrix",
+    "maps_from_flow_tensor",
 ]
 
 CHANNELS = ("u", "v", "strain")
@@ -159,6 +160,56 @@ def _strain_map_from_flow(flow: np.ndarray, options: FeatureOptions) -> np.ndarr
     return np.stack([normalise_minmax(c) for c in channels], axis=-1)
 
 
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a 1-D area average from ``n_in`` to ``n_out`` samples (each
+    output sample the mean of the input interval it covers, partial samples weighted by the
+    part covered): what ``cv2.INTER_AREA`` does when shrinking, as a matrix, so the same average
+    can run on any device (``A @ X @ A.T`` for a 2-D map)."""
+    scale = n_in / n_out
+    weights = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        start, stop = i * scale, (i + 1) * scale
+        for j in range(int(np.floor(start)), min(int(np.ceil(stop)), n_in)):
+            weights[i, j] = min(stop, j + 1) - max(start, j)
+    return (weights / scale).astype(np.float32)
+
+
+def maps_from_flow_tensor(flow, options: FeatureOptions = FeatureOptions()):
+    """Steps 3-5 of the recipe on a batch of flows, on their own device (a GPU flow's maps
+    never leave the GPU until they are done): (N, 2, flow_size, flow_size) torch flow →
+    (N, map_size, map_size, 3) torch maps. The same numbers as :func:`_strain_map_from_flow`:
+    the Sobel derivatives with OpenCV's normalised kernels and reflected border, and the area
+    average as a matrix (test_features checks the two agree)."""
+    import torch
+    import torch.nn.functional as F
+
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"flow must be (N, 2, H, W); got {tuple(flow.shape)}")
+    flow = flow.float()
+    device, k = flow.device, options.strain_ksize
+    deriv, smooth = (torch.from_numpy(np.ascontiguousarray(c.ravel(), np.float32)).to(device)
+                     for c in cv2.getDerivKernels(1, 0, k, normalize=True))
+    # separable correlation as OpenCV's sepFilter2D: d/dx = smooth along y, deriv along x
+    padded = F.pad(flow.reshape(-1, 1, *flow.shape[2:]), (k // 2,) * 4, mode="reflect")
+    along_x = F.conv2d(padded, deriv.view(1, 1, 1, k))
+    along_x_smooth = F.conv2d(padded, smooth.view(1, 1, 1, k))
+    d_dx = F.conv2d(along_x, smooth.view(1, 1, k, 1)).reshape(flow.shape)
+    d_dy = F.conv2d(along_x_smooth, deriv.view(1, 1, k, 1)).reshape(flow.shape)
+    u_x, v_x = d_dx[:, 0], d_dx[:, 1]
+    u_y, v_y = d_dy[:, 0], d_dy[:, 1]
+    strain = torch.sqrt(u_x**2 + v_y**2 + 0.5 * (u_y + v_x) ** 2)
+    channels = torch.stack([flow[:, 0], flow[:, 1], strain], dim=1)  # (N, 3, H, W)
+    rows = torch.from_numpy(area_matrix(flow.shape[2], options.map_size)).to(device)
+    cols = torch.from_numpy(area_matrix(flow.shape[3], options.map_size)).to(device)
+    small = rows @ channels @ cols.T  # (N, 3, map, map)
+    low = small.amin(dim=(2, 3), keepdim=True)
+    span = small.amax(dim=(2, 3), keepdim=True) - low
+    # a constant channel has no range to stretch: zeros, as normalise_minmax
+    normalised = torch.where(span > 0, (small - low) / torch.where(span > 0, span, 1.0),
+                             torch.zeros_like(small))
+    return normalised.permute(0, 2, 3, 1).contiguous()
+
+
 def uses_torch_flow(options: FeatureOptions) -> bool:
     """Whether the options' flow is the project's PyTorch TV-L1 (asked for, or "auto" on a
     machine with CUDA), which compiles before its first pair."""
@@ -233,6 +284,25 @@ class FeatureExtractor:
 
     def process(self, onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
         return flow_strain_map(onset, apex, self.options, self._flow)
+
+    def process_batch(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Several onset/apex pairs → their maps. With the PyTorch TV-L1 the pairs go through
+        the flow together and the rest of the recipe runs on the flow's device
+        (:func:`maps_from_flow_tensor`); other flows take them one by one."""
+        if not hasattr(self._flow, "flow_tensor") or len(pairs) < 2:
+            return [self.process(onset, apex) for onset, apex in pairs]
+        import torch
+
+        prepared = []
+        for onset, apex in pairs:
+            onset, apex = to_grey(onset, "onset"), to_grey(apex, "apex")
+            if onset.shape != apex.shape:
+                raise ValueError(f"onset and apex differ in size: {onset.shape} vs {apex.shape}")
+            prepared.append((_prepare(onset, self.options), _prepare(apex, self.options)))
+        onsets = torch.from_numpy(np.stack([o for o, _ in prepared]))
+        apexes = torch.from_numpy(np.stack([a for _, a in prepared]))
+        maps = maps_from_flow_tensor(self._flow.flow_tensor(onsets, apexes), self.options)
+        return list(maps.cpu().numpy())
 
     def warm_up(self) -> None:
         """One pair through the flow, so a compiled flow (the PyTorch TV-L1) compiles at start,

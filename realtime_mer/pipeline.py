@@ -13,6 +13,7 @@ from collections import deque
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -125,7 +126,10 @@ class Pipeline:
         self.aligner = FaceAligner(options.face)
         self.spotter = Spotter(options.spotter)
         self._features = FeatureExtractor(options.features)
-        if self.engine is not None and uses_torch_flow(options.features):
+        # Events waiting together go through a PyTorch flow as one batch (OpenCV's takes pairs
+        # one by one, so batching would change nothing there).
+        self._batch_flow = uses_torch_flow(options.features)
+        if self.engine is not None and self._batch_flow:
             with self.timer.stage("warm-up"):
                 self._features.warm_up()
         self.buffer = RingBuffer(
@@ -241,7 +245,8 @@ class Pipeline:
                     work = self._unclassified
                 else:
                     busy[0].result()  # back-pressure: a file waits for its classifier
-            self._pending.append((self._executor.submit(work, job), job))
+            batch = self._classify_batch if work is self._classify and self._batch_flow else None
+            self._pending.append((self._executor.submit(work, job, batch), job))
 
     def _collect(self) -> list[tuple[EventRecord, np.ndarray | None]]:
         """The reports completed so far, in order (a background job still running holds back
@@ -375,9 +380,11 @@ class Pipeline:
                          self._frame_index(offset_t), self._map_landmarks(apex.landmarks),
                          self._spoken(spot.onset_ms, spot.offset_ms))
 
-    def _classify(self, job: _EventJob) -> tuple[EventRecord, np.ndarray]:
-        with self.timer.stage("features"):
-            feature_map = self._features.process(job.onset_crop, job.apex_crop)
+    def _classify(self, job: _EventJob, feature_map: np.ndarray | None = None
+                  ) -> tuple[EventRecord, np.ndarray]:
+        if feature_map is None:
+            with self.timer.stage("features"):
+                feature_map = self._features.process(job.onset_crop, job.apex_crop)
         with self.timer.stage("engine"):
             landmarks = None if job.apex_landmarks5 is None else job.apex_landmarks5[None]
             probabilities = self.engine.predict(
@@ -389,6 +396,15 @@ class Pipeline:
                                                                          probabilities)})
         log.debug("event %s", record)
         return record, feature_map
+
+    def _classify_batch(self, jobs: list[_EventJob]) -> list[tuple[EventRecord, np.ndarray]]:
+        """Events that waited together: their pairs through the flow as one batch."""
+        start = time.perf_counter()
+        maps = self._features.process_batch([(job.onset_crop, job.apex_crop) for job in jobs])
+        per_event_ms = (time.perf_counter() - start) * 1000.0 / len(jobs)
+        for _ in jobs:
+            self.timer.add("features", per_event_ms)
+        return [self._classify(job, feature_map) for job, feature_map in zip(jobs, maps)]
 
     def _unclassified(self, job: _EventJob) -> tuple[EventRecord, None]:
         # A blink has no class to wait for: its record is final.
@@ -449,18 +465,29 @@ class _EventJob:
 class _Classifier:
     """One daemon thread that classifies events in order. Not a ThreadPoolExecutor: its worker
     threads are joined when the interpreter exits, so a run stopped by Ctrl+C or SIGTERM would
-    wait for a flow computation it has already given up."""
+    wait for a flow computation it has already given up.
 
-    def __init__(self, niceness: int = 0) -> None:
+    Jobs submitted with a ``batch`` function are taken together when several wait in a row
+    (at most ``max_batch``): a GPU flow computes a batch of pairs in about the time of one."""
+
+    def __init__(self, niceness: int = 0, max_batch: int = 16) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._niceness = niceness
+        self._max_batch = max_batch
+        self._held = None  # an item taken while gathering a batch that did not belong to it
         self._thread = threading.Thread(target=self._work, name="mer-classify", daemon=True)
         self._thread.start()
 
-    def submit(self, fn, job) -> Future:
+    def submit(self, fn, job, batch=None) -> Future:
         future: Future = Future()
-        self._queue.put((future, fn, job))
+        self._queue.put((future, fn, job, batch))
         return future
+
+    def _next(self, block: bool = True):
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        return self._queue.get() if block else self._queue.get_nowait()
 
     def _work(self) -> None:
         if self._niceness:
@@ -469,16 +496,32 @@ class _Classifier:
             except (AttributeError, OSError):
                 pass
         while True:
-            item = self._queue.get()
+            item = self._next()
             if item is None:
                 return
-            future, fn, job = item
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled while waiting
+            items = [item]
+            while item[3] is not None and len(items) < self._max_batch:
+                try:
+                    more = self._next(block=False)
+                except queue.Empty:
+                    break
+                if more is None or more[3] is not item[3]:
+                    self._held = more
+                    break
+                items.append(more)
+            items = [i for i in items if i[0].set_running_or_notify_cancel()]  # not cancelled
+            if not items:
+                continue
             try:
-                future.set_result(fn(job))
-            except BaseException as error:  # handed to whoever reads the result
-                future.set_exception(error)
+                if len(items) == 1:
+                    results = [items[0][1](items[0][2])]
+                else:
+                    results = items[0][3]([job for _, _, job, _ in items])
+                for (future, *_), result in zip(items, results):
+                    future.set_result(result)
+            except BaseException as error:  # handed to whoever reads the results
+                for future, *_ in items:
+                    future.set_exception(error)
 
     def shutdown(self, join: bool = True) -> None:
         """Finish what is queued (abandoned jobs are cancelled and skipped), then stop; without

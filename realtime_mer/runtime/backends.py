@@ -268,18 +268,52 @@ class TorchBackend(Backend):
         return out.float().cpu().numpy()
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
+def tensorrt_cache_dir() -> Path:
+    """Where compiled TensorRT programs are kept: ``$MER_CACHE_DIR/tensorrt``, else
+    ``$XDG_CACHE_HOME/realtime-mer/tensorrt`` (``~/.cache/...``). A private folder of the user,
+    not the engine's: a TensorRT plan can carry plugin code, so one is only ever loaded from a
+    place that only this user's runs have written to."""
+    base = os.environ.get("MER_CACHE_DIR")
+    if base:
+        return Path(base) / "tensorrt"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "realtime-mer" / "tensorrt"
+
+
+def tensorrt_cache_path(engine: Path, engine_sha256: str, gpu: str, versions: dict[str, str],
+                        precision: str) -> Path:
+    """The compiled program for this engine, GPU, software versions and precision: any change
+    of them names another file, so a stale program is never loaded (it is compiled again)."""
+    import json
+
+    key = hashlib.sha256(json.dumps([engine_sha256, gpu, sorted(versions.items()), precision])
+                         .encode()).hexdigest()[:20]
+    return tensorrt_cache_dir() / f"{Path(engine).stem}-{precision}-{key}.ep"
+
+
 class TensorRTBackend(TorchBackend):
-    """torch-tensorrt compilation of a ``torch.export`` program, on CUDA only."""
+    """torch-tensorrt compilation of a ``torch.export`` program, on CUDA only. The compiled
+    program is saved (``torch_tensorrt.save``) in :func:`tensorrt_cache_dir`, keyed by the
+    engine's hash, the GPU and the torch, torch-tensorrt and TensorRT versions, and loaded from
+    there on the next run instead of compiling again (minutes → seconds). ``precision="fp16"``
+    lets TensorRT run layers in half precision."""
 
     name = "tensorrt"
 
-    def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto",
+                 precision: str = "fp32") -> None:
         import torch
 
         if device == "cpu":
             raise BackendUnavailable("TensorRT runs on CUDA only; device='cpu' was asked")
+        if precision not in PRECISIONS:
+            raise EngineError(f"unknown precision {precision!r}; choose fp32 or fp16")
         try:
-            import torch_tensorrt  # noqa: F401  (optional dependency, imported only here)
+            import tensorrt
+            import torch_tensorrt  # optional dependency, imported only here
         except Exception as exc:
             raise BackendUnavailable(f"torch_tensorrt cannot be imported ({exc}); install "
                                      "realtime-mer[tensorrt]") from exc
@@ -287,15 +321,50 @@ class TensorRTBackend(TorchBackend):
             raise BackendUnavailable("TensorRT needs a CUDA device; torch sees none")
         Backend.__init__(self, path, manifest, "cuda")
         self._torch = torch
+        self.precision = precision
+        versions = {"torch": torch.__version__, "torch_tensorrt": torch_tensorrt.__version__,
+                    "tensorrt": tensorrt.__version__}
+        gpu = f"{torch.cuda.get_device_name()} sm{''.join(map(str, torch.cuda.get_device_capability()))}"
+        self.cache_path = tensorrt_cache_path(path, manifest.sha256, gpu, versions, precision)
+        self.from_cache = False
+        if self.cache_path.is_file():
+            try:
+                self.module = _load_exported(self.cache_path).module()
+                self._probe()
+                self.from_cache = True
+                log.info("TensorRT program loaded from %s", self.cache_path)
+                return
+            except (EngineError, InputError) as exc:
+                log.warning("compiled TensorRT program %s not usable (%s); compiling again",
+                            self.cache_path, exc)
         spec = manifest.input["shape"]
-        ep = _load_exported(path)
+        ep = exported_on(_load_exported(path), "cuda")
+        precisions = {torch.float32} | ({torch.float16} if precision == "fp16" else set())
         try:
             inputs = [torch_tensorrt.Input(min_shape=[1, *spec[1:]], opt_shape=[8, *spec[1:]],
                                            max_shape=[256, *spec[1:]], dtype=torch.float32)]
-            self.module = torch_tensorrt.dynamo.compile(ep, inputs=inputs)
+            self.module = torch_tensorrt.dynamo.compile(ep, inputs=inputs,
+                                                        enabled_precisions=precisions)
         except Exception as exc:
             raise EngineError(f"{path}: TensorRT compilation failed ({exc})") from exc
         self._probe()
+        self._save(torch_tensorrt, spec)
+
+    def _save(self, torch_tensorrt, spec) -> None:
+        """Keep the compiled program for the next run (atomically: a run stopped while saving
+        leaves no half-written program to be loaded later). A failure costs only the reuse."""
+        example = self._torch.zeros([2, *spec[1:]], device="cuda")
+        partial = self.cache_path.with_name(self.cache_path.name + f".{os.getpid()}.part")
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            torch_tensorrt.save(self.module, str(partial), output_format="exported_program",
+                                arg_inputs=[example])
+            os.replace(partial, self.cache_path)
+            log.info("TensorRT program saved to %s", self.cache_path)
+        except Exception as exc:
+            partial.unlink(missing_ok=True)
+            log.warning("could not keep the compiled TensorRT program (%s); the next run "
+                        "compiles again", exc)
 
 
 def engine_format(path: Path) -> str:
@@ -339,13 +408,14 @@ def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str):
 
 
 def load_engine(path: str | Path | None = None, backend: str = "auto",
-                device: str = "auto") -> Backend:
+                device: str = "auto", precision: str = "fp32") -> Backend:
     """Load an engine and verify it against its manifest (``<path>.json``).
 
     backend: "auto" (by file type: .onnx → ONNX Runtime; .pt2 → TensorRT where torch_tensorrt
     and CUDA are present, else torch; .ens → an ensemble whose members load with the same
     backend and device), "onnxruntime", "torch" or "tensorrt". device: "auto",
-    "cpu" or "cuda". "auto" falls back with a logged reason; an explicit request that cannot be
+    "cpu" or "cuda". precision: "fp32" or "fp16" (TensorRT only; other backends run the
+    engine as it is). "auto" falls back with a logged reason; an explicit request that cannot be
     met raises BackendUnavailable. Missing/corrupt files, hash or input-spec mismatch raise
     EngineError.
     """
@@ -375,10 +445,10 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
     if backend == "onnxruntime":
         raise EngineError(f"{path}: ONNX Runtime cannot run a torch.export program")
     if backend == "tensorrt":
-        return TensorRTBackend(path, manifest, device)
+        return TensorRTBackend(path, manifest, device, precision)
     if backend == "auto" and device != "cpu":
         try:
-            return TensorRTBackend(path, manifest, device)
+            return TensorRTBackend(path, manifest, device, precision)
         except EngineError as exc:  # not installed, no CUDA, or a program it cannot compile
             log.warning("TensorRT not used (%s); falling back to the torch backend", exc)
     return TorchBackend(path, manifest, device)

@@ -234,3 +234,36 @@ def test_reset_drops_the_events_waiting_for_classification_without_waiting(media
         pipeline.reset()
         assert time.perf_counter() - start < 0.1
         assert pipeline.finish() == []
+
+
+def test_jobs_waiting_together_are_classified_as_one_batch_in_order():
+    """The classifier takes the batchable jobs queued behind a busy one together (a GPU flow
+    computes a batch in about the time of one pair); a job without a batch function is not
+    mixed in; results come back to each job's own future, in order."""
+    import threading
+
+    from realtime_mer.pipeline import _Classifier
+
+    gate, started, batches = threading.Event(), threading.Event(), []
+
+    def one(job):
+        started.set()
+        gate.wait(5)
+        return job * 10
+
+    def many(jobs):
+        batches.append(list(jobs))
+        return [job * 10 for job in jobs]
+
+    classifier = _Classifier()
+    futures = [classifier.submit(one, 0)]  # keeps the worker busy until the gate opens
+    assert started.wait(5)
+    futures += [classifier.submit(one, job, many) for job in (1, 2, 3)]
+    futures += [classifier.submit(lambda job: job * 10, 4)]  # not batchable
+    futures += [classifier.submit(one, job, many) for job in (5, 6)]
+    futures[2].cancel()  # a dropped event (Reset) is skipped, not computed
+    gate.set()
+    results = [None if f.cancelled() else f.result(timeout=10) for f in futures]
+    classifier.shutdown()
+    assert results == [0, 10, None, 30, 40, 50, 60]
+    assert batches == [[1, 3], [5, 6]]
