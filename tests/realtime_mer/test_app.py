@@ -23,7 +23,7 @@ def engine():
 def test_stream_gives_the_same_events_as_analyze(media_dir, engine, tmp_path):
     """Frames pushed one by one as the browser would (RGB), with the video's own timestamps,
     produce the events that `analyze` writes for the same file."""
-    path = media_dir / "WolfgangLanger_Pexels.mp4"
+    path = media_dir / "talking" / "d3.mp4"
     session = LiveSession(engine=engine)
     rows = []
     with open_video(path) as source:
@@ -171,7 +171,7 @@ def test_reset_while_streaming_neither_crashes_nor_keeps_the_log(media_dir, engi
 
     def stream():
         try:
-            with open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source:
+            with open_video(media_dir / "talking" / "d3.mp4") as source:
                 for frame in source:
                     session.process_rgb(cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB),
                                         t_ms=frame.t_ms + 100_000.0 * len(resets))

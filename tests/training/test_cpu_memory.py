@@ -103,6 +103,7 @@ def _child(mode: str, epochs: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two LOSO folds in fresh processes, about 20 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_keeping_freed_memory_changes_page_faults_not_results():
     """Fresh processes (the setting is process-wide and one-way). Each training step of an

@@ -1,0 +1,28 @@
+"""The README's Python examples run as written (on a real clip in place of interview.mp4)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_the_readme_has_python_examples():
+    assert len(_python_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_a_readme_example_runs(index, media_dir, tmp_path, monkeypatch, capsys):
+    code = _python_blocks()[index]
+    monkeypatch.chdir(tmp_path)
+    code = code.replace('"interview.mp4"', repr(str(media_dir / "single_face.mp4")))
+    exec(compile(code, f"README example {index + 1}", "exec"), {})
+    if index == 0:
+        assert (tmp_path / "report" / "summary.json").is_file()
