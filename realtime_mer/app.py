@@ -65,6 +65,7 @@ class LiveSession:
     _history: collections.deque = field(default_factory=collections.deque, repr=False)
     _cards: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_CARDS),
                                       repr=False)
+    _last_strip: np.ndarray | None = field(default=None, repr=False)
     # The stream and the Reset button run in different worker threads: a frame and a reset
     # must not interleave (the pipeline's queues are not shared-state safe).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -116,9 +117,11 @@ class LiveSession:
         while self._history and self._history[0][0] < result.t_ms - _STRIP_SPAN_MS:
             self._history.popleft()
 
-    def strip(self) -> np.ndarray:
+    def strip(self, redraw: bool = True) -> np.ndarray:
         """The live strip (RGB): each region's spotting value against its threshold over the
-        last seconds, blinks and speech shaded."""
+        last seconds, blinks and speech shaded (``redraw=False``: the last one drawn)."""
+        if not redraw and self._last_strip is not None:
+            return self._last_strip
         if not self._history:
             image = signal_strip(np.empty(0), np.empty((0, 0)), np.empty((0, 0)),
                                  np.empty(0, np.int8), _STRIP_SPAN_MS)
@@ -126,7 +129,8 @@ class LiveSession:
             t, values, thresholds, marks = zip(*self._history)
             image = signal_strip(np.asarray(t), np.stack(values), np.stack(thresholds),
                                  np.asarray(marks), _STRIP_SPAN_MS)
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        self._last_strip = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return self._last_strip
 
     def cards_html(self) -> str:
         """The newest events as cards: kind and times (onset and apex, as in the reports), the
@@ -157,6 +161,7 @@ class LiveSession:
         self.events.clear()
         self._history.clear()
         self._cards.clear()
+        self._last_strip = None
         self.log_version += 1
         self.frames = 0
         self._t0 = self._last_arrival = None
@@ -405,9 +410,10 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
     def stream(image, shown_version: int, request: gr.Request):
         session = sessions.get(request.session_hash)
         annotated, rows = session.process_rgb(image)
-        # the strip moves a few pixels a frame: every third frame is enough for the eye, and
-        # spares the CPU a picture to draw, send and decode
-        strip = session.strip() if session.frames % _STRIP_EVERY == 1 else gr.skip()
+        # the strip moves a few pixels a frame: redrawn every third frame. (Not gr.skip(): an
+        # image output that is skipped is rebuilt by Gradio as a plain Image, which would then
+        # write every later frame of it to the cache.)
+        strip = session.strip(redraw=session.frames % _STRIP_EVERY == 1)
         if session.log_version == shown_version:  # the log and cards are unchanged: not resent
             return annotated, strip, gr.skip(), gr.skip(), shown_version
         return annotated, strip, rows, session.cards_html(), session.log_version

@@ -299,7 +299,8 @@ def _pipeline_options(args=None):
 
         if uses_torch_flow(options.features):
             print("mer: warming up the PyTorch TV-L1 (torch.compile: minutes the first time on "
-                  "a machine, seconds once torch's cache holds it)", file=sys.stderr, flush=True)
+                  "a machine, seconds once its kernels are in ~/.cache/realtime-mer/inductor)",
+                  file=sys.stderr, flush=True)
     return options
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -310,6 +312,26 @@ class _RunStats:
     iterations: list
 
 
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps this flow's kernels between runs: ``$MER_CACHE_DIR/inductor``,
+    else ``$XDG_CACHE_HOME/realtime-mer/inductor`` (``~/.cache/...``)."""
+    base = os.environ.get("MER_CACHE_DIR")
+    if base:
+        return Path(base) / "inductor"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "realtime-mer" \
+        / "inductor"
+
+
+def _keep_compiled_kernels() -> None:
+    """Point torch's compile cache at :func:`compile_cache_dir` unless the user chose one:
+    torch's default lives in /tmp, which a reboot empties, and the first compile costs minutes
+    on a small CPU (a run that finds the cache warms up in seconds; docs/BENCHMARKS.md)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = compile_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
 def _resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -409,6 +431,7 @@ class TorchTVL1:
         if self.compact and self.cuda_graphs:
             raise ValueError("compact=True and cuda_graphs=True exclude each other")
         if self.compile:
+            _keep_compiled_kernels()
             # dynamic=True: one compiled kernel set serves every pyramid level and batch size
             # (per-size specialisation recompiles for each level, minutes on a small CPU).
             self._step = torch.compile(tvl1_step, dynamic=True, fullgraph=True)

@@ -98,8 +98,9 @@ def test_demo_streams_annotated_frames_events_and_resets_in_a_real_browser(demo,
     out = os.environ.get("MER_BROWSER_RESULT")
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    # Gradio's cache: the streamed frames travel inline, nothing piles up
-    assert cache_peak <= 10 * 2**20, cache_peak
+    # Gradio's cache: the streamed pictures travel inline, no file is written per frame (one
+    # output image falling back to Gradio's own encoding writes ~1 MB in this stream)
+    assert cache_peak <= 256 * 2**10, cache_peak
 
     # the tab leaves: its pipeline (MediaPipe graph, classifier thread) is closed at once
     browser.get("about:blank")
