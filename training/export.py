@@ -82,11 +82,16 @@ class MirrorAverage(torch.nn.Module):
         super().__init__()
         self.model = model
         self.mean, self.std = tuple(mean), tuple(std)
+        # Buffers, not tensors made in forward: torch.export would lift those out of the graph
+        # as constants that a .pt2 stores pickled, which the runtime refuses to load.
+        self.register_buffer("mean_map", torch.tensor(self.mean, dtype=torch.float32)
+                             .view(1, -1, 1, 1))
+        self.register_buffer("std_map", torch.tensor(self.std, dtype=torch.float32)
+                             .view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        maps = x * std + torch.tensor(self.mean).view(1, -1, 1, 1)
-        mirrored = normalise(hflip_maps(maps), self.mean, self.std)
+        maps = x * self.std_map + self.mean_map
+        mirrored = normalise(hflip_maps(maps), self.mean_map, self.std_map)
         # One call on both halves: the graph holds the network (and its weights) once.
         probs = torch.softmax(self.model(torch.cat([x, mirrored], dim=0)), dim=-1)
         n = x.shape[0]

@@ -578,3 +578,42 @@ def test_calibrated_engine_shifts_the_ensemble_by_what_its_inner_cv_chose(tmp_pa
     with pytest.raises(ValueError, match="--select-epochs nested"):
         export_default(data, dataclasses.replace(cfg, select_epochs="fixed"),
                        tmp_path / "f.onnx", loso_results=None, calibrate="prior")
+
+
+def test_the_mirrored_calibrated_ensemble_as_pt2_moves_whole_to_another_device(tmp_path):
+    """The default engine's kind (CV ensemble, mirror average in the graph, class-prior
+    calibration) exported as a .pt2 program loads (its mirror normalisation and calibration are
+    buffers, not pickled constants), and the runtime's device move takes every tensor along.
+    CPU → meta here (every tensor on meta, and the program runs there); on CUDA where there is
+    one, the same scores as on the CPU."""
+    from realtime_mer.runtime import load_engine
+    from realtime_mer.runtime.backends import _load_exported, exported_on
+    from training.calibrate import calibrate_run
+    from training.loso import run_loso
+
+    data = _noisy()
+    cfg = dataclasses.replace(NESTED, epochs=4, tta="hflip", mean=(0.4, 0.5, 0.6),
+                              std=(0.3, 0.5, 0.4))
+    run_loso(data, cfg, tmp_path / "run", results_path=tmp_path / "loso.json")
+    (tmp_path / "cal.json").write_text(json.dumps(calibrate_run(tmp_path / "run",
+                                                                tmp_path / "loso.json")))
+    manifest = export_default(data, cfg, tmp_path / "default.pt2",
+                              loso_results=tmp_path / "cal.json", ensemble=True,
+                              calibrate="prior")
+    assert manifest["training"]["schedule"]["tta"] == "hflip"
+    assert "calibration" in manifest["training"]
+    # loadable at all: nothing in it is pickled (a tensor made inside forward would be lifted
+    # out as a pickled constant, and the runtime would refuse the file)
+    program = _load_exported(tmp_path / "default.pt2")
+    buffers = {name for name, _ in program.module().named_buffers()}
+    assert any(name.endswith("mean_map") for name in buffers)
+    assert any(name.endswith("offsets") for name in buffers)
+    moved = exported_on(program, "meta")
+    assert all(t.device.type == "meta" for t in moved.constants.values())
+    assert all(p.device.type == "meta" for p in moved.module().parameters())
+    x = torch.as_tensor(data.x[:4])
+    assert moved.module()(x.to("meta")).shape == (4, 3)
+    if torch.cuda.is_available():
+        on_gpu = load_engine(tmp_path / "default.pt2", backend="torch", device="cuda")
+        on_cpu = load_engine(tmp_path / "default.pt2", backend="torch", device="cpu")
+        np.testing.assert_allclose(on_gpu.predict(data.x), on_cpu.predict(data.x), atol=1e-4)
