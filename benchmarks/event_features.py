@@ -74,8 +74,8 @@ def _min_r(maps, reference) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", nargs="+", default=None,
-                        help="torch devices for the PyTorch TV-L1 (default: cuda if present)")
+    parser.add_argument("--devices", nargs="*", default=None,
+                        help="torch devices for the PyTorch TV-L1 (default: cuda if present; none: OpenCV only)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--opencv-events", type=int, default=8)
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from realtime_mer.flow.torch_tvl1 import TorchTVL1
 
-    devices = args.devices or (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices if args.devices is not None else (
+        ["cuda"] if torch.cuda.is_available() else [])
     pairs = real_pairs(max(args.batches + [args.opencv_events]))
     cpu = FeatureExtractor(FeatureOptions())
     reference = [cpu.process(o, a) for o, a in pairs]
