@@ -4,23 +4,35 @@
 # real videos (frames/s, per-event ms); the .pt2 device move runs within the tests.
 #
 # On the GPU machine, in the repository root, after benchmarks/gpu_prepare.sh was run where
-# there is a package index (its wheels and media travel in .whl/ and .gpu-media/):
+# there is a package index (its wheels and media travel in .whl/N and .gpu-media/):
 #
-#   bash benchmarks/gpu_check.sh install a     # first call: carry .whl/a (then .whl/b)
-#   bash benchmarks/gpu_check.sh install b     # second call, same warm machine
-#   bash benchmarks/gpu_check.sh run [OUT]     # third call: carry .gpu-media; results in OUT
+#   bash benchmarks/gpu_check.sh stage 1       # one call per wheel set, carrying .whl/1, then
+#   ...                                        # .whl/2 ... .whl/5, on the same warm machine
+#   bash benchmarks/gpu_check.sh run [OUT]     # carrying .gpu-media: installs what was staged,
+#                                              # then checks; results in OUT
 #
 # A machine with a package index can instead `pip install -e .` and go straight to `run`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SITE=/tmp/mer-site
+STAGED=/tmp/mer-wheels
 step=${1:-run}
-if [ "$step" = install ]; then
+if [ "$step" = stage ]; then
   set -e
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" ".whl/${2:?which wheel set: a or b}"/*.whl
-  echo "installed set $2 into $SITE"
+  mkdir -p "$STAGED"
+  cp ".whl/${2:?which wheel set: 1, 2, ...}"/* "$STAGED"/
+  echo "staged set $2: $(ls "$STAGED" | wc -l) files in $STAGED"
   exit 0
+fi
+if [ -d "$STAGED" ] && [ ! -d "$SITE" ]; then
+  set -e
+  for first in "$STAGED"/*.part00; do  # a wheel carried in pieces
+    [ -e "$first" ] || continue
+    cat "${first%.part00}".part* > "${first%.part00}" && rm "${first%.part00}".part*
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$STAGED"/*.whl
+  set +e
 fi
 OUT=${2:-${OUT:-gpu-check}}
 mkdir -p "$OUT"
