@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", type=Path, required=True, metavar="DIR",
                          help="output folder (created if missing)")
     _add_engine_arguments(analyze)
+    analyze.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="analyse the videos in N worker processes on Ray (one video per "
+                              "task; needs realtime-mer[ray]); a rerun skips the videos whose "
+                              "outputs are complete")
+    analyze.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="run the batch on an existing Ray cluster (ray start --head ...) "
+                              "instead of starting Ray here")
     analyze.add_argument("--max-side", type=_max_side, default=1280, metavar="PX",
                          help="downscale frames whose longer side exceeds this (default 1280; "
                               "0 keeps full size)")
@@ -358,6 +365,8 @@ def _analyze(args) -> int:
         except OSError as err:  # the videos' own folders hold their results regardless
             log.warning("could not write the batch index in %s: %s", args.out, err)
 
+    if args.workers is not None or args.ray_address:
+        return _analyze_on_ray(args, options, capture, add_to_index)
     for video, out_dir in zip(args.videos, _output_dirs(args.videos, args.out)):
         bars: list = []  # the bar appears with the first frame, not for a file that fails
 
@@ -400,6 +409,43 @@ def _analyze(args) -> int:
     if batch and index:
         print(f"{len(index)} videos: index of the reports → {args.out / 'index.html'}")
     return exit_code
+
+
+def _analyze_on_ray(args, options, capture, add_to_index) -> int:
+    """``mer analyze --workers N`` / ``--ray-address``: one Ray task per video, a line per
+    finished video, the index rewritten after each, videos already done skipped."""
+    from realtime_mer.batch import EngineSpec, run_on_ray
+    from realtime_mer.runtime import default_engine_path
+
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1; got {args.workers}")
+    jobs = list(zip(args.videos, _output_dirs(args.videos, args.out)))
+    engine = EngineSpec(str(args.engine or default_engine_path()), args.backend, args.device,
+                        args.precision)
+    finished = []
+
+    def report(result) -> None:
+        finished.append(result)
+        where = f"[{len(finished)}/{len(jobs)}] {result.video.name}"
+        if result.skipped:
+            print(f"{where}: already complete in {result.out_dir}, skipped", file=sys.stderr)
+        elif result.summary is None:
+            print(f"mer: error: {where}: {result.error}", file=sys.stderr)
+        else:
+            s = result.summary
+            print(f"{where}: {s['frames']['processed']} frames, {s['events']['micro']} micro / "
+                  f"{s['events']['macro']} macro events → {result.out_dir}")
+            if result.error:
+                print(f"mer: error: {where}: {result.error}; the events found are kept",
+                      file=sys.stderr)
+        add_to_index(result.video, result.out_dir, result.summary, result.error)
+
+    results = run_on_ray(jobs, engine, options, capture, workers=args.workers,
+                         address=args.ray_address, annotated_video=args.video,
+                         on_result=report)
+    if len(jobs) > 1:
+        print(f"{len(jobs)} videos: index of the reports → {args.out / 'index.html'}")
+    return max((r.exit_code for r in results), default=0)
 
 
 def _live(args) -> int:

@@ -837,3 +837,16 @@ def test_flow_option_reaches_the_features(capsys):
         assert _pipeline_options(args).features.flow == flow
     assert "warming up the PyTorch TV-L1" in capsys.readouterr().err  # said for torch-tvl1
     assert build_parser().parse_args(["demo"]).flow == "auto"
+
+
+def test_workers_without_ray_say_how_to_get_it(monkeypatch, media_dir, tmp_path, capsys):
+    import sys
+
+    from realtime_mer import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    code = cli.main(["analyze", str(media_dir / "single_face.mp4"), "--out", str(tmp_path),
+                     "--workers", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "pip install 'realtime-mer[ray]'" in err[0]

@@ -1,0 +1,119 @@
+"""A batch of real recordings over Ray: 1 and 2 worker processes on this machine side by side
+(alternating, median of the repeats), the cost model for N workers, and the same batch on a
+two-node Ray cluster started on this machine with `ray start` (loopback only).
+
+    python benchmarks/batch.py [--repeats 2] [--no-cluster]
+
+Cost model: wall ≈ start-up + the busiest worker's share, the recordings handed out longest
+first (each recording's time measured in the 1-worker run); for many recordings of similar
+length that is start-up + per-recording time × count ÷ workers. Writes the tables into
+docs/BENCHMARKS.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MEDIA = REPO.parent / "shared" / "media"
+DOC = REPO / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- batch:begin -->", "<!-- batch:end -->"
+VIDEOS = [MEDIA / "talking" / f"{n}.mp4" for n in ("d0", "d3", "d6", "d9", "d13", "d14")] + [
+    MEDIA / "WolfgangLanger_Pexels.mp4", MEDIA / "single_face.mp4"]
+
+
+def run_batch(out: Path, *extra: str) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "realtime_mer.cli", "analyze", *map(str, VIDEOS),
+                          "--out", str(out), "--no-progress", *extra],
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"batch failed ({run.returncode}): {run.stderr[-2000:]}")
+    return wall
+
+
+def per_recording_s(out: Path) -> list[float]:
+    times = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        times.append(json.loads((folder / "summary.json").read_text())["throughput"]["wall_s"])
+    return times
+
+
+def predicted(times: list[float], workers: int, startup: float) -> float:
+    """Start-up plus the busiest worker's load, recordings given out longest first."""
+    loads = [0.0] * workers
+    for t in sorted(times, reverse=True):
+        loads[loads.index(min(loads))] += t
+    return startup + max(loads)
+
+
+def two_node_cluster(folder: Path) -> float:
+    """`ray start` twice on loopback: a head and a second node, one CPU each; the batch joins
+    the cluster with --ray-address."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = "6391"
+    env_head = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", "--port", port, "--include-dashboard=false",
+                        *env_head], check=True, capture_output=True, text=True, timeout=180)
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *env_head],
+                       check=True, capture_output=True, text=True, timeout=180)
+        return run_batch(folder / "cluster", "--ray-address", f"127.0.0.1:{port}")
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=180)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-cluster", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    walls: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory(prefix="mer-batch-") as tmp:
+        folder = Path(tmp)
+        for _ in range(args.repeats):
+            for workers in (1, 2):
+                walls[workers].append(run_batch(folder / f"w{workers}", "--workers",
+                                                str(workers)))
+                print(f"{workers} worker(s): {walls[workers][-1]:.1f} s", file=sys.stderr)
+        times = per_recording_s(folder / "w1")
+        cluster = None if args.no_cluster else two_node_cluster(folder)
+    one, two = statistics.median(walls[1]), statistics.median(walls[2])
+    startup = max(one - sum(times), 0.0)
+    rows = [
+        "| run | wall (s) | predicted (s) |", "|---|---|---|",
+        f"| 1 worker, this machine | {one:.1f} | {predicted(times, 1, startup):.1f} (fit) |",
+        f"| 2 workers, this machine | {two:.1f} | {predicted(times, 2, startup):.1f} |",
+    ]
+    if cluster is not None:
+        rows.append(f"| 2-node cluster on loopback (`ray start`, 1 CPU each) | {cluster:.1f} | "
+                    f"{predicted(times, 2, startup):.1f} |")
+    table = "\n".join([
+        f"{len(VIDEOS)} real recordings ({sum(times):.0f} s of analysis in all, "
+        f"{min(times):.1f}–{max(times):.1f} s each); start-up {startup:.1f} s (the 1-worker "
+        f"run minus its recordings); speed-up of 2 workers over 1: **{one / two:.2f}×** "
+        f"(median of {args.repeats} alternating runs each, 2-core CPU).", "", *rows, "",
+        "For N machines: wall ≈ start-up + the busiest worker's share (about per-recording "
+        "time × count ÷ N for many recordings of similar length)."])
+    print(table)
+    if not args.no_write:
+        text = DOC.read_text()
+        DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
+                              f"{BEGIN}\n{table}\n{END}", text, flags=re.S))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

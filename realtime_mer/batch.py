@@ -1,0 +1,145 @@
+"""Many recordings over Ray workers: one task per recording, on this machine (``workers``) or on
+an existing cluster (``address``). Ray is an optional extra (``realtime-mer[ray]``).
+
+Each task runs :func:`realtime_mer.analyze.analyze_video` in a worker process of its own that
+exits after the recording (``max_calls=1``), so a worker's memory is one recording's at most. A
+worker that dies (killed, out of memory) has its recording retried once, then marked failed; a
+recording that is bad input fails at once; neither stops the others. A rerun skips the
+recordings whose outputs are complete and valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from realtime_mer.capture import CaptureOptions
+from realtime_mer.errors import InputError, MerError
+from realtime_mer.pipeline import PipelineOptions
+from realtime_mer.report import OUTPUT_FILES
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineSpec", "RecordingResult", "complete_outputs", "run_on_ray"]
+
+RAY_MISSING = ("--workers and --ray-address run the batch on Ray, which is not installed: "
+               "pip install 'realtime-mer[ray]'")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a worker needs to load the engine itself (engines do not travel between
+    processes)."""
+
+    path: str
+    backend: str = "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass
+class RecordingResult:
+    """One recording's outcome: its summary (None when it failed), the error, the exit code
+    (0 complete, 2 damaged input or failed), and whether an earlier run had done it."""
+
+    video: Path
+    out_dir: Path
+    summary: dict | None
+    error: str | None = None
+    exit_code: int = 0
+    skipped: bool = False
+
+
+def complete_outputs(out_dir: Path) -> dict | None:
+    """The summary of a finished, uninterrupted run whose every output is there, or None."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("interrupted") or \
+            not summary.get("complete"):
+        return None
+    if not all((out_dir / name).is_file() for name in OUTPUT_FILES):
+        return None
+    return summary
+
+
+def _analyze_in_worker(video: str, out_dir: str, engine: EngineSpec, options: PipelineOptions,
+                       capture: CaptureOptions, annotated_video: bool) -> dict:
+    """The task: one recording → a plain dict (what crosses back to the driver)."""
+    from realtime_mer.analyze import analyze_video
+    from realtime_mer.runtime import load_engine
+
+    try:
+        backend = load_engine(engine.path, backend=engine.backend, device=engine.device,
+                              precision=engine.precision)
+        result = analyze_video(video, out_dir, options=options, capture=capture, engine=backend,
+                               annotated_video=annotated_video)
+    except MerError as error:  # bad input: final, not retried
+        return {"summary": None, "error": str(error), "exit_code": error.exit_code}
+    return {"summary": result.summary, "error": "; ".join(result.problems) or None,
+            "exit_code": 2 if result.problems else 0}
+
+
+def run_on_ray(jobs: list[tuple[Path, Path]], engine: EngineSpec, options: PipelineOptions,
+               capture: CaptureOptions, *, workers: int | None = None,
+               address: str | None = None, annotated_video: bool = False,
+               on_result: Callable[[RecordingResult], None] | None = None,
+               ) -> list[RecordingResult]:
+    """Analyse ``jobs`` ((video, output folder) pairs) as Ray tasks; ``on_result`` is called as
+    each recording finishes (in finishing order), the results are returned in ``jobs`` order.
+    ``address``: join that cluster; else start Ray here with ``workers`` processes."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError(RAY_MISSING) from None
+
+    results: dict[int, RecordingResult] = {}
+    pending = []
+    for number, (video, out_dir) in enumerate(jobs):
+        summary = complete_outputs(out_dir)
+        if summary is not None:
+            results[number] = RecordingResult(video, out_dir, summary, skipped=True)
+            if on_result is not None:
+                on_result(results[number])
+        else:
+            pending.append(number)
+    if not pending:
+        return [results[n] for n in range(len(jobs))]
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False)
+    try:
+        # one recording per worker process, retried once if that process dies
+        task = ray.remote(num_cpus=1, max_calls=1, max_retries=1)(_analyze_in_worker)
+        running = {task.remote(str(jobs[n][0]), str(jobs[n][1]), engine, options, capture,
+                               annotated_video): n for n in pending}
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            number = running.pop(done[0])
+            video, out_dir = jobs[number]
+            try:
+                outcome = ray.get(done[0])
+                result = RecordingResult(video, out_dir, outcome["summary"], outcome["error"],
+                                         outcome["exit_code"])
+            except ray.exceptions.RayTaskError as error:  # the analysis itself raised
+                result = RecordingResult(video, out_dir, None,
+                                         f"internal error: {error.cause!r}", 70)
+            except ray.exceptions.RayError as error:  # its worker died, and again on the retry
+                result = RecordingResult(video, out_dir, None,
+                                         f"its worker died twice ({type(error).__name__})", 2)
+            results[number] = result
+            if on_result is not None:
+                on_result(result)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return [results[n] for n in range(len(jobs))]
