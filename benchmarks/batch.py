@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -31,12 +32,12 @@ VIDEOS = [MEDIA / "talking" / f"{n}.mp4" for n in ("d0", "d3", "d6", "d9", "d13"
     MEDIA / "WolfgangLanger_Pexels.mp4", MEDIA / "single_face.mp4"]
 
 
-def run_batch(out: Path, *extra: str) -> float:
+def run_batch(out: Path, *extra: str, env: dict | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "realtime_mer.cli", "analyze", *map(str, VIDEOS),
                           "--out", str(out), "--no-progress", *extra],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if run.returncode != 0:
         raise SystemExit(f"batch failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -63,15 +64,20 @@ def two_node_cluster(folder: Path) -> float:
     the cluster with --ray-address."""
     ray = str(Path(sys.executable).with_name("ray"))
     port = "6391"
-    env_head = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    # Ray's token authentication, as a cluster should run: one token (~/.ray/auth_token) that
+    # both nodes and the driver read
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    node = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     try:
+        subprocess.run([ray, "get-auth-token", "--generate"], check=True, capture_output=True,
+                       env=env, timeout=60)
         subprocess.run([ray, "start", "--head", "--port", port, "--include-dashboard=false",
-                        *env_head], check=True, capture_output=True, text=True, timeout=180)
-        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *env_head],
-                       check=True, capture_output=True, text=True, timeout=180)
-        return run_batch(folder / "cluster", "--ray-address", f"127.0.0.1:{port}")
+                        *node], check=True, capture_output=True, env=env, timeout=180)
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *node],
+                       check=True, capture_output=True, env=env, timeout=180)
+        return run_batch(folder / "cluster", "--ray-address", f"127.0.0.1:{port}", env=env)
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=180)
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=180)
 
 
 def main(argv: list[str] | None = None) -> int:
