@@ -41,3 +41,22 @@ def megc_dir(shared_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is not present")
     return path
+
+
+def pytest_report_header(config) -> str:
+    found = find_shared_dir()
+    if found is None:
+        return ("real data: NOT FOUND (../shared or $MER_SHARED): the tests on real video and "
+                "the 3DB maps will be skipped")
+    return f"real data: {found}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say how many tests were skipped for want of the real data, so that a fresh clone's
+    green run is not mistaken for the whole suite."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    missing = sum("is not present" in str(getattr(report, "longrepr", "")) for report in skipped)
+    if missing:
+        terminalreporter.write_line(
+            f"{missing} tests skipped: the real data is missing (put it in ../shared, or set "
+            "MER_SHARED to the folder that holds its data/ and media/)", yellow=True)
