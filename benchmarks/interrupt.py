@@ -112,7 +112,7 @@ def kill_runs(video: Path, moments: list[float]) -> list[dict]:
         kept = read_events(out / "events.jsonl") if (out / "events.jsonl").exists() else []
         results.append({"kill_after_s": moment, "media_reached_s": round(reached / 1000, 1),
                         "media_per_wall_s": round(reached / 1000 / elapsed, 2),
-                        "out": out, "kept": kept})
+                        "kept": kept})
     return results
 
 

@@ -174,8 +174,9 @@ class LiveSession:
                 self.pipeline = None
 
 
-def _data_url(image_bgr: np.ndarray, kind: str = ".png") -> str:
-    ok, encoded = cv2.imencode(kind, image_bgr)
+def _data_url(image_bgr: np.ndarray, kind: str = ".png", params: tuple = ()) -> str:
+    """A picture inside the page (no file): PNG, or ``.jpg`` with cv2's encoder ``params``."""
+    ok, encoded = cv2.imencode(kind, image_bgr, list(params))
     mime = "image/png" if kind == ".png" else "image/jpeg"
     return f"data:{mime};base64,{base64.b64encode(encoded).decode()}" if ok else ""
 
@@ -224,8 +225,7 @@ def _inline_image(gr, **kwargs):
         if value is None:
             return None
         bgr = cv2.cvtColor(np.ascontiguousarray(value), cv2.COLOR_RGB2BGR)
-        _, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 85])
-        return ImageData(url="data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
+        return ImageData(url=_data_url(bgr, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 85)))
 
     image.postprocess = postprocess
     return image
@@ -333,7 +333,8 @@ class LiveSessions:
     def __init__(self, make, idle_s: float = SESSION_IDLE_S, check_every_s: float = 5.0) -> None:
         self._make = make
         self._idle_s = idle_s
-        self._sessions: dict[str, tuple[LiveSession, list[float]]] = {}
+        self._sessions: dict[str, LiveSession] = {}
+        self._last_frame: dict[str, float] = {}  # monotonic time of each session's last frame
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_every, args=(check_every_s,),
@@ -343,23 +344,23 @@ class LiveSessions:
     def get(self, key: str) -> LiveSession:
         """The session of this browser session, made at its first frame; marks it used now."""
         with self._lock:
-            entry = self._sessions.get(key)
-            if entry is None:
-                entry = self._sessions[key] = (self._make(), [time.monotonic()])
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = self._make()
                 log.info("live session opened (%d open)", len(self._sessions))
-            entry[1][0] = time.monotonic()
-            return entry[0]
+            self._last_frame[key] = time.monotonic()
+            return session
 
     def peek(self, key: str) -> LiveSession | None:
         with self._lock:
-            entry = self._sessions.get(key)
-            return None if entry is None else entry[0]
+            return self._sessions.get(key)
 
     def close(self, key: str, why: str = "its tab closed") -> None:
         with self._lock:
-            entry = self._sessions.pop(key, None)
-        if entry is not None:
-            entry[0].close()
+            session = self._sessions.pop(key, None)
+            self._last_frame.pop(key, None)
+        if session is not None:
+            session.close()
             _return_freed_memory()
             log.info("live session closed: %s (%d open)", why, len(self._sessions))
 
@@ -367,7 +368,7 @@ class LiveSessions:
         """Close the sessions idle for longer than ``idle_s`` → how many were closed."""
         cutoff = time.monotonic() - self._idle_s
         with self._lock:
-            idle = [key for key, (_, used) in self._sessions.items() if used[0] < cutoff]
+            idle = [key for key, used in self._last_frame.items() if used < cutoff]
         for key in idle:
             self.close(key, f"no frame for {self._idle_s:.0f} s")
         return len(idle)
@@ -391,7 +392,7 @@ def _warm_up(engine: Backend, options: PipelineOptions) -> None:
     for them (and the server's memory at start is what any session returns it to)."""
     session = LiveSession(engine=engine, options=options)
     session.process_rgb(np.zeros((240, 320, 3), np.uint8), t_ms=0.0)
-    session.pipeline._features.warm_up()
+    session.pipeline.warm_up()
     session.close()
     _return_freed_memory()
 

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", parents=[common], help="the live webcam demo (Gradio web app)",
-        description="Serve the Gradio app: webcam streaming with annotated frames and an event "
+        description="Serve the Gradio app: webcam streaming with annotated frames, a strip of "
+                    "each region's spotting signal, cards for the latest events and an event "
                     "log, and an upload tab that analyses a file. Exit code 6 when the port is "
                     "taken or the address is not this machine's.")
     demo.add_argument("--host", default="127.0.0.1",

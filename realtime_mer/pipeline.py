@@ -130,8 +130,7 @@ class Pipeline:
         # one by one, so batching would change nothing there).
         self._batch_flow = uses_torch_flow(options.features)
         if self.engine is not None and self._batch_flow:
-            with self.timer.stage("warm-up"):
-                self._features.warm_up()
+            self.warm_up()  # compile now, not at the first event of a live stream
         self.buffer = RingBuffer(
             capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
             crop_size=options.face.crop_size, n_landmarks=478)
@@ -319,6 +318,12 @@ class Pipeline:
     def run(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
         for frame in frames:
             yield self.process(frame)
+
+    def warm_up(self) -> None:
+        """One onset/apex pair through the feature stage: a compiled flow compiles, and the
+        flow's memory is taken, before the first event rather than at it."""
+        with self.timer.stage("warm-up"):
+            self._features.warm_up()
 
     def reset(self) -> None:
         """Start again as if new (a live view's Reset): what is waiting for classification is
