@@ -158,6 +158,7 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
                           f"{error.strerror or error}") from None
     result = AnalysisResult(source=name, out_dir=out_dir)
     trace = SignalTrace(regions=list(options.spotter.region_names))
+    face_traces: dict[int, SignalTrace] = {}  # per face id, with faces="all"
     started = time.perf_counter()
     try:
         pipeline = Pipeline(options, engine=engine, source_name=name)
@@ -171,12 +172,14 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         raise
     video = None
     count = 0
+    last_per_face: dict[int, EventRecord] = {}  # for the annotated video
 
     def keep(event: EventRecord, feature_map) -> None:
         if event.kind != "blink":  # a blink's line is final when it is spotted
             writer.write(event)
         result.events.append(event)
         result.feature_maps.append(feature_map)
+        last_per_face[event.face_id] = event
         if on_event is not None:
             on_event(event)
 
@@ -202,6 +205,8 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             count += 1
             trace.append(frame.t_ms, frame_result.signal, frame_result.threshold,
                          frame_result.floors)
+            if options.faces == "all":
+                _append_face_traces(face_traces, frame.t_ms, frame_result)
             spot_trace.write(frame, frame_result)
             for event, feature_map in zip(frame_result.events, frame_result.feature_maps):
                 keep(event, feature_map)
@@ -209,7 +214,9 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
                 try:
                     with pipeline.timer.stage("annotate"):
                         video.write(annotate(frame.image_bgr, frame_result,
-                                             result.events[-1] if result.events else None),
+                                             result.events[-1] if result.events else None,
+                                             last_events=last_per_face,
+                                             face_ids=options.faces == "all"),
                                     frame.t_ms)
                 except Exception as error:
                     give_up_video(error)
@@ -243,7 +250,9 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
         result.summary = _summary(facts, pipeline, result, count, dropped(), trace,
                                   time.perf_counter() - started, spot_trace)
         try:
-            _write_outputs(out_dir, result, pipeline.class_names, trace)
+            _write_outputs(out_dir, result, pipeline.class_names, trace,
+                           {face_id: face_trace for face_id, face_trace in face_traces.items()
+                            if face_id not in pipeline.short_lived_faces()})
         except OSError as error:
             raise OutputError(f"cannot write the results into {out_dir}: "
                               f"{error.strerror or error} (the events found so far are in "
@@ -262,7 +271,7 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
         per_class.setdefault(event.kind, {})
         per_class[event.kind][event.label] = per_class[event.kind].get(event.label, 0) + 1
     video_s = (trace.times_ms[-1] - trace.times_ms[0]) / 1000.0 if len(trace.times_ms) > 1 else 0.0
-    manifest = pipeline.engine.manifest
+    engine = pipeline.engine
     return {
         "input": facts,
         "frames": {
@@ -273,10 +282,11 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "sequence_restarts": pipeline.sequence_restarts,
             "hard_cuts": pipeline.hard_cuts,  # shot changes; face tracking restarts at each
             # Frames of history kept for an event's onset (sized from the input's frame rate).
-            "ring_buffer_slots": pipeline.buffer.capacity,
+            "ring_buffer_slots": pipeline.buffer_capacity,
             "dropped": dropped,  # only live sources drop; a file is read at the consumer's pace
         },
         "face": pipeline.face_size(),
+        "faces": _faces(pipeline, result.events),
         "events": {
             "total": len(result.events),
             "micro": sum(e.kind == "micro" for e in result.events),
@@ -296,9 +306,11 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "media_s": video_s,
             "realtime_factor": (video_s / wall_s) if wall_s > 0 else 0.0,
         },
-        "engine": {"path": str(getattr(pipeline.engine, "path", "")),
-                   "backend": pipeline.engine.name, "device": str(pipeline.engine.device),
-                   "model": manifest.model, "sha256": manifest.sha256},
+        # None: spotting only (PipelineOptions.classify False), no engine loaded
+        "engine": None if engine is None else {
+            "path": str(getattr(engine, "path", "")), "backend": engine.name,
+            "device": str(engine.device), "model": engine.manifest.model,
+            "sha256": engine.manifest.sha256},
         "complete": result.complete,
         "interrupted": result.interrupted,
         "problems": list(result.problems),
@@ -306,11 +318,35 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
     }
 
 
-def _write_outputs(out_dir: Path, result: AnalysisResult, class_names, trace) -> None:
+def _faces(pipeline: Pipeline, events: list[EventRecord]) -> dict:
+    """The faces followed, each with its event counts, and the faces ignored."""
+    faces = pipeline.faces_summary()
+    for face in faces["tracked"]:
+        own = [e for e in events if e.face_id == face["face_id"]]
+        face["events"] = {kind: sum(e.kind == kind for e in own)
+                          for kind in ("micro", "macro", "blink")}
+    return faces
+
+
+def _append_face_traces(traces: dict[int, SignalTrace], t_ms: float, frame_result) -> None:
+    """Each face's signal at this frame (NaN for a face not in it; a new face's trace starts
+    at its first frame)."""
+    views = {view.face_id: view for view in frame_result.faces}
+    for face_id in views.keys() - traces.keys():
+        traces[face_id] = SignalTrace()
+    for face_id, face_trace in traces.items():
+        view = views.get(face_id)
+        face_trace.append(t_ms, None if view is None else view.signal,
+                          None if view is None else view.threshold)
+
+
+def _write_outputs(out_dir: Path, result: AnalysisResult, class_names, trace,
+                   face_traces: dict[int, SignalTrace] | None = None) -> None:
     write_csv(out_dir / EVENTS_CSV, result.events, class_names)
     write_json(out_dir / SUMMARY_JSON, result.summary)
     try:
-        plot_timeline(out_dir / TIMELINE_PNG, trace, result.events, title=result.source)
+        plot_timeline(out_dir / TIMELINE_PNG, trace, result.events, title=result.source,
+                      face_traces=face_traces)
     except Exception as error:  # a plot must never cost the user the events
         log.warning("could not draw the timeline: %s", error)
     write_html(out_dir / REPORT_HTML, result.summary, result.events, out_dir / TIMELINE_PNG,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from fractions import Fraction
+from typing import Mapping
 
 import av
 import cv2
@@ -19,16 +20,24 @@ _GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (
 
 
 def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord | None,
-             fps: float = 0.0) -> np.ndarray:
+             fps: float = 0.0, last_events: Mapping[int, EventRecord] | None = None,
+             face_ids: bool = False) -> np.ndarray:
     """Face box (and a note when the face is too small), the spotting signal against its
     threshold, each region's detection floor (% of the eye distance: the smallest movement the
     spotter would report there now; micro-expressions move 1-3 %), blink and speech, the last
-    event."""
+    event. ``face_ids`` (every face tracked apart): each face's box with its id and its own
+    last event (from ``last_events``, by face id); the signal and floors are the largest
+    face's."""
     out = image_bgr.copy()
     height, width = out.shape[:2]
     scale = max(0.4, min(width, height) / 720)
     face = result.face
-    if face.found and face.box_xyxy is not None:
+    if face_ids:
+        for view in result.faces:
+            _draw_face(out, view, (last_events or {}).get(view.face_id), scale)
+        if not result.faces:
+            _text(out, "no face", (10, int(30 * scale) + 10), scale, _RED)
+    elif face.found and face.box_xyxy is not None:
         x0, y0, x1, y1 = (int(round(v)) for v in face.box_xyxy)
         cv2.rectangle(out, (x0, y0), (x1, y1), _GREEN, 2)
         if face.n_faces > 1:
@@ -60,7 +69,7 @@ def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord
         states = [s for s, on in (("blink", result.blinking), ("talking", result.speaking)) if on]
         if states:
             _text(out, " + ".join(states), (10, y), scale * 0.8, _ORANGE)
-    if last_event is not None:
+    if last_event is not None and not face_ids:
         colour = _RED if last_event.kind == "micro" else _ORANGE
         what = "blink" if last_event.kind == "blink" else \
             f"{last_event.kind} {last_event.label} {last_event.confidence:.2f}"
@@ -71,6 +80,23 @@ def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord
         _text(out, f"{fps:.0f} fps", (width - int(110 * scale), int(30 * scale)), scale * 0.8,
               _WHITE)
     return out
+
+
+def _draw_face(out: np.ndarray, view, last_event: EventRecord | None, scale: float) -> None:
+    """One face of several: its box, its id, and its last event under the box."""
+    height = out.shape[0]
+    x0, y0, x1, y1 = (int(round(v)) for v in view.face.box_xyxy)
+    colour = _RED if view.signal is not None and view.threshold and \
+        view.signal > view.threshold else _GREEN
+    cv2.rectangle(out, (x0, y0), (x1, y1), colour, 2)
+    _text(out, f"face {view.face_id}" + (" (small)" if view.face_small else ""),
+          (x0, max(15, y0 - 8)), scale, colour)
+    if last_event is not None:
+        what = "blink" if last_event.kind == "blink" else \
+            f"{last_event.kind} {last_event.label} {last_event.confidence:.2f}"
+        _text(out, f"{what} at {last_event.onset_ms / 1000:.1f}s",
+              (x0, min(height - 8, y1 + int(24 * scale) + 4)), scale * 0.8,
+              _RED if last_event.kind == "micro" else _ORANGE)
 
 
 def signal_strip(t_ms: np.ndarray, values: np.ndarray, thresholds: np.ndarray,

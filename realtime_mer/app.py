@@ -31,8 +31,8 @@ from realtime_mer.runtime import Backend
 
 log = logging.getLogger(__name__)
 
-EVENT_LOG_COLUMNS = ["onset (s)", "apex (s)", "kind", "class", "confidence", "duration (ms)",
-                     "regions", "size (%)", "floor (%)", "talking"]
+EVENT_LOG_COLUMNS = ["onset (s)", "apex (s)", "face", "kind", "class", "confidence",
+                     "duration (ms)", "regions", "size (%)", "floor (%)", "talking"]
 _MAX_LOG_ROWS = 200
 _STRIP_SPAN_MS = 8000.0  # the live strip shows this much of the spotting signal
 _CARDS = 4  # event cards shown, newest first
@@ -41,7 +41,8 @@ _STRIP_EVERY = 3  # frames per update of the strip
 
 def event_row(event: EventRecord) -> list:
     """One row of the event tables, in the order of ``EVENT_LOG_COLUMNS``."""
-    return [round(event.onset_ms / 1000, 2), round(event.apex_ms / 1000, 2), event.kind,
+    return [round(event.onset_ms / 1000, 2), round(event.apex_ms / 1000, 2), event.face_id,
+            event.kind,
             event.label, round(event.confidence, 3), round(event.duration_ms),
             "+".join(event.regions), round(event.amplitude_pct, 1), round(event.floor_pct, 1),
             "yes" if event.speech else ""]
@@ -66,6 +67,7 @@ class LiveSession:
     _cards: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_CARDS),
                                       repr=False)
     _last_strip: np.ndarray | None = field(default=None, repr=False)
+    _last_per_face: dict = field(default_factory=dict, repr=False)  # face id → its last event
     # The stream and the Reset button run in different worker threads: a frame and a reset
     # must not interleave (the pipeline's queues are not shared-state safe).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -102,8 +104,11 @@ class LiveSession:
             del self.events[:-_MAX_LOG_ROWS]
             self._cards.extend(zip(result.events, result.feature_maps))
             self.log_version += 1
+        for event in result.events:
+            self._last_per_face[event.face_id] = event
         annotated = annotate(image_bgr, result, self.events[-1] if self.events else None,
-                             self._fps)
+                             self._fps, last_events=self._last_per_face,
+                             face_ids=self.options.faces == "all")
         return cv2.cvtColor(annotated, cv2.COLOR_BGR2RGB), self.log_rows()
 
     def _remember(self, result: FrameResult) -> None:
@@ -161,6 +166,7 @@ class LiveSession:
         self.events.clear()
         self._history.clear()
         self._cards.clear()
+        self._last_per_face.clear()
         self._last_strip = None
         self.log_version += 1
         self.frames = 0

@@ -61,6 +61,11 @@ class RingBuffer:
     spans ``capacity_ms`` in that case. Timestamps must increase strictly.
     """
 
+    @staticmethod
+    def slots_for(capacity_ms: float, fps_hint: float) -> int:
+        """The slots a buffer of ``capacity_ms`` at ``fps_hint`` has (see the class doc)."""
+        return int(math.ceil(capacity_ms / 1000.0 * fps_hint * 1.5)) + 1
+
     def __init__(self, capacity_ms: float, fps_hint: float, crop_size: int,
                  n_landmarks: int = 478) -> None:
         if not capacity_ms > 0 or not math.isfinite(capacity_ms):
@@ -73,7 +78,7 @@ class RingBuffer:
         self.fps_hint = float(fps_hint)
         self.crop_size = int(crop_size)
         self.n_landmarks = int(n_landmarks)
-        self.capacity = int(math.ceil(capacity_ms / 1000.0 * fps_hint * 1.5)) + 1
+        self.capacity = self.slots_for(capacity_ms, fps_hint)
         self.crops = np.zeros((self.capacity, crop_size, crop_size), dtype=np.uint8)
         self.landmarks = np.zeros((self.capacity, n_landmarks, 2), dtype=np.float32)
         self.times_ms = np.zeros(self.capacity, dtype=np.float64)

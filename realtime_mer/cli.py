@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write annotated.mp4: the input with the face box, the "
                               "spotting signal and the events drawn on it")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_max_faces_argument(analyze)
+    _add_faces_arguments(analyze)
     _add_flow_argument(analyze)
     analyze.add_argument("--start", type=_time_of_day, default=0.0, metavar="TIME",
                          help="analyse from this time in the video: seconds (75.5) or "
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "keeps full size)")
     live.add_argument("--no-progress", action="store_true",
                       help="no status line (frames, rate, events)")
-    _add_max_faces_argument(live)
+    _add_faces_arguments(live)
     _add_flow_argument(live)
 
     demo = commands.add_parser(
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also open a public Gradio share link (off by default)")
     _add_engine_arguments(demo)
     _add_flow_argument(demo)
+    _add_faces_arguments(demo)
 
     info = commands.add_parser(
         "info", parents=[common], help="what the engine is, how it scored, how it runs here",
@@ -296,10 +297,11 @@ def _pipeline_options(args=None):
 
     from realtime_mer.pipeline import PipelineOptions
 
-    options = PipelineOptions()
+    options = PipelineOptions(faces=getattr(args, "faces", None) or "largest")
     max_faces = getattr(args, "max_faces", None)
     if max_faces is not None:
-        options = replace(options, face=replace(options.face, max_faces=max_faces))
+        options = replace(options, face=replace(options.face, max_faces=max_faces),
+                          tracker=replace(options.tracker, max_faces=max_faces))
     flow = getattr(args, "flow", None)
     if flow is not None:
         options = replace(options, features=replace(options.features, flow=flow))
@@ -320,13 +322,21 @@ def _add_flow_argument(parser: argparse.ArgumentParser) -> None:
              "torch-tvl1 (also on a CPU, compiled at start)")
 
 
-def _add_max_faces_argument(parser: argparse.ArgumentParser) -> None:
+def _add_faces_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--faces", choices=["largest", "all"], default="largest",
+        help="largest: the largest face in view is the subject (the default); all: every face "
+             "is tracked apart under an id kept for the whole video (an interview recorded "
+             "side by side, a group), each with its own spotter; events, summary, CSV, report, "
+             "timeline and annotated video say whose face moved. The cost per frame grows "
+             "with the number of faces")
     parser.add_argument(
         "--max-faces", type=int, choices=range(1, 11), default=None, metavar="N",
-        help="faces MediaPipe tracks at once (default 4, so the largest face is the subject "
-             "even with others in view). 1 makes the face stage about 1.5x faster when only "
-             "one person can appear; with others in view, the tracked face may then not be "
-             "the largest, and frames with several faces are not counted")
+        help="faces tracked at once. With --faces largest (default 4, so the largest face is "
+             "the subject even with others in view), 1 makes the face stage about 1.5x faster "
+             "when only one person can appear; with others in view, the tracked face may then "
+             "not be the largest, and frames with several faces are not counted. With --faces "
+             "all (default 8): the largest faces first")
 
 
 def _load_engine(args):
@@ -398,8 +408,11 @@ def _analyze(args) -> int:
             for bar in bars:
                 bar.close()
         s = result.summary
+        faces = s["faces"]["tracked"]
         print(f"{video.name}: {s['frames']['processed']} frames "
               f"({s['frames']['without_face']} without a face), "
+              + (f"{len(faces)} face{'s' if len(faces) != 1 else ''} tracked, "
+                 if s["faces"]["mode"] == "all" else "") +
               f"{s['events']['micro']} micro / {s['events']['macro']} macro events, "
               f"{s['throughput']['frames_per_s']:.1f} frames/s → {out_dir}")
         for problem in result.problems:
@@ -464,7 +477,8 @@ def _live(args) -> int:
     def show(event) -> None:
         found[0] += 1
         what = f"{event.label:8s} {event.confidence:.2f}" if event.kind != "blink" else " " * 13
-        line = (f"{event.onset_ms / 1000:8.2f} s  {event.kind:5s}  {what}  "
+        whose = f"face {event.face_id}  " if args.faces == "all" else ""
+        line = (f"{event.onset_ms / 1000:8.2f} s  {whose}{event.kind:5s}  {what}  "
                 f"({event.duration_ms:.0f} ms, {'+'.join(event.regions)})")
         if bars:
             bars[0].set_postfix(events=found[0], refresh=False)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 __all__ = ["FaceOptions", "FaceResult", "FaceAligner", "CANONICAL_POINTS_28", "CANONICAL_STRETCH_X",
            "ALIGN_LANDMARKS", "STABLE_LANDMARKS", "CANONICAL_STABLE_28", "canonical_points",
            "similarity_transform", "alignment_transform",
-           "cut_thumbnail", "cut_score", "upsampling_eye_distance", "small_face_note"]
+           "aligned_face", "as_bgr", "cut_thumbnail", "cut_score", "upsampling_eye_distance",
+           "small_face_note"]
 
 #: MediaPipe Face Mesh indices (refined mesh, 478 points) of the five alignment points: image-left
 #: iris centre, image-right iris centre, nose tip, image-left and image-right mouth corner.
@@ -235,7 +236,7 @@ class FaceAligner:
         )
 
     def process(self, frame_bgr: np.ndarray, t_ms: float) -> FaceResult:
-        image = _as_bgr(frame_bgr)
+        image = as_bgr(frame_bgr)
         if self._last_t_ms is not None and t_ms < self._last_t_ms:
             log.debug("time went back (%.1f -> %.1f ms); resetting face tracking",
                       self._last_t_ms, t_ms)
@@ -268,31 +269,7 @@ class FaceAligner:
             if area > best_area:
                 best_pts, best_area = pts, area
         assert best_pts is not None
-
-        size = self.options.crop_size
-        transform = alignment_transform(best_pts[list(STABLE_LANDMARKS)], size,
-                                        self.options.stretch_x)
-        # MediaPipe's coordinates run from the image edge; OpenCV's pixel centres sit at integers.
-        pts_px = best_pts - 0.5
-        x0, y0 = pts_px.min(axis=0)
-        x1, y1 = pts_px.max(axis=0)
-        # Warping the colour frame and converting the small crop is cheaper than converting
-        # the whole frame, and bilinear interpolation commutes with the linear grey conversion.
-        crop_bgr = cv2.warpAffine(image, transform, (size, size), flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_REPLICATE)
-        crop = cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2GRAY)
-        landmarks = (pts_px @ transform[:, :2].T + transform[:, 2]).astype(np.float32)
-        return FaceResult(
-            found=True,
-            n_faces=len(found),
-            crop=crop,
-            landmarks=landmarks,
-            box_xyxy=(float(x0), float(y0), float(x1), float(y1)),
-            transform=transform.astype(np.float32),
-            cut=cut,
-            eye_distance_px=float(np.linalg.norm(best_pts[ALIGN_LANDMARKS[1]]
-                                                 - best_pts[ALIGN_LANDMARKS[0]])),
-        )
+        return aligned_face(image, best_pts, self.options, n_faces=len(found), cut=cut)
 
     def reset(self) -> None:
         """Forget tracked faces (the next frame runs detection from scratch)."""
@@ -312,6 +289,35 @@ class FaceAligner:
         self.close()
 
 
+def aligned_face(image: np.ndarray, points: np.ndarray, options: FaceOptions, n_faces: int,
+                 cut: bool = False) -> FaceResult:
+    """The aligned greyscale crop of the face whose Face Mesh landmarks (478, 2) are ``points``
+    (frame pixels from the image edge, as MediaPipe gives them), with its box and transform."""
+    size = options.crop_size
+    transform = alignment_transform(points[list(STABLE_LANDMARKS)], size, options.stretch_x)
+    # MediaPipe's coordinates run from the image edge; OpenCV's pixel centres sit at integers.
+    pts_px = points - 0.5
+    x0, y0 = pts_px.min(axis=0)
+    x1, y1 = pts_px.max(axis=0)
+    # Warping the colour frame and converting the small crop is cheaper than converting
+    # the whole frame, and bilinear interpolation commutes with the linear grey conversion.
+    crop_bgr = cv2.warpAffine(image, transform, (size, size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+    crop = cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2GRAY)
+    landmarks = (pts_px @ transform[:, :2].T + transform[:, 2]).astype(np.float32)
+    return FaceResult(
+        found=True,
+        n_faces=n_faces,
+        crop=crop,
+        landmarks=landmarks,
+        box_xyxy=(float(x0), float(y0), float(x1), float(y1)),
+        transform=transform.astype(np.float32),
+        cut=cut,
+        eye_distance_px=float(np.linalg.norm(points[ALIGN_LANDMARKS[1]]
+                                             - points[ALIGN_LANDMARKS[0]])),
+    )
+
+
 def cut_thumbnail(image: np.ndarray) -> np.ndarray:
     """32x32 grey thumbnail (float32) for cut detection. Area-averaging a strided view: a few
     tenths of a millisecond on a 1080p frame, where area-averaging every pixel costs ~7 ms."""
@@ -328,7 +334,7 @@ def cut_score(previous: np.ndarray, current: np.ndarray) -> float:
     return float(np.abs(current - previous).mean())
 
 
-def _as_bgr(frame: np.ndarray) -> np.ndarray:
+def as_bgr(frame: np.ndarray) -> np.ndarray:
     if not isinstance(frame, np.ndarray):
         raise ValueError(f"expected a numpy image, got {type(frame).__name__}")
     if frame.dtype != np.uint8:

@@ -32,13 +32,22 @@ from realtime_mer.runtime import Backend, default_engine_path, load_engine
 from realtime_mer.speech import LipMotion, SpeechOptions, in_intervals
 from realtime_mer.spotting import SpotEvent, Spotter, SpotterOptions
 from realtime_mer.timing import StageTimer
+from realtime_mer.tracks import FaceTracker, TrackerOptions
 
 log = logging.getLogger(__name__)
+
+
+FACE_MODES = ("largest", "all")
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     face: FaceOptions = field(default_factory=FaceOptions)
+    # "largest": the largest face in view is the subject (one track, face 1); "all": every face
+    # is tracked apart (realtime_mer.tracks), each with its own ring buffer and spotter, and
+    # every event says whose it is (face_id).
+    faces: str = "largest"
+    tracker: TrackerOptions = field(default_factory=TrackerOptions)
     spotter: SpotterOptions = field(default_factory=SpotterOptions)
     speech: SpeechOptions = field(default_factory=SpeechOptions)
     features: FeatureOptions = field(default_factory=FeatureOptions)
@@ -75,6 +84,27 @@ class PipelineOptions:
     # CPU first and classifies with what is left, so the picture stays fluid on 2 cores.
     classifier_niceness: int = 0
 
+    def __post_init__(self) -> None:
+        if self.faces not in FACE_MODES:
+            raise ValueError(f"faces must be one of {', '.join(FACE_MODES)}, got {self.faces!r}")
+
+
+@dataclass(frozen=True)
+class FaceView:
+    """One tracked face's state at one frame: its id, aligned face, and spotting state (as in
+    :class:`FrameResult`'s fields of the same names)."""
+
+    face_id: int
+    face: FaceResult
+    signal: float | None = None
+    threshold: float | None = None
+    face_small: bool = False
+    region_values: np.ndarray | None = None
+    floors: np.ndarray | None = None
+    blinking: bool = False
+    speaking: bool = False
+    thresholds: np.ndarray | None = None
+
 
 @dataclass(frozen=True)
 class FrameResult:
@@ -100,6 +130,14 @@ class FrameResult:
     blinking: bool = False
     speaking: bool = False
     thresholds: np.ndarray | None = None  # per region, in the units of ``region_values``
+    # Every face tracked in this frame, largest first (the fields above are the first one's);
+    # with faces="largest", the subject alone.
+    faces: tuple[FaceView, ...] = ()
+
+    @property
+    def face_id(self) -> int | None:
+        """The id of the face the fields above describe (None: no face)."""
+        return self.faces[0].face_id if self.faces else None
 
     @property
     def event(self) -> EventRecord | None:
@@ -109,6 +147,27 @@ class FrameResult:
     @property
     def feature_map(self) -> np.ndarray | None:
         return self.feature_maps[0] if self.feature_maps else None
+
+
+class _FaceTrack:
+    """What the pipeline keeps per face: its ring buffer of crops, its spotter, its lips, and
+    its counts. One for the subject with faces="largest"; one per face id with "all"."""
+
+    def __init__(self, face_id: int, options: PipelineOptions) -> None:
+        self.face_id = face_id
+        self.buffer = RingBuffer(
+            capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
+            crop_size=options.face.crop_size, n_landmarks=478)
+        self.spotter = Spotter(options.spotter)
+        self.lips = LipMotion(options.speech)
+        self.speaking_times: deque[tuple[float, bool]] = deque(maxlen=self.buffer.capacity)
+        self.last_face_ms: float | None = None
+        self.last_box: tuple | None = None
+        self.frames_with_face = 0
+        self.sequence_restarts = 0
+        # The face's size in the video, per frame with it (4 bytes each: hours fit).
+        self.eye_distances = array("f")
+        self.small_face_warned = False
 
 
 class Pipeline:
@@ -124,21 +183,20 @@ class Pipeline:
         self.source_name = source_name
         self.timer = StageTimer(synchronize=_synchronizer(self.engine))
         self.aligner = FaceAligner(options.face)
-        self.spotter = Spotter(options.spotter)
+        self.tracker = FaceTracker(options.face, options.tracker) if options.faces == "all" \
+            else None
         self._features = FeatureExtractor(options.features)
         # Events waiting together go through a PyTorch flow as one batch (OpenCV's takes pairs
         # one by one, so batching would change nothing there).
         self._batch_flow = uses_torch_flow(options.features)
         if self.engine is not None and self._batch_flow:
             self.warm_up()  # compile now, not at the first event of a live stream
-        self.buffer = RingBuffer(
-            capacity_ms=options.buffer_seconds * 1000.0, fps_hint=options.fps_hint,
-            crop_size=options.face.crop_size, n_landmarks=478)
-        self._last_face_ms: float | None = None
-        self._last_box: tuple | None = None
+        self.tracks: dict[int, _FaceTrack] = {}
+        if self.tracker is None:
+            self.tracks[1] = _FaceTrack(1, options)
         # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
         # frame numbers as well as their times.
-        self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer.capacity)
+        self._recent_frames: deque[tuple[float, int]] = deque(maxlen=self.buffer_capacity)
         self._executor = _Classifier(options.classifier_niceness) \
             if options.classify_in_background else None
         self._abandoned = False
@@ -150,84 +208,108 @@ class Pipeline:
         self.events_spotted = 0
         #: Events a live source reported unclassified because the classifier was busy.
         self.classification_drops = 0
-        self.lips = LipMotion(options.speech)
         #: Voiced stretches of the input's audio (ms), set by the caller when it has them
         #: (speech.voice_intervals); None: no audio, the lips decide alone.
         self.voice: list[tuple[float, float]] | None = None
-        self._speaking_times: deque[tuple[float, bool]] = deque(maxlen=self.buffer.capacity)
         self.frames_seen = 0
         self.frames_with_face = 0
         self.frames_with_several_faces = 0
-        self.sequence_restarts = 0
         self.hard_cuts = 0
-        # The subject's size in the video, per frame with a face (4 bytes each: hours fit).
-        self._eye_distances = array("f")
-        self._small_face_warned = False
         self._small_face_px = upsampling_eye_distance(options.face)
 
     #: frames with a face after which a small face is reported (once), so a live user hears
     #: it early; the summary's figure covers the whole run
     small_face_check_frames = 30
 
+    @property
+    def buffer_capacity(self) -> int:
+        """Frames each face's ring buffer holds (sized from the input's frame rate)."""
+        return RingBuffer.slots_for(self.options.buffer_seconds * 1000.0, self.options.fps_hint)
+
+    @property
+    def sequence_restarts(self) -> int:
+        return sum(track.sequence_restarts for track in self.tracks.values())
+
     # -- per frame ---------------------------------------------------------------------------
     def process(self, frame: Frame) -> FrameResult:
         self.frames_seen += 1
         self._recent_frames.append((frame.t_ms, frame.index))
         with self.timer.stage("face"):
-            face = self.aligner.process(frame.image_bgr, frame.t_ms)
-        if face.n_faces > 1:
+            if self.tracker is None:
+                face = self.aligner.process(frame.image_bgr, frame.t_ms)
+                found, cut = ([(1, face)] if face.found else []), face.cut
+                n_faces = face.n_faces
+            else:
+                tracked, cut = self.tracker.process(frame.image_bgr, frame.t_ms)
+                found = [(t.face_id, t.face) for t in tracked]
+                n_faces = len(found)
+                face = found[0][1] if found else FaceResult(found=False, n_faces=0, cut=cut)
+        if n_faces > 1:
             self.frames_with_several_faces += 1
-        if face.cut:  # a new shot: no flow across it, even of the same face from another camera
+        if cut:  # a new shot: no flow across it, even of the same face from another camera
             self.hard_cuts += 1
-            self._restart_sequence()
-            self._last_face_ms = None
-        if not face.found:
-            self._maybe_restart(frame.t_ms)
-            return self._result(frame, face, None)
+            for track in self.tracks.values():
+                self._restart_sequence(track)
+                track.last_face_ms = None
+        if found:
+            self.frames_with_face += 1
+        seen = {face_id for face_id, _ in found}
+        for track in self.tracks.values():
+            if track.face_id not in seen:
+                self._maybe_restart(track, frame.t_ms)
+        views = []
+        for face_id, face_result in found:
+            track = self.tracks.get(face_id)
+            if track is None:
+                track = self.tracks[face_id] = _FaceTrack(face_id, self.options)
+            views.append(self._process_face(track, frame, face_result))
+        done = self._collect()
+        if not views:
+            return FrameResult(frame.index, frame.t_ms, face, None, None,
+                               tuple(record for record, _ in done), tuple(m for _, m in done))
+        first = views[0]
+        return FrameResult(
+            frame.index, frame.t_ms, first.face, first.signal, first.threshold,
+            tuple(record for record, _ in done), tuple(m for _, m in done),
+            face_small=first.face_small, region_values=first.region_values,
+            floors=first.floors, blinking=first.blinking, speaking=first.speaking,
+            thresholds=first.thresholds, faces=tuple(views))
 
-        self.frames_with_face += 1
-        self._note_face_size(face.eye_distance_px)
-        if self._last_face_ms is not None and (
-                frame.t_ms - self._last_face_ms > self.options.face_gap_reset_ms
-                or _jumped(self._last_box, face.box_xyxy, self.options.face_jump_reset)):
-            self._restart_sequence()
-        self._last_face_ms = frame.t_ms
-        self._last_box = face.box_xyxy
+    def _process_face(self, track: _FaceTrack, frame: Frame, face: FaceResult) -> FaceView:
+        track.frames_with_face += 1
+        self._note_face_size(track, face.eye_distance_px)
+        if track.last_face_ms is not None and (
+                frame.t_ms - track.last_face_ms > self.options.face_gap_reset_ms
+                or _jumped(track.last_box, face.box_xyxy, self.options.face_jump_reset)):
+            self._restart_sequence(track)
+        track.last_face_ms = frame.t_ms
+        track.last_box = face.box_xyxy
 
         with self.timer.stage("buffer"):
-            self.buffer.push(frame.t_ms, face.crop, face.landmarks, face.transform)
+            track.buffer.push(frame.t_ms, face.crop, face.landmarks, face.transform)
         with self.timer.stage("spotting"):
-            spots = self.spotter.push(frame.t_ms, face.crop, face.landmarks)
+            spots = track.spotter.push(frame.t_ms, face.crop, face.landmarks)
             # The lips' opening is vertical: the crop's eye distance without its stretch.
-            speaking = self.lips.push(frame.t_ms, face.landmarks, self.options.spotter.iod_px)
+            speaking = track.lips.push(frame.t_ms, face.landmarks, self.options.spotter.iod_px)
             if self.voice:  # a voice in the recording: the subject talks where it is heard
                 speaking = speaking and in_intervals(frame.t_ms, self.voice)
-            self._speaking_times.append((frame.t_ms, speaking))
-        self._dispatch(spots)
-        return self._result(frame, face, speaking)
-
-    def _result(self, frame: Frame, face: FaceResult, speaking: bool | None) -> FrameResult:
-        done = self._collect()
-        spotter = self.spotter if face.found else None
-        return FrameResult(
-            frame.index, frame.t_ms, face,
-            None if spotter is None else spotter.signal,
-            None if spotter is None else spotter.threshold,
-            tuple(record for record, _ in done), tuple(m for _, m in done),
+            track.speaking_times.append((frame.t_ms, speaking))
+        self._dispatch(track, spots)
+        spotter = track.spotter
+        return FaceView(
+            track.face_id, face, spotter.signal, spotter.threshold,
             face_small=face.eye_distance_px is not None
             and face.eye_distance_px < self._small_face_px,
-            region_values=None if spotter is None or spotter.region_values is None
+            region_values=None if spotter.region_values is None
             else spotter.region_values.copy(),
-            floors=None if spotter is None else spotter.floors.copy(),
-            thresholds=None if spotter is None else spotter.thresholds,
-            blinking=bool(spotter is not None and spotter.blinking),
-            speaking=bool(speaking))
+            floors=spotter.floors.copy(), thresholds=spotter.thresholds,
+            blinking=bool(spotter.blinking), speaking=bool(speaking))
 
-    def _dispatch(self, spots: list[SpotEvent]) -> None:
+    def _dispatch(self, track: _FaceTrack, spots: list[SpotEvent]) -> None:
         """Hand the spotted events to classification (blinks need none), in order: inline, or
         queued to the worker thread with the blinks, so reports keep the spotter's order."""
         for spot in spots:
-            job = self._event_job(spot)
+            job = self._event_job(track, spot)
             if self.on_spotted is not None:
                 self.on_spotted(self._unclassified(job)[0])
             work = self._classify if spot.kind != "blink" and self.engine is not None \
@@ -255,45 +337,92 @@ class Pipeline:
             done.append(self._pending.popleft()[0].result())
         return done
 
-    def _note_face_size(self, eye_distance_px: float | None) -> None:
+    def _note_face_size(self, track: _FaceTrack, eye_distance_px: float | None) -> None:
         if eye_distance_px is None:
             return
-        self._eye_distances.append(eye_distance_px)
-        if len(self._eye_distances) == self.small_face_check_frames:
-            self.warn_if_small_face()
+        track.eye_distances.append(eye_distance_px)
+        if len(track.eye_distances) == self.small_face_check_frames:
+            self._warn_if_small([track])
 
     def warn_if_small_face(self) -> None:
-        """Log (once) that the subject's face is small for the crop, if it is. Called after the
+        """Log (once per face) that a face is small for the crop, if it is. Called after the
         first frames with a face, and by the caller at the end of a run shorter than that."""
-        size = self.face_size()
-        if size["small"] and not self._small_face_warned:
-            self._small_face_warned = True
-            log.warning("%s%s; a closer or higher-resolution camera (or a larger --max-side) "
-                        "helps", f"{self.source_name}: " if self.source_name else "",
-                        small_face_note(size["median_eye_distance_px"],
-                                        size["upsampling_eye_distance_px"]))
+        self._warn_if_small(self._reported_tracks())
+
+    def _warn_if_small(self, tracks: list[_FaceTrack]) -> None:
+        """One line for the faces among ``tracks`` that are small and not yet reported."""
+        small = [(t, self._face_size(t)) for t in tracks if not t.small_face_warned]
+        small = [(t, size) for t, size in small if size["small"]]
+        if not small:
+            return
+        for track, _ in small:
+            track.small_face_warned = True
+        whose = ""
+        if self.tracker is not None:
+            ids = ", ".join(str(t.face_id) for t, _ in small)
+            whose = f"face{'s' if len(small) > 1 else ''} {ids}: "
+        size = min((size for _, size in small), key=lambda s: s["median_eye_distance_px"])
+        log.warning("%s%s%s; a closer or higher-resolution camera (or a larger --max-side) "
+                    "helps", f"{self.source_name}: " if self.source_name else "", whose,
+                    small_face_note(size["median_eye_distance_px"],
+                                    size["upsampling_eye_distance_px"]))
 
     def face_size(self) -> dict:
         """The subject's size over the frames so far: median and 10th percentile of the eye
         distance (frame px, as analysed), the size below which the crop enlarges the face,
-        whether the median is below it (``small``), and how many faces were tracked at once."""
+        whether the median is below it (``small``), and how many faces were tracked at once.
+        With faces="all", the largest of the faces followed (each face's own is in
+        :meth:`faces_summary`)."""
+        sizes = [self._face_size(t) for t in self._reported_tracks()]
+        known = [s for s in sizes if s["median_eye_distance_px"] is not None]
+        size = max(known, key=lambda s: s["median_eye_distance_px"]) if known else \
+            self._face_size(None)
+        return {**size, "max_faces": self.options.face.max_faces if self.tracker is None
+                else self.options.tracker.max_faces}
+
+    def _face_size(self, track: _FaceTrack | None) -> dict:
         limit = self._small_face_px
-        tracked = self.options.face.max_faces
-        if not self._eye_distances:
+        if track is None or not track.eye_distances:
             return {"median_eye_distance_px": None, "p10_eye_distance_px": None,
-                    "upsampling_eye_distance_px": limit, "small": False, "max_faces": tracked}
-        values = np.frombuffer(self._eye_distances, dtype=np.float32)
+                    "upsampling_eye_distance_px": limit, "small": False}
+        values = np.frombuffer(track.eye_distances, dtype=np.float32)
         median = float(np.median(values))
         return {"median_eye_distance_px": median,
                 "p10_eye_distance_px": float(np.percentile(values, 10)),
-                "upsampling_eye_distance_px": limit, "small": median < limit,
-                "max_faces": tracked}
+                "upsampling_eye_distance_px": limit, "small": median < limit}
+
+    def _reported_tracks(self) -> list[_FaceTrack]:
+        """The faces the results speak of: all but the short-lived (spurious) tracks."""
+        short = self.tracker.short_lived() if self.tracker is not None else set()
+        return [t for face_id, t in sorted(self.tracks.items()) if face_id not in short]
+
+    def faces_summary(self) -> dict:
+        """Per face followed (id order): frames with it, first and last time seen (ms), its
+        size, sequence restarts; and the faces ignored (too small, short-lived, duplicates)."""
+        faces = []
+        stats = self.tracker.stats if self.tracker is not None else None
+        for track in self._reported_tracks():
+            entry = {"face_id": track.face_id, "frames": track.frames_with_face,
+                     "sequence_restarts": track.sequence_restarts, **self._face_size(track)}
+            if stats is not None:
+                entry.update(first_ms=stats.first_ms.get(track.face_id),
+                             last_ms=stats.last_ms.get(track.face_id))
+            faces.append(entry)
+        ignored = {"too_small": stats.ignored_small if stats else 0,
+                   "short_lived": len(self.tracker.short_lived()) if self.tracker else 0,
+                   "duplicates": stats.duplicates if stats else 0}
+        return {"mode": self.options.faces, "tracked": faces, "ignored": ignored}
+
+    def short_lived_faces(self) -> set[int]:
+        """Ids of tracks too short-lived to be faces (always empty with faces="largest")."""
+        return self.tracker.short_lived() if self.tracker is not None else set()
 
     def finish(self) -> list[tuple[EventRecord, np.ndarray | None]]:
         """End of the input: the events still open are closed there (marked truncated) and
         reported, and the events still being classified in the background are waited for."""
-        if len(self.buffer):
-            self._dispatch(self.spotter.finish())
+        for track in self.tracks.values():
+            if len(track.buffer):
+                self._dispatch(track, track.spotter.finish())
         done = self._collect()
         done.extend(future.result() for future, _ in self._pending)
         self._pending.clear()
@@ -331,23 +460,24 @@ class Pipeline:
         for future, _ in self._pending:
             future.cancel()
         self._pending.clear()
-        self.lips.reset()
-        self._speaking_times.clear()
         self.aligner.reset()
-        self._restart_sequence()
-        self._last_face_ms = None
+        if self.tracker is not None:
+            self.tracker.reset()
+            self.tracks.clear()
+        else:
+            self.tracks[1] = _FaceTrack(1, self.options)
         self._recent_frames.clear()
         self.timer.reset()
         self.frames_seen = self.frames_with_face = self.frames_with_several_faces = 0
-        self.sequence_restarts = self.hard_cuts = 0
-        self._eye_distances = array("f")
-        self._small_face_warned = False
+        self.hard_cuts = 0
 
     def close(self) -> None:
         if self._executor is not None:
             # After abandon() the worker may still be inside a flow nobody waits for.
             self._executor.shutdown(join=not self._abandoned)
         self.aligner.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -356,34 +486,35 @@ class Pipeline:
         self.close()
 
     # -- internals ---------------------------------------------------------------------------
-    def _maybe_restart(self, t_ms: float) -> None:
-        if self._last_face_ms is not None and \
-                t_ms - self._last_face_ms > self.options.face_gap_reset_ms:
-            self._restart_sequence()
-            self._last_face_ms = None
+    def _maybe_restart(self, track: _FaceTrack, t_ms: float) -> None:
+        if track.last_face_ms is not None and \
+                t_ms - track.last_face_ms > self.options.face_gap_reset_ms:
+            self._restart_sequence(track)
+            track.last_face_ms = None
 
-    def _restart_sequence(self) -> None:
-        if len(self.buffer):
-            self.sequence_restarts += 1
+    def _restart_sequence(self, track: _FaceTrack) -> None:
+        if len(track.buffer):
+            track.sequence_restarts += 1
             # Events still open end where the face was last seen (truncated), reported, not lost.
-            self._dispatch(self.spotter.finish())
-        self.spotter.reset()
-        self.lips.reset()
-        self.buffer.reset()
+            self._dispatch(track, track.spotter.finish())
+        track.spotter.reset()
+        track.lips.reset()
+        track.buffer.reset()
 
-    def _event_job(self, spot: SpotEvent) -> _EventJob:
+    def _event_job(self, track: _FaceTrack, spot: SpotEvent) -> _EventJob:
         """What classifying an event needs, copied out of the ring buffer (whose slots the next
         frames overwrite)."""
-        onset = self.buffer.get(_clamp(spot.onset_ms, self.buffer))
-        apex = self.buffer.get(_clamp(spot.apex_ms, self.buffer))
-        offset_t = _clamp(spot.offset_ms, self.buffer)
+        buffer = track.buffer
+        onset = buffer.get(_clamp(spot.onset_ms, buffer))
+        apex = buffer.get(_clamp(spot.apex_ms, buffer))
+        offset_t = _clamp(spot.offset_ms, buffer)
         self.events_spotted += 1
         blink = spot.kind == "blink"  # reported as it is: no map, so no crops to keep
         return _EventJob(self.events_spotted, spot, None if blink else onset.crop.copy(),
                          None if blink else _under_transform(apex, onset.transform),
                          self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
                          self._frame_index(offset_t), self._map_landmarks(apex.landmarks),
-                         self._spoken(spot.onset_ms, spot.offset_ms))
+                         _spoken(track, spot.onset_ms, spot.offset_ms), track.face_id)
 
     def _classify(self, job: _EventJob, feature_map: np.ndarray | None = None
                   ) -> tuple[EventRecord, np.ndarray]:
@@ -427,11 +558,8 @@ class Pipeline:
             onset_frame=job.onset_frame, apex_frame=job.apex_frame,
             offset_frame=job.offset_frame, source=self.source_name,
             regions=list(spot.regions), amplitude_pct=float(spot.amplitude_pct),
-            floor_pct=float(spot.floor_pct), truncated=bool(spot.truncated), speech=job.speech)
-
-    def _spoken(self, onset_ms: float, offset_ms: float) -> bool:
-        """Whether the person was talking at any frame of [onset, offset]."""
-        return any(speaking and onset_ms <= t <= offset_ms for t, speaking in self._speaking_times)
+            floor_pct=float(spot.floor_pct), truncated=bool(spot.truncated), speech=job.speech,
+            face_id=job.face_id)
 
     def _map_landmarks(self, landmarks: np.ndarray) -> np.ndarray | None:
         """The apex's five alignment points (eyes, nose tip, mouth corners) in the feature
@@ -465,6 +593,7 @@ class _EventJob:
     offset_frame: int
     apex_landmarks5: np.ndarray | None = None
     speech: bool = False
+    face_id: int = 1
 
 
 class _Classifier:
@@ -554,6 +683,11 @@ def _under_transform(frame, transform: np.ndarray | None) -> np.ndarray:
     size = frame.crop.shape[1], frame.crop.shape[0]
     return cv2.warpAffine(frame.crop, np.hstack([m, t[:, None]]), size, flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
+
+
+def _spoken(track: _FaceTrack, onset_ms: float, offset_ms: float) -> bool:
+    """Whether the face's person was talking at any frame of [onset, offset]."""
+    return any(speaking and onset_ms <= t <= offset_ms for t, speaking in track.speaking_times)
 
 
 def _jumped(previous, current, fraction: float) -> bool:

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -64,13 +64,15 @@ class EventRecord:
     # class is known: readers keep the last line of each event_id (read_events does).
     event_id: int = 0
     classified: bool = True
+    # Whose face moved: the face's id for the whole input (1 when only the subject is tracked).
+    face_id: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 CSV_COLUMNS = (
-    "source", "kind", "label", "confidence", "onset_ms", "apex_ms", "offset_ms", "duration_ms",
+    "source", "face_id", "kind", "label", "confidence", "onset_ms", "apex_ms", "offset_ms", "duration_ms",
     "onset_frame", "apex_frame", "offset_frame", "regions", "amplitude_pct", "floor_pct",
     "speech", "truncated", "peak", "threshold",
 )
@@ -239,12 +241,12 @@ class SignalTrace:
 
 
 class SpotTraceWriter:
-    """``trace.csv``: per frame, each region's spotting value and detection floor (% of the eye
-    distance; the floor is the smallest movement the spotter would report there and then, empty
-    while warming up, inf while a blink masks the region), and whether the lids were masked for
-    a blink and the person was talking. Written as the frames go (flushed every second of
-    frames), so an interrupted run keeps it; ``summary`` gives the per-region figures of
-    ``summary.json``."""
+    """``trace.csv``: per frame and face (``face_id``; 0 in a frame without one), each region's
+    spotting value and detection floor (% of the eye distance; the floor is the smallest
+    movement the spotter would report there and then, empty while warming up, inf while a blink
+    masks the region), and whether the lids were masked for a blink and the person was talking.
+    Written as the frames go (flushed every second of frames), so an interrupted run keeps it;
+    ``summary`` gives the per-region figures of ``summary.json``."""
 
     def __init__(self, path: str | Path, regions: Sequence[str]) -> None:
         self.path = Path(path)
@@ -252,31 +254,36 @@ class SpotTraceWriter:
         self._file = open(self.path, "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._file)
         slug = [r.replace(" ", "_") for r in self.regions]
-        self._csv.writerow(["t_ms", "frame", "face", *(f"value_{r}" for r in slug),
+        self._csv.writerow(["t_ms", "frame", "face_id", *(f"value_{r}" for r in slug),
                             *(f"floor_{r}" for r in slug), "blinking", "speaking"])
         self._floors: list[np.ndarray] = []
         self._blinking = self._speaking = self._frames = 0
         self._since_flush = 0
 
     def write(self, frame: Any, result: Any) -> None:
-        values, floors = result.region_values, result.floors
-        n = len(self.regions)
-        face = values is not None
-        row = [f"{frame.t_ms:.3f}", frame.index, int(face)]
-        row += [f"{v:.4f}" for v in values] if face else [""] * n
-        row += [("" if math.isnan(f) else "inf" if math.isinf(f) else f"{f:.4f}")
-                for f in floors] if face and floors is not None else [""] * n
-        row += [int(result.blinking), int(result.speaking)]
-        self._csv.writerow(row)
+        """One row per face of ``result`` (a pipeline FrameResult), or one without a face."""
+        for face_id, view in ([(v.face_id, v) for v in result.faces] or [(0, result)]):
+            self._write_row(frame, face_id, view)
         self._frames += 1
-        if face and floors is not None:
-            self._floors.append(np.asarray(floors, np.float32))
-            self._blinking += bool(result.blinking)
-            self._speaking += bool(result.speaking)
         self._since_flush += 1
         if self._since_flush >= 30:
             self._file.flush()
             self._since_flush = 0
+
+    def _write_row(self, frame: Any, face_id: int, view: Any) -> None:
+        values, floors = view.region_values, view.floors
+        n = len(self.regions)
+        face = values is not None
+        row = [f"{frame.t_ms:.3f}", frame.index, face_id if face else 0]
+        row += [f"{v:.4f}" for v in values] if face else [""] * n
+        row += [("" if math.isnan(f) else "inf" if math.isinf(f) else f"{f:.4f}")
+                for f in floors] if face and floors is not None else [""] * n
+        row += [int(view.blinking), int(view.speaking)]
+        self._csv.writerow(row)
+        if face and floors is not None:
+            self._floors.append(np.asarray(floors, np.float32))
+            self._blinking += bool(view.blinking)
+            self._speaking += bool(view.speaking)
 
     def close(self) -> None:
         if not self._file.closed:
@@ -307,36 +314,36 @@ _KIND_COLOURS = {"micro": "tab:red", "macro": "tab:blue", "blink": "tab:green"}
 
 
 def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRecord],
-                  title: str = "") -> None:
+                  title: str = "", face_traces: Mapping[int, SignalTrace] | None = None) -> None:
     """Top: the spotting signal and its threshold, each event shaded from onset to offset, apex
     marked and labelled (class and confidence; blinks as such). Below, when the trace has them:
     each region's detection floor, the smallest movement the spotter would report there and
-    then (% of the eye distance; a micro-expression moves 1-3 %)."""
+    then (% of the eye distance; a micro-expression moves 1-3 %). ``face_traces`` (face id →
+    that face's trace) with several faces: one signal panel per face with its own events,
+    instead (the floors of every face are in trace.csv)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
 
+    events = list(events)
+    if face_traces is not None and len(face_traces) > 1:
+        panels = [(f"face {face_id}", face_trace, [e for e in events if e.face_id == face_id])
+                  for face_id, face_trace in sorted(face_traces.items())]
+        with_floors = False
+    else:
+        panels = [("", trace, events)]
+        t_all = np.asarray(trace.times_ms, dtype=float)
+        with_floors = bool(trace.regions) and len(trace.floors) == len(t_all) and len(t_all) > 0
+    rows = len(panels) + with_floors
+    height = 3.6 if rows == 1 else 5.6 if with_floors else 1.2 + 2.2 * rows
+    fig, axes = plt.subplots(rows, 1, figsize=(12, height), dpi=100, sharex=True, squeeze=False)
+    for row, (name, panel_trace, panel_events) in enumerate(panels):
+        _signal_panel(axes[row, 0], panel_trace, panel_events, name)
+    axes[0, 0].set_title(title or "micro-expression spotting", fontsize=10)
     t_s = np.asarray(trace.times_ms, dtype=float) / 1000.0
-    with_floors = bool(trace.regions) and len(trace.floors) == len(t_s) and len(t_s) > 0
-    fig, axes = plt.subplots(2 if with_floors else 1, 1, figsize=(12, 5.6 if with_floors else 3.6),
-                             dpi=100, sharex=True, squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(t_s, trace.signal, lw=0.9, color="black", label="spotting signal")
-    ax.plot(t_s, trace.threshold, lw=0.9, ls="--", color="tab:orange", label="threshold")
-    for event in events:
-        colour = _KIND_COLOURS.get(event.kind, "tab:gray")
-        ax.axvspan(event.onset_ms / 1000, event.offset_ms / 1000, color=colour, alpha=0.18)
-        ax.axvline(event.apex_ms / 1000, color=colour, lw=0.8)
-        text = "blink" if event.kind == "blink" else \
-            f"{event.kind}: {event.label} {event.confidence:.2f}"
-        ax.annotate(text, (event.apex_ms / 1000, 1.0), xycoords=("data", "axes fraction"),
-                    rotation=90, va="top", ha="right", fontsize=7, color=colour)
-    ax.set_ylabel("movement (% eye dist.)")
-    if len(t_s):
-        ax.set_xlim(t_s[0], max(t_s[-1], t_s[0] + 1e-3))
-    ax.set_title(title or "micro-expression spotting", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
+    if len(t_s):  # the whole input, whichever face came first
+        axes[0, 0].set_xlim(t_s[0], max(t_s[-1], t_s[0] + 1e-3))
     if with_floors:
         floor_ax = axes[1, 0]
         floors = np.stack(trace.floors)
@@ -348,9 +355,7 @@ def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRe
         floor_ax.set_yscale("log")
         floor_ax.set_ylabel("detection floor (%)")
         floor_ax.legend(loc="upper left", fontsize=7, ncol=5)
-        axes[-1, 0].set_xlabel("time (s)")
-    else:
-        ax.set_xlabel("time (s)")
+    axes[-1, 0].set_xlabel("time (s)")
     import warnings
 
     try:
@@ -363,6 +368,25 @@ def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRe
                 fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
+
+
+def _signal_panel(ax, trace: SignalTrace, events: Sequence[EventRecord], name: str) -> None:
+    """One face's spotting signal against its threshold, with its events."""
+    t_s = np.asarray(trace.times_ms, dtype=float) / 1000.0
+    ax.plot(t_s, trace.signal, lw=0.9, color="black", label="spotting signal")
+    ax.plot(t_s, trace.threshold, lw=0.9, ls="--", color="tab:orange", label="threshold")
+    for event in events:
+        colour = _KIND_COLOURS.get(event.kind, "tab:gray")
+        ax.axvspan(event.onset_ms / 1000, event.offset_ms / 1000, color=colour, alpha=0.18)
+        ax.axvline(event.apex_ms / 1000, color=colour, lw=0.8)
+        text = "blink" if event.kind == "blink" else \
+            f"{event.kind}: {event.label} {event.confidence:.2f}"
+        ax.annotate(text, (event.apex_ms / 1000, 1.0), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=7, color=colour)
+    ax.set_ylabel(f"{name}: movement (%)" if name else "movement (% eye dist.)")
+    if len(t_s):
+        ax.set_xlim(t_s[0], max(t_s[-1], t_s[0] + 1e-3))
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[EventRecord],
@@ -396,7 +420,7 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
     frames = summary.get("frames", {})
     counts = summary.get("events", {})
     facts = summary.get("input", {})
-    rows = []
+    rows: dict[int, list[str]] = {}
     maps = list(feature_maps) + [None] * (len(events) - len(feature_maps))
     for event, feature_map in zip(events, maps):
         probabilities = ", ".join(f"{esc(k)} {v:.2f}" for k, v in event.probabilities.items())
@@ -407,7 +431,7 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
         where = esc(", ".join(event.regions))
         size = (f"eyes {event.amplitude_pct:.0f} % closed" if event.kind == "blink" else
                 f"{event.amplitude_pct:.1f} % (floor {event.floor_pct:.1f} %)")
-        rows.append(
+        rows.setdefault(event.face_id, []).append(
             f"<tr><td>{event.onset_ms / 1000:.2f}</td><td>{event.apex_ms / 1000:.2f}</td>"
             f"<td>{event.offset_ms / 1000:.2f}</td><td>{event.duration_ms:.0f}</td>"
             f"<td>{esc(event.kind)}{'<br>' + esc('; '.join(notes)) if notes else ''}</td>"
@@ -436,6 +460,32 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
         note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"],
                                sentence=True)
         small_face = f'<p class="bad">{esc(note)}</p>'
+    engine = summary.get("engine")
+    engine_line = "Spotting only: the events are not classified." if engine is None else \
+        f"Engine: {esc(str(engine.get('model', '')))} ({esc(str(engine.get('backend', '')))})."
+    faces = summary.get("faces") or {}
+    per_face = faces.get("mode") == "all"
+    header = ("<tr><th>onset (s)</th><th>apex (s)</th><th>offset (s)</th><th>duration (ms)</th>"
+              "<th>kind</th><th>regions</th><th>size (% of the eye distance)</th><th>class</th>"
+              "<th>probabilities</th><th>flow map (R u, G v, B strain)</th></tr>")
+    empty = '<tr><td colspan="10">no events</td></tr>'
+    faces_line = ""
+    if per_face:
+        tracked = faces.get("tracked", [])
+        ignored = faces.get("ignored", {})
+        faces_line = (f"<p>Faces tracked: {len(tracked)}"
+                      + "".join(f"; face {f['face_id']}: {f['frames']} frames"
+                                + (f", eyes {f['median_eye_distance_px']:.0f} px apart"
+                                   if f.get("median_eye_distance_px") is not None else "")
+                                for f in tracked)
+                      + f". Ignored: {ignored.get('too_small', 0)} too small, "
+                        f"{ignored.get('short_lived', 0)} short-lived.</p>")
+        ids = [f["face_id"] for f in tracked] + sorted(set(rows) - {f["face_id"] for f in tracked})
+        tables = "".join(f"<h2>Face {face_id}: events</h2><table>{header}"
+                         f"{''.join(rows.get(face_id, [])) or empty}</table>" for face_id in ids)
+    else:
+        all_rows = [row for face_rows in rows.values() for row in face_rows]
+        tables = f"<h2>Events</h2><table>{header}{''.join(all_rows) or empty}</table>"
     body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>realtime-mer report: {esc(str(facts.get('path', facts.get('camera', ''))))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
@@ -450,18 +500,13 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:midd
 Events: {counts.get('micro', 0)} micro ({counts.get('micro_during_speech', 0)} while talking),
 {counts.get('macro', 0)} macro, {counts.get('blinks', 0)} blinks.
 {floor_line}
-Engine: {esc(str(summary.get('engine', {}).get('model', '')))}
-({esc(str(summary.get('engine', {}).get('backend', '')))}).</p>
+{engine_line}</p>
 {f'<p class="bad">Incomplete run:</p><ul class="bad">{problems}</ul>' if problems else ''}
+{faces_line}
 {small_face}
 {'<p class="bad">Interrupted: the events found before the interruption are listed.</p>' if summary.get('interrupted') else ''}
 {timeline}
-<h2>Events</h2>
-<table><tr><th>onset (s)</th><th>apex (s)</th><th>offset (s)</th><th>duration (ms)</th>
-<th>kind</th><th>regions</th><th>size (% of the eye distance)</th><th>class</th>
-<th>probabilities</th><th>flow map (R u, G v, B strain)</th></tr>
-{''.join(rows) or '<tr><td colspan="10">no events</td></tr>'}
-</table></body></html>
+{tables}</body></html>
 """
     with _atomic(path) as tmp:
         tmp.write_text(body, encoding="utf-8")

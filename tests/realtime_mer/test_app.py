@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from realtime_mer.analyze import analyze_video
-from realtime_mer.app import LiveSession, analyze_upload, build_app
+from realtime_mer.app import EVENT_LOG_COLUMNS, LiveSession, analyze_upload, build_app
 from realtime_mer.capture import open_video
 from realtime_mer.runtime import default_engine_path, load_engine
 
@@ -34,9 +34,11 @@ def test_stream_gives_the_same_events_as_analyze(media_dir, engine, tmp_path):
     rows = session.finish()  # events whose background classification was still running
     expected = analyze_video(path, tmp_path, engine=engine).events
     assert len(rows) == len(expected) > 0
-    got = sorted((r[0], r[1], r[2], r[3]) for r in rows)
-    want = sorted((round(e.onset_ms / 1000, 2), round(e.apex_ms / 1000, 2), e.kind, e.label)
-                  for e in expected)
+    columns = [EVENT_LOG_COLUMNS.index(c) for c in ("onset (s)", "apex (s)", "face", "kind",
+                                                    "class")]
+    got = sorted(tuple(r[c] for c in columns) for r in rows)
+    want = sorted((round(e.onset_ms / 1000, 2), round(e.apex_ms / 1000, 2), e.face_id, e.kind,
+                   e.label) for e in expected)
     assert got == want
 
 
