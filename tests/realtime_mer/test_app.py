@@ -58,6 +58,27 @@ def test_annotation_marks_the_face_and_the_missing_face(media_dir, engine):
     assert session.pipeline.frames_with_face == 1
 
 
+def test_the_demo_with_every_face_draws_each_with_its_id(media_dir, engine):
+    """With faces="all" a live session follows the five people of the group photo: five
+    face views with ids 1-5 in the pipeline's result, each box drawn on the frame."""
+    from realtime_mer.pipeline import PipelineOptions
+
+    session = LiveSession(engine=engine, options=PipelineOptions(faces="all"))
+    rgb = cv2.cvtColor(cv2.imread(str(media_dir / "multi_face.jpg")), cv2.COLOR_BGR2RGB)
+    plain = LiveSession(engine=engine)
+    for t_ms in (0.0, 40.0, 80.0):
+        annotated, _ = session.process_rgb(rgb, t_ms=t_ms)
+        plain_annotated, _ = plain.process_rgb(rgb, t_ms=t_ms)
+    result_faces = session.pipeline.tracker.stats.frames
+    assert sorted(result_faces) == [1, 2, 3, 4, 5] and set(result_faces.values()) == {3}
+    # every box is drawn (in green while its face is still): several times the green pixels
+    # of the largest face's box alone
+    def green(image):
+        return np.all(image == np.array([80, 200, 80], np.uint8), axis=-1).sum()
+
+    assert green(annotated) > 3 * green(plain_annotated) > 0
+
+
 def test_annotation_asks_a_small_face_to_come_closer(media_dir, engine):
     """The same frame at half size puts the eyes ~34 px apart, under the 57 px the crop needs:
     the pipeline marks the frame and the annotation writes a note under the face box; at full

@@ -242,7 +242,7 @@ def test_jobs_waiting_together_are_classified_as_one_batch_in_order():
     mixed in; results come back to each job's own future, in order."""
     import threading
 
-    from realtime_mer.pipeline import _Classifier
+    from realtime_mer.classifier_thread import ClassifierThread
 
     gate, started, batches = threading.Event(), threading.Event(), []
 
@@ -255,7 +255,7 @@ def test_jobs_waiting_together_are_classified_as_one_batch_in_order():
         batches.append(list(jobs))
         return [job * 10 for job in jobs]
 
-    classifier = _Classifier()
+    classifier = ClassifierThread()
     futures = [classifier.submit(one, 0)]  # keeps the worker busy until the gate opens
     assert started.wait(5)
     futures += [classifier.submit(one, job, many) for job in (1, 2, 3)]
