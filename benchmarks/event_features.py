@@ -3,7 +3,7 @@ TV-L1 on the CPU and with the project's PyTorch TV-L1 (one event alone, and even
 together as one batch), on real aligned face pairs of the talking-head clips.
 
     python benchmarks/event_features.py [--devices cpu cuda] [--batches 1 16] [--repeats 5]
-                                        [--out docs/results/event_features.json]
+                                        [--out experiments/results/event_features.json]
 
 Every time is the median of ``--repeats`` runs after a warm-up (compilation, CUDA graphs). The
 maps of each path are compared with OpenCV's (Pearson r per channel, the lowest of a batch).

@@ -1,7 +1,7 @@
 """TV-L1 optical flow: pairs per second and end-point error, OpenCV (CPU) vs our TorchTVL1.
 
     python benchmarks/flow.py [--sizes 128 224] [--batches 1 16 64] [--devices cpu cuda]
-                              [--repeats 3] [--out docs/results/flow_bench.json]
+                              [--repeats 3] [--out experiments/results/flow_bench.json]
 
 Face pairs: real ones from ../shared/media (or $MER_SHARED) when present (CASME II consecutive
 and distant frames, the calibration onset/apex pair, frames of the real videos), resized to each

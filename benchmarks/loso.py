@@ -3,7 +3,7 @@
     python benchmarks/loso.py [--models ststnet ahmsa mjfn] [--folds 8] [--epochs 2]
                               [--repeats 3] [--threads 2] [--device cpu] [--shift 0]
                               [--tta none]
-                              [--out docs/results/loso_bench.json]
+                              [--out experiments/results/loso_bench.json]
 
 For each network, the first ``--folds`` LOSO folds of the real 3DB data (their real training
 sets) are trained with the runner's own ``train_models`` in several ways, side by side in one
@@ -65,7 +65,7 @@ from training import loso  # noqa: E402
 from training.loso import LosoConfig, train_models, trains_channels_last  # noqa: E402
 from training.models import create_model  # noqa: E402
 
-# name -> (model kwargs, input kind, input size, epochs of its LOSO schedule in docs/RESULTS.md)
+# name -> (model kwargs, input kind, input size, epochs of its LOSO schedule in experiments/LOG.md)
 NETWORKS = {
     "ststnet": ({}, "map28", None, 300),
     "ahmsa": ({}, "map28", None, 40),

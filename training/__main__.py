@@ -191,20 +191,20 @@ def cmd_train(args) -> int:
     return 0
 
 
-# Where the results of each calibration rule are kept under docs/results.
+# Where the results of each calibration rule are kept under experiments/results.
 CALIBRATION_FOLDERS = {"prior": "calibration", "bias": "calibration_bias"}
 
 
 def default_loso_results(cfg, results_dir: Path | None = None,
                          ensemble: bool = False, calibrated: str | None = None) -> Path | None:
-    """The complete LOSO results file in docs/results made with exactly this schedule and
+    """The complete LOSO results file in experiments/results made with exactly this schedule and
     epoch selection (the one a manifest may quote; for an ensemble, one that scored the CV
     ensemble; calibrated "prior" or "bias": a ``training calibrate`` file of that rule in
-    docs/results/calibration or calibration_bias), or None."""
+    experiments/results/calibration or calibration_bias), or None."""
     from training.calibrate import calibration_kind
     from training.export import check_loso_results
 
-    folder = results_dir or REPO_ROOT / "docs" / "results"
+    folder = results_dir or REPO_ROOT / "experiments" / "results"
     if calibrated is not None:
         folder = folder / CALIBRATION_FOLDERS[calibrated]
     for path in sorted(folder.glob("*.json")):
@@ -259,7 +259,7 @@ def cmd_export(args) -> int:
                     else default_loso_results(cfg, ensemble=args.ensemble,
                                               calibrated=args.calibrate))
     if loso_results is None:
-        print("note: no complete LOSO results file in docs/results matches this schedule; the "
+        print("note: no complete LOSO results file in experiments/results matches this schedule; the "
               "manifest will quote no LOSO score (run `python -m training loso` first)",
               file=sys.stderr)
     out = args.out or str(REPO_ROOT / "engines" / engine_file_name(
@@ -383,6 +383,14 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_default_engine(args) -> int:
+    from training.default_engine import choose_default_engine, describe
+
+    choice = choose_default_engine(args.results)
+    print(json.dumps(choice.to_json(), indent=2) if args.json else describe(choice))
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     from training.data.raw import make_adapter, preprocess
 
@@ -456,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=1,
                     help="CPU worker processes sharing the folds, each with THREADS/WORKERS "
                          "torch threads (default 1). On a CPU, small networks train fastest "
-                         "with --workers 2 --chunk-size 1 (docs/results/loso_bench.md)")
+                         "with --workers 2 --chunk-size 1 (experiments/results/loso_bench.md)")
     sp.add_argument("--checkpoint-every", type=int, default=25,
                     help="epochs between resume checkpoints (default 25)")
     sp.add_argument("--outer-epochs", default="all", choices=("all", "chosen"),
@@ -496,12 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "on all subjects: prior (the default when RULE is left out; tau of "
                          "the class-prior shift) or bias (a bias per class); quotes a "
                          "`training calibrate` results file of that rule (default: the one of "
-                         "this schedule in docs/results/calibration, or calibration_bias for "
+                         "this schedule in experiments/results/calibration, or calibration_bias for "
                          "bias)")
     sp.add_argument("--loso-results", default=None,
                     help="LOSO results file (same schedule and epoch selection; refused "
                          "otherwise) whose honest UF1/UAR go into the manifest (default: the "
-                         "complete one in docs/results made with this schedule); '' for none")
+                         "complete one in experiments/results made with this schedule); '' for none")
     sp.add_argument("--weights", help="weights from `train` instead of training again")
     sp.set_defaults(func=cmd_export)
 
@@ -570,6 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="write the calibrated results JSON here (reads like a LOSO "
                                   "results file for compare and ensemble; :cv_ensemble too)")
     sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("default-engine", help="which engine the registered rule makes the "
+                                               "default, from the LOSO results files",
+                        description="Apply the rule that picks the shipped default engine "
+                                    "(training/default_engine.py) to the LOSO results files: "
+                                    "the best honest UF1 among engines under the size budget "
+                                    "picks the protocol, the mean over its seeds picks the "
+                                    "calibration.")
+    sp.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results",
+                    help="the results folder (default experiments/results)")
+    sp.add_argument("--json", action="store_true", help="the whole choice as JSON")
+    sp.set_defaults(func=cmd_default_engine)
 
     sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
                                            "network inputs (training/data/README.md)")

@@ -15,7 +15,7 @@ class frequencies of the fold's training subjects. The fold's test probabilities
 model's and its CV ensemble's) are then shifted by that tau. Nothing looks at a test subject,
 so the result is as honest as the nested epoch choice it extends.
 
-The class-bias rule (``rule="bias"``, registered after the prior rule's result; docs/RESULTS.md)
+The class-bias rule (``rule="bias"``, registered after the prior rule's result; experiments/LOG.md)
 frees the direction: it adds a bias b_c to each class's log-probability, b_0 = 0 for the first
 class (a common shift changes nothing) and b_c from :data:`BIASES` for the others, chosen per
 fold by the same pooled inner UF1. The prior shift is the special case b = tau * log(pi_c / pi_0).
@@ -37,11 +37,11 @@ __all__ = ["CalibrationError", "RULES", "TAUS", "BIASES", "prior_offsets", "prio
 
 RULES = ("prior", "bias")
 
-# The candidate strengths, fixed before any run was calibrated (docs/RESULTS.md).
+# The candidate strengths, fixed before any run was calibrated (experiments/LOG.md).
 TAUS = tuple(round(0.1 * i, 1) for i in range(11))
 
 # The candidate biases of each class after the first, fixed before the class-bias rule was run
-# (docs/RESULTS.md): -1.5 to 1.5 in steps of 0.1 contains the prior shift of every tau <= 1
+# (experiments/LOG.md): -1.5 to 1.5 in steps of 0.1 contains the prior shift of every tau <= 1
 # on 3DB (log(pi_c / pi_0) is -0.83 for positive and -1.10 for surprise).
 BIASES = tuple(round(0.1 * i, 1) for i in range(-15, 16))
 

@@ -5,7 +5,7 @@ probabilities from each member come from a model that never saw that subject; th
 the prediction of an ensemble trained fold by fold, and scoring it once over the pooled
 predictions is the same protocol as one network's. No weight or member is fitted here: the
 members and the rule (unweighted mean of probabilities) are given, so the score is honest only
-if they were fixed before looking at it (``docs/RESULTS.md`` says when that was so).
+if they were fixed before looking at it (``experiments/LOG.md`` says when that was so).
 """
 
 from __future__ import annotations

@@ -565,7 +565,7 @@ def check_loso_results(r: dict, cfg: LosoConfig, name: str = "LOSO results") -> 
         raise ValueError(
             f"{name} was run with another configuration or epoch selection than this export "
             f"(results file, export: {diff}); pass the --loso-results file of the same "
-            f"schedule (docs/RESULTS.md lists each run's command)"
+            f"schedule (experiments/LOG.md lists each run's command)"
         )
     if ours["select_epochs"] == "nested" and "nested_selection" not in r:
         raise ValueError(f"{name} says select_epochs=nested but holds no nested_selection")

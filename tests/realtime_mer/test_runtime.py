@@ -12,6 +12,7 @@ import pytest
 
 from realtime_mer.errors import BackendUnavailable, EngineError, InputError
 from realtime_mer.runtime import Manifest, default_engine_path, load_engine, manifest_path
+from training.default_engine import ENGINE_BUDGET_BYTES
 
 ENGINE = default_engine_path()
 def _tensorrt_importable() -> bool:
@@ -26,7 +27,6 @@ def _tensorrt_importable() -> bool:
 
 
 HAS_TRT = _tensorrt_importable()
-ENGINE_BUDGET_BYTES = 5 * 10**6  # engine files committed to the repository stay under this
 
 
 def _cuda() -> bool:
@@ -343,77 +343,35 @@ def test_unknown_backend_and_device():
         load_engine(ENGINE, device="tpu")
 
 
-def _protocol(cfg: dict) -> str:
-    """A LOSO schedule without its seed: the runs of one protocol under different seeds."""
-    return json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True)
+def test_default_engine_is_the_one_the_registered_rule_chooses(engine):
+    """`python -m training default-engine` applies the rule (training/default_engine.py) to the
+    results files; the shipped engine is its choice: the protocol of the best honest LOSO
+    among engines under the budget, with the calibration of the best mean over the seeds, and
+    its manifest quotes that calibration's run of the engine's own seed."""
+    import subprocess
+    import sys
 
-
-def test_default_engine_has_the_best_honest_loso_score(engine):
-    """The rule of docs/RESULTS.md. Among the complete 68-fold results in docs/results whose
-    network's float32 engine fits the repository's 5 MB budget for engine files (calibrated
-    runs of both rules, docs/results/calibration and calibration_bias, included), the highest
-    honest LOSO UF1 picks the protocol. Where that protocol has been replicated over seeds
-    (docs/results/seeds), its calibration (none, class-prior or class-bias) is the one whose
-    score has the highest mean over the seeds all of them share. The engine is that protocol
-    with that calibration; its manifest quotes that calibration's run of the engine's seed."""
     from training.calibrate import calibration_kind
-    from training.models import create_model
 
     root = Path(__file__).resolve().parents[2]
-    results = root / "docs" / "results"
-    runs, too_big, docs = [], [], {}
-    for path in sorted([*results.glob("*.json"), *results.glob("calibration/*.json"),
-                        *results.glob("calibration_bias/*.json"), *results.glob("seeds/*.json")]):
-        doc = json.loads(path.read_text())
-        # (A calibrated file has no folds_run of its own: it covers its run's subjects.)
-        folds = doc.get("folds_run", doc.get("dataset", {}).get("n_subjects"))
-        if not ("uf1" in doc and "config" in doc and doc.get("complete") and folds == 68):
-            continue
-        docs[path.relative_to(results).as_posix()] = doc
-        if path.parent.name == "seeds":
-            continue  # replicates: they choose a calibration below, never a run
-        cfg = doc["config"]
-        model = create_model(cfg["model"], **cfg["model_kwargs"])
-        weight_bytes = 4 * sum(p.numel() for p in model.parameters())
-        # A nested run also scores its CV ensemble (an engine of that many networks).
-        candidates = [(doc["uf1"], 1)]
-        if "nested_cv_ensemble" in doc:
-            ens = doc["nested_cv_ensemble"]
-            candidates.append((ens["uf1"], ens["n_models"]))
-        for uf1, members in candidates:
-            fits = members * weight_bytes <= ENGINE_BUDGET_BYTES
-            (runs if fits else too_big).append((uf1, cfg["model"], members, path.name))
-    assert len(runs) >= 2 and too_big  # AHMSA-Net (25.8 MB) is over the budget
-    best = max(runs)
-    best_name = next(n for n in docs if n.split("/")[-1] == best[3])
-    protocol, members = _protocol(docs[best_name]["config"]), best[2]
-
-    # The best protocol's score per calibration and seed (reruns of one seed must agree).
-    scores: dict[str | None, dict[int, float]] = {}
-    files: dict[tuple[str | None, int], list[str]] = {}
-    for name, doc in docs.items():
-        if _protocol(doc["config"]) != protocol:
-            continue
-        kind, seed = calibration_kind(doc), doc["config"]["seed"]
-        uf1 = doc["nested_cv_ensemble"]["uf1"] if members > 1 else doc["uf1"]
-        assert scores.setdefault(kind, {}).setdefault(seed, uf1) == pytest.approx(uf1, abs=1e-9)
-        files.setdefault((kind, seed), []).append(name)
-    replicated = {k: v for k, v in scores.items() if len(v) >= 2}
-    shared = set.intersection(*(set(v) for v in replicated.values())) if replicated else set()
-    if len(shared) >= 2:
-        chosen = max(replicated, key=lambda k: np.mean([replicated[k][s] for s in shared]))
-    else:  # one seed: the best run's own calibration
-        chosen = calibration_kind(docs[best_name])
-
+    run = subprocess.run([sys.executable, "-m", "training", "default-engine", "--json"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    choice = json.loads(run.stdout)
+    assert choice["too_big"]  # AHMSA-Net (25.8 MB) is over the budget, so the rule had work
     m = engine.manifest
     seed = m.training["schedule"]["seed"]
-    assert m.model == best[1]
-    assert m.networks == members
+    assert m.model == choice["model"]
+    assert m.networks == choice["networks"]
     applied = m.training.get("calibration")
-    assert (None if applied is None else calibration_kind(m.training)) == chosen
-    quoted = [n for n in files[(chosen, seed)] if m.loso["results_file"].endswith(n)]
-    assert quoted, (m.loso["results_file"], files[(chosen, seed)])
-    assert m.loso["uf1"] == pytest.approx(scores[chosen][seed], abs=1e-9)
+    assert (None if applied is None else calibration_kind(m.training)) == choice["calibration"]
+    quoted = [n for n in choice["files"][str(seed)] if m.loso["results_file"].endswith(n)]
+    assert quoted, (m.loso["results_file"], choice["files"][str(seed)])
+    assert m.loso["uf1"] == pytest.approx(choice["scores"][str(seed)], abs=1e-9)
+    schedule, protocol = m.training["schedule"], choice["protocol"]
+    shared = (schedule.keys() & protocol.keys()) - {"seed"}
+    assert len(shared) >= 10 and all(schedule[k] == protocol[k] for k in shared), \
+        {k: (schedule[k], protocol[k]) for k in shared if schedule[k] != protocol[k]}
     assert ENGINE.stat().st_size <= ENGINE_BUDGET_BYTES
 
 

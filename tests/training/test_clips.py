@@ -89,7 +89,7 @@ def test_full_size_3d_network_converges_on_raw_clips(media_dir, tmp_path):
     full = load_preprocessed(tmp_path / "cache", kind="stack16")
     assert full.x.shape == (3, 3, 16, 134, 134)
     out = fit_clips(full.x, full.y, steps=30, batch_size=3, lr=1e-4, seed=0)
-    # measured (docs/results/ms3d_resnet50_fit_clips.json): 1.06 -> 0.41 over 30 steps
+    # measured (experiments/results/ms3d_resnet50_fit_clips.json): 1.06 -> 0.41 over 30 steps
     assert np.mean(out["losses"][-3:]) < 0.5 * np.mean(out["losses"][:3]), out["losses"]
     assert out["train_accuracy_after"] == 1.0
 

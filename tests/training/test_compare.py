@@ -14,7 +14,7 @@ from training.__main__ import main
 from training.compare import CompareError, load_results, paired_comparison
 from training.metrics import uf1_uar
 
-RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 FULL = RESULTS / "mjfn112_loso_fixed40.json"
 VARIANT = RESULTS / "ablations" / "mjfn112_average_loso_fixed40.json"
 
@@ -168,7 +168,7 @@ def megc(megc_dir):
 
 @pytest.mark.parametrize("path", _published_results(), ids=lambda p: str(p.relative_to(RESULTS)))
 def test_published_scores_are_those_of_the_predictions_they_list(path, megc):
-    """Every LOSO or ensemble results file in docs/results: its labels are the dataset's, each
+    """Every LOSO or ensemble results file in experiments/results: its labels are the dataset's, each
     prediction is the argmax of its probabilities, and UF1/UAR (and the CV ensemble's) are
     recomputed from the listed predictions."""
     doc = json.loads(path.read_text())
