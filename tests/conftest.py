@@ -43,17 +43,69 @@ def megc_dir(shared_dir: Path) -> Path:
     return path
 
 
-def pytest_report_header(config) -> str:
+#: The kinds of test, each a marker (``pytest -m media``): set here from where a test lives and
+#: what it needs, so that no test has to remember to mark itself.
+KINDS = {
+    "unit": "no real data, no subprocess",
+    "media": "real video, photos or the 3DB maps from ../shared",
+    "cli": "the commands end to end, in subprocesses or through their main()",
+    "browser": "the demo in a real headless Chromium",
+}
+_CLI_FILES = {"test_cli.py", "test_cli_interrupts.py", "test_batch.py", "test_install.py", "test_readme.py"}
+
+
+def _kind(item) -> str:
+    if item.path.name == "test_browser.py":
+        return "browser"
+    if item.path.name in _CLI_FILES:
+        return "cli"
+    if "shared_dir" in item.fixturenames:  # every real-data fixture stands on it
+        return "media"
+    return "unit"
+
+
+def pytest_configure(config) -> None:
+    for kind, what in KINDS.items():
+        config.addinivalue_line("markers", f"{kind}: {what}")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, _kind(item)))
+
+
+def pytest_report_header(config) -> list[str]:
     found = find_shared_dir()
-    if found is None:
-        return ("real data: NOT FOUND (../shared or $MER_SHARED): the tests on real video and "
-                "the 3DB maps will be skipped")
-    return f"real data: {found}"
+    data = (f"real data: {found}" if found is not None else
+            "real data: NOT FOUND (../shared or $MER_SHARED): the tests on real video and the "
+            "3DB maps will be skipped")
+    kinds = "; ".join(f"{kind} ({what})" for kind, what in KINDS.items())
+    return [data, f"test kinds (pick with -m KIND): {kinds}; slow and gpu run only when asked "
+                  "(-m slow, -m gpu)"]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Say how many tests were skipped for want of the real data, so that a fresh clone's
-    green run is not mistaken for the whole suite."""
+    """Per kind of test: how many passed, failed and were skipped, and the time they took; and
+    how many were skipped for want of the real data, so that a fresh clone's green run is not
+    mistaken for the whole suite."""
+    tally: dict[str, dict[str, float]] = {}
+    for outcome, reports in terminalreporter.stats.items():
+        for report in reports:
+            keywords = getattr(report, "keywords", None) or {}
+            kind = next((k for k in KINDS if k in keywords), None)
+            if kind is None:
+                continue
+            counts = tally.setdefault(kind, {"seconds": 0.0})
+            # set-up and tear-down count in the time; a test counts once, by its outcome
+            counts["seconds"] += getattr(report, "duration", 0.0)
+            if outcome in ("passed", "failed") and report.when == "call" or \
+                    outcome in ("skipped", "error"):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if tally:
+        terminalreporter.write_line("by kind: " + "; ".join(
+            f"{kind} " + ", ".join(f"{int(counts[o])} {o}" for o in
+                                   ("passed", "failed", "skipped", "error") if counts.get(o))
+            + f" ({counts['seconds']:.0f} s)" for kind, counts in tally.items()))
     skipped = terminalreporter.stats.get("skipped", [])
     missing = sum("is not present" in str(getattr(report, "longrepr", "")) for report in skipped)
     if missing:

@@ -22,18 +22,23 @@ def engine():
 
 def test_stream_gives_the_same_events_as_analyze(media_dir, engine, tmp_path):
     """Frames pushed one by one as the browser would (RGB), with the video's own timestamps,
-    produce the events that `analyze` writes for the same file."""
-    path = media_dir / "talking" / "d3.mp4"
+    produce the events that `analyze` writes for the same file (its first 4 s: blinks and
+    classified expressions)."""
+    from realtime_mer.capture import CaptureOptions
+
+    path = media_dir / "talking" / "d9.mp4"
+    segment = CaptureOptions(end_ms=4000.0)
     session = LiveSession(engine=engine)
     rows = []
-    with open_video(path) as source:
+    with open_video(path, segment) as source:
         for frame in source:
             rgb = cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB)
             annotated, rows = session.process_rgb(rgb, t_ms=frame.t_ms)
             assert annotated.shape == rgb.shape and annotated.dtype == np.uint8
     rows = session.finish()  # events whose background classification was still running
-    expected = analyze_video(path, tmp_path, engine=engine).events
+    expected = analyze_video(path, tmp_path, engine=engine, capture=segment).events
     assert len(rows) == len(expected) > 0
+    assert any(e.label for e in expected)  # a classified event, not blinks alone
     columns = [EVENT_LOG_COLUMNS.index(c) for c in ("onset (s)", "apex (s)", "face", "kind",
                                                     "class")]
     got = sorted(tuple(r[c] for c in columns) for r in rows)

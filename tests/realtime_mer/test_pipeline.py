@@ -183,12 +183,15 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
 
     from realtime_mer.buffer import StoredFrame
     from realtime_mer.features import FeatureExtractor
+    from realtime_mer.capture import CaptureOptions
     from realtime_mer.pipeline import _under_transform
 
     engine = load_engine(default_engine_path())
     options = PipelineOptions()
     crops, transforms, times, events = {}, {}, {}, []
-    with open_video(media_dir / "WolfgangLanger_Pexels.mp4") as source, \
+    # its first 6.5 s: three expressions and two blinks
+    with open_video(media_dir / "WolfgangLanger_Pexels.mp4", CaptureOptions(end_ms=6500.0)) \
+            as source, \
             Pipeline(options, engine=engine) as pipeline:
         for frame in source:
             result = pipeline.process(frame)

@@ -34,6 +34,11 @@ ABLATIONS = [
     ("ahmsa-patch4", "ahmsa", {"patch_size": 4}, (2, 3, 28, 28)),
 ]
 PAPER_MODELS = {"mcnet", "ms3d_resnet50", "mjfn", "ahmsa"}
+# The export round trips; the 3D network's (22 s) only when asked (-m slow): it has no engine,
+# the 3DB maps having no frame sequences, and its shapes and gradients are tested by default.
+EXPORT_BATTERY = [pytest.param(case, id=case[0], marks=pytest.mark.slow)
+                  if case[1] == "ms3d_resnet50" else pytest.param(case, id=case[0])
+                  for case in FULL_BATTERY]
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +115,7 @@ def test_eval_is_deterministic(case):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", FULL_BATTERY, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", EXPORT_BATTERY)
 def test_onnx_round_trip(case, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -129,7 +134,7 @@ def test_onnx_round_trip(case, tmp_path):
     _assert_close(reference, got, f"{name} ONNX after save/load (onnxruntime)")
 
 
-@pytest.mark.parametrize("case", FULL_BATTERY, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", EXPORT_BATTERY)
 def test_torch_export_round_trip(case, tmp_path):
     _, name, kwargs, shape = case
     model = _build(name, kwargs).eval()
