@@ -24,7 +24,7 @@ run:
 - **workers, without the CPU memory changes**: the workers way in processes that train as the
   runner did before two changes that alter where memory comes from, not what is computed
   (``training.allocator.keep_freed_memory``, and batches taken from a prebuilt input bank,
-  ``training.loso._InputBank``): what the two gain, side by side. Only the networks that
+  ``training.loso.trainer._InputBank``): what the two gain, side by side. Only the networks that
   declare it keep freed memory (``training.loso.keeps_freed_memory``), and the setting stays
   in a process once made: worker pools are fresh per network, but the sequential ways of a
   network timed after the STSTNet-sized one in the same run keep freed memory too.
@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.data import load_megc3db  # noqa: E402
-from training import loso  # noqa: E402
+from training.loso import trainer as loso  # noqa: E402
 from training.loso import LosoConfig, train_models, trains_channels_last  # noqa: E402
 from training.models import create_model  # noqa: E402
 

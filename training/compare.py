@@ -2,7 +2,7 @@
 
 An ablation run on a subset of folds (``loso --folds``) is compared with the full model's run
 on exactly the same test samples: fold seeds depend on the fold index only
-(``training/loso.py``), so both models of a fold saw the same initialisation stream, batches
+(``training/loso/``), so both models of a fold saw the same initialisation stream, batches
 and flips, and the difference is the ablated part. With few folds that difference is noisy;
 the subject bootstrap below says how noisy: subjects (the LOSO unit) are drawn with
 replacement, both runs' pooled predictions of the drawn subjects are scored once each, and

@@ -38,7 +38,7 @@ from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.calibrate import (BIASES, RULES, TAUS, calibration_kind, choose_bias, choose_tau,
                                 prior_offsets)
 from training.metrics import uf1_uar
-from training.loso import (LosoConfig, _inner_jobs, check_model, git_commit, hflip_maps,
+from training.loso import (LosoConfig, inner_jobs, check_model, git_commit, hflip_maps,
                            model_inputs, normalise, select_epochs_full, train_models)
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
     # The inner models again, from their seeds, stopped at the chosen epoch count (the
     # selection kept only their validation probabilities).
     key = len(data.subject_list)
-    jobs = _inner_jobs(data, cfg, key, [])
+    jobs = inner_jobs(data, cfg, key, [])
     say(f"CV ensemble: training the {len(jobs)} inner models for {epochs} epochs")
     inner, _ = train_models(data.x, data.y, [j[2] for j in jobs],
                             dataclasses.replace(cfg, epochs=epochs),

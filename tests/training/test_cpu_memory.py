@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import training.loso as loso
+import training.loso.trainer as loso
 from training.loso import LosoConfig, shift_images, train_models
 
 from .test_loso import _synthetic
@@ -78,7 +78,7 @@ _CHILD = textwrap.dedent("""
     import json, resource, sys
     import numpy as np, torch
     torch.set_num_threads(1)
-    import training.loso as loso
+    import training.loso.trainer as loso
     from training.allocator import keep_freed_memory
     from training.loso import LosoConfig, train_models
     loso.KEEP_FREED_MEMORY = sys.argv[1] == "keep"

@@ -13,7 +13,7 @@ import torch
 from realtime_mer.input_kinds import INPUT_OPTIONS
 from training.data.megc3db import Megc3DB
 from training.export import check_loso_results, export_default, fit_full, save_weights
-from training.loso import LosoConfig, _inner_groups, select_epochs_full
+from training.loso import LosoConfig, inner_groups, select_epochs_full
 
 torch.set_num_threads(1)
 
@@ -45,7 +45,7 @@ def test_full_data_nested_selection_picks_argmax_of_inner_scores():
     assert sel["chosen_epochs"] in sel["candidate_epochs"]
     assert sel["chosen_epochs"] == sel["candidate_epochs"][int(np.argmax(sel["inner_uf1"]))]
     # The grouping is the inner-CV rule of the LOSO evaluation, over all subjects.
-    assert sel["inner_groups"] == _inner_groups(data.subject_list, 3)
+    assert sel["inner_groups"] == inner_groups(data.subject_list, 3)
     assert sorted(sum(sel["inner_groups"], [])) == sorted(data.subject_list)
     # Seeds follow the LOSO inner rule with the full model's key (= number of subjects).
     assert sel["inner_seed_ids"] == [10_000 + 6 * 3 + g for g in range(3)]
@@ -143,7 +143,7 @@ def test_manifest_of_a_run_with_outer_models_stopped_at_their_chosen_epoch(tmp_p
 def test_cv_ensemble_engine_is_the_mean_of_its_members_and_quotes_the_ensemble_score(tmp_path):
     from realtime_mer.runtime import load_engine
     from training.export import train_full
-    from training.loso import _inner_jobs, run_loso, train_models
+    from training.loso import inner_jobs, run_loso, train_models
 
     data = _noisy()
     cfg = dataclasses.replace(NESTED, epochs=4)
@@ -158,7 +158,7 @@ def test_cv_ensemble_engine_is_the_mean_of_its_members_and_quotes_the_ensemble_s
     epochs = m["training"]["schedule"]["epochs_trained"]
     members = [train_full(data, cfg, epochs=epochs)]
     key = len(data.subject_list)
-    for _, g, train, _ in _inner_jobs(data, cfg, key, []):
+    for _, g, train, _ in inner_jobs(data, cfg, key, []):
         (inner,), _ = train_models(data.x, data.y, [train],
                                    dataclasses.replace(cfg, epochs=epochs),
                                    [10_000 + key * cfg.inner_folds + g])

@@ -231,7 +231,7 @@ def test_cv_ensemble_averages_the_outer_and_the_retrained_inner_models(tmp_path)
     """The ensemble's probabilities are the mean of the outer model and the inner models at
     the chosen epoch; the inner models are rebuilt here from their documented seed ids and
     training sets, independently of the runner's bookkeeping."""
-    from training.loso import _inner_jobs, train_models
+    from training.loso import inner_jobs, train_models
 
     data = _synthetic()
     res = run_loso(data, NESTED, tmp_path / "run", folds=[0, 1], chunk_size=1)
@@ -244,7 +244,7 @@ def test_cv_ensemble_averages_the_outer_and_the_retrained_inner_models(tmp_path)
         chosen = res["nested_selection"]["chosen_epochs"][data.subject_list[f]]
         test = np.flatnonzero(data.subjects == data.subject_list[f])
         inner = []
-        for key, g, train, _ in _inner_jobs(data, NESTED, f, [data.subject_list[f]]):
+        for key, g, train, _ in inner_jobs(data, NESTED, f, [data.subject_list[f]]):
             cfg = dataclasses.replace(NESTED, epochs=chosen)
             (model,), _ = train_models(data.x, data.y, [train], cfg, [10_000 + key * k + g])
             with torch.no_grad():

@@ -1,0 +1,132 @@
+"""The run's results: pooled predictions, honest and leaky scores, the CV ensemble, per database."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data.megc3db import CLASS_NAMES, Megc3DB
+from training.metrics import evaluate, per_database, pooled_scores
+from training.loso.config import LosoConfig, RESULTS_FORMAT
+from training.loso.provenance import _atomic_write_json, _elapsed, git_commit, host_cpu
+
+
+def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) -> dict:
+    return {
+        "description": (f"honest: per fold, the mean probability of the outer model and the "
+                        f"{k} inner models of its nested selection, all at the chosen epoch "
+                        "(no test label used)"),
+        "n_models": k + 1,
+        **pooled_scores(y_true, probs.argmax(-1), dbs),
+        "probs": np.round(probs, 6).tolist(),
+    }
+
+
+def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
+             results_path, info: dict, nested: dict | None = None,
+             outer_epochs: str = "all") -> dict:
+    # Outer models stopped at their chosen epochs have no later epochs: no fixed-schedule or
+    # LEAKY best-epoch figure (the LEAKY one would be a maximum over fewer epochs).
+    whole_schedule = outer_epochs == "all"
+    subjects = data.subject_list
+    y_true, y_pred, idx_all, probs_all = [], [], [], []
+    leaky_pred, leaky_epochs, wall = [], {}, {}
+    final_pred, ensemble_probs = [], []
+    for f in folds:
+        doc = json.loads((run_dir / f"fold_{f:02d}.json").read_text())
+        idx = doc["indices"]
+        idx_all += idx
+        final_pred += doc["pred"]
+        if nested is not None:
+            entry = next(h for h in doc["history"] if h["epoch"] == nested["chosen"][str(f)])
+            y_pred += entry["pred"]
+            probs_all += entry["probs"]
+            if nested.get("inner_test_probs_mean") is not None:
+                # CV ensemble: the outer model and the k inner models, equal weights.
+                k = nested["inner_folds"]
+                ens = (np.asarray(entry["probs"])
+                       + k * np.asarray(nested["inner_test_probs_mean"][str(f)])) / (k + 1)
+                ensemble_probs.append(ens)
+        else:
+            y_pred += doc["pred"]
+            probs_all += doc["probs"]
+        y_true += data.y[idx].tolist()
+        # Leaky: the evaluation epoch with the most correct test predictions (earliest on ties).
+        best = max(doc["history"], key=lambda h: (h["correct"], -h["epoch"]))
+        leaky_pred += best["pred"]
+        leaky_epochs[subjects[f]] = best["epoch"]
+        wall[tuple(doc["chunk"])] = doc["chunk_wall_s"]
+    dbs = data.databases[idx_all]
+    honest = evaluate(y_true, y_pred)
+    leaky = evaluate(y_true, leaky_pred) if whole_schedule else None
+    results = {
+        "format": RESULTS_FORMAT,
+        "protocol": ("LOSO, predictions of all folds pooled, scored once; epochs: "
+                     + ("fixed" if nested is None else
+                        "per fold by nested subject-wise CV on its training subjects only")),
+        "complete": len(folds) == len(subjects),
+        "folds_run": len(folds),
+        "config": cfg.to_dict(),
+        "dataset": {"name": "MEGC2019 3DB composite", "root": data.root, "n_samples": len(data),
+                    "n_subjects": len(subjects), "class_counts": list(data.class_counts()),
+                    "class_names": list(CLASS_NAMES)},
+        "environment": {"torch": torch.__version__, "numpy": np.__version__,
+                        "git_commit": git_commit(), "threads": torch.get_num_threads(),
+                        "cpu": host_cpu(),
+                        **info},
+        "wall_time_s": float(sum(wall.values())),
+        # Wall clock of the whole run (outer folds, nested selection, worker processes
+        # running side by side), summed over the sessions of a resumed run.
+        "total_wall_time_s": _elapsed(run_dir),
+        "uf1": honest["uf1"],
+        "uar": honest["uar"],
+        "accuracy": honest["accuracy"],
+        "confusion_matrix": honest["confusion_matrix"],
+        "per_class": honest["per_class"],
+        "per_database": {db: {k: v for k, v in r.items() if k != "per_class"}
+                         for db, r in per_database(y_true, y_pred, dbs).items()},
+        **({} if nested is None else {"nested_selection": {
+            "chosen_epochs": {subjects[int(f)]: e for f, e in nested["chosen"].items()},
+            "median_epochs": float(np.median(list(nested["chosen"].values()))),
+            "inner_folds": nested["inner_folds"], "wall_s": nested["wall_s"],
+            "inner_uf1_curves": {subjects[int(f)]: c
+                                 for f, c in nested["inner_uf1_curves"].items()},
+            "candidate_epochs": nested["epochs"],
+            **({"fixed_final_epoch_same_run": {
+                k: evaluate(y_true, final_pred)[k] for k in ("uf1", "uar", "accuracy")}}
+               if whole_schedule else {}),
+        }}),
+        **({} if len(ensemble_probs) != len(folds) or not folds else {
+            "nested_cv_ensemble": _ensemble_block(np.concatenate(ensemble_probs), y_true, dbs,
+                                                  nested["inner_folds"])}),
+        **({"leaky_best_epoch": {
+            "WARNING": "LEAKY, paper-comparable only: each test subject's epoch was chosen by "
+                       "looking at that subject's labels. Not an estimate of performance.",
+            "eval_every": cfg.eval_every,
+            "uf1": leaky["uf1"], "uar": leaky["uar"], "accuracy": leaky["accuracy"],
+            "confusion_matrix": leaky["confusion_matrix"],
+            "per_database": {db: {"uf1": r["uf1"], "uar": r["uar"]}
+                             for db, r in per_database(y_true, leaky_pred, dbs).items()},
+            "best_epoch_per_subject": leaky_epochs,
+        }} if whole_schedule else {"outer_epochs": {
+            "rule": "chosen: each outer model trained only to its fold's chosen epoch",
+            "not_measured": "the LEAKY best-epoch and the fixed-schedule figures (they need "
+                            "the epochs after the chosen one); the honest scores are those of "
+                            "a run to the schedule's end",
+        }}),
+        "predictions": [
+            {"index": int(i), "file": os.path.basename(str(data.files[i])),
+             "subject": str(data.subjects[i]), "database": str(data.databases[i]),
+             "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
+            for i, p, pr in zip(idx_all, y_pred, probs_all)
+        ],
+    }
+    _atomic_write_json(run_dir / "results.json", results)
+    if results_path is not None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(Path(results_path), results)
+    return results
