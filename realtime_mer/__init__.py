@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Frame": "capture", "CaptureOptions": "capture", "VideoInfo": "capture",
-    "open_video": "capture", "probe_video": "capture", "WebcamSource": "capture",
+    "open_video": "capture", "probe_video": "capture", "WebcamSource": "camera",
     "FaceOptions": "face", "FaceResult": "face", "FaceAligner": "face",
     "RingBuffer": "buffer",
     "TVL1Options": "flow", "create_flow": "flow", "optical_strain": "flow",

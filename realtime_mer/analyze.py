@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 from realtime_mer import __version__
 from realtime_mer.annotate import AnnotatedVideoWriter, annotate
-from realtime_mer.capture import CaptureOptions, Frame, WebcamSource, open_video
+from realtime_mer.camera import WebcamSource
+from realtime_mer.capture import CaptureOptions, Frame, open_video
 from realtime_mer.errors import InputError, OutputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
 from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, OUTPUT_FILES, REPORT_HTML,

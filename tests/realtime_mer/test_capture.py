@@ -12,9 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from realtime_mer.capture import (
-    CaptureOptions, Frame, WebcamSource, open_video, probe_video,
-)
+from realtime_mer.camera import WebcamSource
+from realtime_mer.capture import CaptureOptions, Frame, open_video, probe_video
 from realtime_mer.errors import InputError
 
 pytestmark = pytest.mark.timeout(60)

@@ -142,9 +142,9 @@ def test_live_camera_that_disconnects(media_dir, tmp_path, capsys, monkeypatch):
     stands in for a camera: it delivers frames faster than the pipeline consumes them (so the
     capture thread drops the oldest) and then "disconnects" when it ends. The run stops with a
     clear message and keeps its outputs."""
-    import realtime_mer.capture
+    import realtime_mer.camera
 
-    monkeypatch.setattr(realtime_mer.capture, "_is_local_file", lambda device: False)
+    monkeypatch.setattr(realtime_mer.camera, "_is_local_file", lambda device: False)
     out = tmp_path / "live"
     code = main(["live", "--camera", str(media_dir / "single_face.mp4"), "--out", str(out)])
     captured = capsys.readouterr()

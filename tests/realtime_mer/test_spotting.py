@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
+from realtime_mer.spot_events import EventDetector, refine_apex
 from realtime_mer.spotting import (
-    REGION_NAMES, SpotEvent, Spotter, SpotterOptions, _EventDetector, _nearest, _refine_apex,
-    _anchor_indices, _default_anchors, _window_weights, region_values, spot_offline,
+    REGION_NAMES, SpotEvent, Spotter, SpotterOptions, _anchor_indices, _default_anchors, _nearest,
+    _window_weights, region_values, spot_offline,
 )
 
 SIZE = 128
@@ -504,7 +505,7 @@ def test_small_pieces():
     assert [_nearest(times, t) for t in (-5, 4, 5, 6, 20, 25, 99)] == [0, 0, 0, 1, 1, 2, 2]
     # Parabola through samples of -(t - 13)² at uneven times finds the vertex exactly.
     t = np.array([0.0, 10.0, 25.0])
-    assert _refine_apex(t, -(t - 13.0) ** 2, 1) == pytest.approx(13.0)
+    assert refine_apex(t, -(t - 13.0) ** 2, 1) == pytest.approx(13.0)
     # A still (identical) pair gives zero region motion.
     crop = _texture()
     assert region_values(Spotter().flow.compute(crop, crop), _weights()).max() < 1e-3
@@ -540,7 +541,7 @@ def test_event_rules_on_a_known_signal():
     min_event_ms dropped."""
     o = SpotterOptions(regions=SpotterOptions().regions[:1], region_gains=(0.5,),
                        blink_regions=())
-    detector = _EventDetector(o)
+    detector = EventDetector(o)
     step = 10.0
 
     def baseline(k):  # 0.10, 0.11, 0.12 in turn: median 0.11, MAD 0.01
