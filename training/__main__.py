@@ -392,7 +392,8 @@ def cmd_default_engine(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    from training.data.raw import make_adapter, preprocess
+    from training.data.preprocess import preprocess
+    from training.data.raw import make_adapter
 
     adapter = make_adapter(args.database, args.root, args.sheet, smic_apex=args.smic_apex)
     res = preprocess(adapter, args.cache, kinds=args.kinds.split(","), flow=args.flow,
@@ -411,7 +412,7 @@ def cmd_fit_clips(args) -> int:
     import torch
 
     from training.clips import fit_clips
-    from training.data.raw import load_preprocessed
+    from training.data.preprocess import load_preprocessed
     from training.loso import build_network
 
     if args.threads:

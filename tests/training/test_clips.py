@@ -1,6 +1,6 @@
 """The 3D network on a raw-format database: a CASME II-layout tree of real face frames, three
 clips with different real motion, preprocessed into flow stacks by the shared features code
-(training.data.raw), loaded as clips and fitted (training.clips)."""
+(training.data.preprocess), loaded as clips and fitted (training.clips)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from training.clips import clip_scale, fit_clips
-from training.data.raw import Casme2Adapter, load_preprocessed, preprocess
+from training.data.preprocess import load_preprocessed, preprocess
+from training.data.raw import Casme2Adapter
 
 HEADER = "Subject,Filename,OnsetFrame,ApexFrame,OffsetFrame,Action Units,Estimated Emotion"
 

@@ -12,9 +12,10 @@ import pytest
 
 from realtime_mer.errors import DatasetError
 from realtime_mer.features import FeatureOptions, flow_strain_map
+from training.data.preprocess import load_preprocessed, preprocess
 from training.data.raw import (
     Casme2Adapter, Casme3Adapter, SammAdapter, SmicAdapter, estimate_apex, load_frame,
-    load_preprocessed, make_adapter, preprocess,
+    make_adapter,
 )
 
 CASME_HEADER = "Subject,Filename,OnsetFrame,ApexFrame,OffsetFrame,Action Units,Estimated Emotion"
