@@ -69,16 +69,18 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                         "UF1, earliest on ties. fixed: --epochs, chosen a priori")
     g.add_argument("--inner-folds", type=int, default=d.inner_folds,
                    help="inner groups of the nested selection (default %(default)s)")
-    g.add_argument("--input-kind", default=d.input_kind,
+    g.add_argument("--input-kind", default=None,
                    choices=("map28", "regions5", "colour", "mcnet"),
                    help="what the network is fed, built from the (u, v, strain) maps: map28 "
-                        "(the maps; default), regions5 (AHMSA-Net's five-region "
-                        "recombination, from landmarks5.csv), colour (the colour-coded flow "
-                        "image: mjfn) or mcnet (MCNet's magnified, AU-weighted colour image, "
-                        "from landmarks5.csv); the runtime builds the same")
+                        "(the maps), regions5 (AHMSA-Net's five-region recombination, from "
+                        "landmarks5.csv), colour (the colour-coded flow image) or mcnet "
+                        "(MCNet's magnified, AU-weighted colour image, from landmarks5.csv); "
+                        "the runtime builds the same. Default: the network's own (map28 for "
+                        "ststnet and ahmsa, colour for mjfn, mcnet for mcnet)")
     g.add_argument("--input-size", type=int, default=None,
-                   help="side of the colour image (default 224); must match the model's "
-                        "input_size")
+                   help="side of the colour image (default: the network's own, 224 for mjfn "
+                        "and mcnet); a network with a size option (mjfn's input_size) is "
+                        "built for it")
     g.add_argument("--input-options", default="{}",
                    help='JSON dict of the input kind\'s switches, e.g. mcnet: '
                         '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
@@ -94,11 +96,35 @@ def _json_object(text: str, option: str) -> dict:
     return value
 
 
+def _model_input(args) -> tuple[str, int | None, dict]:
+    """The input kind and size the command line asks for, the network's declared ones where
+    it is silent, and the network's options with its size option set to that size (unless
+    given)."""
+    from training.models import model_input
+
+    kwargs = _json_object(args.model_kwargs, "--model-kwargs")
+    try:
+        declared = model_input(args.model)
+    except KeyError as exc:  # an unknown name: the message lists the known ones
+        raise ValueError(exc.args[0]) from None
+    kind = args.input_kind or declared.kind
+    if kind is None:
+        raise ValueError(f"network {args.model!r} is not fed the 3DB maps (see "
+                         "`python -m training fit-clips`); give --input-kind to try it on them")
+    size = args.input_size
+    if size is None and kind == declared.kind:
+        size = declared.size
+    if declared.size_kwarg and size is not None:
+        kwargs.setdefault(declared.size_kwarg, size)
+    return kind, size, kwargs
+
+
 def _config(args):
     from training.loso import LosoConfig, build_network
 
+    input_kind, input_size, model_kwargs = _model_input(args)
     cfg = LosoConfig(
-        model=args.model, model_kwargs=_json_object(args.model_kwargs, "--model-kwargs"),
+        model=args.model, model_kwargs=model_kwargs,
         epochs=args.epochs,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, class_balanced=not args.no_class_balance,
@@ -108,7 +134,7 @@ def _config(args):
         seed=args.seed,
         eval_every=args.eval_every,
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
-        input_kind=args.input_kind, input_size=args.input_size,
+        input_kind=input_kind, input_size=input_size,
         input_options=_json_object(args.input_options, "--input-options"),
     )
     build_network(cfg.model, cfg.model_kwargs)  # a bad name or option fails before data is read

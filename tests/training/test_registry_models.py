@@ -126,3 +126,30 @@ def test_torch_export_roundtrip(model, tmp_path):
     with torch.no_grad():
         cos, same = _cos_argmax(model(x).numpy(), loaded(x).numpy())
     assert cos >= 0.99 and same
+
+
+def test_each_network_is_fed_its_declared_input_without_being_told():
+    """`python -m training loso --model NAME` alone: the network's declared input kind and size
+    (and its own size option) are used, and the network accepts what that input gives on maps
+    and their five landmarks; a network that takes no maps says so."""
+    from realtime_mer.face import CANONICAL_POINTS_28
+    from training.__main__ import _config, build_parser
+    from training.loso import build_network, model_inputs
+
+    expected = {"ststnet": ("map28", None), "ahmsa": ("map28", None), "mjfn": ("colour", 224),
+                "mcnet": ("mcnet", 224)}
+    maps = np.random.default_rng(0).random((2, 3, 28, 28)).astype(np.float32)
+    landmarks = np.repeat(CANONICAL_POINTS_28[None], 2, axis=0)
+    for name, (kind, size) in expected.items():
+        cfg = _config(build_parser().parse_args(["loso", "--model", name]))
+        assert (cfg.input_kind, cfg.input_size) == (kind, size), name
+        model = build_network(cfg.model, cfg.model_kwargs).eval()
+        with torch.no_grad():
+            out = model(model_inputs(maps, cfg, landmarks))
+        assert tuple(out.shape) == (2, 3), name
+    assert _config(build_parser().parse_args(["loso", "--model", "mjfn"])).model_kwargs == \
+        {"input_size": 224}
+    given = _config(build_parser().parse_args(["loso", "--model", "mjfn", "--input-size", "112"]))
+    assert (given.input_size, given.model_kwargs) == (112, {"input_size": 112})
+    with pytest.raises(ValueError, match="not fed the 3DB maps"):
+        _config(build_parser().parse_args(["loso", "--model", "ms3d_resnet50"]))
