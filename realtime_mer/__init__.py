@@ -27,7 +27,7 @@ _PUBLIC = {
     "Manifest": "runtime", "load_engine": "runtime", "default_engine_path": "runtime",
     "PipelineOptions": "pipeline", "Pipeline": "pipeline", "FrameResult": "pipeline",
     "EventRecord": "report",
-    "analyze_video": "analyze", "analyze_camera": "analyze", "AnalysisResult": "analyze",
+    "analyze": "analyze", "VideoFacts": "analyze", "analyze_video": "analyze", "analyze_camera": "analyze", "AnalysisResult": "analyze",
     "MerError": "errors", "InputError": "errors", "EngineError": "errors",
     "DatasetError": "errors", "BackendUnavailable": "errors",
 }

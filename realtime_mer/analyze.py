@@ -98,6 +98,58 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
                     fps_hint=info.fps_nominal or 30.0)
 
 
+@dataclass(frozen=True)
+class VideoFacts:
+    """What :func:`analyze` knows of a video before its first frame: its size, nominal rate,
+    declared frames and duration, codec, and how long a voice is heard in its audio (None: no
+    audio track)."""
+
+    path: str
+    width: int
+    height: int
+    fps_nominal: float
+    frames_declared: int | None
+    duration_ms: float | None
+    codec: str
+    audio_voice_s: float | None
+
+
+def analyze(path: str | Path, *, options: PipelineOptions = PipelineOptions(),
+            capture: CaptureOptions = CaptureOptions(), engine: Backend | None = None
+            ) -> tuple[Iterator[EventRecord], VideoFacts]:
+    """The library's way in, as faster-whisper's ``transcribe``: ``events, facts =
+    analyze("interview.mp4")`` opens the video (raising :class:`InputError` at once if it is
+    not one) and returns the facts and an iterator; the work happens as the iterator is
+    consumed, each event arriving as soon as it is classified, in order. Nothing is written:
+    :func:`analyze_video` writes the reports. Stopping early (``break``) closes the video and
+    the pipeline."""
+    path = Path(path)
+    source = open_video(path, capture)
+    info = source.info
+    try:
+        voice = voice_intervals(path) if path.is_file() else None
+    except BaseException:
+        source.close()
+        raise
+    facts = VideoFacts(str(path), info.width, info.height, info.fps_nominal,
+                       info.n_frames_declared, info.duration_ms, info.codec,
+                       None if voice is None else round(sum(b - a for a, b in voice) / 1000, 2))
+    if info.fps_nominal > 0:  # the ring buffer sized for this video's rate (see analyze_video)
+        options = replace(options, fps_hint=max(options.fps_hint,
+                                                min(info.fps_nominal, options.spotter.max_fps)))
+
+    def events() -> Iterator[EventRecord]:
+        with source, Pipeline(replace(options, classify_in_background=True), engine=engine,
+                              source_name=path.name) as pipeline:
+            pipeline.voice = voice
+            for frame in source:
+                yield from pipeline.process(frame).events
+            for event, _ in pipeline.finish():
+                yield event
+
+    return events(), facts
+
+
 def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float | None = None,
                    options: PipelineOptions = PipelineOptions(),
                    capture: CaptureOptions = CaptureOptions(),

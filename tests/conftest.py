@@ -105,7 +105,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line("by kind: " + "; ".join(
             f"{kind} " + ", ".join(f"{int(counts[o])} {o}" for o in
                                    ("passed", "failed", "skipped", "error") if counts.get(o))
-            + f" ({counts['seconds']:.0f} s)" for kind, counts in tally.items()))
+            + f" ({counts['seconds']:.0f} s)" for kind, counts in tally.items()
+            if len(counts) > 1))
     skipped = terminalreporter.stats.get("skipped", [])
     missing = sum("is not present" in str(getattr(report, "longrepr", "")) for report in skipped)
     if missing:

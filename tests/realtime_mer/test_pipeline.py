@@ -270,3 +270,26 @@ def test_jobs_waiting_together_are_classified_as_one_batch_in_order():
     classifier.shutdown()
     assert results == [0, 10, None, 30, 40, 50, 60]
     assert batches == [[1, 3], [5, 6]]
+
+
+def test_the_library_iterator_gives_the_events_analyze_video_writes(media_dir, tmp_path):
+    """`analyze(path)` yields, in order, the events that `analyze_video` reports for the same
+    video (the first 4 s of a real talking clip: blinks and classified expressions), writes
+    nothing, and stops cleanly when the caller stops reading."""
+    from realtime_mer.analyze import analyze, analyze_video
+    from realtime_mer.capture import CaptureOptions
+
+    segment = CaptureOptions(end_ms=4000.0)
+    path = media_dir / "talking" / "d9.mp4"
+    engine = load_engine(default_engine_path())
+    events, facts = analyze(path, capture=segment, engine=engine)
+    assert (facts.width, facts.height, facts.fps_nominal) == (512, 480, 30.0)
+    got = [(e.onset_frame, e.apex_frame, e.kind, e.label, round(e.confidence, 6))
+           for e in events]
+    written = analyze_video(path, tmp_path / "out", capture=segment, engine=engine).events
+    assert got == [(e.onset_frame, e.apex_frame, e.kind, e.label, round(e.confidence, 6))
+                   for e in written]
+    assert any(label for *_, label, _ in got)  # classified expressions, not blinks alone
+    events, _ = analyze(path, capture=segment, engine=engine)
+    next(events)
+    events.close()  # stopping early closes the video and the pipeline without an error
