@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from realtime_mer.analyze import analyze_video  # noqa: E402
+from realtime_mer.analysis import analyze_video  # noqa: E402
 from realtime_mer.runtime import default_engine_path, load_engine  # noqa: E402
 
 VIDEOS = ("WolfgangLanger_Pexels.mp4", "single_face.mp4", "face_noface.mov", "no_face.mp4")

@@ -27,7 +27,8 @@ _PUBLIC = {
     "Manifest": "runtime", "load_engine": "runtime", "default_engine_path": "runtime",
     "PipelineOptions": "pipeline", "Pipeline": "pipeline", "FrameResult": "pipeline",
     "EventRecord": "report",
-    "analyze": "analyze", "VideoFacts": "analyze", "analyze_video": "analyze", "analyze_camera": "analyze", "AnalysisResult": "analyze",
+    "analyze": "analysis", "VideoFacts": "analysis", "analyze_video": "analysis",
+    "analyze_camera": "analysis", "AnalysisResult": "analysis",
     "MerError": "errors", "InputError": "errors", "EngineError": "errors",
     "DatasetError": "errors", "BackendUnavailable": "errors",
 }

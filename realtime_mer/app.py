@@ -275,7 +275,7 @@ def analyze_upload(video_path: str | None, engine: Backend, options: PipelineOpt
     """Upload tab: analyse a file into a fresh folder under ``out_root`` → (output files,
     timeline, event rows, message). ``abandoned()`` is asked at every frame: when it says the
     browser has left, the analysis stops (nobody would read it) and its folder is removed."""
-    from realtime_mer.analyze import analyze_video
+    from realtime_mer.analysis import analyze_video
     from realtime_mer.capture import CaptureOptions
     from realtime_mer.errors import MerError
 

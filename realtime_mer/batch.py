@@ -1,7 +1,7 @@
 """Many recordings over Ray workers: one task per recording, on this machine (``workers``) or on
 an existing cluster (``address``). Ray is an optional extra (``realtime-mer[ray]``).
 
-Each task runs :func:`realtime_mer.analyze.analyze_video` in a worker process of its own that
+Each task runs :func:`realtime_mer.analysis.analyze_video` in a worker process of its own that
 exits after the recording (``max_calls=1``), so a worker's memory is one recording's at most. A
 worker that dies (killed, out of memory) has its recording retried once, then marked failed; a
 recording that is bad input fails at once; neither stops the others. A rerun skips the
@@ -70,7 +70,7 @@ def complete_outputs(out_dir: Path) -> dict | None:
 def _analyze_in_worker(video: str, out_dir: str, engine: EngineSpec, options: PipelineOptions,
                        capture: CaptureOptions, annotated_video: bool) -> dict:
     """The task: one recording → a plain dict (what crosses back to the driver)."""
-    from realtime_mer.analyze import analyze_video
+    from realtime_mer.analysis import analyze_video
     from realtime_mer.runtime import load_engine
 
     try:

@@ -349,7 +349,7 @@ def _load_engine(args):
 def _analyze(args) -> int:
     from tqdm import tqdm
 
-    from realtime_mer.analyze import analyze_video
+    from realtime_mer.analysis import analyze_video
     from realtime_mer.capture import CaptureOptions
     from realtime_mer.report import index_row, write_index
 
@@ -463,7 +463,7 @@ def _analyze_on_ray(args, options, capture, add_to_index) -> int:
 
 
 def _live(args) -> int:
-    from realtime_mer.analyze import analyze_camera
+    from realtime_mer.analysis import analyze_camera
     from realtime_mer.capture import CaptureOptions
 
     from tqdm import tqdm

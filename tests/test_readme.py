@@ -28,3 +28,17 @@ def test_a_readme_example_runs(index, media_dir, tmp_path, monkeypatch, capsys):
         assert (tmp_path / "report" / "summary.json").is_file()
     if index == 0:  # the iterator printed the facts and the events of single_face.mp4
         assert capsys.readouterr().out.splitlines()[0] == "640 360 30.0"
+
+
+def test_public_names_are_what_they_say_after_every_submodule_is_imported():
+    """`from realtime_mer import analyze` must give the function even once the submodules are
+    loaded (a submodule of the same name would take its place on the package)."""
+    import importlib
+    import types
+
+    import realtime_mer
+
+    for module in set(realtime_mer._PUBLIC.values()):
+        importlib.import_module(f"realtime_mer.{module}")
+    for name in realtime_mer.__all__:
+        assert not isinstance(getattr(realtime_mer, name), types.ModuleType), name

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from realtime_mer.analyze import analyze_video
+from realtime_mer.analysis import analyze_video
 from realtime_mer.app import EVENT_LOG_COLUMNS, LiveSession, analyze_upload, build_app
 from realtime_mer.capture import open_video
 from realtime_mer.runtime import default_engine_path, load_engine

@@ -187,7 +187,7 @@ def test_live_on_a_video_file_plays_it_in_real_time_to_a_complete_end(media_dir,
 def test_live_run_stops_at_its_duration_with_a_complete_result(media_dir, tmp_path):
     """A camera that would deliver 3.6 s of frames (72 at 50 ms each) is read for 1 s: the run
     ends on time, not at the disconnect, so it is complete and nothing is reported wrong."""
-    from realtime_mer.analyze import analyze_camera
+    from realtime_mer.analysis import analyze_camera
     from tests.realtime_mer.test_capture import _SlowCapture
 
     camera = _SlowCapture(media_dir / "single_face.mp4", 0.05)

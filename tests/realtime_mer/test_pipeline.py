@@ -276,7 +276,7 @@ def test_the_library_iterator_gives_the_events_analyze_video_writes(media_dir, t
     """`analyze(path)` yields, in order, the events that `analyze_video` reports for the same
     video (the first 4 s of a real talking clip: blinks and classified expressions), writes
     nothing, and stops cleanly when the caller stops reading."""
-    from realtime_mer.analyze import analyze, analyze_video
+    from realtime_mer.analysis import analyze, analyze_video
     from realtime_mer.capture import CaptureOptions
 
     segment = CaptureOptions(end_ms=4000.0)

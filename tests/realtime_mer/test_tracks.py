@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from realtime_mer.analyze import analyze_video
+from realtime_mer.analysis import analyze_video
 from realtime_mer.cli import main
 from realtime_mer.pipeline import PipelineOptions
 from realtime_mer.tracks import FaceTracker
