@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="test-time mirroring (--tta of training loso)")
     p.add_argument("--ways", nargs="+", choices=WAYS, default=None,
                    help="time only these ways (default: all that can run here)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "loso_bench.json")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "loso_bench.json")
     args = p.parse_args(argv)
     if args.folds < 2 or args.epochs < 1 or args.repeats < 1:
         p.error("--folds must be >= 2, --epochs and --repeats >= 1")

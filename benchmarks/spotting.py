@@ -244,7 +244,8 @@ def _run_cached(path: Path, cache: Path) -> ClipRun:
     import hashlib
 
     key = hashlib.sha256(b"".join((REPO / "realtime_mer" / m).read_bytes() for m in (
-        "spotting.py", "blinks.py", "speech.py", "face.py", "pipeline.py"))).hexdigest()[:12]
+        "spotting.py", "spot_events.py", "blinks.py", "speech.py", "face.py", "buffer.py",
+        "pipeline.py"))).hexdigest()[:12]
     stored = cache / "runs" / f"{path.stem}.{key}.json"
     if stored.exists():
         data = json.loads(stored.read_text())

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from realtime_mer import __version__
 from realtime_mer.annotate import AnnotatedVideoWriter, annotate
 from realtime_mer.camera import WebcamSource
@@ -382,15 +384,17 @@ def _faces(pipeline: Pipeline, events: list[EventRecord]) -> dict:
 
 
 def _append_face_traces(traces: dict[int, SignalTrace], t_ms: float, frame_result) -> None:
-    """Each face's signal at this frame (NaN for a face not in it; a new face's trace starts
-    at its first frame)."""
+    """Each face's signal at the frames where it is seen, and one gap (NaN) where it goes
+    missing, so a trace grows with its face's frames, not with the input's."""
     views = {view.face_id: view for view in frame_result.faces}
     for face_id in views.keys() - traces.keys():
         traces[face_id] = SignalTrace()
     for face_id, face_trace in traces.items():
         view = views.get(face_id)
-        face_trace.append(t_ms, None if view is None else view.signal,
-                          None if view is None else view.threshold)
+        if view is not None:
+            face_trace.append(t_ms, view.signal, view.threshold)
+        elif face_trace.signal and not np.isnan(face_trace.signal[-1]):
+            face_trace.append(t_ms, None, None)
 
 
 def _write_outputs(out_dir: Path, result: AnalysisResult, class_names, trace,

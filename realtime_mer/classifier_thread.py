@@ -54,7 +54,7 @@ class ClassifierThread:
                     more = self._next(block=False)
                 except queue.Empty:
                     break
-                if more is None or more[3] is not item[3]:
+                if more is None or more[3] != item[3]:  # bound methods: equal, not identical
                     self._held = more
                     break
                 items.append(more)

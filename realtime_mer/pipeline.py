@@ -190,6 +190,8 @@ class Pipeline:
         if self.engine is not None and self._batch_flow:
             self.warm_up()  # compile now, not at the first event of a live stream
         self.tracks: dict[int, _FaceTrack] = {}
+        #: Faces the tracker has let go of, by id: their counts and size (their state is freed).
+        self.retired: dict[int, dict] = {}
         if self.tracker is None:
             self.tracks[1] = _FaceTrack(1, options)
         # (t_ms, frame index) of recent frames, bounded like the ring buffer, to report events'
@@ -226,7 +228,8 @@ class Pipeline:
 
     @property
     def sequence_restarts(self) -> int:
-        return sum(track.sequence_restarts for track in self.tracks.values())
+        return sum(track.sequence_restarts for track in self.tracks.values()) + \
+            sum(counts["sequence_restarts"] for counts in self.retired.values())
 
     # -- per frame ---------------------------------------------------------------------------
     def process(self, frame: Frame) -> FrameResult:
@@ -242,6 +245,8 @@ class Pipeline:
                 found = [(t.face_id, t.face) for t in tracked]
                 n_faces = len(found)
                 face = found[0][1] if found else FaceResult(found=False, n_faces=0, cut=cut)
+                for face_id in self.tracker.forgotten:
+                    self._retire(face_id)
         if n_faces > 1:
             self.frames_with_several_faces += 1
         if cut:  # a new shot: no flow across it, even of the same face from another camera
@@ -272,6 +277,17 @@ class Pipeline:
             face_small=first.face_small, region_values=first.region_values,
             floors=first.floors, blinking=first.blinking, speaking=first.speaking,
             thresholds=first.thresholds, faces=tuple(views))
+
+    def _retire(self, face_id: int) -> None:
+        """A face the tracker will not see again: its open events are closed and reported,
+        and its buffer and spotter freed; its counts stay for the summary."""
+        track = self.tracks.pop(face_id, None)
+        if track is None:
+            return
+        self._restart_sequence(track)
+        self.retired[face_id] = {"frames": track.frames_with_face,
+                                 "sequence_restarts": track.sequence_restarts,
+                                 **self._face_size(track)}
 
     def _process_face(self, track: _FaceTrack, frame: Frame, face: FaceResult) -> FaceView:
         track.frames_with_face += 1
@@ -371,7 +387,10 @@ class Pipeline:
         whether the median is below it (``small``), and how many faces were tracked at once.
         With faces="all", the largest of the faces followed (each face's own is in
         :meth:`faces_summary`)."""
-        sizes = [self._face_size(t) for t in self._reported_tracks()]
+        sizes = [self._face_size(t) for t in self._reported_tracks()] + \
+            [{k: v for k, v in counts.items() if k not in ("frames", "sequence_restarts")}
+             for face_id, counts in self.retired.items()
+             if face_id not in self.short_lived_faces()]
         known = [s for s in sizes if s["median_eye_distance_px"] is not None]
         size = max(known, key=lambda s: s["median_eye_distance_px"]) if known else \
             self._face_size(None)
@@ -390,21 +409,29 @@ class Pipeline:
                 "upsampling_eye_distance_px": limit, "small": median < limit}
 
     def _reported_tracks(self) -> list[_FaceTrack]:
-        """The faces the results speak of: all but the short-lived (spurious) tracks."""
+        """The faces still followed that the results speak of: all but the short-lived
+        (spurious) tracks and a subject never seen."""
         short = self.tracker.short_lived() if self.tracker is not None else set()
-        return [t for face_id, t in sorted(self.tracks.items()) if face_id not in short]
+        return [t for face_id, t in sorted(self.tracks.items())
+                if face_id not in short and t.frames_with_face > 0]
 
     def faces_summary(self) -> dict:
         """Per face followed (id order): frames with it, first and last time seen (ms), its
         size, sequence restarts; and the faces ignored (too small, short-lived, duplicates)."""
-        faces = []
         stats = self.tracker.stats if self.tracker is not None else None
+        short = self.short_lived_faces()
+        entries = {face_id: dict(counts) for face_id, counts in self.retired.items()
+                   if face_id not in short and counts["frames"] > 0}
         for track in self._reported_tracks():
-            entry = {"face_id": track.face_id, "frames": track.frames_with_face,
-                     "sequence_restarts": track.sequence_restarts, **self._face_size(track)}
+            entries[track.face_id] = {"frames": track.frames_with_face,
+                                      "sequence_restarts": track.sequence_restarts,
+                                      **self._face_size(track)}
+        faces = []
+        for face_id, entry in sorted(entries.items()):
+            entry = {"face_id": face_id, **entry}
             if stats is not None:
-                entry.update(first_ms=stats.first_ms.get(track.face_id),
-                             last_ms=stats.last_ms.get(track.face_id))
+                entry.update(first_ms=stats.first_ms.get(face_id),
+                             last_ms=stats.last_ms.get(face_id))
             faces.append(entry)
         ignored = {"too_small": stats.ignored_small if stats else 0,
                    "short_lived": len(self.tracker.short_lived()) if self.tracker else 0,
@@ -462,6 +489,7 @@ class Pipeline:
         if self.tracker is not None:
             self.tracker.reset()
             self.tracks.clear()
+            self.retired.clear()
         else:
             self.tracks[1] = _FaceTrack(1, self.options)
         self._recent_frames.clear()

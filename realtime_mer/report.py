@@ -310,6 +310,9 @@ class SpotTraceWriter:
         return out
 
 
+#: Faces drawn in the timeline at most (one panel each).
+MAX_TIMELINE_FACES = 6
+
 _KIND_COLOURS = {"micro": "tab:red", "macro": "tab:blue", "blink": "tab:green"}
 
 
@@ -328,8 +331,12 @@ def plot_timeline(path: str | Path, trace: SignalTrace, events: Iterable[EventRe
 
     events = list(events)
     if face_traces is not None and len(face_traces) > 1:
-        panels = [(f"face {face_id}", face_trace, [e for e in events if e.face_id == face_id])
-                  for face_id, face_trace in sorted(face_traces.items())]
+        # The faces seen longest, in id order: a crowd's every passer-by would make a page no
+        # one reads (every face's values are in trace.csv).
+        shown = sorted(sorted(face_traces, key=lambda i: -np.isfinite(
+            np.asarray(face_traces[i].signal, float)).sum())[:MAX_TIMELINE_FACES])
+        panels = [(f"face {face_id}", face_traces[face_id],
+                   [e for e in events if e.face_id == face_id]) for face_id in shown]
         with_floors = False
     else:
         panels = [("", trace, events)]
@@ -470,7 +477,7 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
               "<th>probabilities</th><th>flow map (R u, G v, B strain)</th></tr>")
     empty = '<tr><td colspan="10">no events</td></tr>'
     faces_line = ""
-    if per_face:
+    if per_face and (faces.get("tracked") or rows):
         tracked = faces.get("tracked", [])
         ignored = faces.get("ignored", {})
         faces_line = (f"<p>Faces tracked: {len(tracked)}"

@@ -101,7 +101,8 @@ class _Track:
 @dataclass
 class TrackStats:
     """What the tracker saw over the input: per id, frames with the face and its first and
-    last time; faces ignored as too small (detections), duplicates dropped."""
+    last time; ``ignored_small``: the most faces too small to analyse seen at once (a face is
+    not followed, so it is not known from one look to the next); duplicates dropped."""
 
     frames: dict[int, int] = field(default_factory=dict)
     first_ms: dict[int, float] = field(default_factory=dict)
@@ -129,14 +130,19 @@ class FaceTracker:
         self._last_thumbnail: np.ndarray | None = None
         self.frames_seen = 0
         self.stats = TrackStats()
+        #: Ids dropped at the last frame (lost for longer than ``reid_ms``, a duplicate, or a
+        #: hard cut): they will not come back, so their owner can let go of their state.
+        self.forgotten: list[int] = []
 
     # -- per frame ---------------------------------------------------------------------------
     def process(self, frame_bgr: np.ndarray, t_ms: float) -> tuple[list[TrackedFace], bool]:
         """The faces in this frame (largest first) and whether the frame is a hard cut."""
         image = as_bgr(frame_bgr)
+        self.forgotten = []
         if self._last_t_ms is not None and t_ms < self._last_t_ms:
-            self._drop_all_tracks()  # a new clip: nothing carries over
+            self._drop_all_tracks()  # a new clip: nothing carries over, and faces are looked for
             self._last_thumbnail = None
+            self._last_detect_ms = None
         self._last_t_ms = float(t_ms)
         self.frames_seen += 1
         thumbnail = cut_thumbnail(image)
@@ -144,9 +150,11 @@ class FaceTracker:
             cut_score(self._last_thumbnail, thumbnail) > self.face_options.cut_threshold
         self._last_thumbnail = thumbnail
         rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        if cut:  # a new shot: every face is lost until the detector finds it again
-            for track in self._tracks:
-                self._lose(track)
+        if cut:
+            # A new shot: the faces in it get new ids. Place, size and proportions do not tell
+            # people apart across a cut (an edited interview shows one person, then the other,
+            # at the same spot), and two people under one id would mix their events.
+            self._drop_all_tracks()
         self._forget_old(t_ms)
 
         found: list[TrackedFace] = []
@@ -216,8 +224,7 @@ class FaceTracker:
             # The face reached its window's edge (or outgrew it): a new window around it, and
             # its Face Mesh starts from a detection there at the next frame.
             track.window = _window(track.box, self.options.window_scale, image.shape)
-            _close(track.mesh)
-            track.mesh = None
+            track.mesh.reset()  # its graph restarts from a detection (cheaper than a new one)
         return TrackedFace(track.face_id, face)
 
     def _landmarks(self, track: _Track, rgb: np.ndarray,
@@ -263,11 +270,19 @@ class FaceTracker:
                     min_detection_confidence=self.options.min_detection_confidence)
         h, w = image.shape[:2]
         detections = self._detector.process(rgb).detections or []
-        boxes = []
+        boxes, small = [], 0
         for detection in detections:
             b = detection.location_data.relative_bounding_box
+            # The detector's first two key points are the eyes: a face too small to analyse
+            # is dropped here, before a Face Mesh is built for it.
+            eyes = detection.location_data.relative_keypoints[:2]
+            if len(eyes) == 2 and np.hypot((eyes[0].x - eyes[1].x) * w, (eyes[0].y - eyes[1].y)
+                                           * h) < self.options.min_eye_distance_px:
+                small += 1
+                continue
             boxes.append((b.xmin * w, b.ymin * h, (b.xmin + b.width) * w,
                           (b.ymin + b.height) * h))
+        self.stats.ignored_small = max(self.stats.ignored_small, small)
         boxes.sort(key=lambda b: -_area(b))
         followed = [t.box for t in self._tracks if not t.lost and t.last_seen_ms == t_ms]
         new: list[TrackedFace] = []
@@ -283,8 +298,7 @@ class FaceTracker:
                 _close(track.mesh)
                 continue
             eyes = float(np.linalg.norm(points[ALIGN_LANDMARKS[1]] - points[ALIGN_LANDMARKS[0]]))
-            if eyes < self.options.min_eye_distance_px:
-                self.stats.ignored_small += 1
+            if eyes < self.options.min_eye_distance_px:  # the detector's eyes were just above
                 _close(track.mesh)
                 continue
             track.box = _box(points)
@@ -341,6 +355,7 @@ class FaceTracker:
                 track = next(t for t in self._tracks if t.face_id == tracked.face_id)
                 _close(track.mesh)
                 self._tracks.remove(track)
+                self.forgotten.append(track.face_id)
                 continue
             keep.append(tracked)
         return keep
@@ -351,12 +366,15 @@ class FaceTracker:
         track.mesh = None
 
     def _forget_old(self, t_ms: float) -> None:
-        self._tracks = [t for t in self._tracks
-                        if not (t.lost and t_ms - t.last_seen_ms > self.options.reid_ms)]
+        old = [t for t in self._tracks if t.lost and t_ms - t.last_seen_ms > self.options.reid_ms]
+        for track in old:
+            self._tracks.remove(track)
+            self.forgotten.append(track.face_id)
 
     def _drop_all_tracks(self) -> None:
         for track in self._tracks:
             _close(track.mesh)
+            self.forgotten.append(track.face_id)
         self._tracks = []
 
     def _make_mesh(self) -> Any:

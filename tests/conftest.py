@@ -72,6 +72,13 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         item.add_marker(getattr(pytest.mark, _kind(item)))
+    # `-m media` on the command line replaces the configured `-m 'not slow'`: the long runs stay
+    # out unless the expression asks for them.
+    if "slow" not in (config.option.markexpr or ""):
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 def pytest_report_header(config) -> list[str]:
@@ -101,12 +108,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
             if outcome in ("passed", "failed") and report.when == "call" or \
                     outcome in ("skipped", "error"):
                 counts[outcome] = counts.get(outcome, 0) + 1
-    if tally:
-        terminalreporter.write_line("by kind: " + "; ".join(
-            f"{kind} " + ", ".join(f"{int(counts[o])} {o}" for o in
-                                   ("passed", "failed", "skipped", "error") if counts.get(o))
-            + f" ({counts['seconds']:.0f} s)" for kind, counts in tally.items()
-            if len(counts) > 1))
+    kinds = ["".join([f"{kind} ", ", ".join(f"{int(counts[o])} {o}" for o in
+                                          ("passed", "failed", "skipped", "error")
+                                          if counts.get(o)), f" ({counts['seconds']:.0f} s)"])
+             for kind, counts in tally.items() if len(counts) > 1]
+    if kinds:
+        terminalreporter.write_line("by kind: " + "; ".join(kinds))
     skipped = terminalreporter.stats.get("skipped", [])
     missing = sum("is not present" in str(getattr(report, "longrepr", "")) for report in skipped)
     if missing:

@@ -112,6 +112,8 @@ def _model_input(args) -> tuple[str, int | None, dict]:
         raise ValueError(f"network {args.model!r} is not fed the 3DB maps (see "
                          "`python -m training fit-clips`); give --input-kind to try it on them")
     size = args.input_size
+    if size is None and declared.size_kwarg and declared.size_kwarg in kwargs:
+        size = kwargs[declared.size_kwarg]  # the network built for a size is fed that size
     if size is None and kind == declared.kind:
         size = declared.size
     if declared.size_kwarg and size is not None:

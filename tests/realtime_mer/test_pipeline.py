@@ -254,16 +254,19 @@ def test_jobs_waiting_together_are_classified_as_one_batch_in_order():
         gate.wait(5)
         return job * 10
 
-    def many(jobs):
-        batches.append(list(jobs))
-        return [job * 10 for job in jobs]
+    class Batcher:  # the pipeline submits a bound method: a new object at every access
+        def many(self, jobs):
+            batches.append(list(jobs))
+            return [job * 10 for job in jobs]
+
+    batcher = Batcher()
 
     classifier = ClassifierThread()
     futures = [classifier.submit(one, 0)]  # keeps the worker busy until the gate opens
     assert started.wait(5)
-    futures += [classifier.submit(one, job, many) for job in (1, 2, 3)]
+    futures += [classifier.submit(one, job, batcher.many) for job in (1, 2, 3)]
     futures += [classifier.submit(lambda job: job * 10, 4)]  # not batchable
-    futures += [classifier.submit(one, job, many) for job in (5, 6)]
+    futures += [classifier.submit(one, job, batcher.many) for job in (5, 6)]
     futures[2].cancel()  # a dropped event (Reset) is skipped, not computed
     gate.set()
     results = [None if f.cancelled() else f.result(timeout=10) for f in futures]

@@ -155,17 +155,21 @@ def test_a_small_one_person_video_is_one_face(media_dir, tmp_path):
 
 
 def test_a_face_that_leaves_keeps_its_id_and_a_newcomer_gets_the_next(media_dir):
-    """d3 alone; d9 joins on the right (face 2); d3 leaves for half a second and comes back:
-    face 1 again, not a third face."""
+    """d3 alone; d9 comes in on the right (face 2); d3 fades out for half a second (a gradual
+    change, as when a person leaves, not a cut) and comes back: face 1 again, not a third
+    face."""
     left = _frames(media_dir / "talking" / "d3.mp4", limit=120)
     right = [_padded(image, 512, 512) for image in _frames(media_dir / "talking" / "d9.mp4",
                                                             limit=120)]
-    blank = np.zeros_like(left[0])
+    blank = np.zeros_like(right[0])
     ids_per_frame = []
     with FaceTracker() as tracker:
         for i in range(120):
-            a = blank if 70 <= i < 85 else left[i]
-            b = right[i] if i >= 30 else blank
+            # d3 fades to a plain picture by frame 70 and back from frame 85
+            shown = min(max((65 - i) / 5, (i - 85) / 5, 0.0), 1.0)
+            a = cv2.addWeighted(left[i], shown, np.full_like(left[i], 110), 1 - shown, 0)
+            # d9 fades in over half a second, as a person who walks in (not a cut)
+            b = cv2.addWeighted(right[i], min(max((i - 30) / 15, 0.0), 1.0), blank, 0, 0)
             faces, _ = tracker.process(np.hstack([a, b]), i * 1000.0 / 30)
             ids_per_frame.append({f.face_id: f.face.box_xyxy[0] < 512 for f in faces})
     assert ids_per_frame[10] == {1: True}
@@ -178,3 +182,20 @@ def test_a_face_that_leaves_keeps_its_id_and_a_newcomer_gets_the_next(media_dir)
 def test_faces_option_is_checked():
     with pytest.raises(ValueError, match="faces must be one of"):
         PipelineOptions(faces="every")
+
+
+def test_two_people_cut_between_at_one_spot_never_share_an_id(media_dir):
+    """An edited interview: d3 and d14 (two women, the same framing) alternate every second at
+    the same place. Their place, size and proportions are alike, so across a hard cut a face
+    gets a new id rather than another person's."""
+    first = _frames(media_dir / "talking" / "d3.mp4", limit=120)
+    second = _frames(media_dir / "talking" / "d14.mp4", limit=120)
+    segments: dict[int, set[int]] = {}
+    with FaceTracker() as tracker:
+        for i in range(120):
+            image = first[i] if (i // 30) % 2 == 0 else second[i]
+            faces, _ = tracker.process(image, i * 1000.0 / 30)
+            for face in faces:
+                segments.setdefault(face.face_id, set()).add(i // 30)
+    assert len(segments) >= 4  # each of the four shots has its own face
+    assert all(len(shots) == 1 for shots in segments.values()), segments
