@@ -326,10 +326,10 @@ def _add_faces_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--faces", choices=["largest", "all"], default="largest",
         help="largest: the largest face in view is the subject (the default); all: every face "
-             "is tracked apart under an id kept for the whole video (an interview recorded "
-             "side by side, a group), each with its own spotter; events, summary, CSV, report, "
-             "timeline and annotated video say whose face moved. The cost per frame grows "
-             "with the number of faces")
+             "is tracked apart under its own id (an interview recorded side by side, a group), "
+             "kept while the face is away for up to 3 s but not across a cut to another shot, "
+             "each with its own spotter; events, summary, CSV, report, timeline and annotated "
+             "video say whose face moved. The cost per frame grows with the number of faces")
     parser.add_argument(
         "--max-faces", type=int, choices=range(1, 11), default=None, metavar="N",
         help="faces tracked at once. With --faces largest (default 4, so the largest face is "
