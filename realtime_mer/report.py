@@ -32,7 +32,7 @@ INDEX_CSV = "index.csv"
 INDEX_HTML = "index.html"
 # The columns before and after the per-class counts of micro events (micro_<class>).
 INDEX_COLUMNS_BEFORE_CLASSES = ("video", "folder", "status", "frames", "without_face",
-                                "with_several_faces", "micro", "macro")
+                                "with_several_faces", "faces", "micro", "macro")
 INDEX_COLUMNS_AFTER_CLASSES = ("small_face", "problems")
 
 
@@ -535,6 +535,7 @@ def index_row(video: str | Path, folder: str, summary: dict[str, Any] | None,
         status="complete" if summary.get("complete") else "incomplete",
         frames=frames.get("processed", 0), without_face=frames.get("without_face", 0),
         with_several_faces=frames.get("with_several_faces", 0),
+        faces=len((summary.get("faces") or {}).get("tracked", [])),  # faces followed
         micro=events.get("micro", 0), macro=events.get("macro", 0),
         small_face=bool((summary.get("face") or {}).get("small", False)),
         problems="; ".join(summary.get("problems", [])

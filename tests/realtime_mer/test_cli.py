@@ -208,11 +208,13 @@ def test_several_videos_go_to_their_own_folders(media_dir, tmp_path):
         assert row["status"] == "complete" and row["problems"] == ""
         assert int(row["frames"]) == summary["frames"]["processed"]
         assert int(row["without_face"]) == summary["frames"]["without_face"]
+        assert int(row["faces"]) == len(summary["faces"]["tracked"])
         assert (int(row["micro"]), int(row["macro"])) == (summary["events"]["micro"],
                                                           summary["events"]["macro"])
         assert sum(int(row[f"micro_{c}"]) for c in ("negative", "positive", "surprise")) == \
             summary["events"]["micro"]
     assert rows[1]["without_face"] == "95"
+    assert (rows[0]["faces"], rows[1]["faces"]) == ("1", "0")
     links = re.findall(r'href="([^"]+)"', (out / "index.html").read_text())
     assert links == ["single_face/report.html", "no_face/report.html"]
     assert all((out / link).is_file() for link in links)
