@@ -19,18 +19,19 @@ Images returned as colour are RGB (not OpenCV's BGR). Landmarks are (x, y) in pi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from realtime_mer.features import to_grey
 
 __all__ = [
     "MIDDLEBURY_NCOLS", "colour_wheel", "colour_coded_flow", "flow_direction_from_colour",
     "magnify_flow", "magnify_frame", "au_region_mask", "mcnet_input", "five_region_windows",
-    "five_region_crop", "flow_stack", "clip_layout", "uv_from_3db_map", "NETWORK_INPUT_KINDS",
-    "LANDMARK_KINDS", "INPUT_OPTIONS", "hflip_landmarks", "network_inputs",
+    "five_region_crop", "flow_stack", "clip_layout", "uv_from_3db_map", "InputKind",
+    "INPUT_KINDS", "input_kind", "NETWORK_INPUT_KINDS", "LANDMARK_KINDS", "INPUT_OPTIONS",
+    "hflip_landmarks", "network_inputs",
 ]
 
 # Hue segments of the Middlebury colour wheel (Baker et al., IJCV 2011): red→yellow 15,
@@ -382,6 +383,7 @@ def flow_stack(frames: Sequence[np.ndarray], n: int = 16, size: int = 134,
     Returns (n, size, size, 3) float32: u, v in pixels of the resized frame, and optical strain
     |ε| (dimensionless). :func:`clip_layout` turns it into the network's (C, T, H, W).
     """
+    from realtime_mer.features import to_grey  # only here: it brings the flow stage
     from realtime_mer.flow import create_flow, optical_strain
 
     if len(frames) < 2:
@@ -448,29 +450,56 @@ def uv_from_3db_map(map28: np.ndarray, zero: str = "median") -> tuple[np.ndarray
     return out[0], out[1]
 
 
-# What a network can be fed from the (u, v, strain) maps that both the 3DB files and the live
-# pipeline produce: the maps themselves, AHMSA-Net's five-region recombination of them, the
-# colour-coded flow image (MJFN), or MCNet's magnified, AU-weighted colour image. AHMSA-Net's
-# regions and MCNet's image are built from the face's five landmarks (LANDMARK_KINDS).
-NETWORK_INPUT_KINDS = ("map28", "regions5", "colour", "mcnet")
-LANDMARK_KINDS = ("regions5", "mcnet")
-# The options a kind accepts (``network_inputs(..., options=...)``), with their defaults.
-INPUT_OPTIONS = {
-    "map28": {},
-    "regions5": {},
-    "colour": {},
-    "mcnet": {"use_omam": True, "use_oaum": True, "alpha": 2.0},
-}
+@dataclass(frozen=True)
+class InputKind:
+    """One way of feeding a network from the (u, v, strain) maps that both the 3DB files and
+    the live pipeline produce. ``keeps_map_size``: its input has the maps' own shape (else an
+    image of ``size`` x ``size``, by default ``default_size``); ``uses_landmarks``: it is built
+    from the face's five landmarks; ``options``: the switches it accepts, with their defaults.
+    Training and the runtime both build inputs through :func:`network_inputs`, by name, so an
+    engine's manifest names its kind and the runtime asks that object."""
 
+    name: str
+    keeps_map_size: bool
+    uses_landmarks: bool = False
+    default_size: int | None = None
+    options: Mapping[str, bool | float] = field(default_factory=dict)
+
+    @property
+    def is_identity(self) -> bool:
+        """The maps are fed as they are (nothing to build)."""
+        return self.name == "map28"
+
+
+#: The registered kinds: the maps themselves, AHMSA-Net's five-region recombination of them,
+#: the colour-coded flow image (MJFN), and MCNet's magnified, AU-weighted colour image.
+INPUT_KINDS: dict[str, InputKind] = {kind.name: kind for kind in (
+    InputKind("map28", keeps_map_size=True),
+    InputKind("regions5", keeps_map_size=True, uses_landmarks=True),
+    InputKind("colour", keeps_map_size=False, default_size=224),
+    InputKind("mcnet", keeps_map_size=False, uses_landmarks=True, default_size=224,
+              options={"use_omam": True, "use_oaum": True, "alpha": 2.0}),
+)}
+# Names for callers that only need the names.
+NETWORK_INPUT_KINDS = tuple(INPUT_KINDS)
+LANDMARK_KINDS = tuple(name for name, kind in INPUT_KINDS.items() if kind.uses_landmarks)
+INPUT_OPTIONS = {name: dict(kind.options) for name, kind in INPUT_KINDS.items()}
+
+
+def input_kind(name: str) -> InputKind:
+    """The registered kind ``name``; ValueError naming the known ones."""
+    try:
+        return INPUT_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown input kind {name!r}; known: "
+                         f"{', '.join(INPUT_KINDS)}") from None
 
 
 def check_input_options(kind: str, options: dict | None) -> dict:
     """``options`` for input kind ``kind`` merged over its defaults; ValueError for an unknown
     kind or option, or a value of the wrong type (a JSON ``"false"`` string would otherwise
     read as True and silently turn an ablation into the full model)."""
-    if kind not in NETWORK_INPUT_KINDS:
-        raise ValueError(f"unknown input kind {kind!r}; known: {', '.join(NETWORK_INPUT_KINDS)}")
-    defaults = INPUT_OPTIONS[kind]
+    defaults = dict(input_kind(kind).options)
     unknown = sorted(set(options or {}) - set(defaults))
     if unknown:
         raise ValueError(f"input kind {kind!r} has no option(s) {unknown}; known: "
@@ -550,18 +579,19 @@ def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = Non
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"maps must be (N, 3, H, W), got {x.shape}")
     opts = check_input_options(kind, options)
-    if kind in ("map28", "regions5"):
+    spec = input_kind(kind)
+    if spec.keeps_map_size:
         if size is not None and size != x.shape[-1]:
             raise ValueError(f"input kind {kind!r} keeps the maps' size {x.shape[-1]}; got "
                              f"size={size}")
-        if kind == "map28":
+        if spec.is_identity:
             return x
         pts = _landmarks_for(landmarks, x.shape[0], x.shape[-1])
         return np.stack([np.moveaxis(five_region_crop(np.moveaxis(m, 0, -1), p), -1, 0)
                          for m, p in zip(x, pts)]).astype(np.float32, copy=False)
-    size = 224 if size is None else int(size)
+    size = spec.default_size if size is None else int(size)
     out = np.empty((x.shape[0], 3, size, size), np.float32)
-    pts = _landmarks_for(landmarks, x.shape[0], x.shape[-1]) if kind == "mcnet" else None
+    pts = _landmarks_for(landmarks, x.shape[0], x.shape[-1]) if spec.uses_landmarks else None
     for i, m in enumerate(x):
         u, v = uv_from_3db_map(np.moveaxis(m, 0, -1))
         if kind == "colour":

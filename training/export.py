@@ -33,7 +33,7 @@ import torch
 
 from realtime_mer.errors import EngineError
 from realtime_mer.runtime import engine_format, sha256_file
-from realtime_mer.input_kinds import INPUT_OPTIONS, LANDMARK_KINDS
+from realtime_mer.input_kinds import input_kind
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.calibrate import (BIASES, RULES, TAUS, calibration_kind, choose_bias, choose_tau,
                                 prior_offsets)
@@ -533,10 +533,11 @@ def _input_spec(cfg: LosoConfig, side: int) -> dict:
             "kind": cfg.input_kind,
             "built_from": "(N, 3, H, W) (u, v, strain) maps in [0, 1] by "
                           "realtime_mer.input_kinds.network_inputs (the runtime does this)"}
-    if INPUT_OPTIONS[cfg.input_kind]:
+    kind = input_kind(cfg.input_kind)
+    if kind.options:
         # Every switch, defaults included, so the engine is fed the same if defaults change.
-        spec["options"] = {**INPUT_OPTIONS[cfg.input_kind], **cfg.input_options}
-    if cfg.input_kind in LANDMARK_KINDS:
+        spec["options"] = {**kind.options, **cfg.input_options}
+    if kind.uses_landmarks:
         spec["landmarks"] = ("five points per map (eyes, nose tip, mouth corners) in the maps' "
                              "frame; the apex frame's, or the aligned-face template")
     return spec

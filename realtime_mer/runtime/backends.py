@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from realtime_mer.errors import BackendUnavailable, EngineError, InputError
+from realtime_mer.input_kinds import network_inputs
 from realtime_mer.runtime.manifest import Manifest, manifest_path
 
 log = logging.getLogger(__name__)
@@ -78,19 +79,17 @@ class Backend:
     @property
     def uses_landmarks(self) -> bool:
         """Whether the input kind is built from the face's five landmarks."""
-        from realtime_mer.input_kinds import LANDMARK_KINDS
-
-        return self.manifest.input.get("kind", "map28") in LANDMARK_KINDS
+        return self.manifest.input_kind.uses_landmarks
 
     def _prepare(self, maps: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         x = np.asarray(maps)
         spec = self.manifest.input["shape"]
-        # "kind" (absent in older manifests: the maps themselves) says how the engine's input
-        # is built from the (N, 3, H, W) maps: input_kinds.network_inputs, as in training.
-        kind = self.manifest.input.get("kind", "map28")
+        # The manifest's input kind says how the engine's input is built from the (N, 3, H, W)
+        # maps: input_kinds.network_inputs, as in training.
+        kind = self.manifest.input_kind
         if x.ndim == 3:
             x = x[None]
-        same_shape = kind in ("map28", "regions5")
+        same_shape = kind.keeps_map_size
         expected = list(spec[1:]) if same_shape else [3]
         if x.ndim != 4 or list(x.shape[1:1 + len(expected)]) != expected:
             want = (f"(N, {spec[1]}, {spec[2]}, {spec[3]})" if same_shape
@@ -102,9 +101,7 @@ class Backend:
         x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
             raise InputError("maps contain NaN or infinity")
-        if kind != "map28":
-            from realtime_mer.input_kinds import network_inputs
-
+        if not kind.is_identity:
             if landmarks is not None:
                 landmarks = np.asarray(landmarks, dtype=np.float64)
                 if landmarks.ndim == 2:
@@ -113,7 +110,7 @@ class Backend:
                     raise InputError(f"landmarks must be (N, 5, 2) for {x.shape[0]} map(s), "
                                      f"got {tuple(np.shape(landmarks))}")
             try:
-                x = network_inputs(x, kind, None if same_shape else int(spec[-1]),
+                x = network_inputs(x, kind.name, None if same_shape else int(spec[-1]),
                                    landmarks=landmarks,
                                    options=self.manifest.input.get("options"))
             except ValueError as exc:

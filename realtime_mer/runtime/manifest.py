@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from realtime_mer.errors import EngineError
+from realtime_mer.input_kinds import INPUT_KINDS, InputKind, check_input_options, input_kind
 
 __all__ = ["Manifest", "manifest_path"]
 
@@ -44,6 +45,12 @@ class Manifest:
     export_check: dict = field(default_factory=dict)
 
     @property
+    def input_kind(self) -> InputKind:
+        """How the engine's input is built from the maps ("kind", absent in older manifests:
+        the maps themselves); checked when the manifest is read."""
+        return input_kind(self.input.get("kind", "map28"))
+
+    @property
     def networks(self) -> int:
         """How many networks the engine runs per prediction: a CV ensemble engine averages the
         ``training.ensemble.members`` it was exported with; any other engine is one network."""
@@ -74,15 +81,12 @@ class Manifest:
             raise EngineError(f"{source}: input spec needs {list(_INPUT_KEYS)}, got {inp!r}")
         if inp["layout"] != "NCHW" or inp["dtype"] != "float32" or len(inp["shape"]) != 4:
             raise EngineError(f"{source}: only float32 NCHW 4-D inputs are supported, got {inp}")
-        from realtime_mer.input_kinds import (INPUT_OPTIONS, NETWORK_INPUT_KINDS,
-                                              check_input_options)
-
         kind = inp.get("kind", "map28")
-        if kind not in NETWORK_INPUT_KINDS:
+        if kind not in INPUT_KINDS:
             raise EngineError(f"{source}: unknown input kind {kind!r} (known: "
-                              f"{', '.join(NETWORK_INPUT_KINDS)}); this engine needs a newer "
+                              f"{', '.join(INPUT_KINDS)}); this engine needs a newer "
                               "realtime_mer")
-        unknown = sorted(set(inp.get("options") or {}) - set(INPUT_OPTIONS[kind]))
+        unknown = sorted(set(inp.get("options") or {}) - set(INPUT_KINDS[kind].options))
         if unknown:
             raise EngineError(f"{source}: input kind {kind!r} has no option(s) {unknown}; this "
                               "engine needs a newer realtime_mer")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from realtime_mer.errors import DatasetError
-from realtime_mer.input_kinds import LANDMARK_KINDS, hflip_landmarks
+from realtime_mer.input_kinds import hflip_landmarks, input_kind
 from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.allocator import keep_freed_memory
 from training.models import create_model
@@ -387,7 +387,7 @@ def build_network(name: str, kwargs: dict) -> torch.nn.Module:
 def check_model(data: Megc3DB, cfg: LosoConfig) -> None:
     """Build the network and run it on two samples, so that a network name, options or input
     kind that do not fit fail here, before any training (and not inside a worker)."""
-    if cfg.input_kind in LANDMARK_KINDS and data.landmarks is None:
+    if input_kind(cfg.input_kind).uses_landmarks and data.landmarks is None:
         raise DatasetError(f"input kind {cfg.input_kind!r} locates facial regions, but "
                            f"{data.root} has no landmarks5.csv")
     model = build_network(cfg.model, cfg.model_kwargs).eval()
