@@ -26,7 +26,7 @@ _PUBLIC = {
     "spot_offline": "spotting",
     "Manifest": "runtime", "load_engine": "runtime", "default_engine_path": "runtime",
     "PipelineOptions": "pipeline", "Pipeline": "pipeline", "FrameResult": "pipeline",
-    "EventRecord": "report",
+    "EventRecord": "events",
     "analyze": "analysis", "VideoFacts": "analysis", "analyze_video": "analysis",
     "analyze_camera": "analysis", "AnalysisResult": "analysis",
     "MerError": "errors", "InputError": "errors", "EngineError": "errors",

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from realtime_mer.pipeline import FrameResult
-from realtime_mer.report import EventRecord
+from realtime_mer.events import EventRecord
 from realtime_mer.spotting import REGION_NAMES
 
 _GREEN, _RED, _WHITE, _ORANGE = (80, 200, 80), (60, 60, 230), (255, 255, 255), (0, 165, 255)

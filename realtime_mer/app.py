@@ -26,7 +26,8 @@ from realtime_mer.annotate import annotate, flow_map_image, signal_strip
 from realtime_mer.capture import Frame
 from realtime_mer.face import small_face_note
 from realtime_mer.pipeline import FrameResult, Pipeline, PipelineOptions
-from realtime_mer.report import OUTPUT_FILES, EventRecord
+from realtime_mer.events import EventRecord
+from realtime_mer.report import OUTPUT_FILES
 from realtime_mer.runtime import Backend
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from realtime_mer.face import (
     upsampling_eye_distance,
 )
 from realtime_mer.features import FeatureExtractor, FeatureOptions, uses_torch_flow
-from realtime_mer.report import EventRecord
+from realtime_mer.events import EventRecord
 from realtime_mer.runtime import Backend, default_engine_path, load_engine
 from realtime_mer.speech import LipMotion, SpeechOptions, in_intervals
 from realtime_mer.spotting import SpotEvent, Spotter, SpotterOptions

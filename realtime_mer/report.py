@@ -12,11 +12,14 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from realtime_mer.events import EventRecord
+from realtime_mer.face import small_face_note
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +37,6 @@ INDEX_HTML = "index.html"
 INDEX_COLUMNS_BEFORE_CLASSES = ("video", "folder", "status", "frames", "without_face",
                                 "with_several_faces", "faces", "micro", "macro")
 INDEX_COLUMNS_AFTER_CLASSES = ("small_face", "problems")
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    """One spotted expression, as reported. Times in milliseconds from the first frame."""
-
-    onset_ms: float
-    apex_ms: float
-    offset_ms: float
-    duration_ms: float
-    kind: str  # "micro" (≤ 0.5 s and ≤ 5 % of the eye distance), "macro", or "blink"
-    label: str  # class name with the highest probability ("" for a blink)
-    confidence: float  # that probability
-    probabilities: dict[str, float]
-    peak: float  # the main region's spotting value at the apex (% of the eye distance)
-    threshold: float  # that region's threshold when the event was found
-    onset_frame: int
-    apex_frame: int
-    offset_frame: int
-    source: str = ""
-    regions: list[str] = field(default_factory=list)  # the regions that moved, main one first
-    amplitude_pct: float = 0.0  # the movement's size, % of the eye distance
-    floor_pct: float = 0.0  # the smallest movement the spotter could report there and then
-    truncated: bool = False  # the input (or the face) ended while the event was open
-    speech: bool = False  # the person was talking during the event
-    # The event's number in its run (1, 2, ...). events.jsonl gets a line the moment an event is
-    # spotted (classified False, no class yet) and a second line with the same event_id when its
-    # class is known: readers keep the last line of each event_id (read_events does).
-    event_id: int = 0
-    classified: bool = True
-    # Whose face moved: the face's id for the whole input (1 when only the subject is tracked).
-    face_id: int = 1
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 CSV_COLUMNS = (
@@ -462,8 +430,6 @@ def write_html(path: str | Path, summary: dict[str, Any], events: Sequence[Event
                 if v.get("median") is not None) + "."
     small_face = ""
     if face.get("small"):
-        from realtime_mer.face import small_face_note
-
         note = small_face_note(face["median_eye_distance_px"], face["upsampling_eye_distance_px"],
                                sentence=True)
         small_face = f'<p class="bad">{esc(note)}</p>'
