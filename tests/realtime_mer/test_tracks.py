@@ -199,3 +199,22 @@ def test_two_people_cut_between_at_one_spot_never_share_an_id(media_dir):
                 segments.setdefault(face.face_id, set()).add(i // 30)
     assert len(segments) >= 4  # each of the four shots has its own face
     assert all(len(shots) == 1 for shots in segments.values()), segments
+
+
+def test_a_face_gone_for_good_frees_its_state_and_keeps_its_counts(media_dir):
+    """A face that fades out and stays away longer than the tracker waits for it: its buffer
+    and spotter are let go (memory does not grow with the ids of a long session) and its frames
+    still count in the summary."""
+    from realtime_mer.capture import Frame
+    from realtime_mer.pipeline import Pipeline
+
+    images = _frames(media_dir / "talking" / "d3.mp4", limit=40)
+    plain = np.full_like(images[0], 110)
+    with Pipeline(ALL_FACES) as pipeline:
+        for i in range(40 + 120):  # 40 frames of the face, then 4 s without it
+            shown = min(max((35 - i) / 5, 0.0), 1.0)
+            image = cv2.addWeighted(images[min(i, 39)], shown, plain, 1 - shown, 0)
+            pipeline.process(Frame(t_ms=i * 1000.0 / 30, image_bgr=image, index=i))
+        assert 1 not in pipeline.tracks and 1 in pipeline.retired
+        tracked = pipeline.faces_summary()["tracked"]
+        assert [face["face_id"] for face in tracked] == [1] and tracked[0]["frames"] >= 30
