@@ -52,7 +52,9 @@ section() { echo; echo "## $1 ($(( $(date +%s) - start )) s)"; }
   section "GPU tests"
   # -m "not slow" includes the gpu-marked tests; test_runtime's .pt2 device move runs its CUDA
   # branch (the mirrored, calibrated program's lifted constants) where CUDA is present
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m "not slow" --timeout 200 \
+  # -o addopts= : the project's options spread tests over workers (pytest-xdist), which the
+  # GPU machine does not need and its wheels do not carry
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" --timeout 200 \
     tests/realtime_mer/test_torch_tvl1.py tests/realtime_mer/test_runtime.py \
     tests/realtime_mer/test_features.py
 
