@@ -136,7 +136,13 @@ def calibrate_run(run_dir: str | Path, results_file: str | Path, rule: str = "pr
     if rule not in RULES:
         raise CalibrationError(f"unknown calibration rule {rule!r}; one of {', '.join(RULES)}")
     run_dir, results_file = Path(run_dir), Path(results_file)
-    doc = _read_json(results_file, "the LOSO results")
+    from training.loso.results import LosoResults, ResultsError
+
+    try:
+        doc = LosoResults.from_dict(_read_json(results_file, "the LOSO results"),
+                                    str(results_file)).doc
+    except ResultsError as exc:
+        raise CalibrationError(str(exc)) from None
     if not doc.get("complete") or "predictions" not in doc or "config" not in doc:
         raise CalibrationError(f"{results_file}: not a complete results file of `python -m "
                                "training loso`")

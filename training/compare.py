@@ -11,7 +11,6 @@ the 2.5/97.5 percentiles of the UF1 difference form the interval. Nothing is fit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +32,14 @@ def load_results(path: str | Path) -> dict:
     base, _, source = text.rpartition(":")
     if source == "cv_ensemble" and base and not Path(text).exists():
         return _cv_ensemble_results(load_results(base), base)
-    path = Path(path)
+    from training.loso.results import LosoResults, ResultsError
+
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CompareError(f"{path}: cannot be read as JSON ({exc})") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("predictions"), list) \
-            or not doc["predictions"]:
-        raise CompareError(f"{path}: not a LOSO results file with predictions")
-    need = ("index", "pred", "label", "subject", "file")
-    if any(not isinstance(p, dict) or any(k not in p for k in need) for p in doc["predictions"]):
-        raise CompareError(f"{path}: its predictions lack some of {', '.join(need)}: not a "
-                           "results file of `python -m training loso`")
-    return doc
+        results = LosoResults.load(path)
+        results.predictions  # checked: every reader below needs them whole
+    except ResultsError as exc:
+        raise CompareError(str(exc)) from None
+    return results.doc
 
 
 def _cv_ensemble_results(doc: dict, name: str) -> dict:

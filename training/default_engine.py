@@ -65,14 +65,15 @@ def protocol_of(config: dict) -> str:
 
 
 def _complete_results(results_dir: Path) -> dict[str, dict]:
+    from training.loso.results import LosoResults
+
     docs = {}
     for folder in _FOLDERS:
         for path in sorted((results_dir / folder).glob("*.json")):
-            doc = json.loads(path.read_text())
-            # (A calibrated file has no folds_run of its own: it covers its run's subjects.)
-            folds = doc.get("folds_run", doc.get("dataset", {}).get("n_subjects"))
-            if "uf1" in doc and "config" in doc and doc.get("complete") and folds == 68:
-                docs[path.relative_to(results_dir).as_posix()] = doc
+            results = LosoResults.load(path)
+            if results.uf1 is not None and results.config_dict is not None and \
+                    results.complete and results.folds == 68:
+                docs[path.relative_to(results_dir).as_posix()] = results.doc
     return docs
 
 

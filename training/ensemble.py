@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.loso.results import LosoResults, ResultsError
 from training.metrics import evaluate, pooled_scores
 
 __all__ = ["EnsembleError", "member_probabilities", "loso_ensemble", "write_ensemble_engine"]
@@ -75,9 +76,9 @@ def loso_ensemble(members: list[tuple[str | Path, str]], class_names: list[str] 
     for path, source in members:
         path = Path(path)
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EnsembleError(f"{path}: cannot be read as JSON ({exc})") from exc
+            doc = LosoResults.load(path).doc
+        except ResultsError as exc:
+            raise EnsembleError(str(exc)) from None
         idx, p, files, dbs = member_probabilities(doc, source, str(path))
         labels = {q["index"]: q["label"] for q in doc["predictions"]}
         y = np.array([labels[i] for i in idx])

@@ -38,7 +38,7 @@ from training.data.megc3db import CLASS_NAMES, Megc3DB
 from training.calibrate import (BIASES, RULES, TAUS, calibration_kind, choose_bias, choose_tau,
                                 prior_offsets)
 from training.metrics import uf1_uar
-from training.loso import (LosoConfig, inner_jobs, check_model, git_commit, hflip_maps,
+from training.loso import (LosoConfig, LosoResults, inner_jobs, check_model, git_commit, hflip_maps,
                            model_inputs, normalise, select_epochs_full, train_models)
 
 log = logging.getLogger(__name__)
@@ -432,7 +432,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     if loso_results and not Path(loso_results).is_file():
         raise ValueError(f"--loso-results {loso_results}: no such file")
     if loso_results:
-        loso_doc = json.loads(Path(loso_results).read_text())
+        loso_doc = LosoResults.load(loso_results).doc
         check_loso_results(loso_doc, cfg, str(loso_results))
         if ensemble and "nested_cv_ensemble" not in loso_doc:
             raise ValueError(f"{loso_results} holds no nested_cv_ensemble score to quote for "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.loso.results import LosoResults, ResultsError
 from training.metrics import pooled_scores
 
 __all__ = ["WindowError", "window_epochs", "checkpoint_window"]
@@ -50,9 +51,9 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
     ``training ensemble`` read like a LOSO results file."""
     run_dir, results_file = Path(run_dir), Path(results_file)
     try:
-        doc = json.loads(results_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WindowError(f"{results_file}: cannot be read as JSON ({exc})") from exc
+        doc = LosoResults.load(results_file).doc
+    except ResultsError as exc:
+        raise WindowError(str(exc)) from None
     if not doc.get("complete") or "predictions" not in doc or "config" not in doc:
         raise WindowError(f"{results_file}: not a complete results file of `python -m "
                           "training loso`")

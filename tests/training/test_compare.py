@@ -186,3 +186,30 @@ def test_published_scores_are_those_of_the_predictions_they_list(path, megc):
         ens = doc["nested_cv_ensemble"]
         assert (ens["uf1"], ens["uar"]) == pytest.approx(
             uf1_uar(y, np.array(ens["probs"]).argmax(1)), abs=1e-12)
+
+
+def test_every_results_file_loads_typed_and_a_newer_format_is_refused(tmp_path):
+    """Each LOSO results file of the experiments loads as LosoResults, whose fields say what the
+    file says; a file of a newer format is refused with one line, not misread."""
+    from training.loso.results import LosoResults, ResultsError
+
+    loaded = 0
+    for path in sorted(RESULTS.rglob("*.json")):
+        doc = json.loads(path.read_text())
+        if not (isinstance(doc, dict) and "predictions" in doc and "config" in doc):
+            continue
+        results = LosoResults.load(path)
+        assert (results.uf1, results.complete, results.config_dict) == \
+            (doc.get("uf1"), bool(doc.get("complete")), doc["config"])
+        predictions = results.predictions
+        assert [p.index for p in predictions] == [p["index"] for p in doc["predictions"]]
+        assert [p.pred for p in predictions] == [p["pred"] for p in doc["predictions"]]
+        loaded += 1
+    assert loaded >= 50
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**doc, "format": 99}))
+    with pytest.raises(ResultsError, match="newer"):
+        LosoResults.load(newer)
+    copy = tmp_path / "copy.json"
+    LosoResults.load(path).save(copy)
+    assert json.loads(copy.read_text()) == {**doc, "format": doc.get("format", 1)}

@@ -42,6 +42,7 @@ from training.loso.config import OUTER_EPOCHS, RESULTS_FORMAT, LosoConfig, LosoW
 from training.loso.nested import (NESTED_RULE, inner_groups, inner_jobs, select_epochs_full,
                                   select_epochs_nested)
 from training.loso.provenance import git_commit, host_cpu
+from training.loso.results import LosoResults, Prediction, ResultsError
 from training.loso.runner import run_loso
 from training.loso.trainer import (build_network, check_model, class_weighted_loss,
                                    keeps_freed_memory, train_models, trains_channels_last)
@@ -53,4 +54,5 @@ __all__ = ["LosoConfig", "LosoWorkerError", "run_loso", "hflip_maps", "shift_ima
            "select_epochs_full", "NESTED_RULE", "model_inputs", "predict_probs", "translations",
            "average_over_test_views", "trains_channels_last", "keeps_freed_memory",
            "class_weighted_loss", "build_network", "check_model", "RESULTS_FORMAT",
-           "OUTER_EPOCHS", "inner_jobs", "inner_groups"]
+           "OUTER_EPOCHS", "inner_jobs", "inner_groups", "LosoResults", "Prediction",
+           "ResultsError"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,102 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(Path(results_path), results)
     return results
+
+
+class ResultsError(ValueError):
+    """A file that is not a readable LOSO results file of a format this code knows."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One sample's pooled prediction: its index in the dataset, file, subject and database,
+    its label, the predicted class and the class probabilities."""
+
+    index: int
+    file: str
+    subject: str
+    database: str
+    label: int
+    pred: int
+    probs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LosoResults:
+    """A results file of `python -m training loso` (and of calibrate, window and ensemble, which
+    write the same shape), typed and versioned: ``load`` refuses what is not a JSON object or is
+    of a newer ``format`` than :data:`RESULTS_FORMAT`; the fields every reader needs are
+    properties; ``doc`` is the whole document as written, for the rest."""
+
+    doc: dict
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LosoResults":
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ResultsError(f"{path}: cannot be read as JSON ({exc})") from None
+        return cls.from_dict(doc, str(path))
+
+    @classmethod
+    def from_dict(cls, doc: dict, source: str = "") -> "LosoResults":
+        if not isinstance(doc, dict):
+            raise ResultsError(f"{source}: not a LOSO results file (not a JSON object)")
+        version = doc.get("format", RESULTS_FORMAT)
+        if not isinstance(version, int) or version > RESULTS_FORMAT:
+            raise ResultsError(f"{source}: results format {version!r}, newer than the "
+                               f"{RESULTS_FORMAT} this code reads")
+        return cls(doc, source)
+
+    def save(self, path: str | Path) -> None:
+        _atomic_write_json(Path(path), {**self.doc, "format": self.format})
+
+    @property
+    def format(self) -> int:
+        return int(self.doc.get("format", RESULTS_FORMAT))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.doc.get("complete"))
+
+    @property
+    def uf1(self) -> float | None:
+        return self.doc.get("uf1")
+
+    @property
+    def uar(self) -> float | None:
+        return self.doc.get("uar")
+
+    @property
+    def folds(self) -> int | None:
+        """Folds the run covers (a calibrated file covers its run's subjects)."""
+        return self.doc.get("folds_run", self.doc.get("dataset", {}).get("n_subjects"))
+
+    @property
+    def config_dict(self) -> dict | None:
+        return self.doc.get("config")
+
+    @property
+    def config(self) -> LosoConfig:
+        if not isinstance(self.config_dict, dict):
+            raise ResultsError(f"{self.source}: holds no LOSO configuration")
+        return LosoConfig.from_dict(self.config_dict)
+
+    @property
+    def cv_ensemble(self) -> dict | None:
+        """The nested run's CV-ensemble scores and probabilities (None: not a nested run)."""
+        return self.doc.get("nested_cv_ensemble")
+
+    @property
+    def predictions(self) -> list[Prediction]:
+        rows = self.doc.get("predictions")
+        if not isinstance(rows, list) or not rows:
+            raise ResultsError(f"{self.source}: not a LOSO results file with predictions")
+        need = ("index", "pred", "label", "subject", "file")
+        if any(not isinstance(p, dict) or any(k not in p for k in need) for p in rows):
+            raise ResultsError(f"{self.source}: its predictions lack some of {', '.join(need)}: "
+                               "not a results file of `python -m training loso`")
+        return [Prediction(int(p["index"]), str(p["file"]), str(p["subject"]),
+                           str(p.get("database", "")), int(p["label"]), int(p["pred"]),
+                           tuple(p.get("probs", ()))) for p in rows]
