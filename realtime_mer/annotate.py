@@ -59,6 +59,9 @@ def annotate(image_bgr: np.ndarray, result: FrameResult, last_event: EventRecord
         _text(out, f"signal {result.signal:.2f} / thr {result.threshold:.2f}",
               (10, height - 15), scale * 0.8, _WHITE)
     if result.floors is not None:
+        if face_ids and result.faces:  # the signal and floors are the largest face's: say whose
+            _text(out, f"face {result.faces[0].face_id}:", (10, int(60 * scale) + 10), scale,
+                  _WHITE)
         y = int(90 * scale) + 10
         for name, floor in zip(REGION_NAMES, result.floors):
             text = "masked" if np.isinf(floor) else "warming up" if np.isnan(floor) \
