@@ -86,6 +86,17 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                         '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
 
 
+def _add_common(sp) -> None:
+    """The options of the commands that train on the 3DB maps: data, device, threads and the
+    LOSO schedule."""
+    sp.add_argument("--data", default=str(default_data_dir()),
+                    help="3DB folder with labels.csv and flow/ (default %(default)s)")
+    sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    sp.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default)")
+    _add_schedule(sp)
+
+
 def _json_object(text: str, option: str) -> dict:
     try:
         value = json.loads(text)
@@ -204,6 +215,33 @@ def cmd_loso(args) -> int:
     return 0
 
 
+def _add_loso_parser(sub) -> None:
+    sp = sub.add_parser("loso", help="leave-one-subject-out evaluation with pooled UF1/UAR",
+                        description="Run (or resume) LOSO. Prints progress per fold; writes "
+                                    "RUN_DIR/results.json (and --out).")
+    _add_common(sp)
+    sp.add_argument("--run-dir", help="per-fold state, for resume (default runs/loso_...)")
+    sp.add_argument("--out", help="also write the results JSON here")
+    sp.add_argument("--folds", help="N (first N folds) or a comma list of fold indices "
+                                    "(one fold: 'I,')")
+    sp.add_argument("--chunk-size", type=int, default=68,
+                    help="folds trained together as one vectorised ensemble (default 68)")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="CPU worker processes sharing the folds, each with THREADS/WORKERS "
+                         "torch threads (default 1). On a CPU, small networks train fastest "
+                         "with --workers 2 --chunk-size 1 (experiments/results/loso_bench.md)")
+    sp.add_argument("--checkpoint-every", type=int, default=25,
+                    help="epochs between resume checkpoints (default 25)")
+    sp.add_argument("--outer-epochs", default="all", choices=("all", "chosen"),
+                    help="all (default): the outer models train the whole schedule, so the "
+                         "results carry the LEAKY best-epoch and fixed-schedule figures beside "
+                         "the honest one. chosen (with --select-epochs nested): the nested "
+                         "selection runs first and each outer model stops at its fold's chosen "
+                         "epoch: the same honest scores and CV ensemble, faster, without those "
+                         "two figures")
+    sp.set_defaults(func=cmd_loso)
+
+
 def cmd_train(args) -> int:
     from training.data import load_megc3db
     from training.export import fit_full, save_weights
@@ -217,6 +255,14 @@ def cmd_train(args) -> int:
     trained = selection["chosen_epochs"] if selection else cfg.epochs
     print(f"weights: {args.out} ({trained} epochs, {cfg.select_epochs} epoch count)")
     return 0
+
+
+def _add_train_parser(sub) -> None:
+    sp = sub.add_parser("train", help="train on all samples with the LOSO schedule (epoch "
+                                      "count by --select-epochs, default nested)")
+    _add_common(sp)
+    sp.add_argument("--out", required=True, help="weights file (.pt, state dict of tensors)")
+    sp.set_defaults(func=cmd_train)
 
 
 # Where the results of each calibration rule are kept under experiments/results.
@@ -300,6 +346,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    sp = sub.add_parser("export", help="train on all samples (or load --weights) and export "
+                                       "ONNX + manifest")
+    _add_common(sp)
+    sp.add_argument("--out", default=None,
+                    help="engine path (default engines/<model>_3db.onnx, "
+                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble, then _mirror with "
+                         "--tta hflip, _shiftK with --shift K, _cal with --calibrate (prior), "
+                         "_calbias with --calibrate bias, before "
+                         "_3db); a name ending in "
+                         ".pt2 writes a torch.export program instead of ONNX (the engine of "
+                         "the torch and TensorRT backends); the manifest is written beside it "
+                         "as <out>.json")
+    sp.add_argument("--ensemble", action="store_true",
+                    help="export the CV ensemble (nested only): the full model and the inner "
+                         "models of its epoch selection, probabilities averaged; quotes the "
+                         "LOSO run's nested_cv_ensemble score")
+    sp.add_argument("--calibrate", nargs="?", const="prior", default=None,
+                    choices=("prior", "bias"), metavar="RULE",
+                    help="calibration inside the engine (nested only), chosen by the inner CV "
+                         "on all subjects: prior (the default when RULE is left out; tau of "
+                         "the class-prior shift) or bias (a bias per class); quotes a "
+                         "`training calibrate` results file of that rule (default: the one of "
+                         "this schedule in experiments/results/calibration, or calibration_bias for "
+                         "bias)")
+    sp.add_argument("--loso-results", default=None,
+                    help="LOSO results file (same schedule and epoch selection; refused "
+                         "otherwise) whose honest UF1/UAR go into the manifest (default: the "
+                         "complete one in experiments/results made with this schedule); '' for none")
+    sp.add_argument("--weights", help="weights from `train` instead of training again")
+    sp.set_defaults(func=cmd_export)
+
+
 def _add_nested_run_args(sp) -> None:
     """The two arguments that name a finished nested run (post-hoc commands)."""
     sp.add_argument("--run-dir", required=True, help="the nested run's --run-dir")
@@ -344,6 +423,26 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def _add_ensemble_parser(sub) -> None:
+    sp = sub.add_parser("ensemble", help="LOSO score of the mean probability of several "
+                                         "networks' LOSO runs (no fitting)",
+                        description="Average the pooled LOSO probabilities of complete runs "
+                                    "over the same samples and score them once "
+                                    "(training/ensemble.py). Each member is a results file, "
+                                    "optionally suffixed :cv_ensemble to take its nested CV "
+                                    "ensemble's probabilities instead of its final ones.")
+    sp.add_argument("members", nargs="+", metavar="RESULTS[:SOURCE]",
+                    help="LOSO results JSON; SOURCE final (default) or cv_ensemble")
+    sp.add_argument("--out", help="write the ensemble's results JSON here")
+    sp.add_argument("--engines", nargs="+", metavar="ENGINE",
+                    help="one exported engine per member, in the members' order; each "
+                         "manifest must quote its member's LOSO run")
+    sp.add_argument("--engine-out", metavar="NAME.ens",
+                    help="write an ensemble engine (member list + manifest with the "
+                         "ensemble's LOSO score) that mer --engine loads")
+    sp.set_defaults(func=cmd_ensemble)
+
+
 def cmd_compare(args) -> int:
     from training.compare import load_results, paired_comparison
 
@@ -370,6 +469,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _add_compare_parser(sub) -> None:
+    sp = sub.add_parser("compare", help="paired comparison of LOSO runs on the folds they "
+                                        "share (ablations), with a subject bootstrap",
+                        description="Score each variant and the reference on the variant's "
+                                    "test samples (a --folds subset or all) and bootstrap the "
+                                    "UF1 difference over subjects (training/compare.py).")
+    sp.add_argument("reference", help="LOSO results JSON of the reference (e.g. the full "
+                                      "model); RESULTS:cv_ensemble takes a nested run's CV "
+                                      "ensemble, and an `ensemble --out` file works too")
+    sp.add_argument("variants", nargs="+", help="LOSO results JSON of each variant (same forms)")
+    sp.add_argument("--bootstrap", type=int, default=2000, help="subject bootstrap draws")
+    sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    sp.add_argument("--database", choices=("casme2", "smic", "samm"),
+                    help="compare on this database's samples only (subjects bootstrapped "
+                         "within it)")
+    sp.add_argument("--out", help="write the comparisons here (JSON)")
+    sp.set_defaults(func=cmd_compare)
+
+
 def cmd_window(args) -> int:
     from training.window import checkpoint_window
 
@@ -381,6 +499,23 @@ def cmd_window(args) -> int:
           f"UF1 {res['uf1']:.4f}  UAR {res['uar']:.4f}")
     _print_databases_and_write(res, args.out)
     return 0
+
+
+def _add_window_parser(sub) -> None:
+    sp = sub.add_parser("window", help="LOSO score of averaging each fold's checkpoints around "
+                                       "its nested epoch choice (no training)",
+                        description="Per fold of a nested run, the mean probability of the "
+                                    "outer model at the evaluation epochs within --width "
+                                    "epochs of its nested choice, pooled and scored once "
+                                    "(training/window.py). Reads the run directory's fold "
+                                    "files; the results file must be the same run's.")
+    _add_nested_run_args(sp)
+    sp.add_argument("--width", type=int, default=20,
+                    help="epochs on each side of the nested choice (default %(default)s: the "
+                         "two evaluation epochs on each side at --eval-every 10)")
+    sp.add_argument("--out", help="write the window's results JSON here (reads like a LOSO "
+                                  "results file for compare and ensemble)")
+    sp.set_defaults(func=cmd_window)
 
 
 def cmd_calibrate(args) -> int:
@@ -411,12 +546,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _add_calibrate_parser(sub) -> None:
+    sp = sub.add_parser("calibrate", help="class-prior calibration of a nested run, its "
+                                          "strength chosen by the inner CV (no training)",
+                        description="Per fold of a nested run, shift the test probabilities "
+                                    "by tau * log(training class frequencies), tau chosen "
+                                    "by the pooled UF1 of the fold's inner validation "
+                                    "predictions (training/calibrate.py). Needs a run whose "
+                                    "nested selection kept its validation probabilities.")
+    _add_nested_run_args(sp)
+    sp.add_argument("--rule", default="prior", choices=("prior", "bias"),
+                    help="prior: shift by tau * log(training class frequencies), one tau per "
+                         "fold (the default engine's rule); bias: a free bias per class after "
+                         "the first, chosen on the same inner predictions")
+    sp.add_argument("--out", help="write the calibrated results JSON here (reads like a LOSO "
+                                  "results file for compare and ensemble; :cv_ensemble too)")
+    sp.set_defaults(func=cmd_calibrate)
+
+
 def cmd_default_engine(args) -> int:
     from training.default_engine import choose_default_engine, describe
 
     choice = choose_default_engine(args.results)
     print(json.dumps(choice.to_json(), indent=2) if args.json else describe(choice))
     return 0
+
+
+def _add_default_engine_parser(sub) -> None:
+    sp = sub.add_parser("default-engine", help="which engine the registered rule makes the "
+                                               "default, from the LOSO results files",
+                        description="Apply the rule that picks the shipped default engine "
+                                    "(training/default_engine.py) to the LOSO results files: "
+                                    "the best honest UF1 among engines under the size budget "
+                                    "picks the protocol, the mean over its seeds picks the "
+                                    "calibration.")
+    sp.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results",
+                    help="the results folder (default experiments/results)")
+    sp.add_argument("--json", action="store_true", help="the whole choice as JSON")
+    sp.set_defaults(func=cmd_default_engine)
 
 
 def cmd_preprocess(args) -> int:
@@ -434,6 +601,22 @@ def cmd_preprocess(args) -> int:
     for sample_id, reason in res.failed:
         print(f"  failed {sample_id}: {reason}")
     return 0
+
+
+def _add_preprocess_parser(sub) -> None:
+    sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
+                                           "network inputs (training/data/README.md)")
+    sp.add_argument("--database", required=True, choices=("casme2", "samm", "smic", "casme3"))
+    sp.add_argument("--root", required=True, help="the database's frame folder")
+    sp.add_argument("--sheet", help="annotation sheet, CSV (or .xlsx with openpyxl); not SMIC")
+    sp.add_argument("--cache", required=True, help="cache folder (resumable)")
+    sp.add_argument("--kinds", default="map28", help="comma list of map28, colour224, stack16")
+    sp.add_argument("--flow", default="opencv-tvl1",
+                    help="flow implementation: opencv-tvl1, torch-tvl1, dis, auto")
+    sp.add_argument("--no-align", action="store_true",
+                    help="use frames as they are (already cropped faces)")
+    sp.add_argument("--smic-apex", default="max_flow", choices=("max_flow", "middle"))
+    sp.set_defaults(func=cmd_preprocess)
 
 
 def cmd_fit_clips(args) -> int:
@@ -463,177 +646,7 @@ def cmd_fit_clips(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training",
-        description="Train and evaluate micro-expression networks on the 3DB flow maps "
-                    "(leave-one-subject-out), train the default model on all data and export "
-                    "it to an ONNX engine with its manifest.",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp):
-        sp.add_argument("--data", default=str(default_data_dir()),
-                        help="3DB folder with labels.csv and flow/ (default %(default)s)")
-        sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-        sp.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default)")
-        _add_schedule(sp)
-
-    sp = sub.add_parser("loso", help="leave-one-subject-out evaluation with pooled UF1/UAR",
-                        description="Run (or resume) LOSO. Prints progress per fold; writes "
-                                    "RUN_DIR/results.json (and --out).")
-    common(sp)
-    sp.add_argument("--run-dir", help="per-fold state, for resume (default runs/loso_...)")
-    sp.add_argument("--out", help="also write the results JSON here")
-    sp.add_argument("--folds", help="N (first N folds) or a comma list of fold indices "
-                                    "(one fold: 'I,')")
-    sp.add_argument("--chunk-size", type=int, default=68,
-                    help="folds trained together as one vectorised ensemble (default 68)")
-    sp.add_argument("--workers", type=int, default=1,
-                    help="CPU worker processes sharing the folds, each with THREADS/WORKERS "
-                         "torch threads (default 1). On a CPU, small networks train fastest "
-                         "with --workers 2 --chunk-size 1 (experiments/results/loso_bench.md)")
-    sp.add_argument("--checkpoint-every", type=int, default=25,
-                    help="epochs between resume checkpoints (default 25)")
-    sp.add_argument("--outer-epochs", default="all", choices=("all", "chosen"),
-                    help="all (default): the outer models train the whole schedule, so the "
-                         "results carry the LEAKY best-epoch and fixed-schedule figures beside "
-                         "the honest one. chosen (with --select-epochs nested): the nested "
-                         "selection runs first and each outer model stops at its fold's chosen "
-                         "epoch: the same honest scores and CV ensemble, faster, without those "
-                         "two figures")
-    sp.set_defaults(func=cmd_loso)
-
-    sp = sub.add_parser("train", help="train on all samples with the LOSO schedule (epoch "
-                                      "count by --select-epochs, default nested)")
-    common(sp)
-    sp.add_argument("--out", required=True, help="weights file (.pt, state dict of tensors)")
-    sp.set_defaults(func=cmd_train)
-
-    sp = sub.add_parser("export", help="train on all samples (or load --weights) and export "
-                                       "ONNX + manifest")
-    common(sp)
-    sp.add_argument("--out", default=None,
-                    help="engine path (default engines/<model>_3db.onnx, "
-                         "engines/<model>_cv<k+1>_3db.onnx with --ensemble, then _mirror with "
-                         "--tta hflip, _shiftK with --shift K, _cal with --calibrate (prior), "
-                         "_calbias with --calibrate bias, before "
-                         "_3db); a name ending in "
-                         ".pt2 writes a torch.export program instead of ONNX (the engine of "
-                         "the torch and TensorRT backends); the manifest is written beside it "
-                         "as <out>.json")
-    sp.add_argument("--ensemble", action="store_true",
-                    help="export the CV ensemble (nested only): the full model and the inner "
-                         "models of its epoch selection, probabilities averaged; quotes the "
-                         "LOSO run's nested_cv_ensemble score")
-    sp.add_argument("--calibrate", nargs="?", const="prior", default=None,
-                    choices=("prior", "bias"), metavar="RULE",
-                    help="calibration inside the engine (nested only), chosen by the inner CV "
-                         "on all subjects: prior (the default when RULE is left out; tau of "
-                         "the class-prior shift) or bias (a bias per class); quotes a "
-                         "`training calibrate` results file of that rule (default: the one of "
-                         "this schedule in experiments/results/calibration, or calibration_bias for "
-                         "bias)")
-    sp.add_argument("--loso-results", default=None,
-                    help="LOSO results file (same schedule and epoch selection; refused "
-                         "otherwise) whose honest UF1/UAR go into the manifest (default: the "
-                         "complete one in experiments/results made with this schedule); '' for none")
-    sp.add_argument("--weights", help="weights from `train` instead of training again")
-    sp.set_defaults(func=cmd_export)
-
-    sp = sub.add_parser("ensemble", help="LOSO score of the mean probability of several "
-                                         "networks' LOSO runs (no fitting)",
-                        description="Average the pooled LOSO probabilities of complete runs "
-                                    "over the same samples and score them once "
-                                    "(training/ensemble.py). Each member is a results file, "
-                                    "optionally suffixed :cv_ensemble to take its nested CV "
-                                    "ensemble's probabilities instead of its final ones.")
-    sp.add_argument("members", nargs="+", metavar="RESULTS[:SOURCE]",
-                    help="LOSO results JSON; SOURCE final (default) or cv_ensemble")
-    sp.add_argument("--out", help="write the ensemble's results JSON here")
-    sp.add_argument("--engines", nargs="+", metavar="ENGINE",
-                    help="one exported engine per member, in the members' order; each "
-                         "manifest must quote its member's LOSO run")
-    sp.add_argument("--engine-out", metavar="NAME.ens",
-                    help="write an ensemble engine (member list + manifest with the "
-                         "ensemble's LOSO score) that mer --engine loads")
-    sp.set_defaults(func=cmd_ensemble)
-
-    sp = sub.add_parser("compare", help="paired comparison of LOSO runs on the folds they "
-                                        "share (ablations), with a subject bootstrap",
-                        description="Score each variant and the reference on the variant's "
-                                    "test samples (a --folds subset or all) and bootstrap the "
-                                    "UF1 difference over subjects (training/compare.py).")
-    sp.add_argument("reference", help="LOSO results JSON of the reference (e.g. the full "
-                                      "model); RESULTS:cv_ensemble takes a nested run's CV "
-                                      "ensemble, and an `ensemble --out` file works too")
-    sp.add_argument("variants", nargs="+", help="LOSO results JSON of each variant (same forms)")
-    sp.add_argument("--bootstrap", type=int, default=2000, help="subject bootstrap draws")
-    sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    sp.add_argument("--database", choices=("casme2", "smic", "samm"),
-                    help="compare on this database's samples only (subjects bootstrapped "
-                         "within it)")
-    sp.add_argument("--out", help="write the comparisons here (JSON)")
-    sp.set_defaults(func=cmd_compare)
-
-    sp = sub.add_parser("window", help="LOSO score of averaging each fold's checkpoints around "
-                                       "its nested epoch choice (no training)",
-                        description="Per fold of a nested run, the mean probability of the "
-                                    "outer model at the evaluation epochs within --width "
-                                    "epochs of its nested choice, pooled and scored once "
-                                    "(training/window.py). Reads the run directory's fold "
-                                    "files; the results file must be the same run's.")
-    _add_nested_run_args(sp)
-    sp.add_argument("--width", type=int, default=20,
-                    help="epochs on each side of the nested choice (default %(default)s: the "
-                         "two evaluation epochs on each side at --eval-every 10)")
-    sp.add_argument("--out", help="write the window's results JSON here (reads like a LOSO "
-                                  "results file for compare and ensemble)")
-    sp.set_defaults(func=cmd_window)
-
-    sp = sub.add_parser("calibrate", help="class-prior calibration of a nested run, its "
-                                          "strength chosen by the inner CV (no training)",
-                        description="Per fold of a nested run, shift the test probabilities "
-                                    "by tau * log(training class frequencies), tau chosen "
-                                    "by the pooled UF1 of the fold's inner validation "
-                                    "predictions (training/calibrate.py). Needs a run whose "
-                                    "nested selection kept its validation probabilities.")
-    _add_nested_run_args(sp)
-    sp.add_argument("--rule", default="prior", choices=("prior", "bias"),
-                    help="prior: shift by tau * log(training class frequencies), one tau per "
-                         "fold (the default engine's rule); bias: a free bias per class after "
-                         "the first, chosen on the same inner predictions")
-    sp.add_argument("--out", help="write the calibrated results JSON here (reads like a LOSO "
-                                  "results file for compare and ensemble; :cv_ensemble too)")
-    sp.set_defaults(func=cmd_calibrate)
-
-    sp = sub.add_parser("default-engine", help="which engine the registered rule makes the "
-                                               "default, from the LOSO results files",
-                        description="Apply the rule that picks the shipped default engine "
-                                    "(training/default_engine.py) to the LOSO results files: "
-                                    "the best honest UF1 among engines under the size budget "
-                                    "picks the protocol, the mean over its seeds picks the "
-                                    "calibration.")
-    sp.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results",
-                    help="the results folder (default experiments/results)")
-    sp.add_argument("--json", action="store_true", help="the whole choice as JSON")
-    sp.set_defaults(func=cmd_default_engine)
-
-    sp = sub.add_parser("preprocess", help="raw database (frames + annotation sheet) -> cached "
-                                           "network inputs (training/data/README.md)")
-    sp.add_argument("--database", required=True, choices=("casme2", "samm", "smic", "casme3"))
-    sp.add_argument("--root", required=True, help="the database's frame folder")
-    sp.add_argument("--sheet", help="annotation sheet, CSV (or .xlsx with openpyxl); not SMIC")
-    sp.add_argument("--cache", required=True, help="cache folder (resumable)")
-    sp.add_argument("--kinds", default="map28", help="comma list of map28, colour224, stack16")
-    sp.add_argument("--flow", default="opencv-tvl1",
-                    help="flow implementation: opencv-tvl1, torch-tvl1, dis, auto")
-    sp.add_argument("--no-align", action="store_true",
-                    help="use frames as they are (already cropped faces)")
-    sp.add_argument("--smic-apex", default="max_flow", choices=("max_flow", "middle"))
-    sp.set_defaults(func=cmd_preprocess)
-
+def _add_fit_clips_parser(sub) -> None:
     sp = sub.add_parser("fit-clips", help="fit the 3D network on the flow clips of a "
                                           "preprocessed raw database (--kinds stack16)",
                         description="Full-data fit (no held-out subject) of a clip network on "
@@ -650,6 +663,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--out", help="write the loss curve and accuracies here (JSON)")
     sp.set_defaults(func=cmd_fit_clips)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train and evaluate micro-expression networks on the 3DB flow maps "
+                    "(leave-one-subject-out), train the default model on all data and export "
+                    "it to an ONNX engine with its manifest.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_loso_parser(sub)
+    _add_train_parser(sub)
+    _add_export_parser(sub)
+    _add_ensemble_parser(sub)
+    _add_compare_parser(sub)
+    _add_window_parser(sub)
+    _add_calibrate_parser(sub)
+    _add_default_engine_parser(sub)
+    _add_preprocess_parser(sub)
+    _add_fit_clips_parser(sub)
     return p
 
 
