@@ -77,22 +77,14 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
                  "variable_frame_rate": info.variable_frame_rate, "codec": info.codec}
         if capture.start_ms > 0 or capture.end_ms is not None:  # a segment of the file
             facts.update(start_ms=capture.start_ms, end_ms=capture.end_ms)
-        if info.fps_nominal > 0:
-            # The ring buffer must hold buffer_seconds of *this* video: at 200 fps (CASME II,
-            # SAMM) a 30 fps-sized buffer keeps under a second, and a long event's onset crop
-            # would already be overwritten. Capped where the spotter's own history is.
-            fps = min(info.fps_nominal, options.spotter.max_fps)
-            options = replace(options, fps_hint=max(options.fps_hint, fps))
+        options = _sized_for(options, info.fps_nominal)
         # An event's TV-L1 flow (hundreds of ms on a CPU) runs in a worker thread while the
         # face stage goes on with the next frames: OpenCV and MediaPipe release the GIL, so the
         # two overlap on a second core (1.26x faster on the 2-core CPU, the same events in the
         # same order; docs/BENCHMARK_PIPELINE.md).
         options = replace(options, classify_in_background=classify_in_background)
-        # The recording's voiced stretches: the subject talks where the lips move while a voice
-        # is heard (Silero VAD, ~1 % of real time; None without an audio track).
-        voice = voice_intervals(path) if path.is_file() else None
-        facts["audio_voice_s"] = None if voice is None else \
-            round(sum(b - a for a, b in voice) / 1000.0, 2)
+        voice = _voice(path)
+        facts["audio_voice_s"] = _voiced_s(voice)
         return _run(iter(source), Path(out_dir), path.name, facts, options, engine, voice=voice,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
                     expected=source.frames_expected, progress=progress,
@@ -129,16 +121,13 @@ def analyze(path: str | Path, *, options: PipelineOptions = PipelineOptions(),
     source = open_video(path, capture)
     info = source.info
     try:
-        voice = voice_intervals(path) if path.is_file() else None
+        voice = _voice(path)
     except BaseException:
         source.close()
         raise
     facts = VideoFacts(str(path), info.width, info.height, info.fps_nominal,
-                       info.n_frames_declared, info.duration_ms, info.codec,
-                       None if voice is None else round(sum(b - a for a, b in voice) / 1000, 2))
-    if info.fps_nominal > 0:  # the ring buffer sized for this video's rate (see analyze_video)
-        options = replace(options, fps_hint=max(options.fps_hint,
-                                                min(info.fps_nominal, options.spotter.max_fps)))
+                       info.n_frames_declared, info.duration_ms, info.codec, _voiced_s(voice))
+    options = _sized_for(options, info.fps_nominal)
 
     def events() -> Iterator[EventRecord]:
         with source, Pipeline(replace(options, classify_in_background=True), engine=engine,
@@ -150,6 +139,26 @@ def analyze(path: str | Path, *, options: PipelineOptions = PipelineOptions(),
                 yield event
 
     return events(), facts
+
+
+def _sized_for(options: PipelineOptions, fps_nominal: float) -> PipelineOptions:
+    """The ring buffer must hold buffer_seconds of *this* video: at 200 fps (CASME II, SAMM) a
+    30 fps-sized buffer keeps under a second, and a long event's onset crop would already be
+    overwritten. Capped where the spotter's own history is."""
+    if fps_nominal <= 0:
+        return options
+    fps = min(fps_nominal, options.spotter.max_fps)
+    return replace(options, fps_hint=max(options.fps_hint, fps))
+
+
+def _voice(path: Path) -> list[tuple[float, float]] | None:
+    """The recording's voiced stretches: the subject talks where the lips move while a voice is
+    heard (Silero VAD, ~1 % of real time; None without an audio track)."""
+    return voice_intervals(path) if path.is_file() else None
+
+
+def _voiced_s(voice: list[tuple[float, float]] | None) -> float | None:
+    return None if voice is None else round(sum(b - a for a, b in voice) / 1000.0, 2)
 
 
 def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float | None = None,

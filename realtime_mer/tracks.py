@@ -19,7 +19,7 @@ frame or two).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -95,7 +95,6 @@ class _Track:
     last_seen_ms: float = 0.0
     frames: int = 0
     lost: bool = False
-    first_ms: float = 0.0
 
 
 @dataclass
@@ -309,13 +308,11 @@ class FaceTracker:
             lost = self._match_lost(track)
             if lost is not None:
                 _close(lost.mesh)
-                track.face_id, track.first_ms, track.frames = \
-                    lost.face_id, lost.first_ms, lost.frames
+                track.face_id, track.frames = lost.face_id, lost.frames
                 self._tracks.remove(lost)
                 log.debug("face %d found again at %.0f ms", track.face_id, t_ms)
             else:
                 track.face_id, self._next_id = self._next_id, self._next_id + 1
-                track.first_ms = float(t_ms)
                 log.debug("face %d appears at %.0f ms", track.face_id, t_ms)
             track.last_seen_ms, track.frames = float(t_ms), track.frames + 1
             self._tracks.append(track)
@@ -398,8 +395,6 @@ def face_geometry(points: np.ndarray) -> np.ndarray:
 
 
 def _with_count(face: FaceResult, n_faces: int) -> FaceResult:
-    from dataclasses import replace
-
     return replace(face, n_faces=n_faces)
 
 
