@@ -16,6 +16,8 @@ import pytest
 from realtime_mer.cli import main
 from realtime_mer.report import OUTPUT_FILES, read_events
 
+from tests.realtime_mer.pinned import assert_events_pinned
+
 
 def run_cli(*args: str) -> int:
     return main(["analyze", *args, "--no-progress"])
@@ -50,6 +52,12 @@ def wolfgang_run(media_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("wolfgang")
     code = run_cli(str(media_dir / "WolfgangLanger_Pexels.mp4"), "--out", str(out))
     return code, out
+
+
+def test_analyze_gives_the_pinned_events(wolfgang_run):
+    """The events of a real interview, field for field as pinned (see tests/realtime_mer/pinned.py)."""
+    _, out = wolfgang_run
+    assert_events_pinned("WolfgangLanger_Pexels", read_events(out / "events.jsonl"))
 
 
 def test_analyze_writes_all_outputs_with_complete_events(wolfgang_run):

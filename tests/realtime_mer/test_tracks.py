@@ -17,6 +17,8 @@ from realtime_mer.cli import main
 from realtime_mer.pipeline import PipelineOptions
 from realtime_mer.tracks import FaceTracker
 
+from tests.realtime_mer.pinned import assert_events_pinned
+
 SPOTTING_ONLY = PipelineOptions(classify=False)
 FRAMES = 180  # of each side-by-side video: 6 s, a dozen events between the two faces
 ALL_FACES = PipelineOptions(classify=False, faces="all")
@@ -138,6 +140,13 @@ def test_two_people_side_by_side_get_two_tracks_with_their_own_events(side_by_si
         assert {row["face_id"] for row in csv.DictReader(handle)} == {"1", "2"}
     page = (folder / "both" / "report.html").read_text()
     assert "Face 1: events" in page and "Face 2: events" in page
+
+
+def test_every_face_gives_the_pinned_events(side_by_side):
+    """Both faces' events, field for field as pinned (see tests/realtime_mer/pinned.py)."""
+    _, runs = side_by_side
+    assert_events_pinned("side_by_side_all_faces", runs["both"].events)
+    assert_events_pinned("side_by_side_left_half", runs["left"].events)
 
 
 def test_a_small_one_person_video_is_one_face(media_dir, tmp_path):
