@@ -2,7 +2,7 @@
 
 Stages (one module each, options dataclass + result dataclass + an object with
 ``process``/``push`` and ``reset``): capture → face → buffer → spotting → features → runtime,
-wired by ``pipeline`` and reported by ``report``. The names below are the public API; they are
+wired by ``pipeline``, run over a video or camera by ``analysis`` and written by ``writers``. The names below are the public API; they are
 imported on first use, so ``import realtime_mer`` stays cheap (no MediaPipe, torch or ONNX
 Runtime until a stage is used).
 """
@@ -29,6 +29,7 @@ _PUBLIC = {
     "EventRecord": "events",
     "analyze": "analysis", "VideoFacts": "analysis", "analyze_video": "analysis",
     "analyze_camera": "analysis", "AnalysisResult": "analysis",
+    "RunWriter": "writers", "report_writers": "writers", "BatchIndex": "writers",
     "MerError": "errors", "InputError": "errors", "EngineError": "errors",
     "DatasetError": "errors", "BackendUnavailable": "errors",
 }

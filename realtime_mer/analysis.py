@@ -1,6 +1,7 @@
-"""Run the pipeline over a recorded video or a live camera into the five report files, keeping
-every event found so far when the input turns out damaged, the camera disconnects, or the run is
-interrupted."""
+"""Run the pipeline over a recorded video or a live camera and hand its frames and events to
+the writers (:mod:`realtime_mer.writers`), keeping every event found so far when the input turns
+out damaged, the camera disconnects, or the run is interrupted; or, with :func:`analyze`, give
+the events as an iterator and write nothing."""
 
 from __future__ import annotations
 
@@ -8,26 +9,24 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
 
 from realtime_mer import __version__
-from realtime_mer.annotate import AnnotatedVideoWriter, annotate
 from realtime_mer.camera import WebcamSource
 from realtime_mer.capture import CaptureOptions, Frame, open_video
 from realtime_mer.errors import InputError, OutputError
 from realtime_mer.pipeline import Pipeline, PipelineOptions
-from realtime_mer.report import (EVENTS_CSV, EVENTS_JSONL, OUTPUT_FILES, REPORT_HTML,
-                                 SUMMARY_JSON, TIMELINE_PNG, TRACE_CSV, EventRecord, EventWriter,
-                                 SignalTrace, SpotTraceWriter, plot_timeline, write_csv,
-                                 write_html, write_json)
-from realtime_mer.speech import voice_intervals
+from realtime_mer.events import EventRecord
+from realtime_mer.report import SpottingStats
 from realtime_mer.runtime import Backend
+from realtime_mer.speech import voice_intervals
+from realtime_mer.writers import ANNOTATED_MP4, EventLog, FinishedRun, RunWriter, report_writers
 
 log = logging.getLogger(__name__)
 
-ANNOTATED_MP4 = "annotated.mp4"
+__all__ = ["analyze", "analyze_video", "analyze_camera", "AnalysisResult", "VideoFacts",
+           "ANNOTATED_MP4"]
 ProgressCallback = Callable[[int, int | None], None]  # (frames done, frames expected or None)
 EventCallback = Callable[[EventRecord], None]
 
@@ -35,7 +34,7 @@ EventCallback = Callable[[EventRecord], None]
 @dataclass
 class AnalysisResult:
     source: str
-    out_dir: Path
+    out_dir: Path | None  # None: the writers were the caller's own
     events: list[EventRecord] = field(default_factory=list)
     feature_maps: list = field(default_factory=list)  # (28, 28, 3) map per event, same order
     summary: dict = field(default_factory=dict)
@@ -47,19 +46,21 @@ class AnalysisResult:
         return not self.problems and not self.interrupted
 
 
-def analyze_video(path: str | Path, out_dir: str | Path, *,
+def analyze_video(path: str | Path, out_dir: str | Path | None = None, *,
                   options: PipelineOptions = PipelineOptions(),
                   capture: CaptureOptions = CaptureOptions(),
                   engine: Backend | None = None,
                   progress: ProgressCallback | None = None,
                   on_event: EventCallback | None = None,
                   annotated_video: bool = False,
+                  writers: Sequence[RunWriter] | None = None,
                   classify_in_background: bool = True) -> AnalysisResult:
-    """Analyse a video file: events.jsonl (written as events are found), events.csv,
-    summary.json, timeline.png and report.html in ``out_dir`` (and annotated.mp4 when
-    ``annotated_video``). ``classify_in_background``: each event's flow and network run in a
-    worker thread beside the next frames' face stage (the same events, faster on 2+ cores);
-    False classifies inline, for the side-by-side benchmark.
+    """Analyse a video file into ``writers``; by default (None) the standard outputs in
+    ``out_dir`` (:func:`realtime_mer.writers.report_writers`): events.jsonl (written as events
+    are found), trace.csv, events.csv, summary.json, timeline.png and report.html, and
+    annotated.mp4 when ``annotated_video``. ``classify_in_background``: each event's flow and
+    network run in a worker thread beside the next frames' face stage (the same events, faster
+    on 2+ cores); False classifies inline, for the side-by-side benchmark.
 
     Raises :class:`InputError` before writing anything when the file cannot be opened as a
     video. Damage met later (a truncated file) ends the run early: the outputs are still written,
@@ -67,6 +68,8 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
     ``KeyboardInterrupt`` the outputs are written with ``interrupted: true`` and the interrupt is
     re-raised.
     """
+    if writers is None and out_dir is None:
+        raise ValueError("analyze_video needs out_dir for its standard outputs, or writers")
     path = Path(path)
     source = open_video(path, capture)  # raises InputError for missing / not-a-video files
     with source:
@@ -85,11 +88,15 @@ def analyze_video(path: str | Path, out_dir: str | Path, *,
         options = replace(options, classify_in_background=classify_in_background)
         voice = _voice(path)
         facts["audio_voice_s"] = _voiced_s(voice)
-        return _run(iter(source), Path(out_dir), path.name, facts, options, engine, voice=voice,
+        if writers is None:
+            writers = report_writers(out_dir, regions=options.spotter.region_names,
+                                     per_face=options.faces == "all",
+                                     annotated_video=annotated_video,
+                                     fps_hint=info.fps_nominal or 30.0)
+        return _run(iter(source), writers, None if out_dir is None else Path(out_dir),
+                    path.name, facts, options, engine, voice=voice,
                     problems=lambda: list(source.errors), dropped=lambda: 0,
-                    expected=source.frames_expected, progress=progress,
-                    on_event=on_event, annotated_video=annotated_video,
-                    fps_hint=info.fps_nominal or 30.0)
+                    expected=source.frames_expected, progress=progress, on_event=on_event)
 
 
 @dataclass(frozen=True)
@@ -193,97 +200,65 @@ def analyze_camera(device: int | str, out_dir: str | Path, *, duration_s: float 
     options = replace(options, classify_in_background=True, drop_when_busy=True)
     try:
         facts = {"camera": str(device), "duration_limit_s": duration_s}
-        return _run(frames(), Path(out_dir), f"camera {device}", facts, options, engine,
-                    problems=lambda: problems, dropped=lambda: camera.dropped, expected=None,
-                    progress=progress, on_event=on_event)
+        writers = report_writers(out_dir, regions=options.spotter.region_names,
+                                 per_face=options.faces == "all")
+        return _run(frames(), writers, Path(out_dir), f"camera {device}", facts, options,
+                    engine, problems=lambda: problems, dropped=lambda: camera.dropped,
+                    expected=None, progress=progress, on_event=on_event)
     finally:
         camera.stop()
 
 
-def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
-         options: PipelineOptions, engine: Backend | None, *,
+def _run(frames: Iterator[Frame], writers: Sequence[RunWriter], out_dir: Path | None,
+         name: str, facts: dict, options: PipelineOptions, engine: Backend | None, *,
          voice: list[tuple[float, float]] | None = None, problems: Callable[[], list[str]],
          dropped: Callable[[], int], expected: int | None, progress: ProgressCallback | None,
-         on_event: EventCallback | None, annotated_video: bool = False,
-         fps_hint: float = 30.0) -> AnalysisResult:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # An earlier run's files go first, so the folder never mixes two runs (its annotated
-        # video beside this run's events, say).
-        earlier = [out_dir / n for n in (*OUTPUT_FILES, ANNOTATED_MP4) if (out_dir / n).is_file()]
-        if earlier:
-            log.warning("%s: replacing the results of an earlier run (%s)", out_dir,
-                        ", ".join(path.name for path in earlier))
-            for path in earlier:
-                path.unlink()
-        writer = EventWriter(out_dir / EVENTS_JSONL)
-    except OSError as error:  # checked before any frame is read, so nothing is lost
-        raise OutputError(f"cannot write the results into {out_dir}: "
-                          f"{error.strerror or error}") from None
+         on_event: EventCallback | None) -> AnalysisResult:
     result = AnalysisResult(source=name, out_dir=out_dir)
-    trace = SignalTrace(regions=list(options.spotter.region_names))
-    face_traces: dict[int, SignalTrace] = {}  # per face id, with faces="all"
+    stats = SpottingStats(options.spotter.region_names)
+    first_ms = last_ms = None
     started = time.perf_counter()
     try:
         pipeline = Pipeline(options, engine=engine, source_name=name)
-        pipeline.voice = voice
-        # Every event is on disk the moment it is spotted (a line without its class), and again
-        # with its class when the classifier is done: a killed run keeps what was spotted.
-        pipeline.on_spotted = writer.write
-        spot_trace = SpotTraceWriter(out_dir / TRACE_CSV, options.spotter.region_names)
     except BaseException:
-        writer.close()
+        _close(writers)
         raise
-    video = None
+    pipeline.voice = voice
+
+    def spotted(event: EventRecord) -> None:
+        for writer in writers:
+            writer.spotted(event)
+
+    # Every event reaches the writers the moment it is spotted (without its class), and again
+    # with its class when the classifier is done: a killed run keeps what was spotted.
+    pipeline.on_spotted = spotted
     count = 0
-    last_per_face: dict[int, EventRecord] = {}  # for the annotated video
 
     def keep(event: EventRecord, feature_map) -> None:
-        if event.kind != "blink":  # a blink's line is final when it is spotted
-            writer.write(event)
+        for writer in writers:
+            writer.event(event, feature_map)
         result.events.append(event)
         result.feature_maps.append(feature_map)
-        last_per_face[event.face_id] = event
         if on_event is not None:
             on_event(event)
 
-    def give_up_video(error: Exception) -> None:  # the annotated copy must never cost the report
-        nonlocal video
-        result.problems.append(f"could not write {ANNOTATED_MP4}: {error}")
-        try:
-            video.close()
-        except Exception:
-            pass
-        video = None
-
     try:
-        if annotated_video:
-            try:
-                video = AnnotatedVideoWriter(out_dir / ANNOTATED_MP4, fps_hint)
-            except Exception as error:
-                result.problems.append(f"could not write {ANNOTATED_MP4}: {error}")
         read_start = time.perf_counter()
         for frame in frames:
             pipeline.timer.add("decode", (time.perf_counter() - read_start) * 1000.0)
             frame_result = pipeline.process(frame)
             count += 1
-            trace.append(frame.t_ms, frame_result.signal, frame_result.threshold,
-                         frame_result.floors)
-            if options.faces == "all":
-                _append_face_traces(face_traces, frame.t_ms, frame_result)
-            spot_trace.write(frame, frame_result)
+            first_ms = frame.t_ms if first_ms is None else first_ms
+            last_ms = frame.t_ms
+            stats.add(frame_result)
             for event, feature_map in zip(frame_result.events, frame_result.feature_maps):
                 keep(event, feature_map)
-            if video is not None:
-                try:
-                    with pipeline.timer.stage("annotate"):
-                        video.write(annotate(frame.image_bgr, frame_result,
-                                             result.events[-1] if result.events else None,
-                                             last_events=last_per_face,
-                                             face_ids=options.faces == "all"),
-                                    frame.t_ms)
-                except Exception as error:
-                    give_up_video(error)
+            for writer in writers:
+                if writer.timing_stage is None:
+                    writer.frame(frame, frame_result)
+                else:
+                    with pipeline.timer.stage(writer.timing_stage):
+                        writer.frame(frame, frame_result)
             if progress is not None:
                 progress(count, expected)
             read_start = time.perf_counter()
@@ -302,39 +277,47 @@ def _run(frames: Iterator[Frame], out_dir: Path, name: str, facts: dict,
             log.warning("events still being classified were lost: %r", error)
         raise
     finally:
-        writer.close()
-        spot_trace.close()
-        if video is not None:
-            try:
-                video.close()
-            except Exception as error:  # the annotated copy must never cost the report
-                result.problems.append(f"could not finish {ANNOTATED_MP4}: {error}")
+        result.problems.extend(_close(writers))
         result.problems.extend(problems())
         pipeline.warn_if_small_face()
-        result.summary = _summary(facts, pipeline, result, count, dropped(), trace,
-                                  time.perf_counter() - started, spot_trace)
+        media_s = (last_ms - first_ms) / 1000.0 if count > 1 else 0.0
+        result.summary = _summary(facts, pipeline, result, count, dropped(), media_s,
+                                  time.perf_counter() - started, stats)
+        finished = FinishedRun(name, result.summary, result.events, result.feature_maps,
+                               list(pipeline.class_names),
+                               frozenset(pipeline.short_lived_faces()))
         try:
-            _write_outputs(out_dir, result, pipeline.class_names, trace,
-                           {face_id: face_trace for face_id, face_trace in face_traces.items()
-                            if face_id not in pipeline.short_lived_faces()})
+            for writer in writers:
+                writer.finish(finished)
         except OSError as error:
+            log_path = next((w.path for w in writers if isinstance(w, EventLog)), None)
+            kept = "" if log_path is None else f" (the events found so far are in {log_path})"
             raise OutputError(f"cannot write the results into {out_dir}: "
-                              f"{error.strerror or error} (the events found so far are in "
-                              f"{writer.path})") from None
+                              f"{error.strerror or error}{kept}") from None
         finally:
             pipeline.close()
     return result
 
 
+def _close(writers: Sequence[RunWriter]) -> list[str]:
+    """Every writer closed, whatever the others do; the problems they met."""
+    problems: list[str] = []
+    for writer in writers:
+        try:
+            problems.extend(writer.close())
+        except Exception as error:
+            problems.append(f"could not finish an output ({type(writer).__name__}): {error}")
+    return problems
+
+
 def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: int, dropped: int,
-             trace: SignalTrace, wall_s: float, spot_trace: "SpotTraceWriter") -> dict:
+             video_s: float, wall_s: float, stats: SpottingStats) -> dict:
     per_class: dict[str, dict[str, int]] = {"micro": {}, "macro": {}}
     for event in result.events:
         if event.kind == "blink":
             continue
         per_class.setdefault(event.kind, {})
         per_class[event.kind][event.label] = per_class[event.kind].get(event.label, 0) + 1
-    video_s = (trace.times_ms[-1] - trace.times_ms[0]) / 1000.0 if len(trace.times_ms) > 1 else 0.0
     engine = pipeline.engine
     return {
         "input": facts,
@@ -362,7 +345,7 @@ def _summary(facts: dict, pipeline: Pipeline, result: AnalysisResult, frames: in
             "classification_drops": pipeline.classification_drops,
             "per_class": per_class,
         },
-        "spotting": spot_trace.summary(),
+        "spotting": stats.summary(),
         "timings_ms": pipeline.timer.summary(),
         "throughput": {
             "wall_s": wall_s,
@@ -390,30 +373,3 @@ def _faces(pipeline: Pipeline, events: list[EventRecord]) -> dict:
         face["events"] = {kind: sum(e.kind == kind for e in own)
                           for kind in ("micro", "macro", "blink")}
     return faces
-
-
-def _append_face_traces(traces: dict[int, SignalTrace], t_ms: float, frame_result) -> None:
-    """Each face's signal at the frames where it is seen, and one gap (NaN) where it goes
-    missing, so a trace grows with its face's frames, not with the input's."""
-    views = {view.face_id: view for view in frame_result.faces}
-    for face_id in views.keys() - traces.keys():
-        traces[face_id] = SignalTrace()
-    for face_id, face_trace in traces.items():
-        view = views.get(face_id)
-        if view is not None:
-            face_trace.append(t_ms, view.signal, view.threshold)
-        elif face_trace.signal and not np.isnan(face_trace.signal[-1]):
-            face_trace.append(t_ms, None, None)
-
-
-def _write_outputs(out_dir: Path, result: AnalysisResult, class_names, trace,
-                   face_traces: dict[int, SignalTrace] | None = None) -> None:
-    write_csv(out_dir / EVENTS_CSV, result.events, class_names)
-    write_json(out_dir / SUMMARY_JSON, result.summary)
-    try:
-        plot_timeline(out_dir / TIMELINE_PNG, trace, result.events, title=result.source,
-                      face_traces=face_traces)
-    except Exception as error:  # a plot must never cost the user the events
-        log.warning("could not draw the timeline: %s", error)
-    write_html(out_dir / REPORT_HTML, result.summary, result.events, out_dir / TIMELINE_PNG,
-               result.feature_maps)

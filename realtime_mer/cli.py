@@ -351,7 +351,7 @@ def _analyze(args) -> int:
 
     from realtime_mer.analysis import analyze_video
     from realtime_mer.capture import CaptureOptions
-    from realtime_mer.report import index_row, write_index
+    from realtime_mer.writers import BatchIndex
 
     engine = _load_engine(args)  # fail on a bad engine before touching any video
     options = _pipeline_options(args)
@@ -362,17 +362,14 @@ def _analyze(args) -> int:
                              end_ms=args.end, image_fps=args.fps)
     exit_code = 0
     batch = len(args.videos) > 1
-    index: list[dict] = []  # a batch's index.csv / index.html, rewritten after each video
-    class_names = list(engine.manifest.class_names)
+    index = BatchIndex(args.out, list(engine.manifest.class_names))
 
     def add_to_index(video: Path, out_dir: Path, summary: dict | None,
                      error: str | None = None) -> None:
         if not batch:
             return
-        index.append(index_row(video, out_dir.name, summary, class_names, error))
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_index(args.out, index, class_names)
+            index.add(video, out_dir, summary, error)
         except OSError as err:  # the videos' own folders hold their results regardless
             log.warning("could not write the batch index in %s: %s", args.out, err)
 
@@ -420,8 +417,8 @@ def _analyze(args) -> int:
                   f"kept in {out_dir}", file=sys.stderr)
             exit_code = max(exit_code, EXIT_INPUT_DAMAGED)
         add_to_index(video, out_dir, s)
-    if batch and index:
-        print(f"{len(index)} videos: index of the reports → {args.out / 'index.html'}")
+    if batch and index.rows:
+        print(f"{len(index.rows)} videos: index of the reports → {args.out / 'index.html'}")
     return exit_code
 
 

@@ -208,13 +208,17 @@ class SignalTrace:
                                else np.asarray(floors, np.float32))
 
 
+def _views(result: Any) -> list[tuple[int, Any]]:
+    """(face id, view) per face of a pipeline FrameResult, or (0, the result) without a face."""
+    return [(view.face_id, view) for view in result.faces] or [(0, result)]
+
+
 class SpotTraceWriter:
     """``trace.csv``: per frame and face (``face_id``; 0 in a frame without one), each region's
     spotting value and detection floor (% of the eye distance; the floor is the smallest
     movement the spotter would report there and then, empty while warming up, inf while a blink
     masks the region), and whether the lids were masked for a blink and the person was talking.
-    Written as the frames go (flushed every second of frames), so an interrupted run keeps it;
-    ``summary`` gives the per-region figures of ``summary.json``."""
+    Written as the frames go (flushed every second of frames), so an interrupted run keeps it."""
 
     def __init__(self, path: str | Path, regions: Sequence[str]) -> None:
         self.path = Path(path)
@@ -224,15 +228,12 @@ class SpotTraceWriter:
         slug = [r.replace(" ", "_") for r in self.regions]
         self._csv.writerow(["t_ms", "frame", "face_id", *(f"value_{r}" for r in slug),
                             *(f"floor_{r}" for r in slug), "blinking", "speaking"])
-        self._floors: list[np.ndarray] = []
-        self._blinking = self._speaking = self._frames = 0
         self._since_flush = 0
 
     def write(self, frame: Any, result: Any) -> None:
         """One row per face of ``result`` (a pipeline FrameResult), or one without a face."""
-        for face_id, view in ([(v.face_id, v) for v in result.faces] or [(0, result)]):
+        for face_id, view in _views(result):
             self._write_row(frame, face_id, view)
-        self._frames += 1
         self._since_flush += 1
         if self._since_flush >= 30:
             self._file.flush()
@@ -248,19 +249,31 @@ class SpotTraceWriter:
                 for f in floors] if face and floors is not None else [""] * n
         row += [int(view.blinking), int(view.speaking)]
         self._csv.writerow(row)
-        if face and floors is not None:
-            self._floors.append(np.asarray(floors, np.float32))
-            self._blinking += bool(view.blinking)
-            self._speaking += bool(view.speaking)
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
 
+
+class SpottingStats:
+    """The figures of ``summary.json``'s ``spotting``, gathered frame by frame: per region, the
+    floor's median, 10th and 90th percentile over the face frames where it was known (% of the
+    eye distance) and the share of frames it was masked (a blink); the shares of face frames
+    with a blink under way and with the person talking."""
+
+    def __init__(self, regions: Sequence[str]) -> None:
+        self.regions = list(regions)
+        self._floors: list[np.ndarray] = []
+        self._blinking = self._speaking = 0
+
+    def add(self, result: Any) -> None:
+        for _, view in _views(result):
+            if view.region_values is not None and view.floors is not None:
+                self._floors.append(np.asarray(view.floors, np.float32))
+                self._blinking += bool(view.blinking)
+                self._speaking += bool(view.speaking)
+
     def summary(self) -> dict[str, Any]:
-        """Per region: the floor's median, 10th and 90th percentile over the frames where it was
-        known (% of the eye distance), and the share of frames it was masked (a blink); the
-        shares of face frames with a blink under way and with the person talking."""
         frames = len(self._floors)
         out: dict[str, Any] = {"frames": frames, "floors_pct": {}}
         floors = np.stack(self._floors) if frames else np.zeros((0, len(self.regions)))

@@ -15,17 +15,20 @@ def _python_blocks() -> list[str]:
 
 
 def test_the_readme_has_python_examples():
-    assert len(_python_blocks()) >= 3
+    assert len(_python_blocks()) == 4
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_a_readme_example_runs(index, media_dir, tmp_path, monkeypatch, capsys):
     code = _python_blocks()[index]
     monkeypatch.chdir(tmp_path)
     code = code.replace('"interview.mp4"', repr(str(media_dir / "single_face.mp4")))
     exec(compile(code, f"README example {index + 1}", "exec"), {})
-    if "analyze_video" in code:
+    if '"report/"' in code:
         assert (tmp_path / "report" / "summary.json").is_file()
+    if "writers=" in code:  # a writer of one's own: nothing written, its counts printed
+        assert list(tmp_path.iterdir()) == []
+        assert capsys.readouterr().out.strip().startswith("{")
     if index == 0:  # the iterator printed the facts and the events of single_face.mp4
         assert capsys.readouterr().out.splitlines()[0] == "640 360 30.0"
 

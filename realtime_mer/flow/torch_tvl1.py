@@ -25,7 +25,6 @@ every pair has stopped; see ``docs/BENCHMARKS.md`` ("Optical flow") for the meas
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
