@@ -452,16 +452,18 @@ def test_shift_tta_export_is_refused_before_training(tmp_path):
     assert not (tmp_path / "e.onnx").exists()
 
 
-def test_every_shipped_engine_has_the_name_its_schedule_gives():
-    """`training export` names an engine by its manifest's schedule; a shipped file under
-    another name (or two schedules mapped to one name) would let an export overwrite it."""
+def test_every_shipped_engine_and_recipe_has_the_name_its_schedule_gives():
+    """`training export` names an engine by its manifest's schedule; a shipped file (or a
+    recipe in engines/recipes) under another name, or two schedules mapped to one name, would
+    let an export overwrite it."""
     from training.__main__ import REPO_ROOT
     from training.calibrate import calibration_kind
     from training.export import engine_file_name
 
     fields = {f.name for f in dataclasses.fields(LosoConfig)}
     names = {}
-    for manifest in sorted((REPO_ROOT / "engines").glob("*.onnx.json")):
+    for manifest in sorted([*(REPO_ROOT / "engines").glob("*.onnx.json"),
+                            *(REPO_ROOT / "engines" / "recipes").glob("*.onnx.json")]):
         training = json.loads(manifest.read_text())["training"]
         cfg = LosoConfig.from_dict({k: v for k, v in training["schedule"].items()
                                     if k in fields})
@@ -476,32 +478,6 @@ def test_every_shipped_engine_has_the_name_its_schedule_gives():
         "ststnet_mirror_shift3_3db.onnx"
     assert engine_file_name(dataclasses.replace(base, inner_folds=3), ensemble=True) == \
         "ststnet_cv4_mirror_3db.onnx"
-
-
-def test_shipped_calibrated_engines_are_the_uncalibrated_ensemble_shifted(megc_dir):
-    """Both calibrated engines come from the same training as the shipped uncalibrated
-    ensemble (same selection, seeds and epochs): on the real 442 maps each one's probabilities
-    are the uncalibrated engine's shifted by its manifest's offsets, to float32 rounding."""
-    from realtime_mer.runtime import load_engine
-    from training.__main__ import REPO_ROOT
-    from training.calibrate import offset_shift
-    from training.data import load_megc3db
-
-    x = load_megc3db(megc_dir).x
-    engines = REPO_ROOT / "engines"
-    base = load_engine(engines / "ststnet_cv6_mirror_shift2_3db.onnx",
-                       backend="onnxruntime").predict(x)
-    kinds = set()
-    for name in ("ststnet_cv6_mirror_shift2_cal_3db.onnx",
-                 "ststnet_cv6_mirror_shift2_calbias_3db.onnx"):
-        engine = load_engine(engines / name, backend="onnxruntime")
-        calibration = engine.manifest.training["calibration"]
-        kinds.add(calibration.get("kind", "prior"))
-        np.testing.assert_allclose(engine.predict(x),
-                                   offset_shift(base, calibration["offsets"]), atol=1e-5)
-        # The offsets matter: the calibrated engine does not predict like the base one.
-        assert (engine.predict(x).argmax(1) != base.argmax(1)).sum() > 10
-    assert kinds == {"prior", "bias"}
 
 
 def test_calibrated_engine_shifts_the_ensemble_by_what_its_inner_cv_chose(tmp_path):
