@@ -89,14 +89,19 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                         '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
 
 
-def _add_common(sp) -> None:
-    """The options of the commands that train on the 3DB maps: data, device, threads and the
-    LOSO schedule."""
+def _add_data_and_device(sp) -> None:
+    """Where the 3DB maps are, and what trains on them."""
     sp.add_argument("--data", default=str(default_data_dir()),
                     help="3DB folder with labels.csv and flow/ (default %(default)s)")
     sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     sp.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default)")
+
+
+def _add_common(sp) -> None:
+    """The options of the commands that train on the 3DB maps: data, device, threads and the
+    LOSO schedule."""
+    _add_data_and_device(sp)
     _add_schedule(sp)
 
 
@@ -426,11 +431,7 @@ def _add_rebuild_engine_parser(sub) -> None:
     sp.add_argument("--list", action="store_true", help="list the recipes and stop")
     sp.add_argument("--out-dir", default=str(REPO_ROOT / "engines"),
                     help="where the engines and their manifests go (default engines/)")
-    sp.add_argument("--data", default=str(default_data_dir()),
-                    help="3DB folder with labels.csv and flow/ (default %(default)s)")
-    sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    sp.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: torch's default)")
+    _add_data_and_device(sp)
     sp.set_defaults(func=cmd_rebuild_engine)
 
 
