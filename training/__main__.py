@@ -18,10 +18,10 @@ from training import results_commands
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def default_data_dir() -> Path:
+def default_data_dir(name: str = "megc2019_3db") -> Path:
     env = os.environ.get("MER_SHARED")
     base = Path(env) if env else REPO_ROOT.parent / "shared"
-    return base / "data" / "megc2019_3db"
+    return base / "data" / name
 
 
 def _add_schedule(p: argparse.ArgumentParser) -> None:
@@ -87,6 +87,13 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-options", default="{}",
                    help='JSON dict of the input kind\'s switches, e.g. mcnet: '
                         '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
+    g.add_argument("--maps", default=d.maps, choices=("3db", "causalnet"),
+                   help="the preprocessing trained on: 3db (the maps the live pipeline "
+                        "reproduces, the default) or causalnet (CausalNet's whole-sequence "
+                        "base maps of the same samples, from --causalnet-data); map28 only")
+    g.add_argument("--other-maps-share", type=float, default=d.other_maps_share, metavar="P",
+                   help="share of training draws that take the sample's other preprocessing "
+                        "(0, the default: --maps alone; 0.5: each draw either set at random)")
 
 
 def _add_data_and_device(sp) -> None:
@@ -157,6 +164,7 @@ def _config(args):
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
         input_kind=input_kind, input_size=input_size,
         input_options=_json_object(args.input_options, "--input-options"),
+        maps=args.maps, other_maps_share=args.other_maps_share,
     )
     build_network(cfg.model, cfg.model_kwargs)  # a bad name or option fails before data is read
     return cfg
@@ -188,7 +196,7 @@ def _parse_folds(text: str | None) -> list[int] | None:
 
 
 def cmd_loso(args) -> int:
-    from training.data import load_megc3db
+    from training.data.megc3db import load_map_sets
     from training.loso import run_loso
 
     _setup(args)
@@ -197,11 +205,12 @@ def cmd_loso(args) -> int:
         raise ValueError("--outer-epochs chosen needs --select-epochs nested (the outer models "
                          "stop at the epoch their fold's nested selection chose)")
     folds = _parse_folds(args.folds)
-    data = load_megc3db(args.data)
+    both = cfg.maps != "3db" or cfg.other_maps_share or args.score_other_maps
+    data = load_map_sets(args.data, args.causalnet_data if both else None, cfg.maps)
     run_dir = args.run_dir or (f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
                                + ("_nested" if cfg.select_epochs == "nested" else ""))
-    print(f"LOSO {cfg.model}: {len(data)} samples, {len(data.subject_list)} subjects, "
-          f"run dir {run_dir}", flush=True)
+    print(f"LOSO {cfg.model}: {len(data.primary_rows)} samples, {len(data.subject_list)} "
+          f"subjects, run dir {run_dir}", flush=True)
     t0 = time.time()
     res = run_loso(data, cfg, run_dir, folds=folds, chunk_size=args.chunk_size,
                    device=args.device, checkpoint_every=args.checkpoint_every,
@@ -219,6 +228,12 @@ def cmd_loso(args) -> int:
         print(f"LEAKY best-epoch-per-subject  UF1 {lk['uf1']:.4f}  UAR {lk['uar']:.4f}")
     for db, r in res["per_database"].items():
         print(f"  {db:<7} UF1 {r['uf1']:.4f}  UAR {r['uar']:.4f}  n={r['n']}")
+    other = res.get("other_maps")
+    if other is not None:
+        print(f"on the {other['maps']} maps of the same subjects: UF1 {other['uf1']:.4f}  "
+              f"UAR {other['uar']:.4f}"
+              + (f"; CV ensemble UF1 {other['nested_cv_ensemble']['uf1']:.4f}"
+                 if "nested_cv_ensemble" in other else ""))
     print(f"results: {Path(run_dir) / 'results.json'}" + (f" and {args.out}" if args.out else ""))
     return 0
 
@@ -247,6 +262,14 @@ def _add_loso_parser(sub) -> None:
                          "selection runs first and each outer model stops at its fold's chosen "
                          "epoch: the same honest scores and CV ensemble, faster, without those "
                          "two figures")
+    sp.add_argument("--causalnet-data", default=str(default_data_dir("megc2019_3db_causalnet")),
+                    help="CausalNet's maps of the same samples (flow/{stem}.png, _1, _2, _3; "
+                         "default %(default)s), read with --maps causalnet, "
+                         "--other-maps-share or --score-other-maps")
+    sp.add_argument("--score-other-maps", action="store_true",
+                    help="also score every held-out subject on the other preprocessing of its "
+                         "samples (the results' other_maps block: how far the networks carry "
+                         "over to maps made another way)")
     sp.set_defaults(func=cmd_loso)
 
 

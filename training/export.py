@@ -199,8 +199,9 @@ def train_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu",
         if epoch == 1 or epoch % max(1, cfg.epochs // 10) == 0:
             say(f"full training: epoch {epoch}/{cfg.epochs}  {time.perf_counter() - t0:.0f} s")
 
-    models, _ = train_models(data.x, data.y, [np.arange(len(data))], cfg, [fold_id],
-                             device=device, on_epoch=on_epoch, landmarks=data.landmarks)
+    models, _ = train_models(data.x, data.y, [data.primary_rows], cfg, [fold_id],
+                             device=device, on_epoch=on_epoch, landmarks=data.landmarks,
+                             other_offset=data.n_primary)
     return models[0]
 
 
@@ -255,7 +256,8 @@ def fit_full(data: Megc3DB, cfg: LosoConfig, *, device: str = "cpu", chunk_size:
     inner, _ = train_models(data.x, data.y, [j[2] for j in jobs],
                             dataclasses.replace(cfg, epochs=epochs),
                             [10_000 + key * cfg.inner_folds + g for _, g, _, _ in jobs],
-                            device=device, landmarks=data.landmarks)
+                            device=device, landmarks=data.landmarks,
+                            other_offset=data.n_primary)
     selection = {**selection, "ensemble": {"members": 1 + len(inner),
                                            "rule": ENSEMBLE_RULE.format(k=len(inner))}}
     return ProbabilityAverage([model, *inner]).eval(), selection

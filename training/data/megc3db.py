@@ -52,9 +52,23 @@ class Megc3DB:
     files: np.ndarray
     root: str
     landmarks: np.ndarray | None = None
+    # With two preprocessings of the same samples (:func:`with_other_maps`): each row's map
+    # set, the first ``n_primary`` rows those of the set trained on, the rest the same samples
+    # in the same order as the other set makes them. None: one set, every row primary.
+    maps: np.ndarray | None = None
+    n_primary: int | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def primary_rows(self) -> np.ndarray:
+        """The rows networks train and choose on (all of them with one map set)."""
+        return np.arange(len(self) if self.n_primary is None else self.n_primary)
+
+    @property
+    def is_primary(self) -> np.ndarray:
+        return np.arange(len(self)) < (len(self) if self.n_primary is None else self.n_primary)
 
     @property
     def subject_list(self) -> list[str]:
@@ -65,7 +79,9 @@ class Megc3DB:
         return list(seen)
 
     def class_counts(self) -> tuple[int, ...]:
-        return tuple(int(c) for c in np.bincount(self.y, minlength=len(CLASS_NAMES)))
+        """Per class, over the samples (the primary rows: each sample once)."""
+        y = self.y[self.primary_rows]
+        return tuple(int(c) for c in np.bincount(y, minlength=len(CLASS_NAMES)))
 
 
 LANDMARKS_FILE = "landmarks5.csv"
@@ -224,3 +240,91 @@ def load_megc3db(root: str | Path, *, check_counts: bool = True) -> Megc3DB:
                 f"{EXPECTED_CLASS_COUNTS} (pass check_counts=False for a subset)"
             )
     return data
+
+
+#: The map sets a LOSO run can train on: ``3db`` (the STSTNet preprocessing the live pipeline
+#: reproduces, ``data/megc2019_3db``) and ``causalnet`` (CausalNet's whole-sequence maps of the
+#: same samples, ``data/megc2019_3db_causalnet``; see training/data/README.md).
+MAP_SETS = ("3db", "causalnet")
+#: CausalNet's four maps per sample: the base map and three more, ``{stem}_1.png`` ...
+CAUSALNET_SUFFIXES = ("", "_1", "_2", "_3")
+
+
+def load_causalnet_maps(root: str | Path, reference: Megc3DB,
+                        suffixes: tuple[str, ...] = CAUSALNET_SUFFIXES) -> np.ndarray:
+    """CausalNet's maps of ``reference``'s samples, in its order: (N, len(suffixes), 3, 28,
+    28) float32 in [0, 1], channels (u, v, strain) read as the 3DB maps are. ``root`` holds
+    ``flow/{stem}{suffix}.png`` with the stems of the 3DB ``flow_file`` names. Raises
+    DatasetError when a sample lacks a map, a map is unreadable or not 28×28×3, or the folder
+    holds maps of samples ``reference`` does not list."""
+    root = Path(root)
+    flow = root / "flow"
+    if not flow.is_dir():
+        raise DatasetError(f"CausalNet map folder {flow} does not exist")
+    stems = [Path(str(f)).stem for f in reference.files[reference.primary_rows]]
+    wanted = {f"{stem}{suffix}.png" for stem in stems for suffix in CAUSALNET_SUFFIXES}
+    present = {p.name for p in flow.glob("*.png")}
+    missing = sorted(wanted - present)
+    if missing:
+        raise DatasetError(f"{flow}: {len(missing)} map(s) of labelled samples missing, e.g. "
+                           f"{missing[:3]}")
+    extra = sorted(present - wanted)
+    if extra:
+        raise DatasetError(f"{flow}: {len(extra)} map(s) of samples labels.csv does not list, "
+                           f"e.g. {extra[:3]}")
+    out = np.empty((len(stems), len(suffixes), 3, 28, 28), np.float32)
+    for i, stem in enumerate(stems):
+        for j, suffix in enumerate(suffixes):
+            path = flow / f"{stem}{suffix}.png"
+            try:
+                m = np.asarray(_load_map(path))
+            except Exception as exc:
+                raise DatasetError(f"image {path} cannot be read: {exc}") from exc
+            if m.shape != (28, 28, 3):
+                raise DatasetError(f"image {path} has shape {m.shape}; expected (28, 28, 3)")
+            out[i, j] = m.transpose(2, 0, 1)
+    return out
+
+
+def with_other_maps(data: Megc3DB, other_x: np.ndarray, primary: str, other: str) -> Megc3DB:
+    """``data`` (one map set, named ``primary``) with a second preprocessing of the same
+    samples, ``other_x`` (N, 3, 28, 28) in the same order, appended as rows N..2N-1 of the same
+    subjects, labels and databases: the networks train on the first N rows (and, with a LOSO
+    run's ``other_maps_share``, on the other copy of a sample in that share of draws), and
+    every held-out subject is scored on both."""
+    if data.maps is not None:
+        raise ValueError("the data already holds two map sets")
+    n = len(data)
+    if other_x.shape != data.x.shape:
+        raise ValueError(f"other maps have shape {other_x.shape}; expected {data.x.shape}")
+
+    def twice(a):
+        return None if a is None else np.concatenate([a, a])
+
+    return Megc3DB(
+        x=np.ascontiguousarray(np.concatenate([data.x, other_x]), dtype=np.float32),
+        y=twice(data.y), subjects=twice(data.subjects), databases=twice(data.databases),
+        videos=twice(data.videos), files=twice(data.files), root=data.root,
+        # The landmarks locate regions in the 3DB maps only: the other set has none.
+        landmarks=None,
+        maps=np.array([primary] * n + [other] * n), n_primary=n)
+
+
+def load_map_sets(root_3db: str | Path, root_causalnet: str | Path | None,
+                  primary: str = "3db") -> Megc3DB:
+    """The 3DB samples with the map set ``primary`` (one of :data:`MAP_SETS`) as the rows
+    trained on and, when ``root_causalnet`` is given, the other set as the rows scored beside
+    them (:func:`with_other_maps`); the CausalNet set's base maps stand for each sample."""
+    if primary not in MAP_SETS:
+        raise ValueError(f"map set {primary!r} is not one of {', '.join(MAP_SETS)}")
+    ours = load_megc3db(root_3db)
+    if root_causalnet is None:
+        if primary != "3db":
+            raise ValueError("the CausalNet maps need their folder")
+        return ours
+    theirs = load_causalnet_maps(root_causalnet, ours, suffixes=("",))[:, 0]
+    if primary == "3db":
+        return with_other_maps(ours, theirs, "3db", "causalnet")
+    swapped = Megc3DB(x=theirs, y=ours.y, subjects=ours.subjects, databases=ours.databases,
+                      videos=ours.videos, files=ours.files, root=str(root_causalnet))
+    return with_other_maps(swapped, ours.x, "causalnet", "3db")

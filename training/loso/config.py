@@ -83,6 +83,14 @@ class LosoConfig:
     input_kind: str = "map28"
     input_size: int | None = None
     input_options: dict = field(default_factory=dict)
+    # Which preprocessing of the samples the networks train and choose their epochs on
+    # (training.data.megc3db.MAP_SETS): "3db" (the maps the live pipeline reproduces) or
+    # "causalnet" (CausalNet's whole-sequence base maps of the same samples). A run given both
+    # sets scores every held-out subject on each (the cross-preprocessing figures).
+    maps: str = "3db"
+    # The share of training draws that take the sample's other preprocessing instead (0: the
+    # run trains on ``maps`` alone; 0.5: each draw is either set at random). Needs both sets.
+    other_maps_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -111,10 +119,22 @@ class LosoConfig:
             raise ValueError(f"input_kind {self.input_kind!r} is not one of "
                              f"{', '.join(NETWORK_INPUT_KINDS)}")
         check_input_options(self.input_kind, self.input_options)
+        if self.maps not in ("3db", "causalnet"):
+            raise ValueError(f"maps {self.maps!r} is not one of 3db, causalnet")
+        if not 0.0 <= self.other_maps_share <= 1.0:  # also rejects NaN
+            raise ValueError(f"other_maps_share must be in [0, 1], got {self.other_maps_share}")
+        if (self.maps != "3db" or self.other_maps_share) and self.input_kind != "map28":
+            # the facial points that regions5 and mcnet use are of the 3DB maps only
+            raise ValueError(f"input kind {self.input_kind!r} is built from the 3DB maps' "
+                             "facial points; the CausalNet maps train as map28 only")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        # A run on the 3DB maps alone is written as before these fields existed, so its
+        # schedule (and the protocol the default-engine rule groups seeds by) stays the same.
+        if d["maps"] == "3db" and not d["other_maps_share"]:
+            del d["maps"], d["other_maps_share"]
         return d
 
     @classmethod
@@ -122,6 +142,7 @@ class LosoConfig:
         # Fields added after a file was written take the value that file's run used.
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
              "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0,
-             "label_smoothing": 0.0, "shift_pixels": 0, "tta_shift": 0, **d}
+             "label_smoothing": 0.0, "shift_pixels": 0, "tta_shift": 0, "maps": "3db",
+             "other_maps_share": 0.0, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)

@@ -43,9 +43,10 @@ def inner_jobs(data: Megc3DB, cfg: LosoConfig, key: int,
         raise ValueError(f"{len(rest)} training subjects cannot form {cfg.inner_folds} "
                          "inner groups (--inner-folds)")
     jobs = []
+    primary = data.is_primary  # epochs are chosen on the map set trained on
     for g, group in enumerate(inner_groups(rest, cfg.inner_folds)):
-        val = np.flatnonzero(np.isin(data.subjects, group))
-        train = np.flatnonzero(~np.isin(data.subjects, group + list(exclude)))
+        val = np.flatnonzero(np.isin(data.subjects, group) & primary)
+        train = np.flatnonzero(~np.isin(data.subjects, group + list(exclude)) & primary)
         jobs.append((key, g, train, val))
     return jobs
 
@@ -151,7 +152,7 @@ def _train_inner(data: Megc3DB, cfg: LosoConfig, jobs: list, *, chunk_size: int,
         # Seeds distinct from the outer folds' (which use 0..67) and the full model's (68).
         ids = [10_000 + f * cfg.inner_folds + g for f, g, _, _ in chunk]
         train_models(data.x, data.y, [j[2] for j in chunk], cfg, ids, device=device,
-                     eval_hook=hook, landmarks=data.landmarks)
+                     eval_hook=hook, landmarks=data.landmarks, other_offset=data.n_primary)
         per_model_s = (time.perf_counter() - chunk_t0) / len(chunk)
         for f, g, _, _ in chunk:
             walls[(f, g)] = per_model_s

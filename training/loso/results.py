@@ -27,6 +27,30 @@ def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) ->
     }
 
 
+def _other_maps_block(data: Megc3DB, idx: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
+                      probs: np.ndarray, ensemble: np.ndarray | None, nested: dict | None
+                      ) -> dict:
+    """The held-out subjects scored on the other preprocessing of their samples, by the same
+    models at the same epochs (and the same CV ensemble): how far the networks carry over to
+    maps made another way."""
+    dbs = data.databases[idx]
+    block = {
+        "maps": str(data.maps[idx[0]]) if len(idx) else None,
+        "description": "the same models, epochs and ensemble, fed the other preprocessing of "
+                       "the held-out samples",
+        **pooled_scores(y_true.tolist(), y_pred.tolist(), dbs),
+        "predictions": [
+            {"index": int(i), "file": os.path.basename(str(data.files[i])),
+             "subject": str(data.subjects[i]), "database": str(data.databases[i]),
+             "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
+            for i, p, pr in zip(idx, y_pred, probs)],
+    }
+    if ensemble is not None and nested is not None:
+        block["nested_cv_ensemble"] = _ensemble_block(ensemble, y_true.tolist(), dbs,
+                                                      nested["inner_folds"])
+    return block
+
+
 def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
              results_path, info: dict, nested: dict | None = None,
              outer_epochs: str = "all") -> dict:
@@ -61,6 +85,25 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
         leaky_pred += best["pred"]
         leaky_epochs[subjects[f]] = best["epoch"]
         wall[tuple(doc["chunk"])] = doc["chunk_wall_s"]
+    complete_ensemble = len(ensemble_probs) == len(folds) and bool(folds)
+    ens = np.concatenate(ensemble_probs) if complete_ensemble else None
+    keep = data.is_primary[np.asarray(idx_all, dtype=np.int64)]
+    other_maps = None
+    if not keep.all():
+        # Two preprocessings: the figures below are on the map set trained on; the other
+        # set's predictions of the same held-out subjects are scored apart.
+        other_maps = _other_maps_block(data, np.asarray(idx_all)[~keep],
+                                       np.asarray(y_true)[~keep], np.asarray(y_pred)[~keep],
+                                       np.asarray(probs_all)[~keep],
+                                       None if ens is None else ens[~keep], nested)
+
+        def kept(values):
+            return [v for v, k in zip(values, keep) if k]
+
+        idx_all, y_true, y_pred, probs_all = (kept(idx_all), kept(y_true), kept(y_pred),
+                                              kept(probs_all))
+        leaky_pred, final_pred = kept(leaky_pred), kept(final_pred)
+        ens = None if ens is None else ens[keep]
     dbs = data.databases[idx_all]
     honest = evaluate(y_true, y_pred)
     leaky = evaluate(y_true, leaky_pred) if whole_schedule else None
@@ -72,7 +115,9 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
         "complete": len(folds) == len(subjects),
         "folds_run": len(folds),
         "config": cfg.to_dict(),
-        "dataset": {"name": "MEGC2019 3DB composite", "root": data.root, "n_samples": len(data),
+        "dataset": {"name": "MEGC2019 3DB composite", "root": data.root,
+                    "n_samples": len(data.primary_rows),
+                    **({} if data.maps is None else {"maps": str(data.maps[0])}),
                     "n_subjects": len(subjects), "class_counts": list(data.class_counts()),
                     "class_names": list(CLASS_NAMES)},
         "environment": {"torch": torch.__version__, "numpy": np.__version__,
@@ -101,9 +146,9 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
                 k: evaluate(y_true, final_pred)[k] for k in ("uf1", "uar", "accuracy")}}
                if whole_schedule else {}),
         }}),
-        **({} if len(ensemble_probs) != len(folds) or not folds else {
-            "nested_cv_ensemble": _ensemble_block(np.concatenate(ensemble_probs), y_true, dbs,
-                                                  nested["inner_folds"])}),
+        **({} if ens is None else {
+            "nested_cv_ensemble": _ensemble_block(ens, y_true, dbs, nested["inner_folds"])}),
+        **({} if other_maps is None else {"other_maps": other_maps}),
         **({"leaky_best_epoch": {
             "WARNING": "LEAKY, paper-comparable only: each test subject's epoch was chosen by "
                        "looking at that subject's labels. Not an estimate of performance.",

@@ -269,11 +269,13 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
             probs = predict(padded, cfg.tta_shift)  # (M, T, C); test subjects only
             for j, f in enumerate(chunk):
                 p = probs[j, :len(test_idx[f])]
+                # (counted on the map set trained on; the other set's rows are scored apart)
+                right = (p.argmax(-1).numpy() == data.y[test_idx[f]]) \
+                    & data.is_primary[test_idx[f]]
                 history[f].append({"epoch": epoch,
                                    "pred": p.argmax(-1).tolist(),
                                    "probs": np.round(p.numpy(), 6).tolist(),
-                                   "correct": int((p.argmax(-1).numpy()
-                                                   == data.y[test_idx[f]]).sum())})
+                                   "correct": int(right.sum())})
 
         def save(snap: dict) -> None:
             snap["history_json"] = json.dumps(history)
@@ -289,11 +291,11 @@ def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: l
                 say(f"folds {chunk[0]}..{chunk[-1]} ({len(chunk)}): epoch {epoch}/{last}"
                     f"  {el:.0f} s")
 
-        train_sets = [np.setdiff1d(np.arange(len(data)), test_idx[f]) for f in chunk]
+        train_sets = [np.setdiff1d(data.primary_rows, test_idx[f]) for f in chunk]
         models, _ = train_models(
             data.x, data.y, train_sets, chunk_cfg, chunk, device=device, eval_hook=eval_hook,
             state=state, checkpoint=save, checkpoint_every=checkpoint_every, on_epoch=on_epoch,
-            landmarks=data.landmarks,
+            landmarks=data.landmarks, other_offset=data.n_primary,
         )
         elapsed = timing["prior_s"] + time.perf_counter() - timing["t0"]
         for f, m in zip(chunk, models):

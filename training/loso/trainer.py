@@ -82,6 +82,7 @@ def train_models(
     on_epoch: Callable[[int], None] | None = None,
     landmarks: np.ndarray | None = None,
     channels_last: bool | None = None,
+    other_offset: int | None = None,
 ) -> tuple[list[torch.nn.Module], dict]:
     """Train one model per entry of ``train_sets`` (indices into ``x``), all at once.
 
@@ -92,7 +93,9 @@ def train_models(
     end; ``predict(index, tta_shift=0)`` maps an (M, T) index array into ``x`` (row m for model
     m) to (M, T, C) probabilities in eval mode, with the test-time mirror of ``cfg.tta`` and the
     translations of ``tta_shift`` (the callers pass ``cfg.tta_shift`` for test subjects only).
-    ``state``/``checkpoint`` resume and save training.
+    ``state``/``checkpoint`` resume and save training. ``other_offset``: with
+    ``cfg.other_maps_share``, row ``i + other_offset`` of ``x`` is sample ``i`` as the other
+    preprocessing makes it, drawn instead of row ``i`` in that share of the draws.
     ``channels_last``: feed a one-model chunk its images in channels-last layout; None
     (default) does so on a CPU for the networks that declare ``channels_last_on_cpu``
     (:func:`trains_channels_last`; the result differs from the default layout by
@@ -100,6 +103,8 @@ def train_models(
     """
     n_models = len(train_sets)
     num_classes = len(CLASS_NAMES)
+    if cfg.other_maps_share and other_offset is None:
+        raise ValueError("other_maps_share needs the other map set (load both sets)")
     for tr, fid in zip(train_sets, fold_ids):
         counts = np.bincount(y[tr], minlength=num_classes)
         if (counts == 0).any():
@@ -225,6 +230,12 @@ def train_models(
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         for _ in range(steps):
             idx = torch.stack([s.take(cfg.batch_size) for s in streams])  # (M, B)
+            if cfg.other_maps_share:
+                # the same samples, some as the other preprocessing makes them (drawn only
+                # when asked, so a run on one set keeps its random streams)
+                other = torch.stack([torch.rand(cfg.batch_size, generator=g)
+                                     < cfg.other_maps_share for g in gens])
+                idx = idx + other.long() * other_offset
             if cfg.augment == "hflip":
                 flip = torch.stack([torch.rand(cfg.batch_size, generator=g) < 0.5 for g in gens])
                 flip = flip.to(device)

@@ -1,0 +1,100 @@
+"""Two preprocessings of the same samples: CausalNet's four maps per sample load and check
+against labels.csv; a LOSO run trains on one set (or draws the other in a share of its draws),
+chooses on it, and scores every held-out subject on both."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from realtime_mer.errors import DatasetError
+from training.data.megc3db import (CAUSALNET_SUFFIXES, load_causalnet_maps, load_map_sets,
+                                   load_megc3db, with_other_maps)
+from training.loso import LosoConfig, run_loso
+from tests.training.test_loso import _synthetic
+
+CFG = LosoConfig(epochs=4, batch_size=8, eval_every=2, lr=5e-3)
+
+
+def _other(data):
+    """The same samples made another way: the class sits in the same channel, weaker and
+    with other noise (a second preprocessing agrees only roughly with the first)."""
+    rng = np.random.default_rng(7)
+    x = rng.random(data.x.shape, dtype=np.float32) * 0.5
+    for i, c in enumerate(data.y):
+        x[i, c] += 0.4
+    return x
+
+
+def test_adding_the_other_set_to_score_leaves_the_run_on_its_own_set_unchanged(tmp_path):
+    data = _synthetic()
+    both = with_other_maps(data, _other(data), "3db", "causalnet")
+    assert len(both) == 2 * len(data) and both.class_counts() == data.class_counts()
+    alone = run_loso(data, CFG, tmp_path / "alone", folds=[0, 1])
+    scored = run_loso(both, CFG, tmp_path / "both", folds=[0, 1])
+    # the figures on the set trained on are bit for bit those of the run without the other set
+    assert scored["predictions"] == alone["predictions"]
+    assert scored["uf1"] == alone["uf1"] and scored["dataset"]["n_samples"] == len(data)
+    other = scored["other_maps"]
+    assert other["maps"] == "causalnet"
+    # the other set: the same held-out samples, rows N..2N-1, by the same models
+    assert [p["index"] - len(data) for p in other["predictions"]] == \
+        [p["index"] for p in scored["predictions"]]
+    assert [p["label"] for p in other["predictions"]] == \
+        [p["label"] for p in scored["predictions"]]
+    assert other["predictions"] != scored["predictions"]
+    assert 0.0 <= other["uf1"] <= 1.0
+
+
+def test_a_share_of_draws_from_the_other_set_changes_training(tmp_path):
+    data = _synthetic()
+    both = with_other_maps(data, _other(data), "3db", "causalnet")
+    plain = run_loso(both, CFG, tmp_path / "plain", folds=[0])
+    mixed = run_loso(both, dataclasses.replace(CFG, other_maps_share=0.5), tmp_path / "mixed",
+                     folds=[0])
+    assert mixed["predictions"] != plain["predictions"]
+    assert mixed["config"]["other_maps_share"] == 0.5
+    assert "other_maps_share" not in plain["config"]  # a one-set schedule reads as before
+    with pytest.raises(ValueError, match="other map set"):
+        run_loso(data, dataclasses.replace(CFG, other_maps_share=0.5), tmp_path / "bad",
+                 folds=[0])
+
+
+def test_schedules_on_the_other_set_are_checked():
+    with pytest.raises(ValueError, match="maps"):
+        LosoConfig(maps="phases")
+    with pytest.raises(ValueError, match="other_maps_share"):
+        LosoConfig(other_maps_share=1.5)
+    with pytest.raises(ValueError, match="map28 only"):
+        LosoConfig(maps="causalnet", input_kind="regions5")
+    cfg = LosoConfig(maps="causalnet", other_maps_share=0.5)
+    assert LosoConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_causalnet_maps_are_four_per_labelled_sample(megc_dir):
+    causalnet = megc_dir.parent / "megc2019_3db_causalnet"
+    ours = load_megc3db(megc_dir)
+    maps = load_causalnet_maps(causalnet, ours)
+    assert maps.shape == (442, len(CAUSALNET_SUFFIXES), 3, 28, 28)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    # _2 and _3 (the direction images) have no strain; the flow maps have
+    assert np.ptp(maps[:, 2:, 2], axis=(2, 3)).max() == 0.0
+    assert (np.ptp(maps[:, :2, 2], axis=(2, 3)) > 0).all()
+    # the base map is a different computation of the onset→apex movement than ours:
+    # correlated, far from equal (u channel, mean over samples)
+    r = np.mean([np.corrcoef(a[0].ravel(), b[0].ravel())[0, 1]
+                 for a, b in zip(maps[:, 0], ours.x)])
+    assert 0.3 < r < 0.7
+    both = load_map_sets(megc_dir, causalnet, primary="causalnet")
+    assert both.maps[0] == "causalnet" and both.maps[-1] == "3db"
+    np.testing.assert_array_equal(both.x[:442], maps[:, 0])
+    np.testing.assert_array_equal(both.x[442:], ours.x)
+
+
+def test_a_causalnet_folder_that_lacks_a_map_is_refused(megc_dir, tmp_path):
+    ours = load_megc3db(megc_dir)
+    (tmp_path / "flow").mkdir()
+    with pytest.raises(DatasetError, match="missing"):
+        load_causalnet_maps(tmp_path, ours)
