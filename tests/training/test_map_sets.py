@@ -98,3 +98,32 @@ def test_a_causalnet_folder_that_lacks_a_map_is_refused(megc_dir, tmp_path):
     (tmp_path / "flow").mkdir()
     with pytest.raises(DatasetError, match="missing"):
         load_causalnet_maps(tmp_path, ours)
+
+
+def _direction_image(flow_bgr: np.ndarray) -> np.ndarray:
+    """A flow map's direction as a colour: the hue is half the angle (degrees) of its own
+    (u, v) pixel values, saturation and value full (OpenCV's HSV)."""
+    import cv2
+
+    u, v = flow_bgr[..., 2].astype(np.float32), flow_bgr[..., 1].astype(np.float32)
+    _, angle = cv2.cartToPolar(u, v, angleInDegrees=True)
+    hsv = np.full(flow_bgr.shape, 255, np.uint8)
+    hsv[..., 0] = (angle / 2).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
+def test_causalnet_direction_images_are_their_flow_maps_angles(megc_dir):
+    """What training/data/README.md says of _2 and _3: each is the direction image of the
+    flow map before it (_2 of the onset→apex map, _3 of the apex→offset map), bit for bit."""
+    import cv2
+
+    flow = megc_dir.parent / "megc2019_3db_causalnet" / "flow"
+    stems = [f.removeprefix("flow/").removesuffix(".png")
+             for f in np.loadtxt(megc_dir / "labels.csv", dtype=str, delimiter=",",
+                                 skiprows=1, usecols=5)]
+    assert len(stems) == 442
+    for stem in stems:
+        for source, direction in (("", "_2"), ("_1", "_3")):
+            image = cv2.imread(str(flow / f"{stem}{source}.png"))
+            expected = cv2.imread(str(flow / f"{stem}{direction}.png"))
+            assert np.array_equal(_direction_image(image), expected), f"{stem}{direction}"
