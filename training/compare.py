@@ -27,11 +27,16 @@ class CompareError(ValueError):
 def load_results(path: str | Path) -> dict:
     """A LOSO results JSON (complete or a ``--folds`` subset) with its predictions, or an
     ensemble's (``python -m training ensemble --out``). ``PATH:cv_ensemble`` takes a nested
-    run's CV-ensemble predictions in place of its single-model ones."""
+    run's CV-ensemble predictions in place of its single-model ones; ``PATH:other_maps`` and
+    ``PATH:other_maps_cv_ensemble`` its predictions of the same samples made by the other
+    preprocessing (a run given both map sets)."""
     text = str(path)
     base, _, source = text.rpartition(":")
     if source == "cv_ensemble" and base and not Path(text).exists():
         return _cv_ensemble_results(load_results(base), base)
+    if source in ("other_maps", "other_maps_cv_ensemble") and base and not Path(text).exists():
+        other = _other_maps_results(load_results(base), base)
+        return other if source == "other_maps" else _cv_ensemble_results(other, text)
     from training.loso.results import LosoResults, ResultsError
 
     try:
@@ -56,6 +61,22 @@ def _cv_ensemble_results(doc: dict, name: str) -> dict:
                                      "per_database") if k in ens})
     out["predictions"] = [dict(p, pred=int(np.argmax(pr)), probs=pr)
                           for p, pr in zip(doc["predictions"], ens["probs"])]
+    return out
+
+
+def _other_maps_results(doc: dict, name: str) -> dict:
+    """``doc`` as scored on the other preprocessing of its samples (a run given both map sets:
+    its ``other_maps`` block), paired with other runs by sample."""
+    other = doc.get("other_maps")
+    if not isinstance(other, dict) or "predictions" not in other:
+        raise CompareError(f"{name}: was not scored on another map set (a LOSO run with "
+                           "--score-other-maps, --other-maps-share or --maps causalnet)")
+    out = {k: v for k, v in doc.items()
+           if k not in ("uf1", "uar", "accuracy", "confusion_matrix", "per_class",
+                        "per_database", "leaky_best_epoch", "nested_cv_ensemble", "other_maps")}
+    out.update({k: other[k] for k in ("uf1", "uar", "accuracy", "confusion_matrix",
+                                       "per_database", "predictions", "nested_cv_ensemble")
+                if k in other})
     return out
 
 

@@ -39,13 +39,31 @@ def test_adding_the_other_set_to_score_leaves_the_run_on_its_own_set_unchanged(t
     assert scored["uf1"] == alone["uf1"] and scored["dataset"]["n_samples"] == len(data)
     other = scored["other_maps"]
     assert other["maps"] == "causalnet"
-    # the other set: the same held-out samples, rows N..2N-1, by the same models
-    assert [p["index"] - len(data) for p in other["predictions"]] == \
+    # the other set: the same held-out samples (indexed as samples), by the same models
+    assert [p["index"] for p in other["predictions"]] == \
         [p["index"] for p in scored["predictions"]]
     assert [p["label"] for p in other["predictions"]] == \
         [p["label"] for p in scored["predictions"]]
     assert other["predictions"] != scored["predictions"]
     assert 0.0 <= other["uf1"] <= 1.0
+
+
+def test_compare_pairs_a_run_on_the_other_maps_with_a_run_on_its_own(tmp_path):
+    from training.compare import load_results, paired_comparison
+
+    data = _synthetic()
+    both = with_other_maps(data, _other(data), "3db", "causalnet")
+    alone_path, both_path = tmp_path / "alone.json", tmp_path / "both.json"
+    run_loso(data, CFG, tmp_path / "alone", folds=[0, 1], results_path=alone_path)
+    scored = run_loso(both, CFG, tmp_path / "both", folds=[0, 1], results_path=both_path)
+    other = load_results(f"{both_path}:other_maps")
+    assert other["uf1"] == scored["other_maps"]["uf1"]
+    r = paired_comparison(load_results(alone_path), other, n_boot=200)
+    assert r["n"] == len(scored["predictions"])
+    assert r["variant"]["uf1"] == pytest.approx(scored["other_maps"]["uf1"])
+    from training.compare import CompareError
+    with pytest.raises(CompareError, match="another map set"):
+        load_results(f"{alone_path}:other_maps")
 
 
 def test_a_share_of_draws_from_the_other_set_changes_training(tmp_path):

@@ -39,8 +39,10 @@ def _other_maps_block(data: Megc3DB, idx: np.ndarray, y_true: np.ndarray, y_pred
         "description": "the same models, epochs and ensemble, fed the other preprocessing of "
                        "the held-out samples",
         **pooled_scores(y_true.tolist(), y_pred.tolist(), dbs),
+        # "index" is the sample's (its row of labels.csv), as in the run's own predictions,
+        # so the two sets' predictions of a sample pair up (training compare PATH:other_maps)
         "predictions": [
-            {"index": int(i), "file": os.path.basename(str(data.files[i])),
+            {"index": int(i) - int(data.n_primary), "file": os.path.basename(str(data.files[i])),
              "subject": str(data.subjects[i]), "database": str(data.databases[i]),
              "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
             for i, p, pr in zip(idx, y_pred, probs)],
