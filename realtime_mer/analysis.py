@@ -70,8 +70,15 @@ def analyze_video(path: str | Path, out_dir: str | Path | None = None, *,
     """
     if writers is None and out_dir is None:
         raise ValueError("analyze_video needs out_dir for its standard outputs, or writers")
+    if writers is not None and annotated_video:
+        raise ValueError("annotated_video is one of the standard outputs: with writers of "
+                         "your own, add realtime_mer.writers.AnnotatedVideo to them")
     path = Path(path)
-    source = open_video(path, capture)  # raises InputError for missing / not-a-video files
+    try:
+        source = open_video(path, capture)  # raises InputError for missing / not-a-video files
+    except BaseException:
+        _close(writers or [])  # the run never started: the caller's writers are closed too
+        raise
     with source:
         info = source.info
         facts = {"path": str(path), "width": info.width, "height": info.height,
@@ -292,7 +299,8 @@ def _run(frames: Iterator[Frame], writers: Sequence[RunWriter], out_dir: Path | 
         except OSError as error:
             log_path = next((w.path for w in writers if isinstance(w, EventLog)), None)
             kept = "" if log_path is None else f" (the events found so far are in {log_path})"
-            raise OutputError(f"cannot write the results into {out_dir}: "
+            where = out_dir if out_dir is not None else "the writers' outputs"
+            raise OutputError(f"cannot write the results into {where}: "
                               f"{error.strerror or error}{kept}") from None
         finally:
             pipeline.close()

@@ -117,8 +117,6 @@ class AnnotatedVideo(RunWriter):
     """``annotated.mp4``: each frame with its faces, their ids (when every face is tracked) and
     their last events. A failure to write it is a problem of the run, never a lost report."""
 
-    timing_stage = "annotate"
-
     def __init__(self, out_dir: Path, fps_hint: float, face_ids: bool) -> None:
         self._face_ids = face_ids
         self._last: EventRecord | None = None
@@ -129,6 +127,10 @@ class AnnotatedVideo(RunWriter):
             self._video = AnnotatedVideoWriter(Path(out_dir) / ANNOTATED_MP4, fps_hint)
         except Exception as error:
             self._problems.append(f"could not write {ANNOTATED_MP4}: {error}")
+
+    @property
+    def timing_stage(self) -> str | None:  # timed only while there is a video to write
+        return None if self._video is None else "annotate"
 
     def event(self, event: EventRecord, feature_map: Any) -> None:
         self._last = event

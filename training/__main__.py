@@ -100,6 +100,10 @@ def _add_data_and_device(sp) -> None:
     """Where the 3DB maps are, and what trains on them."""
     sp.add_argument("--data", default=str(default_data_dir()),
                     help="3DB folder with labels.csv and flow/ (default %(default)s)")
+    sp.add_argument("--causalnet-data", default=str(default_data_dir("megc2019_3db_causalnet")),
+                    help="CausalNet's maps of the same samples (flow/{stem}.png, _1, _2, _3; "
+                         "default %(default)s), read with --maps causalnet, "
+                         "--other-maps-share or --score-other-maps")
     sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     sp.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default)")
@@ -196,7 +200,7 @@ def _parse_folds(text: str | None) -> list[int] | None:
 
 
 def cmd_loso(args) -> int:
-    from training.data.megc3db import load_map_sets
+    from training.data.megc3db import load_for_schedule
     from training.loso import run_loso
 
     _setup(args)
@@ -205,8 +209,8 @@ def cmd_loso(args) -> int:
         raise ValueError("--outer-epochs chosen needs --select-epochs nested (the outer models "
                          "stop at the epoch their fold's nested selection chose)")
     folds = _parse_folds(args.folds)
-    both = cfg.maps != "3db" or cfg.other_maps_share or args.score_other_maps
-    data = load_map_sets(args.data, args.causalnet_data if both else None, cfg.maps)
+    data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
+                             cfg.input_kind, score_other_maps=args.score_other_maps)
     run_dir = args.run_dir or (f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
                                + ("_nested" if cfg.select_epochs == "nested" else ""))
     print(f"LOSO {cfg.model}: {len(data.primary_rows)} samples, {len(data.subject_list)} "
@@ -262,10 +266,6 @@ def _add_loso_parser(sub) -> None:
                          "selection runs first and each outer model stops at its fold's chosen "
                          "epoch: the same honest scores and CV ensemble, faster, without those "
                          "two figures")
-    sp.add_argument("--causalnet-data", default=str(default_data_dir("megc2019_3db_causalnet")),
-                    help="CausalNet's maps of the same samples (flow/{stem}.png, _1, _2, _3; "
-                         "default %(default)s), read with --maps causalnet, "
-                         "--other-maps-share or --score-other-maps")
     sp.add_argument("--score-other-maps", action="store_true",
                     help="also score every held-out subject on the other preprocessing of its "
                          "samples (the results' other_maps block: how far the networks carry "
@@ -274,12 +274,13 @@ def _add_loso_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from training.data import load_megc3db
+    from training.data.megc3db import load_for_schedule
     from training.export import fit_full, save_weights
 
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
-    data = load_megc3db(args.data)
+    data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
+                             cfg.input_kind)
     model, selection = fit_full(data, cfg, device=args.device,
                                 progress=lambda m: print(m, flush=True))
     save_weights(model, cfg, args.out, selection)
@@ -351,7 +352,7 @@ def _schedule_of_weights(args, cli_cfg):
 
 
 def cmd_export(args) -> int:
-    from training.data import load_megc3db
+    from training.data.megc3db import load_for_schedule
     from training.export import engine_file_name, export_default
 
     _setup(args)
@@ -359,7 +360,8 @@ def cmd_export(args) -> int:
     weights = None
     if args.weights:
         cfg, weights = _schedule_of_weights(args, cfg)
-    data = load_megc3db(args.data)
+    data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
+                             cfg.input_kind)
     loso_results = (args.loso_results if args.loso_results is not None
                     else default_loso_results(cfg, ensemble=args.ensemble,
                                               calibrated=args.calibrate))
@@ -429,7 +431,8 @@ def cmd_rebuild_engine(args) -> int:
         out = Path(args.out_dir) / item.name
         print(f"rebuilding {item.name} → {out}", flush=True)
         done = rebuild(item, out, Path(args.data), device=args.device,
-                       progress=lambda m: print(f"  {m}", flush=True))
+                       progress=lambda m: print(f"  {m}", flush=True),
+                       causalnet_dir=Path(args.causalnet_data))
         if done.identical:
             print(f"{out}: identical to the recorded engine")
         else:

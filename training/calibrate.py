@@ -177,14 +177,19 @@ def calibrate_run(run_dir: str | Path, results_file: str | Path, rule: str = "pr
         if "inner_val_probs" not in rec:
             raise CalibrationError(f"{path}: has no inner validation probabilities (a run "
                                    "made before they were kept); rerun its nested selection")
-        test = [int(i) for i in rec["test_indices"]]
+        # A run given two map sets also scored the other set's copies (indices from n_samples
+        # on); the calibration is of the set it trained on.
+        on_own_set = [int(i) < len(labels) for i in rec["test_indices"]]
+        test = [int(i) for i, own in zip(rec["test_indices"], on_own_set) if own]
         if any(i not in row_of or preds[row_of[i]]["subject"] != subject for i in test):
             raise CalibrationError(f"{path}: its test samples are not {subject}'s in "
                                    f"{results_file.name}: not the same run")
         rows = [row_of[i] for i in test]
         at_choice = next((h["probs"] for h in fold_doc.get("history", [])
                           if h["epoch"] == rec["chosen"]), None)
-        if at_choice is None or not np.allclose(np.asarray(at_choice), single[rows],
+        if at_choice is not None:
+            at_choice = np.asarray(at_choice)[np.asarray(on_own_set)]
+        if at_choice is None or not np.allclose(at_choice, single[rows],
                                                 atol=_SAME_PROBS_ATOL, rtol=0):
             raise CalibrationError(f"{fold_path}: its probabilities at the chosen epoch "
                                    f"differ from {results_file.name}'s: not the same run")

@@ -88,16 +88,20 @@ class Rebuilt:
 
 
 def rebuild(item: Recipe, out: Path, data_dir: Path, *, device: str = "cpu",
-            progress: Callable[[str], None] | None = None) -> Rebuilt:
+            progress: Callable[[str], None] | None = None,
+            causalnet_dir: Path | None = None) -> Rebuilt:
     """Train and export ``item`` to ``out`` exactly as ``python -m training export`` with its
     schedule would (quoting the same LOSO results file)."""
     from training.__main__ import default_loso_results
-    from training.data import load_megc3db
+    from training.data.megc3db import load_for_schedule
     from training.export import export_default
 
     cfg = item.config
     loso_results = default_loso_results(cfg, ensemble=item.ensemble, calibrated=item.calibration)
-    manifest = export_default(load_megc3db(data_dir), cfg, out, loso_results=loso_results,
+    causalnet_dir = causalnet_dir or Path(data_dir).parent / "megc2019_3db_causalnet"
+    data = load_for_schedule(data_dir, causalnet_dir, cfg.maps, cfg.other_maps_share,
+                             cfg.input_kind)
+    manifest = export_default(data, cfg, out, loso_results=loso_results,
                               device=device, ensemble=item.ensemble,
                               calibrate=item.calibration, progress=progress)
     return Rebuilt(manifest, manifest["sha256"] == item.sha256,

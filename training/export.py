@@ -150,7 +150,7 @@ def calibration_of(data: Megc3DB, val_idx: np.ndarray, val_probs: np.ndarray,
                 "plateau_points": plateau,
                 "unshifted_inner_uf1": round(uf1_uar(val_labels, val_probs.argmax(1))[0], 6),
                 "offsets": [round(float(b), 8) for b in offsets]}
-    counts = np.bincount(data.y, minlength=len(CLASS_NAMES))
+    counts = np.asarray(data.class_counts())  # each sample once
     tau, curve = choose_tau(val_probs, val_labels, counts)
     return {"kind": "prior", "rule": CALIBRATION_RULE.format(taus=list(TAUS)), "tau": tau,
             "inner_uf1": [round(u, 6) for u in curve], "taus": list(TAUS),
@@ -450,11 +450,13 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         t0 = time.perf_counter()
         model, selection = fit_full(data, cfg, device=device, progress=say, ensemble=ensemble,
                                     calibrate=calibrate)
-        say(f"trained on {len(data)} samples in {time.perf_counter() - t0:.0f} s")
+        say(f"trained on {len(data.primary_rows)} samples in {time.perf_counter() - t0:.0f} s")
     epochs_trained = selection["chosen_epochs"] if selection is not None else cfg.epochs
     out = Path(out)
     lm = data.landmarks
-    x = model_inputs(data.x, cfg, lm).numpy()
+    # Checked on the map set it was trained on (with two sets, the first n_primary rows).
+    own = data.primary_rows
+    x = model_inputs(data.x[own], cfg, None if lm is None else lm[own]).numpy()
     try:
         engine_model = engine_network(model, cfg)
         if selection is not None and "calibration" in selection:
@@ -479,7 +481,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                           f"{kept}") from exc
     with torch.no_grad():
         train_acc = float((engine_model(torch.as_tensor(x)).argmax(1).numpy()
-                           == data.y).mean())
+                           == data.y[own]).mean())
 
     loso = None
     if loso_doc is not None:
@@ -501,7 +503,10 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                        "formula": "(x - mean[c]) / std[c] per channel, then the engine"},
         class_names=list(CLASS_NAMES),
         training={"data": "MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 "
-                          "(u, v, strain) maps", "n_samples": len(data),
+                          "(u, v, strain) maps"
+                          + ("" if data.maps is None else
+                             f"; trained on the {data.maps[0]} preprocessing of the samples"),
+                  "n_samples": len(own),
                   "n_subjects": len(data.subject_list),
                   "class_counts": list(data.class_counts()),
                   # "epochs" of the config is the longest candidate when select_epochs is

@@ -64,6 +64,7 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
     candidates = [int(e) for e in nested["candidate_epochs"]]
     chosen_of = {s: int(e) for s, e in nested["chosen_epochs"].items()}
     by_index = {int(p["index"]): p for p in doc["predictions"]}
+    n_samples = int(doc["dataset"]["n_samples"])
 
     idx_all, probs_all, used = [], [], {}
     fold_files = sorted(run_dir.glob("fold_*.json"))
@@ -75,7 +76,10 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
         subject = fold["subject"]
         if subject not in chosen_of:
             raise WindowError(f"{path}: subject {subject} is not in {results_file.name}")
-        history = {int(h["epoch"]): np.asarray(h["probs"], dtype=np.float64)
+        # A run given two map sets also scored the other set's copies (indices from
+        # n_samples on): the window is of the set it trained on.
+        own = np.asarray([int(i) < n_samples for i in fold["indices"]])
+        history = {int(h["epoch"]): np.asarray(h["probs"], dtype=np.float64)[own]
                    for h in fold["history"]}
         epochs = window_epochs(chosen_of[subject], candidates, width)
         if any(e not in history for e in epochs):
@@ -83,7 +87,7 @@ def checkpoint_window(run_dir: str | Path, results_file: str | Path, width: int)
                        "chosen; the window needs a run to the schedule's end)"
                        if "outer_epochs" in doc else "")
             raise WindowError(f"{path}: lacks the evaluation epochs {epochs}{stopped}")
-        indices = [int(i) for i in fold["indices"]]
+        indices = [int(i) for i in fold["indices"] if int(i) < n_samples]
         stored = np.array([by_index[i]["probs"] for i in indices], dtype=np.float64)
         if not np.allclose(history[chosen_of[subject]], stored, atol=_SAME_PROBS_ATOL, rtol=0):
             raise WindowError(f"{path}: its probabilities at the chosen epoch differ from "

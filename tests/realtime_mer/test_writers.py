@@ -65,3 +65,16 @@ def test_the_standard_writers_write_the_product_files(media_dir, tmp_path):
 def test_no_folder_and_no_writers_is_refused(media_dir):
     with pytest.raises(ValueError, match="out_dir"):
         analyze_video(media_dir / "single_face.mp4")
+
+
+def test_writers_of_ones_own_are_closed_when_the_input_is_not_a_video(tmp_path):
+    from realtime_mer.errors import InputError
+
+    recorder = Recorder()
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    with pytest.raises(InputError):
+        analyze_video(bad, writers=[recorder])
+    assert recorder.closed == 1 and recorder.frames == []
+    with pytest.raises(ValueError, match="AnnotatedVideo"):
+        analyze_video(bad, writers=[Recorder()], annotated_video=True)

@@ -145,3 +145,40 @@ def test_causalnet_direction_images_are_their_flow_maps_angles(megc_dir):
             image = cv2.imread(str(flow / f"{stem}{source}.png"))
             expected = cv2.imread(str(flow / f"{stem}{direction}.png"))
             assert np.array_equal(_direction_image(image), expected), f"{stem}{direction}"
+
+
+def test_a_nested_run_on_two_sets_calibrates_windows_and_exports_on_its_own_set(tmp_path):
+    """calibrate, window and export act on the map set the run trained on: the other set's
+    copies of the held-out samples are scored apart and never enter them."""
+    import json
+
+    from training.calibrate import calibrate_run
+    from training.export import export_default
+    from training.window import checkpoint_window
+
+    data = _synthetic(n_subjects=6)
+    both = with_other_maps(data, _other(data), "3db", "causalnet")
+    cfg = dataclasses.replace(CFG, select_epochs="nested", inner_folds=3, epochs=4)
+    out = tmp_path / "res.json"
+    res = run_loso(both, cfg, tmp_path / "run", results_path=out)
+    assert len(res["predictions"]) == len(data) and "nested_cv_ensemble" in res["other_maps"]
+    cal = calibrate_run(tmp_path / "run", out)
+    assert len(cal["predictions"]) == len(data)
+    win = checkpoint_window(tmp_path / "run", out, width=2)
+    assert len(win["predictions"]) == len(data)
+    manifest = export_default(both, cfg, tmp_path / "e.onnx", loso_results=out,
+                              ensemble=True)
+    training = manifest["training"]
+    assert training["n_samples"] == len(data)
+    assert training["class_counts"] == list(data.class_counts())
+    assert "causalnet" not in json.dumps(training["schedule"])  # trained on 3db alone
+    assert "3db preprocessing" in training["data"]
+
+
+def test_a_run_scored_on_both_sets_feeds_the_maps_as_they_are(megc_dir):
+    from training.data.megc3db import load_for_schedule
+
+    causalnet = megc_dir.parent / "megc2019_3db_causalnet"
+    with pytest.raises(ValueError, match="map28"):
+        load_for_schedule(megc_dir, causalnet, "3db", 0.0, "regions5", score_other_maps=True)
+    assert load_for_schedule(megc_dir, causalnet, "3db", 0.0, "regions5").maps is None

@@ -328,3 +328,16 @@ def load_map_sets(root_3db: str | Path, root_causalnet: str | Path | None,
     swapped = Megc3DB(x=theirs, y=ours.y, subjects=ours.subjects, databases=ours.databases,
                       videos=ours.videos, files=ours.files, root=str(root_causalnet))
     return with_other_maps(swapped, ours.x, "causalnet", "3db")
+
+
+def load_for_schedule(root_3db: str | Path, root_causalnet: str | Path, maps: str,
+                      other_maps_share: float, input_kind: str = "map28",
+                      score_other_maps: bool = False) -> Megc3DB:
+    """The samples a schedule trains on: the 3DB maps alone, or, when it trains on CausalNet's
+    maps, draws from both sets, or is to be scored on the other set too, both sets with
+    ``maps`` first (:func:`load_map_sets`)."""
+    both = maps != "3db" or bool(other_maps_share) or score_other_maps
+    if both and input_kind != "map28":
+        raise ValueError(f"input kind {input_kind!r} is built from the 3DB maps' facial "
+                         "points; a run on two map sets feeds the maps as they are (map28)")
+    return load_map_sets(root_3db, root_causalnet if both else None, maps)
