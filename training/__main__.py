@@ -13,9 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from training import results_commands
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training import REPO_ROOT, results_commands
 
 
 def default_data_dir(name: str = "megc2019_3db") -> Path:

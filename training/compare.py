@@ -47,6 +47,11 @@ def load_results(path: str | Path) -> dict:
     return results.doc
 
 
+#: The pooled scores of a results document, replaced whole when another set of its
+#: predictions (the CV ensemble's, the other map set's) stands in for its own.
+_SCORE_KEYS = ("uf1", "uar", "accuracy", "confusion_matrix", "per_database")
+
+
 def _cv_ensemble_results(doc: dict, name: str) -> dict:
     """``doc`` with each prediction replaced by its nested CV ensemble's (same sample order)."""
     ens = doc.get("nested_cv_ensemble")
@@ -54,11 +59,9 @@ def _cv_ensemble_results(doc: dict, name: str) -> dict:
         raise CompareError(f"{name}: has no nested_cv_ensemble probabilities for its "
                            "predictions (a nested run of `python -m training loso`)")
     # The ensemble's own scores replace the single model's, so the document agrees with itself.
-    out = {k: v for k, v in doc.items()
-           if k not in ("uf1", "uar", "accuracy", "confusion_matrix", "per_class",
-                        "per_database", "leaky_best_epoch", "nested_cv_ensemble")}
-    out.update({k: ens[k] for k in ("uf1", "uar", "accuracy", "confusion_matrix",
-                                     "per_database") if k in ens})
+    out = {k: v for k, v in doc.items() if k not in (*_SCORE_KEYS, "per_class",
+                                                   "leaky_best_epoch", "nested_cv_ensemble")}
+    out.update({k: ens[k] for k in _SCORE_KEYS if k in ens})
     out["predictions"] = [dict(p, pred=int(np.argmax(pr)), probs=pr)
                           for p, pr in zip(doc["predictions"], ens["probs"])]
     return out
@@ -71,11 +74,10 @@ def _other_maps_results(doc: dict, name: str) -> dict:
     if not isinstance(other, dict) or "predictions" not in other:
         raise CompareError(f"{name}: was not scored on another map set (a LOSO run with "
                            "--score-other-maps, --other-maps-share or --maps causalnet)")
-    out = {k: v for k, v in doc.items()
-           if k not in ("uf1", "uar", "accuracy", "confusion_matrix", "per_class",
-                        "per_database", "leaky_best_epoch", "nested_cv_ensemble", "other_maps")}
-    out.update({k: other[k] for k in ("uf1", "uar", "accuracy", "confusion_matrix",
-                                       "per_database", "predictions", "nested_cv_ensemble")
+    out = {k: v for k, v in doc.items() if k not in (*_SCORE_KEYS, "per_class",
+                                                   "leaky_best_epoch", "nested_cv_ensemble",
+                                                   "other_maps")}
+    out.update({k: other[k] for k in (*_SCORE_KEYS, "predictions", "nested_cv_ensemble")
                 if k in other})
     return out
 

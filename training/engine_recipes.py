@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from training import REPO_ROOT
+
 __all__ = ["RECIPES_DIR", "Recipe", "Rebuilt", "recipes", "recipe", "rebuild"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "engines" / "recipes"
 
 

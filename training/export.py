@@ -581,10 +581,11 @@ def check_loso_results(r: dict, cfg: LosoConfig, name: str = "LOSO results") -> 
 
 def _cite(path) -> str:
     """The results file as a repository-relative path when it lies in the repository."""
+    from training import REPO_ROOT
+
     p = Path(path).resolve()
-    root = Path(__file__).resolve().parents[1]
     try:
-        return p.relative_to(root).as_posix()
+        return p.relative_to(REPO_ROOT).as_posix()
     except ValueError:
         return p.name
 

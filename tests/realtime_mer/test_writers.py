@@ -78,3 +78,21 @@ def test_writers_of_ones_own_are_closed_when_the_input_is_not_a_video(tmp_path):
     assert recorder.closed == 1 and recorder.frames == []
     with pytest.raises(ValueError, match="AnnotatedVideo"):
         analyze_video(bad, writers=[Recorder()], annotated_video=True)
+
+
+def test_an_annotated_video_that_cannot_be_written_is_a_problem_and_is_no_longer_timed(
+        media_dir, tmp_path):
+    from realtime_mer.capture import open_video
+    from realtime_mer.pipeline import Pipeline
+    from realtime_mer.writers import AnnotatedVideo
+
+    video = AnnotatedVideo(tmp_path / "no such folder", fps_hint=30.0, face_ids=False)
+    assert video.timing_stage == "annotate"
+    with Pipeline(PipelineOptions(classify=False)) as pipeline, \
+            open_video(media_dir / "single_face.mp4") as frames:
+        for frame in frames:  # the file opens with the encoder's first packet: it fails then
+            video.frame(frame, pipeline.process(frame))
+    # given up: no "annotate" time in the summary for frames it no longer writes
+    assert video.timing_stage is None
+    problems = video.close()
+    assert len(problems) == 1 and "could not write annotated.mp4" in problems[0]

@@ -27,6 +27,16 @@ def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) ->
     }
 
 
+def _prediction_rows(data: Megc3DB, idx, preds, probs, index_offset: int = 0) -> list[dict]:
+    """The listed predictions: per test row, the sample (its row of labels.csv: the data row
+    less ``index_offset``), its file, subject, database and label, the predicted class and the
+    probabilities (6 decimals)."""
+    return [{"index": int(i) - int(index_offset), "file": os.path.basename(str(data.files[i])),
+             "subject": str(data.subjects[i]), "database": str(data.databases[i]),
+             "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
+            for i, p, pr in zip(idx, preds, probs)]
+
+
 def _other_maps_block(data: Megc3DB, idx: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
                       probs: np.ndarray, ensemble: np.ndarray | None, nested: dict | None
                       ) -> dict:
@@ -41,11 +51,7 @@ def _other_maps_block(data: Megc3DB, idx: np.ndarray, y_true: np.ndarray, y_pred
         **pooled_scores(y_true.tolist(), y_pred.tolist(), dbs),
         # "index" is the sample's (its row of labels.csv), as in the run's own predictions,
         # so the two sets' predictions of a sample pair up (training compare PATH:other_maps)
-        "predictions": [
-            {"index": int(i) - int(data.n_primary), "file": os.path.basename(str(data.files[i])),
-             "subject": str(data.subjects[i]), "database": str(data.databases[i]),
-             "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
-            for i, p, pr in zip(idx, y_pred, probs)],
+        "predictions": _prediction_rows(data, idx, y_pred, probs, index_offset=data.n_primary),
     }
     if ensemble is not None and nested is not None:
         block["nested_cv_ensemble"] = _ensemble_block(ensemble, y_true.tolist(), dbs,
@@ -166,12 +172,7 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
                             "the epochs after the chosen one); the honest scores are those of "
                             "a run to the schedule's end",
         }}),
-        "predictions": [
-            {"index": int(i), "file": os.path.basename(str(data.files[i])),
-             "subject": str(data.subjects[i]), "database": str(data.databases[i]),
-             "label": int(data.y[i]), "pred": int(p), "probs": [round(float(v), 6) for v in pr]}
-            for i, p, pr in zip(idx_all, y_pred, probs_all)
-        ],
+        "predictions": _prediction_rows(data, idx_all, y_pred, probs_all),
     }
     _atomic_write_json(run_dir / "results.json", results)
     if results_path is not None:
