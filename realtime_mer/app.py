@@ -1,7 +1,7 @@
 """The Gradio demo: a live webcam tab (annotated frames + event log) and an upload tab that runs
 ``analyze`` on a file and offers its outputs.
 
-The streaming function is :meth:`LiveSession.process_rgb`; it holds one pipeline per browser
+The streaming function is :meth:`LiveSession.stream_update`; it holds one pipeline per browser
 session, so it can be tested on frames of a real video without a browser.
 """
 
@@ -49,6 +49,18 @@ def event_row(event: EventRecord) -> list:
             "yes" if event.speech else ""]
 
 
+@dataclass(frozen=True)
+class StreamUpdate:
+    """What one streamed frame sends back to the browser. The log and the cards come only when
+    they changed since the version the browser shows (``log_rows`` and ``cards_html`` None)."""
+
+    annotated: np.ndarray | None
+    strip: np.ndarray
+    log_rows: list[list] | None
+    cards_html: str | None
+    log_version: int
+
+
 @dataclass
 class LiveSession:
     """Pipeline state of one live stream. Frames arrive as RGB (what the browser sends); their
@@ -80,6 +92,22 @@ class LiveSession:
             return None, self.log_rows()
         with self._lock:
             return self._process(image_rgb, t_ms)
+
+    def stream_update(self, image_rgb: np.ndarray | None, shown_version: int,
+                      t_ms: float | None = None) -> StreamUpdate:
+        """One streamed frame → everything the browser redraws, read under the same lock as
+        the frame: a Reset between the frame and the reading of the log's version would pair
+        the old log with the new version, and the browser would keep showing the old log."""
+        with self._lock:
+            if image_rgb is None:
+                annotated, rows = None, self.log_rows()
+            else:
+                annotated, rows = self._process(image_rgb, t_ms)
+            # the strip moves a few pixels a frame: redrawn every third frame
+            strip = self.strip(redraw=self.frames % _STRIP_EVERY == 1)
+            if self.log_version == shown_version:
+                return StreamUpdate(annotated, strip, None, None, shown_version)
+            return StreamUpdate(annotated, strip, rows, self.cards_html(), self.log_version)
 
     def _process(self, image_rgb: np.ndarray, t_ms: float | None
                  ) -> tuple[np.ndarray | None, list[list]]:
@@ -416,15 +444,14 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
     sessions = LiveSessions(lambda: LiveSession(engine=engine, options=options))
 
     def stream(image, shown_version: int, request: gr.Request):
-        session = sessions.get(request.session_hash)
-        annotated, rows = session.process_rgb(image)
-        # the strip moves a few pixels a frame: redrawn every third frame. (Not gr.skip(): an
-        # image output that is skipped is rebuilt by Gradio as a plain Image, which would then
-        # write every later frame of it to the cache.)
-        strip = session.strip(redraw=session.frames % _STRIP_EVERY == 1)
-        if session.log_version == shown_version:  # the log and cards are unchanged: not resent
-            return annotated, strip, gr.skip(), gr.skip(), shown_version
-        return annotated, strip, rows, session.cards_html(), session.log_version
+        update = sessions.get(request.session_hash).stream_update(image, shown_version)
+        # The strip is always sent (not gr.skip(): an image output that is skipped is rebuilt
+        # by Gradio as a plain Image, which would then write every later frame of it to the
+        # cache); the log and the cards only when they changed.
+        if update.log_rows is None:
+            return update.annotated, update.strip, gr.skip(), gr.skip(), shown_version
+        return (update.annotated, update.strip, update.log_rows, update.cards_html,
+                update.log_version)
 
     def clear(request: gr.Request):
         session = sessions.peek(request.session_hash)

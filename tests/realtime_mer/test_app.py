@@ -217,6 +217,43 @@ def test_reset_while_streaming_neither_crashes_nor_keeps_the_log(media_dir, engi
     session.close()
 
 
+def test_a_reset_that_comes_during_a_frame_leaves_the_browser_an_empty_log(media_dir, engine):
+    """The browser keeps the log it was sent until the version changes. A Reset pressed while a
+    frame is being answered (its own Gradio worker thread) must not pair that frame's old log
+    with the reset's version, or the old log stays on screen; the next frame brings the empty
+    log."""
+    import threading
+
+    session = LiveSession(engine=engine)
+    update = None
+    with open_video(media_dir / "talking" / "d9.mp4") as source:
+        frames = (cv2.cvtColor(frame.image_bgr, cv2.COLOR_BGR2RGB) for frame in source)
+        for rgb in frames:  # stream until the log has an event (d9 blinks)
+            update = session.stream_update(rgb, shown_version=-1)
+            if update.log_rows:
+                break
+        assert update is not None and update.log_rows, "no event in the clip"
+        rgb = next(frames)
+
+    original_strip, resetter = session.strip, threading.Thread(target=session.reset)
+
+    def strip_while_reset_is_pressed(redraw: bool = True):
+        resetter.start()
+        resetter.join(timeout=0.3)  # what the reset may do while this frame is answered
+        return original_strip(redraw)
+
+    session.strip = strip_while_reset_is_pressed
+    update = session.stream_update(rgb, shown_version=update.log_version)
+    resetter.join()
+    session.strip = original_strip
+    shown = update.log_rows
+    following = session.stream_update(None, shown_version=update.log_version)
+    if following.log_rows is not None:
+        shown = following.log_rows
+    assert shown == [] and session.log_rows() == []
+    session.close()
+
+
 def test_upload_error_does_not_show_the_servers_paths(tmp_path, engine):
     bad = tmp_path / "server-side-secret-dir" / "clip.mp4"
     bad.parent.mkdir()
