@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from realtime_mer import __version__, native_logs
-from realtime_mer.errors import InputError, MerError, OutputError
+from realtime_mer.errors import (
+    InputError, MerError, OutputError, Terminated, sigterm_as_interrupt,
+)
 
 log = logging.getLogger("realtime_mer")
 
@@ -25,15 +27,6 @@ EXIT_INPUT_DAMAGED = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a terminated process
 EXIT_INTERNAL = 70  # EX_SOFTWARE
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl+C would be so that every stop takes the same path: the run
-    stops, its reports are written from what was found, and the process exits 143."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,22 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     native_logs.set_capture(not args.debug)  # --debug: native output unfiltered, as written
-    previous = _install_sigterm()
+    previous = sigterm_as_interrupt()
     try:
         return _run_command(args)
     finally:
         native_logs.set_capture(True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _install_sigterm():
-    """SIGTERM as Terminated, where signals can be handled (the main thread); returns the
-    handler it replaced."""
-    try:
-        return signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (a test runner, an embedding application)
-        return None
 
 
 def _run_command(args) -> int:

@@ -3,6 +3,8 @@ non-zero exit code; nothing in the library prints a traceback for a user's mista
 
 from __future__ import annotations
 
+import signal
+
 
 class MerError(Exception):
     """Base of every error a user can cause and fix. ``exit_code`` is what the CLI returns."""
@@ -45,3 +47,22 @@ class ServeError(MerError):
 
     exit_code = 6
 
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a timeout, systemd, ``docker stop``), raised where Ctrl+C would be so that every
+    stop takes the same path: the work stops, what is finished is kept, and the process exits
+    143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def sigterm_as_interrupt():
+    """Make SIGTERM raise :class:`Terminated` where signals can be handled (the main thread);
+    returns the handler it replaced, or None where it changed nothing."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a test runner, an embedding application)
+        return None

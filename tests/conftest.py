@@ -51,7 +51,8 @@ KINDS = {
     "cli": "the commands end to end, in subprocesses or through their main()",
     "browser": "the demo in a real headless Chromium",
 }
-_CLI_FILES = {"test_cli.py", "test_cli_interrupts.py", "test_batch.py", "test_install.py", "test_readme.py"}
+_CLI_FILES = {"test_cli.py", "test_cli_interrupts.py", "test_batch.py", "test_install.py", "test_readme.py",
+              "test_loso_stops.py"}
 
 
 def _kind(item) -> str:

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -580,12 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from realtime_mer.errors import MerError
+    from realtime_mer.errors import MerError, Terminated, sigterm_as_interrupt
     from training.export import ExportError
     from training.loso import LosoWorkerError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    previous = sigterm_as_interrupt()  # SIGTERM stops the work as Ctrl+C does, workers too
     try:
         return args.func(args)
     except MerError as exc:
@@ -597,17 +599,21 @@ def main(argv: list[str] | None = None) -> int:
     except (LosoWorkerError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        stopped = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         if args.func is cmd_loso:
-            print("interrupted: finished folds and checkpoints are kept; rerun the same "
+            print(f"{stopped}: finished folds and checkpoints are kept; rerun the same "
                   "command to resume", file=sys.stderr)
         elif args.func is cmd_preprocess:
-            print("interrupted: the samples already in the cache are kept; rerun the same "
+            print(f"{stopped}: the samples already in the cache are kept; rerun the same "
                   "command to resume", file=sys.stderr)
         else:
-            print("interrupted: nothing was written (this command does not resume)",
+            print(f"{stopped}: nothing was written (this command does not resume)",
                   file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, oute
     def say(msg: str) -> None:
         print(f"[worker {worker}] {msg}", flush=True)
 
+    _exit_with_parent(say)
     try:
         if outer_epochs == "chosen":
             # The outer models need their folds' choices: this worker's share is made first
@@ -221,6 +222,27 @@ def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, oute
     except Exception as exc:  # the parent reports which worker failed and how to resume
         say(f"error: {type(exc).__name__}: {exc}")
         raise
+
+
+def _exit_with_parent(say: Callable[[str], None]) -> None:
+    """Stop this worker when the process that started it is gone. A parent stopped by Ctrl+C,
+    SIGTERM or an error terminates its workers itself; one that is killed (SIGKILL, the OOM
+    killer) cannot, and its workers would go on training for nobody, holding every core. What
+    they finished is on disk (fold files, checkpoints): a rerun resumes from it."""
+    import multiprocessing
+    import os
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of the pipe closes: it has exited
+        say("the parent process is gone: stopping (finished folds and checkpoints are kept)")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _train_outer_folds(data: Megc3DB, cfg: LosoConfig, run_dir: Path, pending: list[int], *,
