@@ -561,7 +561,8 @@ def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = Non
                    ) -> np.ndarray:
     """Turn a batch of (N, 3, H, W) (u, v, strain) maps in [0, 1] into network inputs.
 
-    - ``"map28"``: the maps, unchanged (``size`` must be None or H).
+    - ``"map28"``: the maps, unchanged (``size`` must be None or H); also (N, 6, H, W), the
+      onset→apex and apex→offset maps of each movement stacked.
     - ``"regions5"``: AHMSA-Net's :func:`five_region_crop` of each map (same shape).
     - ``"colour"``: per map, signed (u, v) by :func:`uv_from_3db_map`, then
       :func:`colour_coded_flow` at ``size``×``size`` (default 224), scaled to [0, 1].
@@ -576,10 +577,12 @@ def network_inputs(maps: np.ndarray, kind: str = "map28", size: int | None = Non
     an engine is fed at run time exactly what it was trained on.
     """
     x = np.asarray(maps, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"maps must be (N, 3, H, W), got {x.shape}")
-    opts = check_input_options(kind, options)
     spec = input_kind(kind)
+    phases = x.shape[1] // 3 if x.ndim == 4 and x.shape[1] % 3 == 0 else 0
+    if x.ndim != 4 or not phases or (phases > 1 and not spec.is_identity):
+        raise ValueError(f"maps must be (N, 3, H, W) (map28 also takes two phases' maps, "
+                         f"(N, 6, H, W)), got {x.shape} for input kind {kind!r}")
+    opts = check_input_options(kind, options)
     if spec.keeps_map_size:
         if size is not None and size != x.shape[-1]:
             raise ValueError(f"input kind {kind!r} keeps the maps' size {x.shape[-1]}; got "

@@ -93,6 +93,11 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     g.add_argument("--other-maps-share", type=float, default=d.other_maps_share, metavar="P",
                    help="share of training draws that take the sample's other preprocessing "
                         "(0, the default: --maps alone; 0.5: each draw either set at random)")
+    g.add_argument("--phases", type=int, default=d.phases, choices=(1, 2),
+                   help="phases of the movement fed to the network: 1 (onset→apex, the "
+                        "default) or 2 (also apex→offset, stacked as channels 3-5, the network "
+                        "built with in_channels 6); 2 needs --maps causalnet (the 3DB maps "
+                        "have no second phase) and trains and scores, but does not export")
 
 
 def _add_data_and_device(sp) -> None:
@@ -154,6 +159,8 @@ def _config(args):
     from training.loso import LosoConfig, build_network
 
     input_kind, input_size, model_kwargs = _model_input(args)
+    if args.phases != 1 and "in_channels" not in model_kwargs:  # (u, v, strain) per phase
+        model_kwargs = {**model_kwargs, "in_channels": 3 * args.phases}
     cfg = LosoConfig(
         model=args.model, model_kwargs=model_kwargs,
         epochs=args.epochs,
@@ -167,7 +174,7 @@ def _config(args):
         select_epochs=args.select_epochs, inner_folds=args.inner_folds,
         input_kind=input_kind, input_size=input_size,
         input_options=_json_object(args.input_options, "--input-options"),
-        maps=args.maps, other_maps_share=args.other_maps_share,
+        maps=args.maps, other_maps_share=args.other_maps_share, phases=args.phases,
     )
     build_network(cfg.model, cfg.model_kwargs)  # a bad name or option fails before data is read
     return cfg
@@ -209,7 +216,8 @@ def cmd_loso(args) -> int:
                          "stop at the epoch their fold's nested selection chose)")
     folds = _parse_folds(args.folds)
     data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
-                             cfg.input_kind, score_other_maps=args.score_other_maps)
+                             cfg.input_kind, score_other_maps=args.score_other_maps,
+                             phases=cfg.phases)
     run_dir = args.run_dir or (f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
                                + ("_nested" if cfg.select_epochs == "nested" else ""))
     print(f"LOSO {cfg.model}: {len(data.primary_rows)} samples, {len(data.subject_list)} "
@@ -279,7 +287,7 @@ def cmd_train(args) -> int:
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
     data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
-                             cfg.input_kind)
+                             cfg.input_kind, phases=cfg.phases)
     model, selection = fit_full(data, cfg, device=args.device,
                                 progress=lambda m: print(m, flush=True))
     save_weights(model, cfg, args.out, selection)
@@ -360,7 +368,7 @@ def cmd_export(args) -> int:
     if args.weights:
         cfg, weights = _schedule_of_weights(args, cfg)
     data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
-                             cfg.input_kind)
+                             cfg.input_kind, phases=cfg.phases)
     loso_results = (args.loso_results if args.loso_results is not None
                     else default_loso_results(cfg, ensemble=args.ensemble,
                                               calibrated=args.calibrate))

@@ -101,7 +101,7 @@ def rebuild(item: Recipe, out: Path, data_dir: Path, *, device: str = "cpu",
     loso_results = default_loso_results(cfg, ensemble=item.ensemble, calibrated=item.calibration)
     causalnet_dir = causalnet_dir or Path(data_dir).parent / "megc2019_3db_causalnet"
     data = load_for_schedule(data_dir, causalnet_dir, cfg.maps, cfg.other_maps_share,
-                             cfg.input_kind)
+                             cfg.input_kind, phases=cfg.phases)
     manifest = export_default(data, cfg, out, loso_results=loso_results,
                               device=device, ensemble=item.ensemble,
                               calibrate=item.calibration, progress=progress)

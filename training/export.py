@@ -412,6 +412,10 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     if fmt not in ("onnx", "torch_export"):
         raise ValueError(f"engine file {out}: export writes .onnx or .pt2 (an .ens ensemble is "
                          "written by `python -m training ensemble`)")
+    if cfg.phases != 1:
+        raise ValueError("an engine of two phases would need the apex→offset map of every "
+                         "event, which the live pipeline does not make: the two-phase input "
+                         "trains and scores in LOSO, but is not exported")
     if weights and ensemble:
         raise ValueError("--ensemble trains its members here; it cannot start from --weights")
     if weights and calibrate:

@@ -37,7 +37,8 @@ def _load_map(path: Path) -> np.ndarray:
 class Megc3DB:
     """Arrays of the whole set, in ``labels.csv`` order.
 
-    x: (N, 3, 28, 28) float32 in [0, 1], channels (u, v, strain); y: (N,) int64 in {0, 1, 2};
+    x: (N, 3, 28, 28) float32 in [0, 1], channels (u, v, strain) (two phases of each movement:
+    (N, 6, 28, 28), :func:`load_phases`); y: (N,) int64 in {0, 1, 2};
     subjects: (N,) str, made unique across databases as ``"<database>/<subject>"``;
     databases: (N,) str in :data:`DATABASES`; videos: (N,) str; files: (N,) str (absolute paths);
     landmarks: (N, 5, 2) float64 (x, y) in the maps' frame from ``landmarks5.csv``, NaN where
@@ -330,12 +331,29 @@ def load_map_sets(root_3db: str | Path, root_causalnet: str | Path | None,
     return with_other_maps(swapped, ours.x, "causalnet", "3db")
 
 
+def load_phases(root_3db: str | Path, root_causalnet: str | Path) -> Megc3DB:
+    """The 3DB samples with CausalNet's maps of both phases of each movement: x (N, 6, 28, 28),
+    the onset→apex map (u, v, strain) then the apex→offset map (``_1``). One set only: the
+    3DB preprocessing has no second phase to score on."""
+    ours = load_megc3db(root_3db)
+    phases = load_causalnet_maps(root_causalnet, ours, suffixes=("", "_1"))
+    return Megc3DB(x=np.ascontiguousarray(phases.reshape(len(ours), 6, 28, 28)), y=ours.y,
+                   subjects=ours.subjects, databases=ours.databases, videos=ours.videos,
+                   files=ours.files, root=str(root_causalnet))
+
+
 def load_for_schedule(root_3db: str | Path, root_causalnet: str | Path, maps: str,
                       other_maps_share: float, input_kind: str = "map28",
-                      score_other_maps: bool = False) -> Megc3DB:
+                      score_other_maps: bool = False, phases: int = 1) -> Megc3DB:
     """The samples a schedule trains on: the 3DB maps alone, or, when it trains on CausalNet's
     maps, draws from both sets, or is to be scored on the other set too, both sets with
-    ``maps`` first (:func:`load_map_sets`)."""
+    ``maps`` first (:func:`load_map_sets`); with ``phases`` 2, CausalNet's maps of both phases
+    (:func:`load_phases`)."""
+    if phases == 2:
+        if maps != "causalnet" or other_maps_share or score_other_maps:
+            raise ValueError("two phases exist in CausalNet's maps only: they train with "
+                             "--maps causalnet, without the other set")
+        return load_phases(root_3db, root_causalnet)
     both = maps != "3db" or bool(other_maps_share) or score_other_maps
     if both and input_kind != "map28":
         raise ValueError(f"input kind {input_kind!r} is built from the 3DB maps' facial "

@@ -91,6 +91,11 @@ class LosoConfig:
     # The share of training draws that take the sample's other preprocessing instead (0: the
     # run trains on ``maps`` alone; 0.5: each draw is either set at random). Needs both sets.
     other_maps_share: float = 0.0
+    # The phases of the movement the network sees: 1, the onset→apex maps; 2, also the
+    # apex→offset maps of the same samples (CausalNet's ``_1``; training/data/README.md),
+    # stacked after them as channels 3-5, so the network is built with 6 input channels.
+    # Only CausalNet's preprocessing has the second phase.
+    phases: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -127,6 +132,13 @@ class LosoConfig:
             # the facial points that regions5 and mcnet use are of the 3DB maps only
             raise ValueError(f"input kind {self.input_kind!r} is built from the 3DB maps' "
                              "facial points; the CausalNet maps train as map28 only")
+        if self.phases not in (1, 2):
+            raise ValueError(f"phases must be 1 or 2, got {self.phases!r}")
+        if self.phases == 2 and (self.maps != "causalnet" or self.other_maps_share
+                                 or self.input_kind != "map28"):
+            raise ValueError("two phases (onset→apex and apex→offset) exist in CausalNet's "
+                             "maps only: they need maps 'causalnet', no share of the other "
+                             "set, and input kind map28")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -135,6 +147,8 @@ class LosoConfig:
         # schedule (and the protocol the default-engine rule groups seeds by) stays the same.
         if d["maps"] == "3db" and not d["other_maps_share"]:
             del d["maps"], d["other_maps_share"]
+        if d["phases"] == 1:
+            del d["phases"]
         return d
 
     @classmethod
@@ -143,6 +157,6 @@ class LosoConfig:
         d = {"select_epochs": "fixed", "inner_folds": 5, "input_kind": "map28",
              "input_size": None, "input_options": {}, "tta": "none", "mixup_alpha": 0.0,
              "label_smoothing": 0.0, "shift_pixels": 0, "tta_shift": 0, "maps": "3db",
-             "other_maps_share": 0.0, **d}
+             "other_maps_share": 0.0, "phases": 1, **d}
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)

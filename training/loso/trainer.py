@@ -401,6 +401,9 @@ def check_model(data: Megc3DB, cfg: LosoConfig) -> None:
     if input_kind(cfg.input_kind).uses_landmarks and data.landmarks is None:
         raise DatasetError(f"input kind {cfg.input_kind!r} locates facial regions, but "
                            f"{data.root} has no landmarks5.csv")
+    if data.x.shape[1] != 3 * cfg.phases:
+        raise ValueError(f"the schedule feeds {cfg.phases} phase(s) of (u, v, strain) maps, "
+                         f"but the data has {data.x.shape[1]} channels")
     model = build_network(cfg.model, cfg.model_kwargs).eval()
     try:
         with torch.no_grad():

@@ -14,21 +14,26 @@ from training.loso.config import LosoConfig
 
 
 def hflip_maps(x: torch.Tensor) -> torch.Tensor:
-    """Mirror (N, 3, H, W) (u, v, strain) maps in [0, 1] left-right.
+    """Mirror (N, 3P, H, W) (u, v, strain) maps in [0, 1] left-right (P phases of the movement,
+    each three channels).
 
     Mirroring the face also reverses horizontal motion, so u must be negated. The published u is
     min-max normalised per map, u' = (u - min)/(max - min); for -u that is (max - u)/(max - min)
     = 1 - u'. v and strain only move with the pixels.
     """
     out = torch.flip(x, dims=(-1,)).clone()
-    out[:, 0] = 1.0 - out[:, 0]
+    out[:, 0::3] = 1.0 - out[:, 0::3]
     return out
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    """(x - mean) / std per channel; a (u, v, strain) triple applies to each phase's three
+    channels."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    if x.ndim == 4 and x.shape[1] != m.numel() and x.shape[1] % m.numel() == 0:
+        m, s = m.repeat(x.shape[1] // m.numel()), s.repeat(x.shape[1] // s.numel())
+    return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
 
 
 def model_inputs(maps: np.ndarray | torch.Tensor, cfg: LosoConfig,
