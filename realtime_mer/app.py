@@ -1,8 +1,10 @@
 """The Gradio demo: a live webcam tab (annotated frames + event log) and an upload tab that runs
 ``analyze`` on a file and offers its outputs.
 
-The streaming function is :meth:`LiveSession.stream_update`; it holds one pipeline per browser
-session, so it can be tested on frames of a real video without a browser.
+The live tab's frames travel on their own WebSocket (:mod:`realtime_mer.live_socket`, with the
+page's script ``static/live.js``); each frame is handled by :meth:`LiveSession.stream_update`,
+which holds one pipeline per open page, so it can be tested on frames of a real video without a
+browser.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ EVENT_LOG_COLUMNS = ["onset (s)", "apex (s)", "face", "kind", "class", "confiden
 _MAX_LOG_ROWS = 200
 _STRIP_SPAN_MS = 8000.0  # the live strip shows this much of the spotting signal
 _CARDS = 4  # event cards shown, newest first
-_STRIP_EVERY = 3  # frames per update of the strip
+STRIP_EVERY = 3  # frames per update of the strip
 
 
 def event_row(event: EventRecord) -> list:
@@ -104,7 +106,7 @@ class LiveSession:
             else:
                 annotated, rows = self._process(image_rgb, t_ms)
             # the strip moves a few pixels a frame: redrawn every third frame
-            strip = self.strip(redraw=self.frames % _STRIP_EVERY == 1)
+            strip = self.strip(redraw=self.frames % STRIP_EVERY == 1)
             if self.log_version == shown_version:
                 return StreamUpdate(annotated, strip, None, None, shown_version)
             return StreamUpdate(annotated, strip, rows, self.cards_html(), self.log_version)
@@ -246,24 +248,38 @@ def event_cards(events: list[tuple[EventRecord, np.ndarray | None]]) -> str:
     return "".join(cards)
 
 
-def _inline_image(gr, **kwargs):
-    """An output image that travels inside the message as a JPEG data URL. Gradio's own Image
-    writes every returned frame to its cache (about 13 files a second while streaming); this one
-    writes nothing, and a JPEG costs less to encode than Gradio's WebP. It stays a plain
-    ``gr.Image`` (a subclass would be looked up as a custom component by the browser): only
-    this instance's ``postprocess`` is replaced."""
-    from gradio.data_classes import ImageData
+def live_view_html() -> str:
+    """The live tab's elements; static/live.js fills them."""
+    header = "".join(f"<th role='columnheader'>{html.escape(name)}</th>"
+                     for name in EVENT_LOG_COLUMNS)
+    return f"""
+<div id="mer-live">
+  <div style="display:flex;gap:12px;flex-wrap:wrap">
+    <figure style="margin:0;flex:1;min-width:280px"><figcaption>camera</figcaption>
+      <video id="mer-camera" autoplay muted playsinline style="width:100%"></video></figure>
+    <figure id="annotated" style="margin:0;flex:1;min-width:280px"><figcaption>annotated
+      </figcaption><img alt="" style="width:100%"></figure>
+  </div>
+  <p><button id="mer-start" class="lg primary">Start camera</button>
+    <button id="mer-stop" class="lg secondary">Stop</button>
+    <button id="mer-reset" class="lg secondary">Reset</button>
+    <span id="mer-status" style="margin-left:8px">Press Start camera.</span></p>
+  <div style="display:flex;gap:12px;flex-wrap:wrap">
+    <figure id="strip" style="margin:0;flex:1;min-width:280px"><figcaption>spotting signal per
+      region</figcaption><img alt="" style="width:100%"></figure>
+    <div style="flex:1;min-width:280px"><b>latest events</b>
+      <div id="cards">{event_cards([])}</div></div>
+  </div>
+  <b>event log (newest first)</b>
+  <table id="event-log" style="width:100%"><thead><tr role="row">{header}</tr></thead>
+    <tbody></tbody></table>
+</div>"""
 
-    image = gr.Image(**kwargs)
 
-    def postprocess(value):
-        if value is None:
-            return None
-        bgr = cv2.cvtColor(np.ascontiguousarray(value), cv2.COLOR_RGB2BGR)
-        return ImageData(url=_data_url(bgr, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 85)))
-
-    image.postprocess = postprocess
-    return image
+def live_page_head() -> str:
+    """What the page's head gets: the live view's script."""
+    script = (Path(__file__).parent / "static" / "live.js").read_text()
+    return f"<script>{script}</script>"
 
 
 UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
@@ -443,22 +459,6 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
 
     sessions = LiveSessions(lambda: LiveSession(engine=engine, options=options))
 
-    def stream(image, shown_version: int, request: gr.Request):
-        update = sessions.get(request.session_hash).stream_update(image, shown_version)
-        # The strip is always sent (not gr.skip(): an image output that is skipped is rebuilt
-        # by Gradio as a plain Image, which would then write every later frame of it to the
-        # cache); the log and the cards only when they changed.
-        if update.log_rows is None:
-            return update.annotated, update.strip, gr.skip(), gr.skip(), shown_version
-        return (update.annotated, update.strip, update.log_rows, update.cards_html,
-                update.log_version)
-
-    def clear(request: gr.Request):
-        session = sessions.peek(request.session_hash)
-        if session is not None:
-            session.reset()
-        return None, None, [], event_cards([]), -1
-
     left: set[str] = set()  # browser sessions gone while their upload was being analysed
     uploading: set[str] = set()
 
@@ -479,7 +479,7 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
 
     # Gradio passes the request to a parameter annotated gr.Request; this module's annotations
     # are strings (postponed), which Gradio would not resolve to its class.
-    for handler in (stream, clear, leave, upload):
+    for handler in (leave, upload):
         handler.__annotations__["request"] = gr.Request
 
     manifest = engine.manifest
@@ -490,24 +490,10 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
             f"## realtime-mer: micro-expression recognition\nModel **{manifest.model}** "
             f"({engine.name} on {engine.device}); classes: {', '.join(manifest.class_names)}.")
         with gr.Tab("Live webcam"):
-            shown_version = gr.State(-1)  # the log version this browser shows
-            with gr.Row():
-                camera = gr.Image(sources=["webcam"], streaming=True, label="webcam")
-                annotated = _inline_image(gr, label="annotated", streaming=True,
-                                          elem_id="annotated")
-            with gr.Row():
-                strip = _inline_image(gr, label="spotting signal per region", streaming=True,
-                                      elem_id="strip")
-                cards = gr.HTML(event_cards([]), label="latest events", elem_id="cards")
-            events = gr.Dataframe(headers=EVENT_LOG_COLUMNS, label="event log (newest first)",
-                                  elem_id="event-log")
-            reset = gr.Button("Reset")
-            # The browser sends the next frame at the first tick after the previous answer came
-            # back: a fine tick (10 ms) lets the rate follow the round trip, not a multiple of it.
-            camera.stream(stream, [camera, shown_version],
-                          [annotated, strip, events, cards, shown_version],
-                          stream_every=0.01, concurrency_limit=4, show_progress="hidden")
-            reset.click(clear, None, [annotated, strip, events, cards, shown_version])
+            # The page's own script (static/live.js, added to the page's head by launch)
+            # streams the camera over the live socket (live_socket.py), not through Gradio's
+            # webcam, which waits for every answer before it sends the next frame.
+            gr.HTML(live_view_html())
         with gr.Tab("Analyze a file"):
             video = gr.File(label="video file", file_types=["video"], type="filepath")
             run = gr.Button("Analyze", variant="primary")
@@ -563,11 +549,13 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
     or an address that is not this machine's raises :class:`ServeError`."""
     from realtime_mer.errors import ServeError
 
+    from realtime_mer.live_socket import attach
+
     _check_address(host, port)
     try:
         _, local_url, _ = app.queue().launch(
             server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
-            prevent_thread_lock=True, max_file_size=UPLOAD_MAX_SIZE,
+            prevent_thread_lock=True, max_file_size=UPLOAD_MAX_SIZE, head=live_page_head(),
             # Gradio keeps a closed tab's own state for an hour; at most SESSION_STATES of them
             # here (the oldest go first). A live session's pipeline is not in Gradio's state
             # (LiveSessions), so an evicted entry costs only a resend of the event log.
@@ -577,6 +565,7 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
             raise ServeError(f"port {port} on {host} is in use; choose another with --port") \
                 from None
         raise ServeError(f"cannot serve the demo on {host}:{port}: {error}") from None
+    attach(app, app.live_sessions)  # the live view's frames travel on their own socket
     if on_ready is not None:
         on_ready(local_url)
     if block:

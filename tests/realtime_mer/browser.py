@@ -59,8 +59,7 @@ function watchImage(img) {
   img.addEventListener('load', () => {
     const now = performance.now();
     window.__mer.frames += 1;
-    // the browser sends the camera's frames mirrored, as its preview shows them
-    const code = readCode(img, img.naturalWidth, true);
+    const code = readCode(img, img.naturalWidth, false);
     window.__mer.shown.push([code, now]);
   });
 }
@@ -181,8 +180,7 @@ def install_probe(driver, camera_width: int) -> None:
 
 
 def start_streaming(driver) -> None:
-    click(driver, "Click to Access Webcam")
-    click(driver, "Record")
+    click(driver, "Start camera")
 
 
 def click(driver, text: str, timeout: float = 30) -> None:

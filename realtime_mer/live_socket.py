@@ -1,0 +1,190 @@
+"""The live view's transport: the page's camera frames over a WebSocket, each annotated frame
+sent back as soon as it is ready.
+
+Gradio's webcam stream sends a frame only after the answer to the previous one came back, so the
+frame rate is one over the whole round trip (about 18 a second on two cores). Here the page keeps
+up to two frames in flight and the server always works on the newest frame it holds: the rate
+is the server's own, and a frame that the server could not get to in time is dropped (and said
+to be), never queued behind others, so the lag stays that of one or two frames.
+
+Messages. Page → server: a camera frame as one binary JPEG (or PNG) message; the text
+``{"reset": true}``. Server → page: binary messages whose first byte says what follows
+(:data:`ANNOTATED` + JPEG, :data:`STRIP` + JPEG, :data:`DROPPED` alone: a frame that was
+skipped for a newer one), and text JSON with the event log (``{"log": rows, "cards": html}``)
+when it changed, or ``{"error": message}``.
+
+Frames come from whoever reaches the port: each is size-checked before it is decoded
+(:func:`decode_frame`), a connection beyond :data:`MAX_LIVE_SOCKETS` is refused, and the
+session's pipeline is closed when its socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import logging
+
+import cv2
+import numpy as np
+from fastapi import WebSocket
+
+from realtime_mer.app import STRIP_EVERY, event_cards
+
+log = logging.getLogger(__name__)
+
+LIVE_SOCKET_PATH = "/mer/live"
+MAX_LIVE_SOCKETS = 4  # live pages served at once (the two cores are shared by all of them)
+MAX_FRAME_BYTES = 4 * 2**20  # one camera frame, compressed
+MAX_FRAME_PIXELS = 1920 * 1920  # one camera frame, decoded
+JPEG_QUALITY = 85
+ANNOTATED, STRIP, DROPPED = b"\x01", b"\x02", b"\x00"
+
+
+
+class FrameRefused(ValueError):
+    """A message that is not a camera frame this server takes (its reason is the message)."""
+
+
+def decode_frame(data: bytes) -> np.ndarray:
+    """A camera frame (JPEG, PNG or WebP bytes) → RGB array. Its size is read from the header
+    first, so a small file that claims a huge picture is refused before anything is
+    allocated."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > MAX_FRAME_BYTES:
+        raise FrameRefused(f"frame of {len(data) / 2**20:.1f} MB refused (at most "
+                           f"{MAX_FRAME_BYTES // 2**20} MB)")
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            kind, (width, height) = header.format, header.size
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours
+        raise FrameRefused(f"frame refused: it claims more than {MAX_FRAME_PIXELS} "
+                           "pixels") from None
+    except (UnidentifiedImageError, OSError):
+        raise FrameRefused("a frame must be a JPEG, PNG or WebP picture") from None
+    if kind not in ("JPEG", "PNG", "WEBP"):
+        raise FrameRefused(f"a frame must be a JPEG, PNG or WebP picture, not {kind}")
+    if width * height > MAX_FRAME_PIXELS:
+        raise FrameRefused(f"frame of {width}x{height} refused (at most "
+                           f"{MAX_FRAME_PIXELS} pixels)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FrameRefused("the frame could not be decoded")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _jpeg(image_rgb: np.ndarray) -> bytes:
+    bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    return encoded.tobytes() if ok else b""
+
+
+class LiveSockets:
+    """The WebSocket endpoint of one demo: one live session (``sessions``, a
+    :class:`realtime_mer.app.LiveSessions`) per open socket."""
+
+    def __init__(self, sessions, limit: int = MAX_LIVE_SOCKETS) -> None:
+        self.sessions = sessions
+        self.limit = limit
+        self._open = 0
+        self._ids = itertools.count(1)
+
+    async def serve(self, websocket: WebSocket) -> None:
+        """One page's stream, from its first frame until its socket closes. (The annotation is
+        how FastAPI knows to hand over the socket.)"""
+        await websocket.accept()
+        if self._open >= self.limit:
+            await websocket.send_text(json.dumps(
+                {"error": f"the demo serves {self.limit} live views at once; try again later"}))
+            await websocket.close(code=1013)  # try again later
+            return
+        self._open += 1
+        key = f"socket-{next(self._ids)}"
+        session = self.sessions.get(key)
+        inbox: dict = {"frame": None, "shown": -1}
+        wake, sending = asyncio.Event(), asyncio.Lock()  # one message at a time on the socket
+
+        async def send(message: bytes | str) -> None:
+            async with sending:
+                if isinstance(message, bytes):
+                    await websocket.send_bytes(message)
+                else:
+                    await websocket.send_text(message)
+
+        answering = asyncio.create_task(self._answer(send, key, session, inbox, wake))
+        try:
+            await self._receive(websocket, send, session, inbox, wake)
+        finally:
+            answering.cancel()
+            try:
+                await answering
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the page has gone
+                pass
+            self._open -= 1
+            # the pipeline's threads stop at once (not from the event loop's thread)
+            await asyncio.to_thread(self.sessions.close, key, "its tab closed")
+
+    async def _receive(self, websocket: WebSocket, send, session, inbox: dict, wake: asyncio.Event
+                       ) -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data, text = message.get("bytes"), message.get("text")
+            if data:
+                if inbox["frame"] is not None:  # not reached in time: the newer frame wins
+                    await send(DROPPED)
+                inbox["frame"] = data
+                wake.set()
+            elif text:
+                try:
+                    command = json.loads(text)
+                except json.JSONDecodeError:
+                    command = None
+                if command == {"reset": True}:
+                    await asyncio.to_thread(session.reset)
+                    inbox["shown"] = -1  # the next frame sends the emptied log
+                    await send(json.dumps({"log": [], "cards": _no_cards()}))
+                else:
+                    await send(json.dumps({"error": "unknown command"}))
+
+    async def _answer(self, send, key: str, session, inbox: dict, wake: asyncio.Event) -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            data, inbox["frame"] = inbox["frame"], None
+            if data is None:
+                continue
+            try:
+                image = decode_frame(data)
+                self.sessions.get(key)  # in use: not reaped as idle
+                update = await asyncio.to_thread(session.stream_update, image, inbox["shown"])
+            except FrameRefused as refused:
+                await send(DROPPED)
+                await send(json.dumps({"error": str(refused)}))
+                continue
+            except Exception as error:  # noqa: BLE001 - one bad frame must not end the view
+                log.exception("live frame failed")
+                await send(DROPPED)
+                await send(json.dumps({"error": f"this frame failed: {type(error).__name__}"}))
+                continue
+            await send(DROPPED if update.annotated is None else ANNOTATED + _jpeg(update.annotated))
+            if session.frames % STRIP_EVERY == 1:  # the frames the strip was redrawn on
+                await send(STRIP + _jpeg(update.strip))
+            if update.log_rows is not None:
+                inbox["shown"] = update.log_version
+                await send(json.dumps(
+                    {"log": update.log_rows, "cards": update.cards_html}))
+
+
+def _no_cards() -> str:
+    return event_cards([])
+
+
+def attach(app, sessions) -> LiveSockets:
+    """Serve the live WebSocket on ``app`` (a launched Gradio app) beside Gradio's own routes."""
+    sockets = LiveSockets(sessions)
+    app.server_app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
+    return sockets

@@ -1,0 +1,135 @@
+"""The live view's WebSocket, driven as the page drives it (FastAPI's test client, real frames of
+a real video, the real pipeline): every frame sent is answered, annotated or dropped for a newer
+one; events reach the log; Reset empties it; what is not a camera frame is refused with a line;
+a page beyond the limit is turned away; a closed socket closes its session."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from realtime_mer.app import LiveSession, LiveSessions
+from realtime_mer.capture import open_video
+from realtime_mer.live_socket import (
+    ANNOTATED, DROPPED, LIVE_SOCKET_PATH, MAX_FRAME_BYTES, STRIP, FrameRefused, LiveSockets,
+    decode_frame,
+)
+from realtime_mer.runtime import default_engine_path, load_engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine(default_engine_path())
+
+
+def _client(engine, limit: int = 4):
+    sessions = LiveSessions(lambda: LiveSession(engine=engine), check_every_s=3600)
+    sockets = LiveSockets(sessions, limit=limit)
+    app = FastAPI()
+    app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
+    return TestClient(app), sessions
+
+
+def _jpeg_frames(path, count: int) -> list[bytes]:
+    frames = []
+    with open_video(path) as source:
+        for frame in source:
+            frames.append(cv2.imencode(".jpg", frame.image_bgr)[1].tobytes())
+            if len(frames) == count:
+                break
+    return frames
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_every_frame_is_answered_and_events_reach_the_log_until_reset(media_dir, engine):
+    client, sessions = _client(engine)
+    frames = _jpeg_frames(media_dir / "talking" / "d9.mp4", 150)  # 5 s: d9 blinks in them
+    answered = dropped = strips = 0
+    logs: list[list] = []
+    with client.websocket_connect(LIVE_SOCKET_PATH) as ws:
+        for index, frame in enumerate(frames):
+            ws.send_bytes(frame)
+            if index % 2 == 0:  # two frames in flight, as the page keeps them
+                continue
+            pending = 2
+            while pending:
+                message = ws.receive()
+                if message.get("text"):
+                    data = json.loads(message["text"])
+                    assert "error" not in data, data
+                    logs.append(data["log"])
+                    continue
+                kind = message["bytes"][:1]
+                if kind == STRIP:
+                    strips += 1
+                    continue
+                pending -= 1
+                if kind == DROPPED:
+                    dropped += 1
+                else:
+                    assert kind == ANNOTATED
+                    answered += 1
+                    picture = cv2.imdecode(np.frombuffer(message["bytes"][1:], np.uint8),
+                                           cv2.IMREAD_COLOR)
+                    assert picture.shape == (480, 512, 3)
+        assert answered + dropped == len(frames) and answered > len(frames) // 2
+        assert strips > 0 and logs and logs[-1], "no event reached the log"
+        assert len(logs[-1][0]) == 11  # the log's columns (EVENT_LOG_COLUMNS)
+        assert sessions.peek("socket-1").frames == answered
+        ws.send_text(json.dumps({"reset": True}))
+        emptied = json.loads(ws.receive_text())
+        assert emptied["log"] == [] and "No events yet" in emptied["cards"]
+        assert sessions.peek("socket-1").events == []
+    assert len(sessions) == 0  # the socket closed: its session (pipeline, threads) with it
+
+
+def test_what_is_not_a_camera_frame_is_refused_with_a_line(engine):
+    client, sessions = _client(engine)
+    with client.websocket_connect(LIVE_SOCKET_PATH) as ws:
+        for message, words in ((b"not a picture", "JPEG, PNG or WebP"),
+                               (_png_claiming(3000, 3000), "3000x3000 refused"),
+                               (_png_claiming(40_000, 40_000), "claims more than"),
+                               (b"\xff" * (MAX_FRAME_BYTES + 1), "MB refused")):
+            ws.send_bytes(message)
+            assert ws.receive_bytes() == DROPPED
+            assert words in json.loads(ws.receive_text())["error"]
+        ws.send_text("{\"launch\": 1}")
+        assert json.loads(ws.receive_text()) == {"error": "unknown command"}
+        assert sessions.peek("socket-1").frames == 0
+
+
+def test_frames_are_checked_before_they_are_decoded():
+    with pytest.raises(FrameRefused, match="1920x1921 refused"):
+        decode_frame(_png_claiming(1920, 1921))
+    gif = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(FrameRefused, match="not GIF"):
+        decode_frame(gif.getvalue())
+    ok = cv2.imencode(".png", np.full((6, 4, 3), (10, 20, 30), np.uint8))[1].tobytes()
+    assert decode_frame(ok)[0, 0].tolist() == [30, 20, 10]  # RGB, as the page's pictures
+
+
+def test_a_page_beyond_the_limit_is_turned_away(engine):
+    client, sessions = _client(engine, limit=1)
+    with client.websocket_connect(LIVE_SOCKET_PATH):
+        with client.websocket_connect(LIVE_SOCKET_PATH) as second:
+            assert "1 live views at once" in json.loads(second.receive_text())["error"]
+        assert len(sessions) == 1
