@@ -14,8 +14,9 @@ skipped for a newer one), and text JSON with the event log (``{"log": rows, "car
 when it changed, or ``{"error": message}``.
 
 Frames come from whoever reaches the port: each is size-checked before it is decoded
-(:func:`decode_frame`), a connection beyond :data:`MAX_LIVE_SOCKETS` is refused, and the
-session's pipeline is closed when its socket closes.
+(:func:`decode_frame`), a page of another site is refused, a connection beyond
+:data:`MAX_LIVE_SOCKETS` is turned away, and the session's pipeline is closed when its socket
+closes.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class LiveSockets:
     async def serve(self, websocket: WebSocket) -> None:
         """One page's stream, from its first frame until its socket closes. (The annotation is
         how FastAPI knows to hand over the socket.)"""
+        if not _same_origin(websocket):
+            # Another site's page in the user's browser may not drive this demo (a browser
+            # lets any page open a socket to 127.0.0.1; it always says which page it is).
+            await websocket.close(code=1008)
+            return
         await websocket.accept()
         if self._open >= self.limit:
             await websocket.send_text(json.dumps(
@@ -179,6 +185,17 @@ class LiveSockets:
                     {"log": update.log_rows, "cards": update.cards_html}))
 
 
+def _same_origin(websocket: WebSocket) -> bool:
+    """The page that opens the socket was served by this demo (its Origin names the host and
+    port the socket was opened on); a client that is not a browser sends no Origin."""
+    from urllib.parse import urlsplit
+
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc.lower() == websocket.headers.get("host", "").lower()
+
+
 def _no_cards() -> str:
     return event_cards([])
 
@@ -187,4 +204,10 @@ def attach(app, sessions) -> LiveSockets:
     """Serve the live WebSocket on ``app`` (a launched Gradio app) beside Gradio's own routes."""
     sockets = LiveSockets(sessions)
     app.server_app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
+    config = getattr(getattr(app, "server", None), "config", None)  # Gradio's uvicorn server
+    if config is not None:  # read by uvicorn at each new connection
+        # The frames are JPEG: compressing them again costs both ends CPU for nothing.
+        config.ws_per_message_deflate = False
+        # A message larger than a frame may be is refused before it is buffered whole.
+        config.ws_max_size = MAX_FRAME_BYTES + 2**16
     return sockets

@@ -25,7 +25,7 @@ const bits = %d, block = %d, x0 = %d, h = %d;
 window.__mer = {video: [], shown: [], frames: 0, lastVideo: -1};
 const canvas = document.createElement('canvas');
 const ctx = canvas.getContext('2d', {willReadFrequently: true});
-function readCode(source, width, mirrored) {
+function readCode(source, width) {
   // the blocks are drawn at the camera's size; scale to the element's own pixel size
   const scale = width / %d;
   canvas.width = source.naturalWidth || source.videoWidth;
@@ -33,33 +33,38 @@ function readCode(source, width, mirrored) {
   ctx.drawImage(source, 0, 0);
   let code = 0;
   for (let b = 0; b < bits; b++) {
-    let x = Math.round((x0 + b * block + block / 2) * scale);
-    if (mirrored) x = canvas.width - 1 - x;
+    const x = Math.round((x0 + b * block + block / 2) * scale);
     const y = Math.round(h / 2 * scale);
     const p = ctx.getImageData(x, y, 1, 1).data;
     code = code * 2 + ((p[0] + p[1] + p[2]) / 3 > 128 ? 1 : 0);
   }
   return code;
 }
-function pollVideo() {
-  const video = document.querySelector('video');
-  if (video && video.videoWidth) {
-    const code = readCode(video, video.videoWidth, false);
-    // the camera loops its file: every change of frame is kept, matched later by time
-    if (code !== window.__mer.lastVideo) {
-      window.__mer.video.push([code, performance.now()]);
-      window.__mer.lastVideo = code;
-    }
+function noteVideoFrame(video) {
+  const code = readCode(video, video.videoWidth);
+  // the camera loops its file: every change of frame is kept, matched later by time
+  if (code !== window.__mer.lastVideo) {
+    window.__mer.video.push([code, performance.now()]);
+    window.__mer.lastVideo = code;
   }
-  setTimeout(pollVideo, 4);
 }
-pollVideo();
+function watchVideo() {
+  // once per frame the camera's <video> presents (the probe must not be what loads the page)
+  const video = document.querySelector('video');
+  if (!video) { setTimeout(watchVideo, 20); return; }
+  const onFrame = () => {
+    if (video.videoWidth) noteVideoFrame(video);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+watchVideo();
 const seen = new WeakSet();
 function watchImage(img) {
   img.addEventListener('load', () => {
     const now = performance.now();
     window.__mer.frames += 1;
-    const code = readCode(img, img.naturalWidth, false);
+    const code = readCode(img, img.naturalWidth);
     window.__mer.shown.push([code, now]);
   });
 }

@@ -1,7 +1,8 @@
 """The live view's WebSocket, driven as the page drives it (FastAPI's test client, real frames of
 a real video, the real pipeline): every frame sent is answered, annotated or dropped for a newer
 one; events reach the log; Reset empties it; what is not a camera frame is refused with a line;
-a page beyond the limit is turned away; a closed socket closes its session."""
+a page beyond the limit and a page of another site are turned away; a closed socket closes
+its session."""
 
 from __future__ import annotations
 
@@ -133,3 +134,16 @@ def test_a_page_beyond_the_limit_is_turned_away(engine):
         with client.websocket_connect(LIVE_SOCKET_PATH) as second:
             assert "1 live views at once" in json.loads(second.receive_text())["error"]
         assert len(sessions) == 1
+
+
+def test_a_page_of_another_site_cannot_open_the_socket(engine):
+    from starlette.websockets import WebSocketDisconnect
+
+    client, sessions = _client(engine)
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with client.websocket_connect(LIVE_SOCKET_PATH,
+                                      headers={"origin": "http://elsewhere.example"}):
+            pass
+    assert refused.value.code == 1008 and len(sessions) == 0
+    with client.websocket_connect(LIVE_SOCKET_PATH, headers={"origin": "http://testserver"}):
+        pass  # the demo's own page (the test client's host)
