@@ -86,16 +86,19 @@ class LiveSockets:
     """The WebSocket endpoint of one demo: one live session (``sessions``, a
     :class:`realtime_mer.app.LiveSessions`) per open socket."""
 
-    def __init__(self, sessions, limit: int = MAX_LIVE_SOCKETS) -> None:
+    def __init__(self, sessions, limit: int = MAX_LIVE_SOCKETS,
+                 other_origins: tuple[str, ...] = ()) -> None:
         self.sessions = sessions
         self.limit = limit
+        # pages served under another address that may open the socket (the share link)
+        self.other_origins = {_netloc(url) for url in other_origins}
         self._open = 0
         self._ids = itertools.count(1)
 
     async def serve(self, websocket: WebSocket) -> None:
         """One page's stream, from its first frame until its socket closes. (The annotation is
         how FastAPI knows to hand over the socket.)"""
-        if not _same_origin(websocket):
+        if not _same_origin(websocket, self.other_origins):
             # Another site's page in the user's browser may not drive this demo (a browser
             # lets any page open a socket to 127.0.0.1; it always says which page it is).
             await websocket.close(code=1008)
@@ -185,15 +188,21 @@ class LiveSockets:
                     {"log": update.log_rows, "cards": update.cards_html}))
 
 
-def _same_origin(websocket: WebSocket) -> bool:
-    """The page that opens the socket was served by this demo (its Origin names the host and
-    port the socket was opened on); a client that is not a browser sends no Origin."""
+def _netloc(url: str) -> str:
     from urllib.parse import urlsplit
 
+    return urlsplit(url).netloc.lower()
+
+
+def _same_origin(websocket: WebSocket, other_origins: set[str]) -> bool:
+    """The page that opens the socket was served by this demo (its Origin names the host and
+    port the socket was opened on, or the demo's share link); a client that is not a browser
+    sends no Origin."""
     origin = websocket.headers.get("origin")
     if origin is None:
         return True
-    return urlsplit(origin).netloc.lower() == websocket.headers.get("host", "").lower()
+    page = _netloc(origin)
+    return page == websocket.headers.get("host", "").lower() or page in other_origins
 
 
 def _no_cards() -> str:
@@ -202,7 +211,8 @@ def _no_cards() -> str:
 
 def attach(app, sessions) -> LiveSockets:
     """Serve the live WebSocket on ``app`` (a launched Gradio app) beside Gradio's own routes."""
-    sockets = LiveSockets(sessions)
+    share_url = getattr(app, "share_url", None)
+    sockets = LiveSockets(sessions, other_origins=(share_url,) if share_url else ())
     app.server_app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
     config = getattr(getattr(app, "server", None), "config", None)  # Gradio's uvicorn server
     if config is not None:  # read by uvicorn at each new connection

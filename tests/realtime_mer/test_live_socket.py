@@ -31,9 +31,9 @@ def engine():
     return load_engine(default_engine_path())
 
 
-def _client(engine, limit: int = 4):
+def _client(engine, limit: int = 4, other_origins: tuple[str, ...] = ()):
     sessions = LiveSessions(lambda: LiveSession(engine=engine), check_every_s=3600)
-    sockets = LiveSockets(sessions, limit=limit)
+    sockets = LiveSockets(sessions, limit=limit, other_origins=other_origins)
     app = FastAPI()
     app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
     return TestClient(app), sessions
@@ -139,7 +139,7 @@ def test_a_page_beyond_the_limit_is_turned_away(engine):
 def test_a_page_of_another_site_cannot_open_the_socket(engine):
     from starlette.websockets import WebSocketDisconnect
 
-    client, sessions = _client(engine)
+    client, sessions = _client(engine, other_origins=("https://abc123.gradio.live",))
     with pytest.raises(WebSocketDisconnect) as refused:
         with client.websocket_connect(LIVE_SOCKET_PATH,
                                       headers={"origin": "http://elsewhere.example"}):
@@ -147,3 +147,6 @@ def test_a_page_of_another_site_cannot_open_the_socket(engine):
     assert refused.value.code == 1008 and len(sessions) == 0
     with client.websocket_connect(LIVE_SOCKET_PATH, headers={"origin": "http://testserver"}):
         pass  # the demo's own page (the test client's host)
+    with client.websocket_connect(LIVE_SOCKET_PATH,
+                                  headers={"origin": "https://ABC123.gradio.live"}):
+        pass  # its share link
