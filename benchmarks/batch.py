@@ -1,6 +1,7 @@
-"""A batch of real recordings over Ray: 1 and 2 worker processes on this machine side by side
-(alternating, median of the repeats), the cost model for N workers, and the same batch on a
-two-node Ray cluster started on this machine with `ray start` (loopback only).
+"""A batch of real recordings over Ray: 1 and 2 worker processes on this machine and one process
+without Ray, side by side (alternating, median of the repeats), the cost model for N workers,
+and the same batch on a two-node Ray cluster started on this machine with `ray start` (loopback
+only).
 
     python benchmarks/batch.py [--repeats 2] [--no-cluster]
 
@@ -86,20 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cluster", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    walls: dict[int, list[float]] = {1: [], 2: []}
+    walls: dict[int, list[float]] = {0: [], 1: [], 2: []}  # 0: one process, no Ray
     with tempfile.TemporaryDirectory(prefix="mer-batch-") as tmp:
         folder = Path(tmp)
         for _ in range(args.repeats):
-            for workers in (1, 2):
-                walls[workers].append(run_batch(folder / f"w{workers}", "--workers",
-                                                str(workers)))
-                print(f"{workers} worker(s): {walls[workers][-1]:.1f} s", file=sys.stderr)
+            for workers in (0, 1, 2):
+                extra = ("--workers", str(workers)) if workers else ()
+                walls[workers].append(run_batch(folder / f"w{workers}", *extra))
+                print(f"{workers or 'no Ray,'} worker(s): {walls[workers][-1]:.1f} s",
+                      file=sys.stderr)
         times = per_recording_s(folder / "w1")
         cluster = None if args.no_cluster else two_node_cluster(folder)
-    one, two = statistics.median(walls[1]), statistics.median(walls[2])
+    plain, one, two = (statistics.median(walls[w]) for w in (0, 1, 2))
     startup = max(one - sum(times), 0.0)
     rows = [
         "| run | wall (s) | predicted (s) |", "|---|---|---|",
+        f"| one process, no Ray (`mer analyze` on the list) | {plain:.1f} | |",
         f"| 1 worker, this machine | {one:.1f} | {predicted(times, 1, startup):.1f} (fit) |",
         f"| 2 workers, this machine | {two:.1f} | {predicted(times, 2, startup):.1f} |",
     ]
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join([
         f"{len(VIDEOS)} real recordings ({sum(times):.0f} s of analysis in all, "
         f"{min(times):.1f}–{max(times):.1f} s each); start-up {startup:.1f} s (the 1-worker "
-        f"run minus its recordings); speed-up of 2 workers over 1: **{one / two:.2f}×** "
-        f"(median of {args.repeats} alternating runs each, 2-core CPU).", "", *rows, "",
+        f"run minus its recordings); speed-up of 2 workers over 1: **{one / two:.2f}×**, over "
+        f"one process without Ray: **{plain / two:.2f}×** (median of {args.repeats} "
+        "alternating runs each, 2-core CPU).", "", *rows, "",
         "For N machines: wall ≈ start-up + the busiest worker's share (about per-recording "
         "time × count ÷ N for many recordings of similar length)."])
     print(table)
