@@ -58,6 +58,7 @@ class StreamUpdate:
 
     annotated: np.ndarray | None
     strip: np.ndarray
+    strip_redrawn: bool  # False: the strip is the one sent before
     log_rows: list[list] | None
     cards_html: str | None
     log_version: int
@@ -106,10 +107,12 @@ class LiveSession:
             else:
                 annotated, rows = self._process(image_rgb, t_ms)
             # the strip moves a few pixels a frame: redrawn every third frame
-            strip = self.strip(redraw=self.frames % STRIP_EVERY == 1)
+            redraw = self.frames % STRIP_EVERY == 1 or self._last_strip is None
+            strip = self.strip(redraw=redraw)
             if self.log_version == shown_version:
-                return StreamUpdate(annotated, strip, None, None, shown_version)
-            return StreamUpdate(annotated, strip, rows, self.cards_html(), self.log_version)
+                return StreamUpdate(annotated, strip, redraw, None, None, shown_version)
+            return StreamUpdate(annotated, strip, redraw, rows, self.cards_html(),
+                                self.log_version)
 
     def _process(self, image_rgb: np.ndarray, t_ms: float | None
                  ) -> tuple[np.ndarray | None, list[list]]:
@@ -376,10 +379,10 @@ def _return_freed_memory() -> None:
 
 
 class LiveSessions:
-    """The live sessions of one demo, by browser session. A session's pipeline (MediaPipe graph,
-    classifier thread) is closed when its browser tab closes (Gradio's unload event) or, for a
-    client that just stops sending (an API client, a lost network), after ``idle_s`` without a
-    frame. Gradio's own State would keep a closed tab's value for an hour."""
+    """The live sessions of one demo, by key (each live socket's own). A session's pipeline
+    (MediaPipe graph, classifier thread) is closed by its owner (:meth:`open`: the live socket,
+    when it closes), or, for a session made by :meth:`get`, after ``idle_s`` without a frame.
+    Gradio's own State would keep a closed page's value for an hour."""
 
     def __init__(self, make, idle_s: float = SESSION_IDLE_S, check_every_s: float = 5.0) -> None:
         self._make = make
@@ -400,6 +403,14 @@ class LiveSessions:
                 session = self._sessions[key] = self._make()
                 log.info("live session opened (%d open)", len(self._sessions))
             self._last_frame[key] = time.monotonic()
+            return session
+
+    def open(self, key: str) -> LiveSession:
+        """A session that its caller closes itself (a live socket, which has its own idle
+        limit): never closed here as idle, only by :meth:`close` or :meth:`shutdown`."""
+        with self._lock:
+            session = self._sessions[key] = self._make()
+            log.info("live session opened (%d open)", len(self._sessions))
             return session
 
     def peek(self, key: str) -> LiveSession | None:
@@ -463,7 +474,6 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
     uploading: set[str] = set()
 
     def leave(request: gr.Request):
-        sessions.close(request.session_hash)
         if request.session_hash in uploading:
             left.add(request.session_hash)
 
@@ -503,7 +513,7 @@ def build_app(engine: Backend, options: PipelineOptions = PipelineOptions(),
             files = gr.File(label="outputs", file_count="multiple")
             # One analysis at a time: a long upload must not starve the live sessions' cores.
             run.click(upload, [video], [files, timeline, table, message], concurrency_limit=1)
-        app.unload(leave)  # the tab closed: its pipeline goes now, not when it times out
+        app.unload(leave)  # the tab closed: its upload's analysis stops at the next frame
     app.live_sessions = sessions  # for tests and for the soak benchmark
     return app
 
@@ -557,8 +567,8 @@ def launch(app, host: str = "127.0.0.1", port: int | None = 7860, share: bool = 
             server_name=host, server_port=port, share=share, inbrowser=False, quiet=True,
             prevent_thread_lock=True, max_file_size=UPLOAD_MAX_SIZE, head=live_page_head(),
             # Gradio keeps a closed tab's own state for an hour; at most SESSION_STATES of them
-            # here (the oldest go first). A live session's pipeline is not in Gradio's state
-            # (LiveSessions), so an evicted entry costs only a resend of the event log.
+            # here (the oldest go first). The live sessions are not in Gradio's state (each
+            # belongs to its socket).
             state_session_capacity=SESSION_STATES)
     except OSError as error:
         if "empty port" in str(error):  # Gradio's wording; its advice names its own API

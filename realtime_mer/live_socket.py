@@ -26,12 +26,13 @@ import io
 import itertools
 import json
 import logging
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 from fastapi import WebSocket
 
-from realtime_mer.app import STRIP_EVERY, event_cards
+from realtime_mer.app import SESSION_IDLE_S, LiveSession, LiveSessions, event_cards
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +77,54 @@ def decode_frame(data: bytes) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _jpeg(image_rgb: np.ndarray) -> bytes:
+def _jpeg(image_rgb: np.ndarray) -> bytes | None:
     bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    return encoded.tobytes() if ok else b""
+    return encoded.tobytes() if ok else None
+
+
+@dataclass
+class _Inbox:
+    """What the receiving side hands the answering side of one socket: the newest frame not
+    yet taken, a pending Reset, and the log version the page shows."""
+
+    frame: bytes | None = None
+    reset: bool = False
+    shown: int = -1
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _answer_frame(session: LiveSession, data: bytes, shown: int
+                  ) -> tuple[list[bytes | str], int]:
+    """One frame, from its bytes to the messages that answer it (run off the event loop: the
+    decoding, the pipeline and the encoding all cost CPU) → (messages, the log version the page
+    will show)."""
+    try:
+        update = session.stream_update(decode_frame(data), shown)
+    except FrameRefused as refused:
+        return [DROPPED, json.dumps({"error": str(refused)})], shown
+    picture = None if update.annotated is None else _jpeg(update.annotated)
+    messages: list[bytes | str] = [DROPPED if picture is None else ANNOTATED + picture]
+    strip = _jpeg(update.strip) if update.strip_redrawn else None
+    if strip is not None:
+        messages.append(STRIP + strip)
+    if update.log_rows is not None:
+        messages.append(json.dumps({"log": update.log_rows, "cards": update.cards_html}))
+        shown = update.log_version
+    return messages, shown
 
 
 class LiveSockets:
-    """The WebSocket endpoint of one demo: one live session (``sessions``, a
-    :class:`realtime_mer.app.LiveSessions`) per open socket."""
+    """The WebSocket endpoint of one demo: one live session per open socket, owned by it (made
+    when the socket opens, closed when it closes or has been idle for ``idle_s``)."""
 
-    def __init__(self, sessions, limit: int = MAX_LIVE_SOCKETS,
-                 other_origins: tuple[str, ...] = ()) -> None:
+    def __init__(self, sessions: LiveSessions, limit: int = MAX_LIVE_SOCKETS,
+                 other_origins: tuple[str, ...] = (), idle_s: float = SESSION_IDLE_S) -> None:
         self.sessions = sessions
         self.limit = limit
         # pages served under another address that may open the socket (the share link)
         self.other_origins = {_netloc(url) for url in other_origins}
+        self.idle_s = idle_s
         self._open = 0
         self._ids = itertools.count(1)
 
@@ -111,9 +144,10 @@ class LiveSockets:
             return
         self._open += 1
         key = f"socket-{next(self._ids)}"
-        session = self.sessions.get(key)
-        inbox: dict = {"frame": None, "shown": -1}
-        wake, sending = asyncio.Event(), asyncio.Lock()  # one message at a time on the socket
+        # the socket owns the session: not reaped by the sessions' idle check, which would
+        # leave this socket a closed session (the socket's own idle limit is in _receive)
+        session = self.sessions.open(key)
+        inbox, sending = _Inbox(), asyncio.Lock()  # one message at a time on the socket
 
         async def send(message: bytes | str) -> None:
             async with sending:
@@ -122,70 +156,79 @@ class LiveSockets:
                 else:
                     await websocket.send_text(message)
 
-        answering = asyncio.create_task(self._answer(send, key, session, inbox, wake))
+        sides = [asyncio.create_task(self._receive(websocket, send, inbox)),
+                 asyncio.create_task(self._answer(send, session, inbox))]
+        why = "its tab closed"
         try:
-            await self._receive(websocket, send, session, inbox, wake)
+            done, _ = await asyncio.wait(sides, return_when=asyncio.FIRST_COMPLETED)
+            for side in done:
+                if side.exception() is not None:  # a bug, not the page: said, and the view ends
+                    log.error("live view failed", exc_info=side.exception())
+                    why = "it failed"
+                    await websocket.close(code=1011)
+                elif side.result() == "idle":
+                    why = f"no frame for {self.idle_s:.0f} s"
+                    await websocket.close(code=1001)
+        except Exception:  # noqa: BLE001 - the page has gone while the socket was closed
+            pass
         finally:
-            answering.cancel()
-            try:
-                await answering
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the page has gone
-                pass
+            for side in sides:
+                side.cancel()
+            await asyncio.gather(*sides, return_exceptions=True)
             self._open -= 1
             # the pipeline's threads stop at once (not from the event loop's thread)
-            await asyncio.to_thread(self.sessions.close, key, "its tab closed")
+            await asyncio.to_thread(self.sessions.close, key, why)
 
-    async def _receive(self, websocket: WebSocket, send, session, inbox: dict, wake: asyncio.Event
-                       ) -> None:
+    async def _receive(self, websocket: WebSocket, send, inbox: _Inbox) -> str:
+        """Take the page's messages until it leaves ("gone") or sends nothing for ``idle_s``
+        ("idle"); a frame replaces the one not yet taken, which is answered as dropped."""
         while True:
-            message = await websocket.receive()
+            try:
+                message = await asyncio.wait_for(websocket.receive(), self.idle_s)
+            except asyncio.TimeoutError:
+                return "idle"
             if message["type"] == "websocket.disconnect":
-                return
+                return "gone"
             data, text = message.get("bytes"), message.get("text")
-            if data:
-                if inbox["frame"] is not None:  # not reached in time: the newer frame wins
+            if data is not None:
+                if inbox.frame is not None:  # not reached in time: the newer frame wins
                     await send(DROPPED)
-                inbox["frame"] = data
-                wake.set()
-            elif text:
+                inbox.frame = data
+                inbox.wake.set()
+            elif text is not None:
                 try:
                     command = json.loads(text)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     command = None
                 if command == {"reset": True}:
-                    await asyncio.to_thread(session.reset)
-                    inbox["shown"] = -1  # the next frame sends the emptied log
-                    await send(json.dumps({"log": [], "cards": _no_cards()}))
+                    inbox.reset = True  # done by the answering side, between two frames
+                    inbox.wake.set()
                 else:
                     await send(json.dumps({"error": "unknown command"}))
 
-    async def _answer(self, send, key: str, session, inbox: dict, wake: asyncio.Event) -> None:
+    async def _answer(self, send, session: LiveSession, inbox: _Inbox) -> None:
+        """Answer the newest frame, one at a time; a Reset is done between two frames, so that
+        no frame's old log can be sent after the emptied one."""
         while True:
-            await wake.wait()
-            wake.clear()
-            data, inbox["frame"] = inbox["frame"], None
+            await inbox.wake.wait()
+            inbox.wake.clear()
+            if inbox.reset:
+                inbox.reset = False
+                await asyncio.to_thread(session.reset)
+                inbox.shown = -1  # the next frame sends the log from now on
+                await send(json.dumps({"log": [], "cards": event_cards([])}))
+            data, inbox.frame = inbox.frame, None
             if data is None:
                 continue
             try:
-                image = decode_frame(data)
-                self.sessions.get(key)  # in use: not reaped as idle
-                update = await asyncio.to_thread(session.stream_update, image, inbox["shown"])
-            except FrameRefused as refused:
-                await send(DROPPED)
-                await send(json.dumps({"error": str(refused)}))
-                continue
+                messages, inbox.shown = await asyncio.to_thread(_answer_frame, session, data,
+                                                                inbox.shown)
             except Exception as error:  # noqa: BLE001 - one bad frame must not end the view
                 log.exception("live frame failed")
-                await send(DROPPED)
-                await send(json.dumps({"error": f"this frame failed: {type(error).__name__}"}))
-                continue
-            await send(DROPPED if update.annotated is None else ANNOTATED + _jpeg(update.annotated))
-            if session.frames % STRIP_EVERY == 1:  # the frames the strip was redrawn on
-                await send(STRIP + _jpeg(update.strip))
-            if update.log_rows is not None:
-                inbox["shown"] = update.log_version
-                await send(json.dumps(
-                    {"log": update.log_rows, "cards": update.cards_html}))
+                messages = [DROPPED, json.dumps({"error": "this frame failed: "
+                                                          f"{type(error).__name__}"})]
+            for message in messages:
+                await send(message)
 
 
 def _netloc(url: str) -> str:
@@ -203,10 +246,6 @@ def _same_origin(websocket: WebSocket, other_origins: set[str]) -> bool:
         return True
     page = _netloc(origin)
     return page == websocket.headers.get("host", "").lower() or page in other_origins
-
-
-def _no_cards() -> str:
-    return event_cards([])
 
 
 def attach(app, sessions) -> LiveSockets:

@@ -6,7 +6,9 @@
   const FRAMES_IN_FLIGHT = 2;
   const JPEG_QUALITY = 0.85;
   const SOCKET_PATH = "/mer/live";
-  let live = null; // {ws, stream, video, canvas, inflight}
+  const MAX_WIDTH = 1280; // wider camera frames are scaled down before they are sent
+  let live = null; // {ws, stream, video, canvas, inflight, error}
+  let starting = false; // a second click while the camera opens does nothing
 
   const byId = (id) => document.getElementById(id);
   const say = (text) => { const status = byId("mer-status"); if (status) status.textContent = text; };
@@ -19,26 +21,32 @@
   }
 
   async function start() {
-    if (live) return;
-    let stream;
+    if (live || starting) return;
+    starting = true;
+    let stream = null;
     try {
       stream = await navigator.mediaDevices.getUserMedia(
         {video: {width: {ideal: 640}, height: {ideal: 480}, frameRate: {ideal: 30}}, audio: false});
+      const video = byId("mer-camera");
+      video.srcObject = stream;
+      await video.play();
+      const ws = new WebSocket(socketUrl());
+      ws.binaryType = "arraybuffer";
+      const state = {ws, stream, video, canvas: document.createElement("canvas"), inflight: 0,
+                     error: null};
+      live = state;
+      ws.onopen = () => { say("Streaming."); nextFrames(state); };
+      ws.onmessage = (message) => receive(state, message);
+      ws.onclose = () => {
+        if (live === state) stop(state.error || "The stream ended (the server closed it).");
+      };
+      ws.onerror = () => say("The connection to the demo failed.");
     } catch (error) {
+      if (stream) stream.getTracks().forEach((track) => track.stop());
       say(`No camera: ${error.message || error.name}`);
-      return;
+    } finally {
+      starting = false;
     }
-    const video = byId("mer-camera");
-    video.srcObject = stream;
-    await video.play();
-    const ws = new WebSocket(socketUrl());
-    ws.binaryType = "arraybuffer";
-    const state = {ws, stream, video, canvas: document.createElement("canvas"), inflight: 0};
-    live = state;
-    ws.onopen = () => { say("Streaming."); nextFrames(state); };
-    ws.onmessage = (message) => receive(state, message);
-    ws.onclose = () => { if (live === state) stop("The stream ended (the server closed it)."); };
-    ws.onerror = () => say("The connection to the demo failed.");
   }
 
   function stop(text) {
@@ -56,9 +64,10 @@
     const {ws, video, canvas} = state;
     if (live !== state || ws.readyState !== WebSocket.OPEN || !video.videoWidth) return;
     if (state.inflight >= FRAMES_IN_FLIGHT) return; // this camera frame is skipped
-    canvas.width = video.videoWidth;
-    canvas.height = video.videoHeight;
-    canvas.getContext("2d").drawImage(video, 0, 0);
+    const scale = Math.min(1, MAX_WIDTH / video.videoWidth);
+    canvas.width = Math.round(video.videoWidth * scale);
+    canvas.height = Math.round(video.videoHeight * scale);
+    canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
     state.inflight += 1;
     canvas.toBlob((blob) => {
       if (blob && live === state && ws.readyState === WebSocket.OPEN) ws.send(blob);
@@ -109,7 +118,7 @@
   function receive(state, message) {
     if (typeof message.data === "string") {
       const data = JSON.parse(message.data);
-      if (data.error) say(data.error);
+      if (data.error) { state.error = data.error; say(data.error); }
       if (data.log) showLog(data.log, data.cards);
       return;
     }

@@ -31,9 +31,9 @@ def engine():
     return load_engine(default_engine_path())
 
 
-def _client(engine, limit: int = 4, other_origins: tuple[str, ...] = ()):
+def _client(engine, limit: int = 4, other_origins: tuple[str, ...] = (), idle_s: float = 60.0):
     sessions = LiveSessions(lambda: LiveSession(engine=engine), check_every_s=3600)
-    sockets = LiveSockets(sessions, limit=limit, other_origins=other_origins)
+    sockets = LiveSockets(sessions, limit=limit, other_origins=other_origins, idle_s=idle_s)
     app = FastAPI()
     app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
     return TestClient(app), sessions
@@ -89,13 +89,17 @@ def test_every_frame_is_answered_and_events_reach_the_log_until_reset(media_dir,
                     picture = cv2.imdecode(np.frombuffer(message["bytes"][1:], np.uint8),
                                            cv2.IMREAD_COLOR)
                     assert picture.shape == (480, 512, 3)
-        assert answered + dropped == len(frames) and answered > len(frames) // 2
+        # at worst one of each pair is dropped for the other
+        assert answered + dropped == len(frames) and answered >= len(frames) // 2
         assert strips > 0 and logs and logs[-1], "no event reached the log"
         assert len(logs[-1][0]) == 11  # the log's columns (EVENT_LOG_COLUMNS)
         assert sessions.peek("socket-1").frames == answered
         ws.send_text(json.dumps({"reset": True}))
-        emptied = json.loads(ws.receive_text())
-        assert emptied["log"] == [] and "No events yet" in emptied["cards"]
+        while True:  # (a strip or the last frame's log may still be on its way)
+            message = ws.receive()
+            if message.get("text") and json.loads(message["text"]).get("log") == []:
+                break
+        assert "No events yet" in json.loads(message["text"])["cards"]
         assert sessions.peek("socket-1").events == []
     assert len(sessions) == 0  # the socket closed: its session (pipeline, threads) with it
 
@@ -150,3 +154,12 @@ def test_a_page_of_another_site_cannot_open_the_socket(engine):
     with client.websocket_connect(LIVE_SOCKET_PATH,
                                   headers={"origin": "https://ABC123.gradio.live"}):
         pass  # its share link
+
+
+def test_a_page_that_stops_sending_is_closed_with_its_session(engine):
+    client, sessions = _client(engine, idle_s=0.5)
+    with client.websocket_connect(LIVE_SOCKET_PATH) as ws:
+        assert len(sessions) == 1
+        closed = ws.receive()
+        assert closed["type"] == "websocket.close" and closed["code"] == 1001
+    assert len(sessions) == 0

@@ -167,20 +167,25 @@ def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int]
     if not shares:
         return
     ctx = multiprocessing.get_context("spawn")  # fork after torch init is unsafe
-    procs = [ctx.Process(target=_worker_main, name=f"loso-worker-{i}",
+    # daemon: whatever way the parent exits, multiprocessing terminates them at its exit
+    # instead of waiting for them to finish their folds
+    procs = [ctx.Process(target=_worker_main, name=f"loso-worker-{i}", daemon=True,
                          args=(i, data, cfg, str(run_dir), outer, inner, chunk_size, device,
                                checkpoint_every, threads, outer_epochs))
              for i, (outer, inner) in enumerate(shares)]
     say(f"{len(procs)} worker processes, {threads} torch thread(s) each")
-    for p in procs:
-        p.start()
     try:
+        # a stop can come while a worker is being started (the data is still being handed
+        # over): the workers started so far are stopped too
+        for p in procs:
+            p.start()
         for p in procs:
             p.join()
     except BaseException:
-        for p in procs:
+        started = [p for p in procs if p.pid is not None]
+        for p in started:
             p.terminate()
-        for p in procs:
+        for p in started:
             p.join()
         raise
     failed = [p.name for p in procs if p.exitcode != 0]
@@ -239,8 +244,10 @@ def _exit_with_parent(say: Callable[[str], None]) -> None:
 
     def watch() -> None:
         parent.join()  # returns when the parent's end of the pipe closes: it has exited
-        say("the parent process is gone: stopping (finished folds and checkpoints are kept)")
-        os._exit(1)
+        try:  # (its output may have gone with it: a broken pipe must not keep this alive)
+            say("the parent process is gone: stopping (finished folds and checkpoints are kept)")
+        finally:
+            os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
