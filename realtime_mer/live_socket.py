@@ -172,12 +172,16 @@ class LiveSockets:
         except Exception:  # noqa: BLE001 - the page has gone while the socket was closed
             pass
         finally:
+            self._open -= 1
             for side in sides:
                 side.cancel()
-            await asyncio.gather(*sides, return_exceptions=True)
-            self._open -= 1
-            # the pipeline's threads stop at once (not from the event loop's thread)
-            await asyncio.to_thread(self.sessions.close, key, why)
+            try:
+                await asyncio.gather(*sides, return_exceptions=True)
+                # the pipeline's threads stop at once (not from the event loop's thread)
+                await asyncio.to_thread(self.sessions.close, key, why)
+            except BaseException:  # cancelled itself (the server stops): close here, then go
+                self.sessions.close(key, why)
+                raise
 
     async def _receive(self, websocket: WebSocket, send, inbox: _Inbox) -> str:
         """Take the page's messages until it leaves ("gone") or sends nothing for ``idle_s``
