@@ -289,7 +289,7 @@ UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
 UPLOAD_MAX_SIDE = 1280  # the CLI's default: a 4K upload must not cost the face stage 10x
 UPLOAD_MAX_SIZE = "500mb"  # larger uploads are refused by the server before they are stored
 SESSION_STATES = 32  # browser sessions whose Gradio state is kept
-SESSION_IDLE_S = 60.0  # a live session's pipeline is freed this long after its last frame
+SESSION_IDLE_S = 60.0  # a live page that sends nothing this long is closed, its pipeline freed
 
 
 def _instance_folder() -> Path:
@@ -380,34 +380,16 @@ def _return_freed_memory() -> None:
 
 class LiveSessions:
     """The live sessions of one demo, by key (each live socket's own). A session's pipeline
-    (MediaPipe graph, classifier thread) is closed by its owner (:meth:`open`: the live socket,
-    when it closes), or, for a session made by :meth:`get`, after ``idle_s`` without a frame.
-    Gradio's own State would keep a closed page's value for an hour."""
+    (MediaPipe graph, classifier thread) is closed by its owner, the live socket, when it
+    closes or idles (``live_socket``); whatever is still open goes at :meth:`shutdown`."""
 
-    def __init__(self, make, idle_s: float = SESSION_IDLE_S, check_every_s: float = 5.0) -> None:
+    def __init__(self, make) -> None:
         self._make = make
-        self._idle_s = idle_s
         self._sessions: dict[str, LiveSession] = {}
-        self._last_frame: dict[str, float] = {}  # monotonic time of each session's last frame
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_every, args=(check_every_s,),
-                                        name="mer-session-reaper", daemon=True)
-        self._reaper.start()
-
-    def get(self, key: str) -> LiveSession:
-        """The session of this browser session, made at its first frame; marks it used now."""
-        with self._lock:
-            session = self._sessions.get(key)
-            if session is None:
-                session = self._sessions[key] = self._make()
-                log.info("live session opened (%d open)", len(self._sessions))
-            self._last_frame[key] = time.monotonic()
-            return session
 
     def open(self, key: str) -> LiveSession:
-        """A session that its caller closes itself (a live socket, which has its own idle
-        limit): never closed here as idle, only by :meth:`close` or :meth:`shutdown`."""
+        """A new session under ``key``, for its caller to close."""
         with self._lock:
             session = self._sessions[key] = self._make()
             log.info("live session opened (%d open)", len(self._sessions))
@@ -420,30 +402,15 @@ class LiveSessions:
     def close(self, key: str, why: str = "its tab closed") -> None:
         with self._lock:
             session = self._sessions.pop(key, None)
-            self._last_frame.pop(key, None)
         if session is not None:
             session.close()
             _return_freed_memory()
             log.info("live session closed: %s (%d open)", why, len(self._sessions))
 
-    def reap(self) -> int:
-        """Close the sessions idle for longer than ``idle_s`` → how many were closed."""
-        cutoff = time.monotonic() - self._idle_s
-        with self._lock:
-            idle = [key for key, used in self._last_frame.items() if used < cutoff]
-        for key in idle:
-            self.close(key, f"no frame for {self._idle_s:.0f} s")
-        return len(idle)
-
-    def _reap_every(self, seconds: float) -> None:
-        while not self._stop.wait(seconds):
-            self.reap()
-
     def __len__(self) -> int:
         return len(self._sessions)
 
     def shutdown(self) -> None:
-        self._stop.set()
         for key in list(self._sessions):
             self.close(key, "the demo stops")
 

@@ -144,9 +144,7 @@ class LiveSockets:
             return
         self._open += 1
         key = f"socket-{next(self._ids)}"
-        # the socket owns the session: not reaped by the sessions' idle check, which would
-        # leave this socket a closed session (the socket's own idle limit is in _receive)
-        session = self.sessions.open(key)
+        session = self.sessions.open(key)  # this socket's own: closed below (idle: _receive)
         inbox, sending = _Inbox(), asyncio.Lock()  # one message at a time on the socket
 
         async def send(message: bytes | str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import cv2
@@ -301,23 +300,20 @@ def test_event_cards_escape_what_they_show_and_give_every_probability():
     assert event_cards([]) == "<p>No events yet.</p>"
 
 
-def test_live_sessions_are_closed_when_the_tab_leaves_or_after_idling(media_dir, engine):
-    """Each browser session gets its own pipeline; closing the tab closes it at once; a client
-    that stops sending is closed after the idle time; a session in use is kept."""
+def test_each_live_session_has_its_own_pipeline_closed_with_it(media_dir, engine):
+    """Each page gets its own pipeline; closing one closes its pipeline at once and leaves the
+    others; shutdown closes the rest. (A page that stops sending: test_live_socket.)"""
     from realtime_mer.app import LiveSessions
 
-    sessions = LiveSessions(lambda: LiveSession(engine=engine), idle_s=0.3, check_every_s=3600)
+    sessions = LiveSessions(lambda: LiveSession(engine=engine))
     with open_video(media_dir / "single_face.mp4") as source:
         rgb = cv2.cvtColor(next(iter(source)).image_bgr, cv2.COLOR_BGR2RGB)
     for key in ("a", "b", "c"):
-        sessions.get(key).process_rgb(rgb, t_ms=0.0)
+        sessions.open(key).process_rgb(rgb, t_ms=0.0)
     a = sessions.peek("a")
     assert len(sessions) == 3 and a.pipeline is not None and sessions.peek("b") is not a
-    sessions.close("a")  # the tab closed
-    assert len(sessions) == 2 and a.pipeline is None
-    time.sleep(0.4)
-    sessions.get("c")  # c is still streaming
-    assert sessions.reap() == 1 and sessions.peek("b") is None and sessions.peek("c") is not None
+    sessions.close("a")  # the page closed
+    assert len(sessions) == 2 and a.pipeline is None and sessions.peek("b").pipeline is not None
     sessions.shutdown()
     assert len(sessions) == 0
 

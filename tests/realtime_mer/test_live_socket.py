@@ -33,7 +33,7 @@ def engine():
 
 
 def _client(engine, limit: int = 4, other_origins: tuple[str, ...] = (), idle_s: float = 60.0):
-    sessions = LiveSessions(lambda: LiveSession(engine=engine), check_every_s=3600)
+    sessions = LiveSessions(lambda: LiveSession(engine=engine))
     sockets = LiveSockets(sessions, limit=limit, other_origins=other_origins, idle_s=idle_s)
     app = FastAPI()
     app.add_api_websocket_route(LIVE_SOCKET_PATH, sockets.serve)
