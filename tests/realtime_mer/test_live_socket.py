@@ -6,6 +6,7 @@ its session."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -40,13 +41,28 @@ def _client(engine, limit: int = 4, other_origins: tuple[str, ...] = (), idle_s:
     return TestClient(app), sessions
 
 
-def _all_closed(sessions, within_s: float = 5.0) -> bool:
-    """Every session closed within ``within_s`` (the socket's end closes its session in a
-    worker thread)."""
+@contextlib.contextmanager
+def _page(client, sessions, **kwargs):
+    """A page's socket that leaves as a page does: it closes, and the server is done with it
+    (its session closed) before the test client tears the connection down. (The client cancels
+    the server's side as soon as it leaves, which would race the server's own close.)"""
+    with client.websocket_connect(LIVE_SOCKET_PATH, **kwargs) as ws:
+        yield ws
+        ws.close()
+        assert _all_closed(sessions)
+
+
+def _open_within(sessions, count: int, within_s: float = 5.0) -> bool:
+    """``count`` sessions open within ``within_s`` (the server opens a socket's session after
+    it has accepted the socket, and closes it in a worker thread after the socket's end)."""
     deadline = time.monotonic() + within_s
-    while len(sessions) and time.monotonic() < deadline:
+    while len(sessions) != count and time.monotonic() < deadline:
         time.sleep(0.05)
-    return len(sessions) == 0
+    return len(sessions) == count
+
+
+def _all_closed(sessions) -> bool:
+    return _open_within(sessions, 0)
 
 
 def _jpeg_frames(path, count: int) -> list[bytes]:
@@ -73,7 +89,7 @@ def test_every_frame_is_answered_and_events_reach_the_log_until_reset(media_dir,
     frames = _jpeg_frames(media_dir / "talking" / "d9.mp4", 150)  # 5 s: d9 blinks in them
     answered = dropped = strips = 0
     logs: list[list] = []
-    with client.websocket_connect(LIVE_SOCKET_PATH) as ws:
+    with _page(client, sessions) as ws:
         for index, frame in enumerate(frames):
             ws.send_bytes(frame)
             if index % 2 == 0:  # two frames in flight, as the page keeps them
@@ -116,7 +132,7 @@ def test_every_frame_is_answered_and_events_reach_the_log_until_reset(media_dir,
 
 def test_what_is_not_a_camera_frame_is_refused_with_a_line(engine):
     client, sessions = _client(engine)
-    with client.websocket_connect(LIVE_SOCKET_PATH) as ws:
+    with _page(client, sessions) as ws:
         for message, words in ((b"not a picture", "JPEG, PNG or WebP"),
                                (_png_claiming(3000, 3000), "3000x3000 refused"),
                                (_png_claiming(40_000, 40_000), "claims more than"),
@@ -144,10 +160,11 @@ def test_frames_are_checked_before_they_are_decoded():
 
 def test_a_page_beyond_the_limit_is_turned_away(engine):
     client, sessions = _client(engine, limit=1)
-    with client.websocket_connect(LIVE_SOCKET_PATH):
+    with _page(client, sessions):
+        assert _open_within(sessions, 1)
         with client.websocket_connect(LIVE_SOCKET_PATH) as second:
             assert "1 live views at once" in json.loads(second.receive_text())["error"]
-        assert len(sessions) == 1
+        assert _open_within(sessions, 1)
 
 
 def test_a_page_of_another_site_cannot_open_the_socket(engine):
@@ -159,17 +176,16 @@ def test_a_page_of_another_site_cannot_open_the_socket(engine):
                                       headers={"origin": "http://elsewhere.example"}):
             pass
     assert refused.value.code == 1008 and len(sessions) == 0
-    with client.websocket_connect(LIVE_SOCKET_PATH, headers={"origin": "http://testserver"}):
-        pass  # the demo's own page (the test client's host)
-    with client.websocket_connect(LIVE_SOCKET_PATH,
-                                  headers={"origin": "https://ABC123.gradio.live"}):
-        pass  # its share link
+    with _page(client, sessions, headers={"origin": "http://testserver"}):
+        assert _open_within(sessions, 1)  # the demo's own page (the test client's host)
+    with _page(client, sessions, headers={"origin": "https://ABC123.gradio.live"}):
+        assert _open_within(sessions, 1)  # its share link
 
 
 def test_a_page_that_stops_sending_is_closed_with_its_session(engine):
     client, sessions = _client(engine, idle_s=0.5)
     with client.websocket_connect(LIVE_SOCKET_PATH) as ws:
-        assert len(sessions) == 1
+        assert _open_within(sessions, 1)
         closed = ws.receive()
         assert closed["type"] == "websocket.close" and closed["code"] == 1001
     assert _all_closed(sessions)
