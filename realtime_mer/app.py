@@ -39,7 +39,7 @@ EVENT_LOG_COLUMNS = ["onset (s)", "apex (s)", "face", "kind", "class", "confiden
 _MAX_LOG_ROWS = 200
 _STRIP_SPAN_MS = 8000.0  # the live strip shows this much of the spotting signal
 _CARDS = 4  # event cards shown, newest first
-STRIP_EVERY = 3  # frames per update of the strip
+_STRIP_EVERY = 3  # frames per update of the strip
 
 
 def event_row(event: EventRecord) -> list:
@@ -56,7 +56,7 @@ class StreamUpdate:
     """What one streamed frame sends back to the browser. The log and the cards come only when
     they changed since the version the browser shows (``log_rows`` and ``cards_html`` None)."""
 
-    annotated: np.ndarray | None
+    annotated: np.ndarray
     strip: np.ndarray
     strip_redrawn: bool  # False: the strip is the one sent before
     log_rows: list[list] | None
@@ -88,26 +88,21 @@ class LiveSession:
     # must not interleave (the pipeline's queues are not shared-state safe).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def process_rgb(self, image_rgb: np.ndarray | None, t_ms: float | None = None
-                    ) -> tuple[np.ndarray | None, list[list]]:
-        """One streamed frame → (annotated RGB frame, event log rows, newest first)."""
-        if image_rgb is None:
-            return None, self.log_rows()
+    def process_rgb(self, image_rgb: np.ndarray, t_ms: float | None = None
+                    ) -> tuple[np.ndarray, list[list]]:
+        """One frame → (annotated RGB frame, event log rows, newest first)."""
         with self._lock:
             return self._process(image_rgb, t_ms)
 
-    def stream_update(self, image_rgb: np.ndarray | None, shown_version: int,
+    def stream_update(self, image_rgb: np.ndarray, shown_version: int,
                       t_ms: float | None = None) -> StreamUpdate:
         """One streamed frame → everything the browser redraws, read under the same lock as
         the frame: a Reset between the frame and the reading of the log's version would pair
         the old log with the new version, and the browser would keep showing the old log."""
         with self._lock:
-            if image_rgb is None:
-                annotated, rows = None, self.log_rows()
-            else:
-                annotated, rows = self._process(image_rgb, t_ms)
+            annotated, rows = self._process(image_rgb, t_ms)
             # the strip moves a few pixels a frame: redrawn every third frame
-            redraw = self.frames % STRIP_EVERY == 1 or self._last_strip is None
+            redraw = self.frames % _STRIP_EVERY == 1 or self._last_strip is None
             strip = self.strip(redraw=redraw)
             if self.log_version == shown_version:
                 return StreamUpdate(annotated, strip, redraw, None, None, shown_version)
@@ -115,7 +110,7 @@ class LiveSession:
                                 self.log_version)
 
     def _process(self, image_rgb: np.ndarray, t_ms: float | None
-                 ) -> tuple[np.ndarray | None, list[list]]:
+                 ) -> tuple[np.ndarray, list[list]]:
         if self.pipeline is None:
             # Classification runs beside the stream so a browser frame is never held up by it.
             self.pipeline = Pipeline(replace(self.options, classify_in_background=True,
@@ -289,7 +284,6 @@ UPLOAD_KEEP_S = 3600.0  # an upload's report stays downloadable this long
 UPLOAD_MAX_SIDE = 1280  # the CLI's default: a 4K upload must not cost the face stage 10x
 UPLOAD_MAX_SIZE = "500mb"  # larger uploads are refused by the server before they are stored
 SESSION_STATES = 32  # browser sessions whose Gradio state is kept
-SESSION_IDLE_S = 60.0  # a live page that sends nothing this long is closed, its pipeline freed
 
 
 def _instance_folder() -> Path:

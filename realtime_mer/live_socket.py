@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from fastapi import WebSocket
 
-from realtime_mer.app import SESSION_IDLE_S, LiveSession, LiveSessions, event_cards
+from realtime_mer.app import LiveSession, LiveSessions, event_cards
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ MAX_LIVE_SOCKETS = 4  # live pages served at once (the two cores are shared by a
 MAX_FRAME_BYTES = 4 * 2**20  # one camera frame, compressed
 MAX_FRAME_PIXELS = 1920 * 1920  # one camera frame, decoded
 JPEG_QUALITY = 85
+SESSION_IDLE_S = 60.0  # a live page that sends nothing this long is closed, its pipeline freed
 ANNOTATED, STRIP, DROPPED = b"\x01", b"\x02", b"\x00"
 
 
@@ -103,7 +104,7 @@ def _answer_frame(session: LiveSession, data: bytes, shown: int
         update = session.stream_update(decode_frame(data), shown)
     except FrameRefused as refused:
         return [DROPPED, json.dumps({"error": str(refused)})], shown
-    picture = None if update.annotated is None else _jpeg(update.annotated)
+    picture = _jpeg(update.annotated)
     messages: list[bytes | str] = [DROPPED if picture is None else ANNOTATED + picture]
     strip = _jpeg(update.strip) if update.strip_redrawn else None
     if strip is not None:
