@@ -1,22 +1,27 @@
 """Many recordings over Ray workers: one task per recording, on this machine (``workers``) or on
 an existing cluster (``address``). Ray is an optional extra (``realtime-mer[ray]``).
 
-Each task runs :func:`realtime_mer.analysis.analyze_video` in a worker process of its own that
-exits after the recording (``max_calls=1``), so a worker's memory is one recording's at most. A
-worker that dies (killed, out of memory) has its recording retried once, then marked failed; a
-recording that is bad input fails at once; neither stops the others. A rerun skips the
-recordings whose outputs are complete and valid.
+Each task runs :func:`realtime_mer.analysis.analyze_video` in a worker process that keeps its
+engine between recordings and is replaced after ``RECORDINGS_PER_WORKER`` of them, so whatever a
+recording leaves in a process's heap cannot pile up. A worker uses the CPUs Ray gave the task and
+no more (one, by default: its thread pools are sized to it and events are classified inline), so
+N workers on N cores do not contend. Recordings are handed out longest first, so a long one does
+not finish alone at the end. A worker that dies (killed, out of memory) has its recording retried
+once, then marked failed; a recording that is bad input fails at once; neither stops the others.
+A rerun skips the recordings whose outputs are complete and valid.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from realtime_mer.capture import CaptureOptions
+from realtime_mer.capture import CaptureOptions, probe_video
 from realtime_mer.errors import InputError, MerError
 from realtime_mer.pipeline import PipelineOptions
 from realtime_mer.report import OUTPUT_FILES
@@ -24,6 +29,10 @@ from realtime_mer.report import OUTPUT_FILES
 log = logging.getLogger(__name__)
 
 __all__ = ["EngineSpec", "RecordingResult", "complete_outputs", "run_on_ray"]
+
+# A worker process is replaced after this many recordings: starting one costs about a second
+# (imports, the engine), which a fresh process per recording paid every time.
+RECORDINGS_PER_WORKER = 16
 
 RAY_MISSING = ("--workers and --ray-address run the batch on Ray, which is not installed: "
                "pip install 'realtime-mer[ray]'")
@@ -67,21 +76,60 @@ def complete_outputs(out_dir: Path) -> dict | None:
     return summary
 
 
+@functools.lru_cache(maxsize=2)
+def _engine_in_this_process(engine: EngineSpec):
+    """A worker loads each engine once and keeps it for its next recordings."""
+    from realtime_mer.runtime import load_engine
+
+    return load_engine(engine.path, backend=engine.backend, device=engine.device,
+                       precision=engine.precision)
+
+
+def _confine_to(cpus: int) -> None:
+    """Size this worker's thread pools to the CPUs Ray gave its task. Left alone, OpenCV and
+    torch each start a pool per core of the machine, so two workers on two cores would run four
+    threads apiece and contend."""
+    import cv2
+
+    cv2.setNumThreads(cpus)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(cpus)
+
+
+def _assigned_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
 def _analyze_in_worker(video: str, out_dir: str, engine: EngineSpec, options: PipelineOptions,
                        capture: CaptureOptions, annotated_video: bool) -> dict:
     """The task: one recording → a plain dict (what crosses back to the driver)."""
     from realtime_mer.analysis import analyze_video
-    from realtime_mer.runtime import load_engine
 
+    cpus = _assigned_cpus()
+    _confine_to(cpus)
     try:
-        backend = load_engine(engine.path, backend=engine.backend, device=engine.device,
-                              precision=engine.precision)
+        backend = _engine_in_this_process(engine)
+        _confine_to(cpus)  # the engine's backend may have imported torch
+        # With one CPU, the classifier's background thread would only take turns with the face
+        # stage on that core; inline gives the same events.
         result = analyze_video(video, out_dir, options=options, capture=capture, engine=backend,
-                               annotated_video=annotated_video)
+                               annotated_video=annotated_video,
+                               classify_in_background=cpus > 1)
     except MerError as error:  # bad input: final, not retried
         return {"summary": None, "error": str(error), "exit_code": error.exit_code}
     return {"summary": result.summary, "error": "; ".join(result.problems) or None,
             "exit_code": 2 if result.problems else 0}
+
+
+def _expected_work(video: Path) -> float:
+    """A recording's length as its header states it (0 where it cannot be read: it will fail
+    at once): the order in which recordings are handed out."""
+    try:
+        return probe_video(video).duration_ms or 0.0
+    except MerError:
+        return 0.0
 
 
 def run_on_ray(jobs: list[tuple[Path, Path]], engine: EngineSpec, options: PipelineOptions,
@@ -118,8 +166,10 @@ def run_on_ray(jobs: list[tuple[Path, Path]], engine: EngineSpec, options: Pipel
             ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=False)
     try:
-        # one recording per worker process, retried once if that process dies
-        task = ray.remote(num_cpus=1, max_calls=1, max_retries=1)(_analyze_in_worker)
+        # a recording is retried once if its worker process dies
+        task = ray.remote(num_cpus=1, max_calls=RECORDINGS_PER_WORKER,
+                          max_retries=1)(_analyze_in_worker)
+        pending.sort(key=lambda n: _expected_work(jobs[n][0]), reverse=True)
         running = {task.remote(str(jobs[n][0]), str(jobs[n][1]), engine, options, capture,
                                annotated_video): n for n in pending}
         while running:

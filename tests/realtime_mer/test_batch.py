@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +22,9 @@ def _mer(*args, timeout=600):
 
 
 def _events(folder):
+    """Every column of every event: class probabilities too."""
     with open(folder / "events.csv", newline="") as file:
-        return [(row["kind"], row["onset_ms"], row["apex_ms"], row["label"])
-                for row in csv.DictReader(file)]
+        return list(csv.DictReader(file))
 
 
 @pytest.mark.timeout(600)
@@ -55,3 +60,58 @@ def test_a_batch_on_ray_workers_gives_each_recording_its_own_report_and_resumes(
 def test_workers_below_one_is_refused(tmp_path, media_dir):
     run = _mer("analyze", media_dir / "single_face.mp4", "--out", tmp_path, "--workers", 0)
     assert run.returncode == 2 and "--workers must be at least 1" in run.stderr
+
+
+def _running_task_pids() -> list[int]:
+    """Ray names a worker process after the task it is running."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
+                    b"ray::_analyze_in_worker"):
+                pids.append(int(entry.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_a_recording_whose_worker_is_killed_is_redone(media_dir, tmp_path):
+    """SIGKILL to the worker process in the middle of a recording: Ray's retry runs it again in
+    a fresh worker, and its outputs are those of a sequential run."""
+    import ray
+
+    from realtime_mer.analysis import analyze_video
+    from realtime_mer.batch import EngineSpec, run_on_ray
+    from realtime_mer.capture import CaptureOptions
+    from realtime_mer.pipeline import PipelineOptions
+    from realtime_mer.runtime import default_engine_path, load_engine
+
+    video = media_dir / "talking" / "d0.mp4"
+    engine = EngineSpec(str(default_engine_path()))
+    analyze_video(video, tmp_path / "sequential", engine=load_engine(engine.path))
+
+    killed = []
+
+    def kill_the_first_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid in _running_task_pids():
+                time.sleep(1.0)  # into the recording, past the worker's start
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.05)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        killer = threading.Thread(target=kill_the_first_worker, daemon=True)
+        killer.start()
+        [result] = run_on_ray([(video, tmp_path / "ray")], engine, PipelineOptions(),
+                              CaptureOptions(), workers=2)
+        killer.join()
+    finally:
+        ray.shutdown()
+    assert killed, "no worker was seen running the recording"
+    assert result.exit_code == 0 and result.error is None and result.summary["complete"]
+    assert _events(tmp_path / "ray") == _events(tmp_path / "sequential")
