@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from training.metrics import confusion_matrix, evaluate, per_database, uf1_uar
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_hand_computed():
@@ -102,3 +106,39 @@ def test_spotting_scores_edge_cases():
     assert spotting_scores(4, 0, 0)["recall"] == 0.0
     with pytest.raises(ValueError):
         spotting_scores(1, 1, 2)
+
+
+def test_the_benchmark_tells_the_persons_own_movements_from_false_detections(tmp_path):
+    """benchmarks/spotting.py: an unmatched detection that the untouched original also shows
+    (IoU >= 0.5) is the person's own movement; one that it does not show is false either way;
+    the two F1s count them accordingly."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import spotting as bench
+    from training.injection import Injection, write_truth
+
+    clip = bench.Clip("calm", "talking/d0.mp4", "calm", "held-out")
+    truth = [Injection(1000, 1100, 1300, 2.0, "AU12", "lip corners", "positive"),
+             Injection(4000, 4100, 4300, 3.0, "AU4", "brows", "negative")]
+    for seed in bench.SEEDS:
+        write_truth(tmp_path / f"calm.s{seed}.json", "calm", truth)
+
+    def run(*intervals):
+        events = [{"onset_ms": a, "offset_ms": b, "kind": "macro"} for a, b in intervals]
+        return bench.ClipRun("x", events, np.zeros(1), np.full((1, 4), 0.5), np.zeros(1, bool),
+                             1, 10.0, 0.0)
+
+    # the first movement found; a smile the original has too (IoU 0.8); a false one
+    injected = run((1000, 1300), (6000, 6500), (8000, 8200))
+    runs = {f"calm.s{seed}": injected for seed in bench.SEEDS}
+    original = {"calm": run((6000, 6400))}
+    rows = bench.score_injected(runs, tmp_path, [clip], original)
+    unmatched = [r for r in rows if r["truth"] is None]
+    assert [(r["detection"]["onset_ms"], r["in_original"]) for r in unmatched] == [
+        (6000, True), (8000, False)] * 2
+    summary = bench.summarise(rows, {}, {}, tmp_path, [clip])["splits"]["held-out"]
+    calm = summary["not_speaking"]
+    assert calm["false_detections"] == 4 and calm["false_detections_in_original"] == 2
+    assert calm["f1_2_3pct"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 4))   # tp 2, fn 2, fp 4
+    assert calm["f1_2_3pct_own_movements_not_counted"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 2))
