@@ -4,6 +4,7 @@ and the same batch on a two-node Ray cluster started on this machine with `ray s
 only).
 
     python benchmarks/batch.py [--repeats 2] [--no-cluster]
+    python benchmarks/batch.py --memory     # one worker's memory, the recordings twice over
 
 Cost model: wall ≈ start-up + the busiest worker's share, the recordings handed out longest
 first (each recording's time measured in the 1-worker run); for many recordings of similar
@@ -81,12 +82,73 @@ def two_node_cluster(folder: Path) -> float:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=180)
 
 
+def worker_memory(rounds: int = 2) -> str:
+    """The recordings ``rounds`` times over through one worker (which keeps its process for up
+    to RECORDINGS_PER_WORKER of them), its resident memory sampled every 0.2 s: the peak of
+    each round. Memory that piled up from one recording to the next would show as a rising
+    peak."""
+    import threading
+
+    import ray
+
+    from realtime_mer.batch import RECORDINGS_PER_WORKER, EngineSpec, run_on_ray
+    from realtime_mer.capture import CaptureOptions
+    from realtime_mer.pipeline import PipelineOptions
+    from realtime_mer.runtime import default_engine_path
+
+    def worker_rss_mb() -> float:
+        total = 0.0
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
+                        b"ray::_analyze_in_worker"):
+                    for line in (entry / "status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) / 1024
+            except OSError:
+                pass
+        return total
+
+    peaks: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peaks[-1] = max(peaks[-1], worker_rss_mb())
+            stop.wait(0.2)
+
+    lines = ["| round | recordings | peak worker RSS (MB) |", "|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="mer-batch-memory-") as tmp:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            for round_ in range(rounds):
+                peaks.append(0.0)
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                jobs = [(video, Path(tmp) / f"r{round_}" / video.stem) for video in VIDEOS]
+                run_on_ray(jobs, EngineSpec(str(default_engine_path())), PipelineOptions(),
+                           CaptureOptions(), workers=1)
+                stop.set()
+                sampler.join()
+                stop.clear()
+                lines.append(f"| {round_ + 1} | {len(jobs)} | {peaks[-1]:.0f} |")
+        finally:
+            ray.shutdown()
+    return "\n".join([f"One worker, {rounds} × {len(VIDEOS)} real recordings (a worker process "
+                      f"is replaced after {RECORDINGS_PER_WORKER}):", "", *lines])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cluster", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--memory", action="store_true",
+                        help="only measure one worker's memory, the recordings twice over")
     args = parser.parse_args(argv)
+    if args.memory:
+        print(worker_memory())
+        return 0
     walls: dict[int, list[float]] = {0: [], 1: [], 2: []}  # 0: one process, no Ray
     with tempfile.TemporaryDirectory(prefix="mer-batch-") as tmp:
         folder = Path(tmp)

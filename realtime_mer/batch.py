@@ -32,7 +32,7 @@ __all__ = ["EngineSpec", "RecordingResult", "complete_outputs", "run_on_ray"]
 
 # A worker process is replaced after this many recordings: starting one costs about a second
 # (imports, the engine), which a fresh process per recording paid every time.
-RECORDINGS_PER_WORKER = 16
+RECORDINGS_PER_WORKER = 8
 
 RAY_MISSING = ("--workers and --ray-address run the batch on Ray, which is not installed: "
                "pip install 'realtime-mer[ray]'")
