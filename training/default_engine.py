@@ -26,8 +26,9 @@ __all__ = ["ENGINE_BUDGET_BYTES", "DefaultChoice", "choose_default_engine", "pro
 ENGINE_BUDGET_BYTES = 5 * 10**6
 
 #: The folders of results files the rule reads, under the results folder: the runs
-#: themselves, the calibrations of both rules, and the seed replicates.
-_FOLDERS = ("", "calibration", "calibration_bias", "seeds")
+#: themselves, the calibrations of both rules, the seed replicates, and the runs on the two
+#: preprocessings (of which only those scored on the 3DB maps count).
+_FOLDERS = ("", "calibration", "calibration_bias", "seeds", "map_sets")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ def protocol_of(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
 
 
+def _scored_on_live_maps(config: dict) -> bool:
+    """Whether a run's scores are on the maps the live pipeline makes: the 3DB maps, one phase
+    (runs trained on both preprocessings count; those trained on CausalNet's maps are scored on
+    theirs, and two-phase engines cannot be fed live)."""
+    return config.get("maps", "3db") == "3db" and config.get("phases", 1) == 1
+
+
 def _complete_results(results_dir: Path) -> dict[str, dict]:
     from training.loso.results import LosoResults
 
@@ -72,7 +80,8 @@ def _complete_results(results_dir: Path) -> dict[str, dict]:
         for path in sorted((results_dir / folder).glob("*.json")):
             results = LosoResults.load(path)
             if results.uf1 is not None and results.config_dict is not None and \
-                    results.complete and results.folds == 68:
+                    results.complete and results.folds == 68 and \
+                    _scored_on_live_maps(results.config_dict):
                 docs[path.relative_to(results_dir).as_posix()] = results.doc
     return docs
 
