@@ -83,10 +83,10 @@ def two_node_cluster(folder: Path) -> float:
 
 
 def worker_memory(rounds: int = 2) -> str:
-    """The recordings ``rounds`` times over through one worker (which keeps its process for up
-    to RECORDINGS_PER_WORKER of them), its resident memory sampled every 0.2 s: the peak of
-    each round. Memory that piled up from one recording to the next would show as a rising
-    peak."""
+    """The recordings ``rounds`` times over as one batch through one worker, its resident
+    memory sampled every 0.1 s: each recording's peak and the worker process that ran it (a
+    process is replaced after RECORDINGS_PER_WORKER recordings). Memory that piled up from one
+    recording to the next would show as a rising peak within a process."""
     import threading
 
     import ray
@@ -96,46 +96,68 @@ def worker_memory(rounds: int = 2) -> str:
     from realtime_mer.pipeline import PipelineOptions
     from realtime_mer.runtime import default_engine_path
 
-    def worker_rss_mb() -> float:
-        total = 0.0
+    def ours(pid: int) -> bool:  # a descendant of this process: not another run's worker
+        while pid > 1:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return False
+            pid = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("PPid:")))
+            if pid == os.getpid():
+                return True
+        return False
+
+    def running_workers() -> dict[int, float]:
+        rss = {}
         for entry in Path("/proc").iterdir():
             try:
                 if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
-                        b"ray::_analyze_in_worker"):
+                        b"ray::_analyze_in_worker") and ours(int(entry.name)):
                     for line in (entry / "status").read_text().splitlines():
                         if line.startswith("VmRSS:"):
-                            total += int(line.split()[1]) / 1024
+                            rss[int(entry.name)] = int(line.split()[1]) / 1024
             except OSError:
                 pass
-        return total
+        return rss
 
-    peaks: list[float] = []
+    window: dict[int, float] = {}
+    lock = threading.Lock()
     stop = threading.Event()
 
     def sample() -> None:
-        while not stop.is_set():
-            peaks[-1] = max(peaks[-1], worker_rss_mb())
-            stop.wait(0.2)
+        while not stop.wait(0.1):
+            for pid, mb in running_workers().items():
+                with lock:
+                    window[pid] = max(window.get(pid, 0.0), mb)
 
-    lines = ["| round | recordings | peak worker RSS (MB) |", "|---|---|---|"]
+    rows, pids = [], {}
+
+    def finished(result) -> None:
+        with lock:
+            seen = dict(window)
+            window.clear()
+        pid, peak = max(seen.items(), key=lambda item: item[1]) if seen else (0, 0.0)
+        pids.setdefault(pid, len(pids) + 1)
+        rows.append(f"| {len(rows) + 1} | {result.video.name} | {pids[pid]} | {peak:.0f} |")
+
     with tempfile.TemporaryDirectory(prefix="mer-batch-memory-") as tmp:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        jobs = [(video, Path(tmp) / f"r{r}" / video.stem) for r in range(rounds)
+                for video in VIDEOS]
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         try:
-            for round_ in range(rounds):
-                peaks.append(0.0)
-                sampler = threading.Thread(target=sample, daemon=True)
-                sampler.start()
-                jobs = [(video, Path(tmp) / f"r{round_}" / video.stem) for video in VIDEOS]
-                run_on_ray(jobs, EngineSpec(str(default_engine_path())), PipelineOptions(),
-                           CaptureOptions(), workers=1)
-                stop.set()
-                sampler.join()
-                stop.clear()
-                lines.append(f"| {round_ + 1} | {len(jobs)} | {peaks[-1]:.0f} |")
+            run_on_ray(jobs, EngineSpec(str(default_engine_path())), PipelineOptions(),
+                       CaptureOptions(), workers=1, on_result=finished)
         finally:
+            stop.set()
+            sampler.join()
             ray.shutdown()
-    return "\n".join([f"One worker, {rounds} × {len(VIDEOS)} real recordings (a worker process "
-                      f"is replaced after {RECORDINGS_PER_WORKER}):", "", *lines])
+    return "\n".join([f"One worker, the {len(VIDEOS)} recordings {rounds} times over (longest "
+                      f"first; a worker process is replaced after {RECORDINGS_PER_WORKER}):", "",
+                      "| # | recording | worker process | peak RSS (MB) |", "|---|---|---|---|",
+                      *rows])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ an existing cluster (``address``). Ray is an optional extra (``realtime-mer[ray]
 Each task runs :func:`realtime_mer.analysis.analyze_video` in a worker process that keeps its
 engine between recordings and is replaced after ``RECORDINGS_PER_WORKER`` of them, so whatever a
 recording leaves in a process's heap cannot pile up. A worker uses the CPUs Ray gave the task and
-no more (one, by default: its thread pools are sized to it and events are classified inline), so
-N workers on N cores do not contend. Recordings are handed out longest first, so a long one does
+no more (one, by default: its OpenCV, torch and ONNX Runtime thread pools are sized to it and
+events are classified inline), so N workers on N cores do not contend. Recordings are handed out longest first, so a long one does
 not finish alone at the end. A worker that dies (killed, out of memory) has its recording retried
 once, then marked failed; a recording that is bad input fails at once; neither stops the others.
 A rerun skips the recordings whose outputs are complete and valid.
@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from realtime_mer.capture import CaptureOptions, probe_video
+from realtime_mer.capture import IMAGE_SUFFIXES, CaptureOptions, probe_video
 from realtime_mer.errors import InputError, MerError
 from realtime_mer.pipeline import PipelineOptions
 from realtime_mer.report import OUTPUT_FILES
@@ -77,18 +78,19 @@ def complete_outputs(out_dir: Path) -> dict | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _engine_in_this_process(engine: EngineSpec):
+def _engine_in_this_process(engine: EngineSpec, cpu_threads: int):
     """A worker loads each engine once and keeps it for its next recordings."""
     from realtime_mer.runtime import load_engine
 
     return load_engine(engine.path, backend=engine.backend, device=engine.device,
-                       precision=engine.precision)
+                       precision=engine.precision, cpu_threads=cpu_threads)
 
 
 def _confine_to(cpus: int) -> None:
     """Size this worker's thread pools to the CPUs Ray gave its task. Left alone, OpenCV and
-    torch each start a pool per core of the machine, so two workers on two cores would run four
-    threads apiece and contend."""
+    torch (and ONNX Runtime, sized where the engine is loaded) each start a pool per core of the
+    machine, so two workers on two cores would run several threads apiece and contend.
+    MediaPipe's own threads are not under our control."""
     import cv2
 
     cv2.setNumThreads(cpus)
@@ -110,10 +112,11 @@ def _analyze_in_worker(video: str, out_dir: str, engine: EngineSpec, options: Pi
     cpus = _assigned_cpus()
     _confine_to(cpus)
     try:
-        backend = _engine_in_this_process(engine)
+        backend = _engine_in_this_process(engine, cpus)
         _confine_to(cpus)  # the engine's backend may have imported torch
         # With one CPU, the classifier's background thread would only take turns with the face
-        # stage on that core; inline gives the same events.
+        # stage on that core; inline gives the same events (with the PyTorch flow, whose
+        # background thread batches waiting events, to the last bits).
         result = analyze_video(video, out_dir, options=options, capture=capture, engine=backend,
                                annotated_video=annotated_video,
                                classify_in_background=cpus > 1)
@@ -123,13 +126,32 @@ def _analyze_in_worker(video: str, out_dir: str, engine: EngineSpec, options: Pi
             "exit_code": 2 if result.problems else 0}
 
 
-def _expected_work(video: Path) -> float:
-    """A recording's length as its header states it (0 where it cannot be read: it will fail
-    at once): the order in which recordings are handed out."""
+def _expected_work(video: Path, capture: CaptureOptions) -> float:
+    """A recording's length in ms, as far as can be told without decoding it (0 where it
+    cannot: it goes last): only the order in which recordings are handed out, so nothing here
+    may stop the batch."""
     try:
-        return probe_video(video).duration_ms or 0.0
-    except MerError:
+        if video.is_dir():  # a database's folder of frames
+            frames = sum(1 for f in video.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            return 1000.0 * frames / (capture.image_fps or 30.0)
+        duration = probe_video(video).duration_ms
+    except Exception:  # noqa: BLE001 - unreadable, too long a name, not a video: fails later
         return 0.0
+    if not math.isfinite(duration):  # the container does not say
+        return 0.0
+    end = duration if capture.end_ms is None else min(duration, capture.end_ms)
+    return max(end - capture.start_ms, 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _remote_task():
+    """The Ray task, made once per driver process: Ray counts ``max_calls`` per function, so a
+    remote function made anew for each batch would let a worker outlive the limit across
+    batches. A recording is retried once if its worker process dies."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_calls=RECORDINGS_PER_WORKER,
+                      max_retries=1)(_analyze_in_worker)
 
 
 def run_on_ray(jobs: list[tuple[Path, Path]], engine: EngineSpec, options: PipelineOptions,
@@ -163,13 +185,12 @@ def run_on_ray(jobs: list[tuple[Path, Path]], engine: EngineSpec, options: Pipel
         if address:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False)
+            # "local": a Ray of its own, even where `ray start` runs a cluster on this machine
+            ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                     logging_level=logging.ERROR, log_to_driver=False)
     try:
-        # a recording is retried once if its worker process dies
-        task = ray.remote(num_cpus=1, max_calls=RECORDINGS_PER_WORKER,
-                          max_retries=1)(_analyze_in_worker)
-        pending.sort(key=lambda n: _expected_work(jobs[n][0]), reverse=True)
+        task = _remote_task()
+        pending.sort(key=lambda n: _expected_work(Path(jobs[n][0]), capture), reverse=True)
         running = {task.remote(str(jobs[n][0]), str(jobs[n][1]), engine, options, capture,
                                annotated_video): n for n in pending}
         while running:

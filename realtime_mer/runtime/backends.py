@@ -133,7 +133,8 @@ class Backend:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: Path, manifest: Manifest, device: str = "auto") -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: str = "auto",
+                 cpu_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         requested = device
@@ -154,6 +155,9 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(path, manifest, device)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if cpu_threads is not None:  # else one thread per core, each spinning between runs
+            opts.intra_op_num_threads = cpu_threads
+            opts.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:
@@ -376,7 +380,8 @@ def engine_format(path: Path) -> str:
     raise EngineError(f"{path}: unknown engine type {s!r} (expected .onnx, .pt2 or .ens)")
 
 
-def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str):
+def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str,
+                   cpu_threads: int | None = None):
     """Every member of an ensemble file, each verified against its own manifest and against
     the hash the ensemble recorded (its LOSO score was measured with exactly those)."""
     from realtime_mer.runtime.ensemble import ENSEMBLE_SUFFIX, EnsembleBackend, read_members
@@ -393,7 +398,7 @@ def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str):
         if member_path.suffix.lower() == ENSEMBLE_SUFFIX:
             raise EngineError(f"{path}: member {entry['file']} is itself an ensemble")
         try:
-            engine = load_engine(member_path, backend, device)
+            engine = load_engine(member_path, backend, device, cpu_threads=cpu_threads)
         except EngineError as exc:
             raise EngineError(f"{path}: member {entry['file']}: {exc}") from exc
         if engine.manifest.sha256 != entry["sha256"]:
@@ -405,14 +410,16 @@ def _load_ensemble(path: Path, manifest: Manifest, backend: str, device: str):
 
 
 def load_engine(path: str | Path | None = None, backend: str = "auto",
-                device: str = "auto", precision: str = "fp32") -> Backend:
+                device: str = "auto", precision: str = "fp32",
+                cpu_threads: int | None = None) -> Backend:
     """Load an engine and verify it against its manifest (``<path>.json``).
 
     backend: "auto" (by file type: .onnx → ONNX Runtime; .pt2 → TensorRT where torch_tensorrt
     and CUDA are present, else torch; .ens → an ensemble whose members load with the same
     backend and device), "onnxruntime", "torch" or "tensorrt". device: "auto",
     "cpu" or "cuda". precision: "fp32" or "fp16" (TensorRT only; other backends run the
-    engine as it is). "auto" falls back with a logged reason; an explicit request that cannot be
+    engine as it is). cpu_threads: ONNX Runtime's threads on the CPU (None: one per core; a
+    worker given one CPU passes 1). "auto" falls back with a logged reason; an explicit request that cannot be
     met raises BackendUnavailable. Missing/corrupt files, hash or input-spec mismatch raise
     EngineError.
     """
@@ -433,12 +440,12 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
                           f"{manifest.sha256[:16]}… (engine and manifest are out of step)")
 
     if fmt == "ensemble":
-        return _load_ensemble(path, manifest, backend, device)
+        return _load_ensemble(path, manifest, backend, device, cpu_threads)
     if fmt == "onnx":
         if backend not in ("auto", "onnxruntime"):
             raise BackendUnavailable(f"backend {backend!r} cannot run an ONNX file here; "
                                      "use onnxruntime or export a .pt2 program")
-        return OnnxRuntimeBackend(path, manifest, device)
+        return OnnxRuntimeBackend(path, manifest, device, cpu_threads)
     if backend == "onnxruntime":
         raise EngineError(f"{path}: ONNX Runtime cannot run a torch.export program")
     if backend == "tensorrt":

@@ -62,23 +62,37 @@ def test_workers_below_one_is_refused(tmp_path, media_dir):
     assert run.returncode == 2 and "--workers must be at least 1" in run.stderr
 
 
-def _running_task_pids() -> list[int]:
-    """Ray names a worker process after the task it is running."""
-    pids = []
-    for entry in Path("/proc").iterdir():
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
-                    b"ray::_analyze_in_worker"):
-                pids.append(int(entry.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return pids
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        pid = int(next(line.split()[1] for line in status.splitlines()
+                       if line.startswith("PPid:")))
+        if pid == ancestor:
+            return True
+    return False
+
+
+def _running_task(pid: int) -> bool:
+    """Ray names a worker process after the task it is running (``ray::IDLE`` between)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_analyze_in_worker")
+    except OSError:  # the process ended meanwhile
+        return False
+
+
+def _our_running_tasks() -> list[int]:
+    """This test's own Ray workers running a recording (not another run's on this machine)."""
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and _running_task(int(p.name)) and _descends_from(int(p.name), os.getpid())]
 
 
 @pytest.mark.timeout(600)
 def test_a_recording_whose_worker_is_killed_is_redone(media_dir, tmp_path):
-    """SIGKILL to the worker process in the middle of a recording: Ray's retry runs it again in
-    a fresh worker, and its outputs are those of a sequential run."""
+    """SIGKILL to the worker process in the middle of a recording (its outputs begun): Ray's
+    retry runs it again in a fresh worker, whose outputs are those of a sequential run."""
     import ray
 
     from realtime_mer.analysis import analyze_video
@@ -90,28 +104,32 @@ def test_a_recording_whose_worker_is_killed_is_redone(media_dir, tmp_path):
     video = media_dir / "talking" / "d0.mp4"
     engine = EngineSpec(str(default_engine_path()))
     analyze_video(video, tmp_path / "sequential", engine=load_engine(engine.path))
+    out = tmp_path / "ray"
+    killed: list[float] = []
+    stop = threading.Event()
 
-    killed = []
-
-    def kill_the_first_worker() -> None:
-        deadline = time.monotonic() + 120
-        while not killed and time.monotonic() < deadline:
-            for pid in _running_task_pids():
-                time.sleep(1.0)  # into the recording, past the worker's start
+    def kill_mid_recording() -> None:
+        while not killed and not stop.wait(0.02):
+            if not (out / "trace.csv").exists():
+                continue  # the recording has not begun writing
+            stop.wait(0.3)
+            for pid in _our_running_tasks():
                 os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                break
-            time.sleep(0.05)
+                killed.append(time.time())
+                return
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    killer = threading.Thread(target=kill_mid_recording, daemon=True)
     try:
-        killer = threading.Thread(target=kill_the_first_worker, daemon=True)
         killer.start()
-        [result] = run_on_ray([(video, tmp_path / "ray")], engine, PipelineOptions(),
-                              CaptureOptions(), workers=2)
-        killer.join()
+        [result] = run_on_ray([(video, out)], engine, PipelineOptions(), CaptureOptions(),
+                              workers=2)
     finally:
+        stop.set()
+        killer.join()
         ray.shutdown()
-    assert killed, "no worker was seen running the recording"
+    assert killed, "the recording was never seen running"
     assert result.exit_code == 0 and result.error is None and result.summary["complete"]
-    assert _events(tmp_path / "ray") == _events(tmp_path / "sequential")
+    # the summary is written at a recording's end: this one by the attempt after the kill
+    assert (out / "summary.json").stat().st_mtime > killed[0]
+    assert _events(out) == _events(tmp_path / "sequential")

@@ -94,6 +94,15 @@ def test_predictions_equal_onnxruntime_direct(engine):
     np.testing.assert_allclose(engine.predict(x[0]), p[:1], atol=1e-6)  # single map
 
 
+def test_onnx_runtime_threads_can_be_capped(engine):
+    """A Ray worker given one CPU loads its engine with one ONNX Runtime thread: the same
+    probabilities as the default pool's."""
+    capped = load_engine(ENGINE, cpu_threads=1)
+    assert capped.session.get_session_options().intra_op_num_threads == 1
+    x = np.random.default_rng(1).random((8, 3, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(capped.predict(x), engine.predict(x), atol=1e-6)
+
+
 def test_training_maps_fit(engine, megc_dir):
     # Not a generalisation score (that is LOSO's job): the engine was trained on these maps.
     import csv
