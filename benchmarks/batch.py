@@ -91,34 +91,21 @@ def worker_memory(rounds: int = 2) -> str:
 
     import ray
 
-    from realtime_mer.batch import RECORDINGS_PER_WORKER, EngineSpec, run_on_ray
+    from realtime_mer.batch import (RECORDINGS_PER_WORKER, EngineSpec, run_on_ray,
+                                    running_recordings)
     from realtime_mer.capture import CaptureOptions
     from realtime_mer.pipeline import PipelineOptions
     from realtime_mer.runtime import default_engine_path
 
-    def ours(pid: int) -> bool:  # a descendant of this process: not another run's worker
-        while pid > 1:
+    def running_workers() -> dict[int, float]:
+        rss = {}
+        for pid in running_recordings():
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
-                return False
-            pid = int(next(line.split()[1] for line in status.splitlines()
-                           if line.startswith("PPid:")))
-            if pid == os.getpid():
-                return True
-        return False
-
-    def running_workers() -> dict[int, float]:
-        rss = {}
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
-                        b"ray::_analyze_in_worker") and ours(int(entry.name)):
-                    for line in (entry / "status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            rss[int(entry.name)] = int(line.split()[1]) / 1024
-            except OSError:
-                pass
+                continue
+            rss[pid] = next(int(line.split()[1]) / 1024 for line in status.splitlines()
+                            if line.startswith("VmRSS:"))
         return rss
 
     window: dict[int, float] = {}

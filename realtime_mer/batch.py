@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from realtime_mer.report import OUTPUT_FILES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineSpec", "RecordingResult", "complete_outputs", "run_on_ray"]
+__all__ = ["EngineSpec", "RecordingResult", "complete_outputs", "run_on_ray",
+           "running_recordings"]
 
 # A worker process is replaced after this many recordings: starting one costs about a second
 # (imports, the engine), which a fresh process per recording paid every time.
@@ -141,6 +143,36 @@ def _expected_work(video: Path, capture: CaptureOptions) -> float:
         return 0.0
     end = duration if capture.end_ms is None else min(duration, capture.end_ms)
     return max(end - capture.start_ms, 0.0)
+
+
+def running_recordings(driver_pid: int | None = None) -> list[int]:
+    """The process ids of the Ray workers started by this driver (by default this process)
+    that are analysing a recording now: Ray names a worker after the task it runs. Linux
+    (/proc) only; for tests and measurements."""
+    driver_pid = os.getpid() if driver_pid is None else driver_pid
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return False
+            pid = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("PPid:")))
+            if pid == driver_pid:
+                return True
+        return False
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            running = entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
+                f"ray::{_analyze_in_worker.__name__}".encode())
+        except OSError:  # the process ended meanwhile
+            continue
+        if running and descends(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
 
 
 @functools.lru_cache(maxsize=1)

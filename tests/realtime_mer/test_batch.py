@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -62,33 +61,6 @@ def test_workers_below_one_is_refused(tmp_path, media_dir):
     assert run.returncode == 2 and "--workers must be at least 1" in run.stderr
 
 
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return False
-        pid = int(next(line.split()[1] for line in status.splitlines()
-                       if line.startswith("PPid:")))
-        if pid == ancestor:
-            return True
-    return False
-
-
-def _running_task(pid: int) -> bool:
-    """Ray names a worker process after the task it is running (``ray::IDLE`` between)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_analyze_in_worker")
-    except OSError:  # the process ended meanwhile
-        return False
-
-
-def _our_running_tasks() -> list[int]:
-    """This test's own Ray workers running a recording (not another run's on this machine)."""
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-            and _running_task(int(p.name)) and _descends_from(int(p.name), os.getpid())]
-
-
 @pytest.mark.timeout(600)
 def test_a_recording_whose_worker_is_killed_is_redone(media_dir, tmp_path):
     """SIGKILL to the worker process in the middle of a recording (its outputs begun): Ray's
@@ -96,7 +68,7 @@ def test_a_recording_whose_worker_is_killed_is_redone(media_dir, tmp_path):
     import ray
 
     from realtime_mer.analysis import analyze_video
-    from realtime_mer.batch import EngineSpec, run_on_ray
+    from realtime_mer.batch import EngineSpec, run_on_ray, running_recordings
     from realtime_mer.capture import CaptureOptions
     from realtime_mer.pipeline import PipelineOptions
     from realtime_mer.runtime import default_engine_path, load_engine
@@ -113,7 +85,7 @@ def test_a_recording_whose_worker_is_killed_is_redone(media_dir, tmp_path):
             if not (out / "trace.csv").exists():
                 continue  # the recording has not begun writing
             stop.wait(0.3)
-            for pid in _our_running_tasks():
+            for pid in running_recordings():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(time.time())
                 return
