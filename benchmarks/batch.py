@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 MEDIA = REPO.parent / "shared" / "media"
 DOC = REPO / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- batch:begin -->", "<!-- batch:end -->"
+MEMORY_BEGIN, MEMORY_END = "<!-- batch-memory:begin -->", "<!-- batch-memory:end -->"
 VIDEOS = [MEDIA / "talking" / f"{n}.mp4" for n in ("d0", "d3", "d6", "d9", "d13", "d14")] + [
     MEDIA / "WolfgangLanger_Pexels.mp4", MEDIA / "single_face.mp4"]
 
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="only measure one worker's memory, the recordings twice over")
     args = parser.parse_args(argv)
     if args.memory:
-        print(worker_memory())
+        table = worker_memory()
+        print(table)
+        if not args.no_write:
+            write_between(MEMORY_BEGIN, MEMORY_END, table)
         return 0
     walls: dict[int, list[float]] = {0: [], 1: [], 2: []}  # 0: one process, no Ray
     with tempfile.TemporaryDirectory(prefix="mer-batch-") as tmp:
@@ -190,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         "time × count ÷ N for many recordings of similar length)."])
     print(table)
     if not args.no_write:
-        text = DOC.read_text()
-        DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
-                              f"{BEGIN}\n{table}\n{END}", text, flags=re.S))
+        write_between(BEGIN, END, table)
     return 0
+
+
+def write_between(begin: str, end: str, table: str) -> None:
+    text = DOC.read_text()
+    DOC.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end),
+                          lambda _: f"{begin}\n{table}\n{end}", text, flags=re.S))
 
 
 if __name__ == "__main__":
