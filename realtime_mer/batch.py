@@ -5,10 +5,11 @@ Each task runs :func:`realtime_mer.analysis.analyze_video` in a worker process t
 engine between recordings and is replaced after ``RECORDINGS_PER_WORKER`` of them, so whatever a
 recording leaves in a process's heap cannot pile up. A worker uses the CPUs Ray gave the task and
 no more (one, by default: its OpenCV, torch and ONNX Runtime thread pools are sized to it and
-events are classified inline), so N workers on N cores do not contend. Recordings are handed out longest first, so a long one does
-not finish alone at the end. A worker that dies (killed, out of memory) has its recording retried
-once, then marked failed; a recording that is bad input fails at once; neither stops the others.
-A rerun skips the recordings whose outputs are complete and valid.
+events are classified inline), so N workers on N cores do not contend. Recordings are handed out
+longest first, so a long one does not finish alone at the end. A worker that dies (killed, out
+of memory) has its recording retried once, then marked failed; a recording that is bad input
+fails at once; neither stops the others. A rerun skips the recordings whose outputs are complete
+and valid.
 """
 
 from __future__ import annotations
