@@ -419,9 +419,9 @@ def load_engine(path: str | Path | None = None, backend: str = "auto",
     backend and device), "onnxruntime", "torch" or "tensorrt". device: "auto",
     "cpu" or "cuda". precision: "fp32" or "fp16" (TensorRT only; other backends run the
     engine as it is). cpu_threads: ONNX Runtime's threads on the CPU (None: one per core; a
-    worker given one CPU passes 1). "auto" falls back with a logged reason; an explicit request that cannot be
-    met raises BackendUnavailable. Missing/corrupt files, hash or input-spec mismatch raise
-    EngineError.
+    worker given one CPU passes 1). "auto" falls back with a logged reason; an explicit request
+    that cannot be met raises BackendUnavailable. Missing/corrupt files, hash or input-spec
+    mismatch raise EngineError.
     """
     path = Path(path) if path is not None else default_engine_path()
     if backend not in BACKENDS:
