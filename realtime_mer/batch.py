@@ -113,10 +113,9 @@ def _analyze_in_worker(video: str, out_dir: str, engine: EngineSpec, options: Pi
     from realtime_mer.analysis import analyze_video
 
     cpus = _assigned_cpus()
-    _confine_to(cpus)
     try:
         backend = _engine_in_this_process(engine, cpus)
-        _confine_to(cpus)  # the engine's backend may have imported torch
+        _confine_to(cpus)  # after the engine: its backend may have imported torch
         # With one CPU, the classifier's background thread would only take turns with the face
         # stage on that core; inline gives the same events (with the PyTorch flow, whose
         # background thread batches waiting events, to the last bits).
