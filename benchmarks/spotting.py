@@ -431,7 +431,8 @@ def summarise(rows: list[dict], originals: dict[str, ClipRun], reencoded: dict[s
             "speaking_share": float(run.speaking.mean()) if run.speaking.size else 0.0}
     out["originals"] = originals_table
     agreement = {}
-    tp_all = n_a = n_b = 0
+    pooled = {"all": [0, 0, 0]}  # matched, events of the original, events of the re-encode
+    split_of = {c.name: c.split for c in clips}
     for name, run in originals.items():
         again = reencoded.get(name)
         if again is None:
@@ -439,11 +440,18 @@ def summarise(rows: list[dict], originals: dict[str, ClipRun], reencoded: dict[s
         a = [(e["onset_ms"], e["offset_ms"]) for e in run.events if e["kind"] != "blink"]
         b = [(e["onset_ms"], e["offset_ms"]) for e in again.events if e["kind"] != "blink"]
         tp = len(match_intervals(a, b))
-        tp_all, n_a, n_b = tp_all + tp, n_a + len(a), n_b + len(b)
-        agreement[name] = {"original": len(a), "crf14": len(b), "matched": tp,
-                           "f1": 2 * tp / (len(a) + len(b)) if a or b else 1.0}
-    out["crf14"] = {"per_clip": agreement,
-                    "f1": 2 * tp_all / (n_a + n_b) if n_a + n_b else 1.0}
+        for key in ("all", split_of[name]):
+            counts = pooled.setdefault(key, [0, 0, 0])
+            counts[0], counts[1], counts[2] = counts[0] + tp, counts[1] + len(a), \
+                counts[2] + len(b)
+        agreement[name] = {"split": split_of[name], "original": len(a), "crf14": len(b),
+                           "matched": tp, "f1": 2 * tp / (len(a) + len(b)) if a or b else 1.0}
+
+    def f1(counts: list[int]) -> float:
+        return 2 * counts[0] / (counts[1] + counts[2]) if counts[1] + counts[2] else 1.0
+
+    out["crf14"] = {"per_clip": agreement, "f1": f1(pooled["all"]),
+                    "f1_per_split": {k: f1(v) for k, v in pooled.items() if k != "all"}}
     return out
 
 
@@ -527,6 +535,8 @@ def markdown(summary: dict, wall_s: float, workers: int) -> str:
     for name, a in c["per_clip"].items():
         lines.append(f"| {name} | {a['original']} | {a['crf14']} | {a['matched']} | "
                      f"{a['f1']:.2f} |")
+    for split, value in c.get("f1_per_split", {}).items():
+        lines.append(f"| **{split} clips** | | | | **{value:.2f}** |")
     lines.append(f"| **all** | | | | **{c['f1']:.2f}** |")
     return "\n".join(lines) + "\n"
 

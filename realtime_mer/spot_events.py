@@ -1,4 +1,4 @@
-"""From region values to events: each region's running threshold from its own idle values,
+"""From region values to events: each region's running threshold from its own recent values,
 onset when a region rises over it, apex, offset when it falls back, the regions that moved
 together grouped into one event, and blinks reported as their own kind. The spotter
 (:mod:`realtime_mer.spotting`) measures the values; this module decides what is an event."""
@@ -124,12 +124,11 @@ class EventDetector:
         return np.where(np.isnan(self._last), np.inf, floor)
 
     def reference_target(self, t_ms: float) -> float | None:
-        """Time of the reference for a frame at ``t_ms`` while idle: ``lag`` back, but never
-        across the end of the last event (a reference inside an event would make a second,
-        phantom event). None while an event is open: the frozen reference is used."""
+        """Time of the reference for a frame at ``t_ms`` while idle: ``lag`` back. None while an
+        event is open: the frozen reference is used."""
         if self.in_event:
             return None
-        return max(t_ms - self.o.reference_lag_ms, self.clamp_t)
+        return t_ms - self.o.reference_lag_ms
 
     def _compute_levels(self, t_ms: float) -> _Levels | None:
         values = self._stats.since(t_ms - self.o.baseline_window_ms)
@@ -151,13 +150,26 @@ class EventDetector:
                                                                    - median[known])
         return _Levels(median, threshold, release)
 
-    def step(self, t_ms: float, values: np.ndarray, ref_t: float,
-             masked: np.ndarray) -> tuple[list[SpotEvent], bool]:
-        """Feed one frame: its region values and which regions a blink makes unusable. Returns
-        (the events that closed here, whether the reference froze here)."""
+    def step(self, t_ms: float, values: np.ndarray, ref_t: float, masked: np.ndarray,
+             baseline: tuple[np.ndarray, float, np.ndarray]) -> tuple[list[SpotEvent], bool]:
+        """Feed one frame: its region values against the reference ``reference_target`` asked
+        for (taken at ``ref_t``), which regions a blink makes unusable, and ``baseline``: the
+        same (values, ref_t, masked) against the frame ``reference_lag_ms`` back, whatever the
+        event state. Returns (the events that closed here, whether the reference froze here).
+
+        The thresholds' statistics are taken from the baseline values of every frame, in an
+        event or not: they then depend on the input alone, never on which events the rules
+        opened. Statistics of idle frames only would hinge on the event history: after a long
+        event a handful of samples set the thresholds, and two near-identical inputs (a
+        re-encode) could open different events and drift apart for seconds."""
         o = self.o
         if self.t_first is None:
             self.t_first = t_ms
+        base_values, base_ref_t, base_masked = baseline
+        if t_ms - base_ref_t >= 0.5 * o.reference_lag_ms:
+            base_sample = np.where(base_masked, np.nan, base_values)
+        else:  # the first frames: no frame a lag back yet, a smaller value, no fair sample
+            base_sample = None
         usable = np.where(masked, np.nan, values)
         self._last = usable
         self._hist.append(t_ms, usable)
@@ -178,14 +190,18 @@ class EventDetector:
             if not forced:
                 for r in np.flatnonzero(idle & (usable > ev.threshold)):
                     self._open_region(r, t_ms)
+            self._sample(t_ms, base_sample)
             if not self._open.any():
                 return self._end_group(t_ms), False
             return [], False
         self.levels = self._compute_levels(t_ms)
-        # A reference much nearer than the lag (right after an event or at the start) makes a
-        # smaller value: neither a fair trigger nor a fair baseline sample.
-        full_lag = t_ms - ref_t >= 0.5 * o.reference_lag_ms
-        if self.levels is not None and full_lag:
+        self._sample(t_ms, base_sample)
+        # No trigger against a reference much nearer than the lag (the first frames: a smaller
+        # value), nor for a lag after an event: the face going back to neutral would be a
+        # second, phantom event. The values themselves never depend on when the last event
+        # ended, so an event that ends a frame earlier or later changes nothing after this.
+        if self.levels is not None and t_ms - ref_t >= 0.5 * o.reference_lag_ms and \
+                t_ms - self.clamp_t >= o.reference_lag_ms:
             above = (usable > self.levels.threshold) & ~masked
             if above.any():
                 self.in_event = True
@@ -194,9 +210,11 @@ class EventDetector:
                 for r in np.flatnonzero(above):
                     self._open_region(r, t_ms)
                 return [], True
-        if full_lag:
-            self._stats.append(t_ms, usable)
         return [], False
+
+    def _sample(self, t_ms: float, sample: np.ndarray | None) -> None:
+        if sample is not None:
+            self._stats.append(t_ms, sample)
 
     def _open_region(self, r: int, t_ms: float) -> None:
         """The rise began before the crossing: walk back over the region's samples above its

@@ -10,8 +10,8 @@ distance (IOD). While nothing happens the reference is the crop ``reference_lag_
 once a region crosses its threshold the reference is frozen, so during an event each value is the
 displacement from the last neutral face and rises to the apex and falls back in one lobe.
 
-Each region has its own threshold from its own recent idle values (median + k·robust σ), so a
-talking mouth raises the mouth's threshold and not the brows'. The **detection floor** of a region
+Each region has its own threshold from its own recent values against the frame a lag back, at
+every frame (median + k·robust σ), so a talking mouth raises the mouth's threshold and not the brows'. The **detection floor** of a region
 is that threshold expressed as a movement: the smallest movement (peak displacement, % IOD) the
 spotter would report there and then, given the region's gain (measured: a movement of A % gives
 a value of about gain·A). Events larger than ``max_micro_pct`` or longer than ``max_micro_ms`` are
@@ -91,11 +91,12 @@ class SpotterOptions:
     # micro-expression's rise shows, short enough that speech and drift between the two frames
     # stay small.
     reference_lag_ms: float = 133.0
-    # Each region's running statistics of its idle values (median and MAD) over this window.
+    # Each region's running statistics (median and MAD) of its values against the crop a lag
+    # back, at every frame, over this window.
     baseline_window_ms: float = 3000.0
     warmup_ms: float = 1000.0
     min_baseline_samples: int = 8
-    # Threshold = median + threshold_k · 1.4826 · MAD of the region's idle values, and never a
+    # Threshold = median + threshold_k · 1.4826 · MAD of those values, and never a
     # movement smaller than min_floor_pct (so a perfectly still face does not fire on noise).
     threshold_k: float = 12.0
     min_floor_pct: float = 0.5
@@ -494,23 +495,26 @@ class Spotter:
         self._n = min(self._n + 1, self._capacity)
 
         det = self._detector
+        order = (self._order[:self._n] + (self._head - self._n)) % self._capacity
+        lag_pos = int(order[_nearest(self._times[order], t - self.options.reference_lag_ms)])
         target = det.reference_target(t)
         if target is None:
             ref, ref_t, ref_blinking = self._frozen, self._frozen_t, self._frozen_blinking
         else:
-            order = (self._order[:self._n] + (self._head - self._n)) % self._capacity
             ref_pos = int(order[_nearest(self._times[order], target)])
             ref, ref_t = self._crops[ref_pos], float(self._times[ref_pos])
             ref_blinking = bool(self._blinking[ref_pos])
-        if ref_t == t:
-            values = np.zeros(len(self.options.regions))
-        else:
-            values = region_values(self.flow.compute(ref, self._crops[pos]), weights,
-                                   self.options)
+        values = self._values(ref, ref_t, t, pos, weights)
         self.region_values = values
         # Lids compared with a frame of a blink measure the blink, whichever frame blinks.
         masked = self._blink_mask & (self.blinking or ref_blinking)
-        out, opened = det.step(t, values, ref_t, masked)
+        lag_t, lag_blinking = float(self._times[lag_pos]), bool(self._blinking[lag_pos])
+        if lag_t == ref_t:
+            baseline = (values, ref_t, masked)
+        else:  # in an event: the baseline still needs the lag comparison
+            baseline = (self._values(self._crops[lag_pos], lag_t, t, pos, weights), lag_t,
+                        self._blink_mask & (self.blinking or lag_blinking))
+        out, opened = det.step(t, values, ref_t, masked, baseline)
         if opened:
             self._frozen[...] = ref
             self._frozen_t = ref_t
@@ -518,6 +522,12 @@ class Spotter:
         if blink is not None:
             out.append(blink_event(blink))
         return out
+
+    def _values(self, ref: np.ndarray, ref_t: float, t: float, pos: int,
+                weights: np.ndarray) -> np.ndarray:
+        if ref_t == t:
+            return np.zeros(len(self.options.regions))
+        return region_values(self.flow.compute(ref, self._crops[pos]), weights, self.options)
 
     def finish(self) -> list[SpotEvent]:
         """The movement and the blink still open when the input ends, closed at its last frame
@@ -543,8 +553,8 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
     the per-frame trace).
 
     The idle-reference pairs (each frame with the frame ``reference_lag_ms`` before it) are
-    computed a batch of frames ahead of the rules. The rules can ask for another reference (the
-    frozen one during an event, the end of the last event right after it); those pairs are
+    computed a batch of frames ahead of the rules, for every frame (they feed the thresholds'
+    statistics). During an event the rules ask for the frozen reference too; those pairs are
     computed on demand, a batch of following frames at a time.
     """
     times = np.asarray(times_ms, dtype=np.float64).ravel()
@@ -606,16 +616,16 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
             ref = frozen
         else:
             ref = window(j) + _nearest(times[window(j):j + 1], target)
+        if not idle_done[j]:  # every frame's lag comparison feeds the baseline
+            cur = np.arange(j, min(n, j + batch_size))
+            cur = cur[~idle_done[cur]]
+            idle_values[cur] = values_of(idle_ref[cur], cur)
+            idle_done[cur] = True
         if ref == idle_ref[j]:
-            if not idle_done[j]:
-                cur = np.arange(j, min(n, j + batch_size))
-                cur = cur[~idle_done[cur]]
-                idle_values[cur] = values_of(idle_ref[cur], cur)
-                idle_done[cur] = True
             v = idle_values[j]
         else:
             if ref != extra_ref or j not in extra:
-                # A frozen or post-event reference holds for a run of frames of unknown length:
+                # The frozen reference holds for a run of frames of unknown length:
                 # batches that start small and double while it lasts.
                 extra_batch = 4 if ref != extra_ref else min(2 * extra_batch, batch_size)
                 cur = np.arange(j, min(n, j + extra_batch))
@@ -624,7 +634,10 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
             v = extra[j]
         trace.values[j] = v
         masked = blink_mask & bool(blinking[j] or blinking[ref])
-        closed, opened = detector.step(float(times[j]), v, float(times[ref]), masked)
+        lag = idle_ref[j]
+        baseline = (idle_values[j], float(times[lag]), blink_mask & bool(blinking[j] or
+                                                                         blinking[lag]))
+        closed, opened = detector.step(float(times[j]), v, float(times[ref]), masked, baseline)
         trace.floors[j] = detector.floors
         trace.in_event[j] = detector.in_event
         if opened:
