@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import resource
 import statistics
 import sys
@@ -29,6 +28,7 @@ DOC = REPO / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- faces:begin -->", "<!-- faces:end -->"
 TILES = ("d3", "d9", "d14", "d6")  # four different real people, 480-512 px square
 
+from benchmarks.doc_markers import write_between  # noqa: E402
 from realtime_mer.capture import Frame  # noqa: E402
 from realtime_mer.pipeline import Pipeline, PipelineOptions  # noqa: E402
 
@@ -105,12 +105,9 @@ def main() -> int:
         f"of {args.repeats} alternating runs on the 2-core CPU.", "", *rows])
     print(table)
     if not args.no_write:
-        text = DOC.read_text()
-        if BEGIN not in text:
-            text += f"\n## Cost per face (`--faces all`)\n\n`python benchmarks/faces.py`\n\n" \
-                    f"{BEGIN}\n{END}\n"
-        DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
-                              f"{BEGIN}\n{table}\n{END}", text, flags=re.S))
+        write_between(DOC, BEGIN, END, table,
+                      missing=f"\n## Cost per face (`--faces all`)\n\n`python benchmarks/faces.py`"
+                              f"\n\n{BEGIN}\n{END}\n")
     return 0
 
 

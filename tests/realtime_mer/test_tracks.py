@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from realtime_mer.cli import main
 from realtime_mer.pipeline import PipelineOptions
 from realtime_mer.tracks import FaceTracker
 
+from benchmarks.side_by_side import matched, padded, read_frames, write_lossless
 from tests.realtime_mer.pinned import assert_events_pinned
 
 SPOTTING_ONLY = PipelineOptions(classify=False)
@@ -24,50 +23,12 @@ FRAMES = 180  # of each side-by-side video: 6 s, a dozen events between the two 
 ALL_FACES = PipelineOptions(classify=False, faces="all")
 
 
-def _frames(path: Path, limit: int | None = None) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        out = []
-        for frame in container.decode(video=0):
-            out.append(frame.to_ndarray(format="bgr24"))
-            if limit is not None and len(out) == limit:
-                break
-        return out
-
-
-def _write_lossless(path: Path, images: list[np.ndarray], rate: int = 30) -> None:
-    """H.264 at qp 0 in 4:4:4: a half of a side-by-side video decodes to the same pixels as the
-    same half written alone, so the two runs see the same faces."""
-    with av.open(str(path), "w") as sink:
-        stream = sink.add_stream("libx264", rate=rate)
-        stream.width, stream.height = images[0].shape[1], images[0].shape[0]
-        stream.pix_fmt = "yuv444p"
-        stream.options = {"qp": "0", "preset": "ultrafast"}
-        for image in images:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                sink.mux(packet)
-        for packet in stream.encode():
-            sink.mux(packet)
-
-
-def _padded(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    out = np.zeros((height, width, 3), np.uint8)
-    out[:image.shape[0], :image.shape[1]] = image
-    return out
-
-
-def _matched(events, reference, tolerance_ms: float = 40.0) -> int:
-    """Events of ``events`` with an event of the same kind in ``reference`` whose onset is
-    within ``tolerance_ms``."""
-    return sum(any(e.kind == r.kind and abs(e.onset_ms - r.onset_ms) <= tolerance_ms
-                   for r in reference) for e in events)
-
-
 def test_every_face_of_a_group_photo_gets_its_own_id(media_dir, tmp_path):
     """multi_face.jpg (five people, eyes 35-45 px apart) as a one-frame video: five faces, ids
     1-5, drawn with their ids in the annotated video and listed in the summary."""
     image = cv2.imread(str(media_dir / "multi_face.jpg"))
     video = tmp_path / "group.mp4"
-    _write_lossless(video, [image[:image.shape[0] // 2 * 2, :image.shape[1] // 2 * 2]])
+    write_lossless(video, [image[:image.shape[0] // 2 * 2, :image.shape[1] // 2 * 2]])
     out = tmp_path / "out"
     assert main(["analyze", str(video), "--out", str(out), "--faces", "all", "--video",
                  "--no-progress"]) == 0
@@ -85,7 +46,7 @@ def test_every_face_of_a_group_photo_gets_its_own_id(media_dir, tmp_path):
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
-    annotated = _frames(out / "annotated.mp4")
+    annotated = read_frames(out / "annotated.mp4")
     assert len(annotated) == 1
     # each face's box is drawn: the annotated frame differs from the input along every box
     for x0, y0, x1, y1 in boxes:
@@ -101,12 +62,12 @@ def side_by_side(media_dir, tmp_path_factory):
     from the same pixels; the side-by-side one analysed with every face tracked, the halves
     with the largest face."""
     folder = tmp_path_factory.mktemp("side_by_side")
-    left = _frames(media_dir / "talking" / "d3.mp4", limit=FRAMES)
-    right = [_padded(image, 512, 512)
-             for image in _frames(media_dir / "talking" / "d9.mp4", limit=FRAMES)]
-    _write_lossless(folder / "left.mp4", left)
-    _write_lossless(folder / "right.mp4", right)
-    _write_lossless(folder / "both.mp4", [np.hstack([a, b]) for a, b in zip(left, right)])
+    left = read_frames(media_dir / "talking" / "d3.mp4", limit=FRAMES)
+    right = [padded(image, 512, 512)
+             for image in read_frames(media_dir / "talking" / "d9.mp4", limit=FRAMES)]
+    write_lossless(folder / "left.mp4", left)
+    write_lossless(folder / "right.mp4", right)
+    write_lossless(folder / "both.mp4", [np.hstack([a, b]) for a, b in zip(left, right)])
     runs = {name: analyze_video(folder / f"{name}.mp4", folder / name,
                                 options=ALL_FACES if name == "both" else SPOTTING_ONLY)
             for name in ("left", "right", "both")}
@@ -129,7 +90,7 @@ def test_two_people_side_by_side_get_two_tracks_with_their_own_events(side_by_si
         own = [e for e in both.events if e.face_id == face_id]
         alone = runs[half].events
         assert alone, half
-        found, kept = _matched(alone, own), _matched(own, alone)
+        found, kept = matched(alone, own), matched(own, alone)
         print(f"face {face_id}: {found} of {len(alone)} events of its half alone found, "
               f"{kept} of {len(own)} matched (onsets within 40 ms)")
         # Each face's landmarks differ from its half's by hundredths of a pixel (the face stage
@@ -153,10 +114,10 @@ def test_a_small_one_person_video_is_one_face(media_dir, tmp_path):
     """A real one-person video at 176x144 (QCIF, a video-call camera's size): one track, no
     spurious second face."""
     images = [cv2.resize(image, (144, 144), interpolation=cv2.INTER_AREA)
-              for image in _frames(media_dir / "talking" / "d9.mp4", limit=90)]
+              for image in read_frames(media_dir / "talking" / "d9.mp4", limit=90)]
     canvas = [np.pad(image, ((0, 0), (16, 16), (0, 0))) for image in images]
     video = tmp_path / "qcif.mp4"
-    _write_lossless(video, canvas)
+    write_lossless(video, canvas)
     result = analyze_video(video, tmp_path / "out", options=ALL_FACES)
     assert [f["face_id"] for f in result.summary["faces"]["tracked"]] == [1]
     assert result.summary["faces"]["tracked"][0]["frames"] >= 85
@@ -167,8 +128,8 @@ def test_a_face_that_leaves_keeps_its_id_and_a_newcomer_gets_the_next(media_dir)
     """d3 alone; d9 comes in on the right (face 2); d3 fades out for half a second (a gradual
     change, as when a person leaves, not a cut) and comes back: face 1 again, not a third
     face."""
-    left = _frames(media_dir / "talking" / "d3.mp4", limit=120)
-    right = [_padded(image, 512, 512) for image in _frames(media_dir / "talking" / "d9.mp4",
+    left = read_frames(media_dir / "talking" / "d3.mp4", limit=120)
+    right = [padded(image, 512, 512) for image in read_frames(media_dir / "talking" / "d9.mp4",
                                                             limit=120)]
     blank = np.zeros_like(right[0])
     ids_per_frame = []
@@ -197,8 +158,8 @@ def test_two_people_cut_between_at_one_spot_never_share_an_id(media_dir):
     """An edited interview: d3 and d14 (two women, the same framing) alternate every second at
     the same place. Their place, size and proportions are alike, so across a hard cut a face
     gets a new id rather than another person's."""
-    first = _frames(media_dir / "talking" / "d3.mp4", limit=120)
-    second = _frames(media_dir / "talking" / "d14.mp4", limit=120)
+    first = read_frames(media_dir / "talking" / "d3.mp4", limit=120)
+    second = read_frames(media_dir / "talking" / "d14.mp4", limit=120)
     segments: dict[int, set[int]] = {}
     with FaceTracker() as tracker:
         for i in range(120):
@@ -217,7 +178,7 @@ def test_a_face_gone_for_good_frees_its_state_and_keeps_its_counts(media_dir):
     from realtime_mer.capture import Frame
     from realtime_mer.pipeline import Pipeline
 
-    images = _frames(media_dir / "talking" / "d3.mp4", limit=40)
+    images = read_frames(media_dir / "talking" / "d3.mp4", limit=40)
     plain = np.full_like(images[0], 110)
     with Pipeline(ALL_FACES) as pipeline:
         for i in range(40 + 120):  # 40 frames of the face, then 4 s without it
