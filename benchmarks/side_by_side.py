@@ -99,6 +99,10 @@ def run_pair(folder: Path) -> list[dict]:
     both = analyze_video(folder / "both.mp4", folder / "both",
                          options=PipelineOptions(classify=False, faces="all"))
     side_of = _side_of_each_face(folder / "both.mp4")
+    unplaced = {e.face_id for e in both.events} - set(side_of)
+    if unplaced or len(both.summary["faces"]["tracked"]) != 2:
+        raise SystemExit(f"{folder / 'both.mp4'}: faces {sorted(unplaced)} not placed in a half "
+                         f"or not two faces tracked ({both.summary['faces']['tracked']})")
     rows = []
     for half in ("left", "right"):
         own = [e for e in both.events if side_of.get(e.face_id) == half]
@@ -119,7 +123,8 @@ def _side_of_each_face(video: Path) -> dict[int, str]:
         for i, image in enumerate(read_frames(video, 30)):
             faces, _ = tracker.process(image, i * 1000.0 / 30)
             for f in faces:
-                sides.setdefault(f.face_id, "left" if f.face.box_xyxy[0] < TILE else "right")
+                centre = (f.face.box_xyxy[0] + f.face.box_xyxy[2]) / 2
+                sides.setdefault(f.face_id, "left" if centre < TILE else "right")
     return sides
 
 

@@ -72,9 +72,10 @@ class EventDetector:
     (``reference_target``), since that depends on whether an event is open.
 
     Each region opens and closes its own event against its own threshold; they share one
-    reference, frozen when the first of them opens and released when the last closes (one flow
-    per frame, whatever the number of regions). The region events of that span are then merged
-    where they overlap (IoU >= ``merge_iou``: one movement seen in two regions) and returned."""
+    reference, frozen when the first of them opens and released when the last closes (one
+    frozen-reference flow per frame, whatever the number of regions). The region events of that
+    span are then merged where they overlap (IoU >= ``merge_iou``: one movement seen in two
+    regions) and returned."""
 
     merge_iou = 0.3
 
@@ -125,8 +126,10 @@ class EventDetector:
 
     def reference_target(self, t_ms: float) -> float | None:
         """Time of the reference for a frame at ``t_ms`` while idle: ``lag`` back. None while an
-        event is open: the frozen reference is used."""
-        if self.in_event:
+        event is open and for a lag after it: the frozen reference, the neutral face before the
+        event, is used. A frame a lag back would still be a frame of the event, and the face
+        going back to neutral would look like a second, phantom movement."""
+        if self.in_event or t_ms - self.clamp_t < self.o.reference_lag_ms:
             return None
         return t_ms - self.o.reference_lag_ms
 
@@ -197,9 +200,8 @@ class EventDetector:
         self.levels = self._compute_levels(t_ms)
         self._sample(t_ms, base_sample)
         # No trigger against a reference much nearer than the lag (the first frames: a smaller
-        # value), nor for a lag after an event: the face going back to neutral would be a
-        # second, phantom event. The values themselves never depend on when the last event
-        # ended, so an event that ends a frame earlier or later changes nothing after this.
+        # value), nor for a lag after an event: a face that has not quite settled back would
+        # reopen it at once.
         if self.levels is not None and t_ms - ref_t >= 0.5 * o.reference_lag_ms and \
                 t_ms - self.clamp_t >= o.reference_lag_ms:
             above = (usable > self.levels.threshold) & ~masked

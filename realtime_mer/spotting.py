@@ -11,8 +11,8 @@ once a region crosses its threshold the reference is frozen, so during an event 
 displacement from the last neutral face and rises to the apex and falls back in one lobe.
 
 Each region has its own threshold from its own recent values against the frame a lag back, at
-every frame (median + k·robust σ), so a talking mouth raises the mouth's threshold and not the brows'. The **detection floor** of a region
-is that threshold expressed as a movement: the smallest movement (peak displacement, % IOD) the
+every frame (median + k·robust σ), so a talking mouth raises the mouth's threshold and not the
+brows'. The **detection floor** of a region is that threshold expressed as a movement: the smallest movement (peak displacement, % IOD) the
 spotter would report there and then, given the region's gain (measured: a movement of A % gives
 a value of about gain·A). Events larger than ``max_micro_pct`` or longer than ``max_micro_ms`` are
 macro-expressions. Blinks (:mod:`realtime_mer.blinks`, from the eyelid landmarks) are reported as
@@ -511,7 +511,7 @@ class Spotter:
         lag_t, lag_blinking = float(self._times[lag_pos]), bool(self._blinking[lag_pos])
         if lag_t == ref_t:
             baseline = (values, ref_t, masked)
-        else:  # in an event: the baseline still needs the lag comparison
+        else:  # in or just after an event: the baseline still needs the lag comparison
             baseline = (self._values(self._crops[lag_pos], lag_t, t, pos, weights), lag_t,
                         self._blink_mask & (self.blinking or lag_blinking))
         out, opened = det.step(t, values, ref_t, masked, baseline)
@@ -634,9 +634,9 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
             v = extra[j]
         trace.values[j] = v
         masked = blink_mask & bool(blinking[j] or blinking[ref])
-        lag = idle_ref[j]
-        baseline = (idle_values[j], float(times[lag]), blink_mask & bool(blinking[j] or
-                                                                         blinking[lag]))
+        lag_j = idle_ref[j]
+        baseline = (idle_values[j], float(times[lag_j]), blink_mask & bool(blinking[j] or
+                                                                           blinking[lag_j]))
         closed, opened = detector.step(float(times[j]), v, float(times[ref]), masked, baseline)
         trace.floors[j] = detector.floors
         trace.in_event[j] = detector.in_event

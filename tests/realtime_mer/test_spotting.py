@@ -198,10 +198,11 @@ def test_twin_equality_synthetic(base_crop, case):
         times = times_at(30, 4000.0) + rng.uniform(-8, 8, len(times_at(30, 4000.0)))
         crops = make_sequence(base_crop, times, "brows", onset=1200.0, duration=1500.0)
         options = SpotterOptions(max_event_ms=300.0)
-    streamed, values, _ = push_all(Spotter(options), times, crops)
+    streamed, values, floors = push_all(Spotter(options), times, crops)
     events, trace = spot_offline(times, crops, options=options, batch_size=7)
     assert events and events == streamed
     assert np.array_equal(trace.values, values)
+    assert np.array_equal(trace.floors, floors, equal_nan=True)
     if case != "micro-30fps":
         unforced, _ = spot_offline(times, crops)
         assert events[0].offset_ms < unforced[0].offset_ms - 200.0, \
@@ -592,3 +593,42 @@ def test_event_rules_on_a_known_signal():
     assert micro.regions == ("brows",)
     assert macro.duration_ms > o.max_micro_ms
     assert large.duration_ms <= o.max_micro_ms and large.amplitude_pct > o.max_micro_pct
+
+
+def test_the_way_back_to_neutral_after_an_event_is_no_event_and_no_onset():
+    """For a lag after an event a frame a lag back is a frame of that event, so the frames are
+    compared with the neutral face frozen before it: the way back to neutral (which the lag
+    comparison sees as a movement) opens nothing and is never an onset or a peak."""
+    o = SpotterOptions(regions=SpotterOptions().regions[:1], region_gains=(0.5,),
+                       blink_regions=())
+    detector = EventDetector(o)
+    step, lag = 10.0, o.reference_lag_ms
+
+    def against_lag(t):  # the value against the frame a lag back
+        if 3000 <= t < 3200:
+            return 1.0  # a movement that holds until 3200 ms, then is gone at once
+        if 3200 <= t < 3200 + lag:
+            return 0.8  # the way back to neutral, seen against frames of the movement
+        if 3200 + lag <= t <= 3500:
+            return 0.6  # a new movement, above the threshold from the first allowed frame
+        return 0.10 + 0.01 * (round(t / step) % 3)
+
+    def against_frozen(t):  # the value against the neutral face frozen at the first onset
+        return 0.6 if 3200 + lag <= t <= 3500 else (1.0 if 3000 <= t < 3200 else 0.11)
+
+    events, frozen_ref = [], 0.0
+    for t in np.arange(0.0, 5000.0, step):
+        ref = detector.reference_target(t)
+        frozen_ref = frozen_ref if ref is None else ref
+        value = against_frozen(t) if ref is None else against_lag(t)
+        was_open = detector.in_event
+        baseline = (np.array([against_lag(t)]), t - lag, np.array([False]))
+        closed, _ = detector.step(t, np.array([value]), frozen_ref, np.array([False]),
+                                  baseline)
+        if 3200 <= t < 3200 + lag:
+            assert was_open or not detector.in_event, f"an event opened at {t} ms"
+        events.extend(closed)
+    first, second = events
+    assert first.offset_ms <= 3200.0
+    assert second.onset_ms > 3200.0 + lag - step  # where it rose from the neutral face
+    assert second.peak == pytest.approx(0.6)
