@@ -7,16 +7,18 @@ own motion (a robust affine fit of the whole face's flow) is subtracted; then in
 and right brow, ...) is taken in Gaussian windows centred on this person's own landmarks, and the
 region's value is the root mean square of its parts' displacements, in % of the inter-ocular
 distance (IOD). While nothing happens the reference is the crop ``reference_lag_ms`` earlier;
-once a region crosses its threshold the reference is frozen, so during an event each value is the
-displacement from the last neutral face and rises to the apex and falls back in one lobe.
+once a region crosses its threshold the reference is frozen (until a lag after the event), so
+during an event each value is the displacement from the last neutral face and rises to the apex
+and falls back in one lobe.
 
 Each region has its own threshold from its own recent values against the frame a lag back, at
 every frame (median + k·robust σ), so a talking mouth raises the mouth's threshold and not the
-brows'. The **detection floor** of a region is that threshold expressed as a movement: the smallest movement (peak displacement, % IOD) the
-spotter would report there and then, given the region's gain (measured: a movement of A % gives
-a value of about gain·A). Events larger than ``max_micro_pct`` or longer than ``max_micro_ms`` are
-macro-expressions. Blinks (:mod:`realtime_mer.blinks`, from the eyelid landmarks) are reported as
-their own kind, and the lids and brows are kept out of movement events while the eyes close.
+brows'. The **detection floor** of a region is that threshold expressed as a movement: the
+smallest movement (peak displacement, % IOD) the spotter would report there and then, given the
+region's gain (measured: a movement of A % gives a value of about gain·A). Events larger than
+``max_micro_pct`` or longer than ``max_micro_ms`` are macro-expressions. Blinks
+(:mod:`realtime_mer.blinks`, from the eyelid landmarks) are reported as their own kind, and the
+lids and brows are kept out of movement events while the eyes close.
 
 :class:`Spotter` is the push-based state machine; :func:`spot_offline` computes the flow in
 batches ahead of the same rules and gives the same events and trace to the bit.
