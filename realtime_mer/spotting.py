@@ -499,13 +499,11 @@ class Spotter:
         det = self._detector
         order = (self._order[:self._n] + (self._head - self._n)) % self._capacity
         lag_pos = int(order[_nearest(self._times[order], t - self.options.reference_lag_ms)])
-        target = det.reference_target(t)
-        if target is None:
+        if det.reference_target(t) is None:
             ref, ref_t, ref_blinking = self._frozen, self._frozen_t, self._frozen_blinking
-        else:
-            ref_pos = int(order[_nearest(self._times[order], target)])
-            ref, ref_t = self._crops[ref_pos], float(self._times[ref_pos])
-            ref_blinking = bool(self._blinking[ref_pos])
+        else:  # idle: the reference is the crop a lag back, the baseline's own
+            ref, ref_t = self._crops[lag_pos], float(self._times[lag_pos])
+            ref_blinking = bool(self._blinking[lag_pos])
         values = self._values(ref, ref_t, t, pos, weights)
         self.region_values = values
         # Lids compared with a frame of a blink measure the blink, whichever frame blinks.
@@ -613,11 +611,7 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
     frozen = -1
     extra_ref, extra, extra_batch = -1, {}, 4
     for j in range(n):
-        target = detector.reference_target(times[j])
-        if target is None:
-            ref = frozen
-        else:
-            ref = window(j) + _nearest(times[window(j):j + 1], target)
+        ref = frozen if detector.reference_target(times[j]) is None else int(idle_ref[j])
         if not idle_done[j]:  # every frame's lag comparison feeds the baseline
             cur = np.arange(j, min(n, j + batch_size))
             cur = cur[~idle_done[cur]]
