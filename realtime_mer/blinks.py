@@ -18,14 +18,16 @@ import numpy as np
 
 from realtime_mer.buffer import TimeSeries
 
-__all__ = ["BlinkOptions", "Blink", "BlinkDetector", "eye_openness", "crossing", "EYELID_PAIRS",
-           "EYE_CORNERS"]
+__all__ = ["BlinkOptions", "Blink", "BlinkDetector", "eye_openness", "gaze", "crossing",
+           "EYELID_PAIRS", "EYE_CORNERS", "IRIS_CENTRES"]
 
 #: (upper lid, lower lid) pairs across each eye: image-left eye 160/144, 159/145, 158/153,
 #: image-right eye 387/373, 386/374, 385/380.
 EYELID_PAIRS = (((160, 144), (159, 145), (158, 153)), ((387, 373), (386, 374), (385, 380)))
 #: Each eye's corners, for its width: image-left 33/133, image-right 362/263.
 EYE_CORNERS = ((33, 133), (362, 263))
+#: Each eye's iris centre (MediaPipe's refined landmarks), image-left then image-right.
+IRIS_CENTRES = (468, 473)
 
 
 def eye_openness(landmarks: np.ndarray) -> float:
@@ -42,6 +44,28 @@ def eye_openness(landmarks: np.ndarray) -> float:
         gaps = [float(np.hypot(*(pts[u] - pts[d]))) for u, d in pairs]
         values.append(sum(gaps) / len(gaps) / width)
     return float(sum(values) / len(values))
+
+
+def gaze(landmarks: np.ndarray) -> np.ndarray:
+    """Where the irises sit in the eyes: the mean over both eyes of the iris centre's offset
+    from the middle of the eye's corners, along and across the corners' line, in eye widths
+    (2,). A glance moves it by a tenth of the eye's width or more; the lids moving by a few %
+    of the eye distance hardly at all. NaN without the iris landmarks (fewer than 478 points)
+    or with degenerate eyes."""
+    pts = np.asarray(landmarks, np.float64)
+    if pts.ndim != 2 or pts.shape[0] <= max(IRIS_CENTRES) or not np.isfinite(pts).all():
+        return np.full(2, np.nan)
+    out = np.zeros(2)
+    for (a, b), iris in zip(EYE_CORNERS, IRIS_CENTRES):
+        axis = pts[b] - pts[a]
+        width = float(np.hypot(*axis))
+        if width <= 1e-6:
+            return np.full(2, np.nan)
+        along = axis / width
+        across = np.array([-along[1], along[0]])
+        offset = pts[iris] - 0.5 * (pts[a] + pts[b])
+        out += np.array([offset @ along, offset @ across]) / width
+    return out / len(IRIS_CENTRES)
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class SpotTraceWriter:
     """``trace.csv``: per frame and face (``face_id``; 0 in a frame without one), each region's
     spotting value and detection floor (% of the eye distance; the floor is the smallest
     movement the spotter would report there and then, empty while warming up, inf while a blink
-    masks the region), and whether the lids were masked for a blink and the person was talking.
+    or a glance masks the region), and whether the lids were masked for a blink and the person was talking.
     Written as the frames go (flushed every second of frames), so an interrupted run keeps it."""
 
     def __init__(self, path: str | Path, regions: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # the options are read, never built, here
     from realtime_mer.spotting import SpotterOptions
 
 log = logging.getLogger(__name__)
+
+# The current frame's values against the stored frame nearest a given time: (values, which
+# regions a blink or a glance masks in that pair).
+Remeasure = Callable[[float], tuple[np.ndarray, np.ndarray]]
 
 __all__ = ["SpotEvent", "EventDetector", "refine_apex", "blink_event"]
 
@@ -112,7 +116,7 @@ class EventDetector:
     @property
     def floors(self) -> np.ndarray:
         """Each region's detection floor now (% IOD of movement; NaN while warming up, inf
-        while a blink masks the region): the threshold as a movement, and while the region is
+        while a blink or a glance masks the region): the threshold as a movement, and while the region is
         itself moving, what it is doing plus the threshold (a new movement must stand out of
         it)."""
         levels = self._ev if self.in_event else self.levels
@@ -154,11 +158,15 @@ class EventDetector:
         return _Levels(median, threshold, release)
 
     def step(self, t_ms: float, values: np.ndarray, ref_t: float, masked: np.ndarray,
-             baseline: tuple[np.ndarray, float, np.ndarray]) -> tuple[list[SpotEvent], bool]:
+             baseline: tuple[np.ndarray, float, np.ndarray],
+             remeasure: Remeasure | None = None) -> tuple[list[SpotEvent], bool]:
         """Feed one frame: its region values against the reference ``reference_target`` asked
-        for (taken at ``ref_t``), which regions a blink makes unusable, and ``baseline``: the
+        for (taken at ``ref_t``), which regions a blink or a glance makes unusable, and ``baseline``: the
         same (values, ref_t, masked) against the frame ``reference_lag_ms`` back, whatever the
-        event state. Returns (the events that closed here, whether the reference froze here).
+        event state. ``remeasure`` measures this frame against an earlier stored one; it is
+        called, rarely, when a region crosses its threshold against a reference that was itself
+        moving (``_returning``). Returns (the events that closed here, whether the reference
+        froze here).
 
         The thresholds' statistics are taken from the baseline values of every frame, in an
         event or not: they then depend on the input alone, never on which events the rules
@@ -205,6 +213,8 @@ class EventDetector:
         if self.levels is not None and t_ms - ref_t >= 0.5 * o.reference_lag_ms and \
                 t_ms - self.clamp_t >= o.reference_lag_ms:
             above = (usable > self.levels.threshold) & ~masked
+            if above.any() and remeasure is not None:
+                above &= ~self._returning(ref_t, above, remeasure)
             if above.any():
                 self.in_event = True
                 self._ev = self.levels
@@ -213,6 +223,46 @@ class EventDetector:
                     self._open_region(r, t_ms)
                 return [], True
         return [], False
+
+    def _returning(self, ref_t: float, above: np.ndarray, remeasure: Remeasure) -> np.ndarray:
+        """Which of the crossing regions are only going back to where they rested before the
+        reference. A movement too slow or small to cross on its way out can cross on its way
+        back: the face back at rest against a reference near the movement's apex. Frozen there,
+        the reference would hold the apex and the event would not end for seconds. So when the
+        reference was itself moving in those regions, this frame is measured once more against
+        the last face at rest before it (``_rest_before``); a region that is not over its
+        threshold against that one is on its way back, and opens nothing."""
+        rest_t = self._rest_before(ref_t, above)
+        if rest_t is None:
+            return np.zeros_like(above)
+        values, masked = remeasure(rest_t)
+        return above & ~((values > self.levels.threshold) & ~masked)
+
+    def _rest_before(self, ref_t: float, regions: np.ndarray) -> float | None:
+        """The latest frame, at most ``max_micro_ms`` before ``ref_t`` (the longest movement
+        that matters here) and not before the last event's end, whose own value against the
+        frame a lag before it is under the release level in ``regions``; None when the frame at
+        ``ref_t`` already is such a face at rest, or none is found."""
+        times, values, _ = self._stats.last(self._stats.n)
+        release = self.levels.release[regions]
+        i = int(np.searchsorted(times, ref_t))  # the reference's own sample, or the next
+        if i > 0 and (i == len(times) or ref_t - times[i - 1] < times[i] - ref_t):
+            i -= 1
+        if i >= len(times) or abs(times[i] - ref_t) > 0.5 * self.o.reference_lag_ms:
+            return None  # no fair sample of the reference (the first frames)
+
+        def at_rest(k: int) -> bool:
+            sample = values[k, regions]
+            return bool(np.all(np.isfinite(sample)) and np.all(sample <= release))
+
+        if at_rest(i):
+            return None
+        for k in range(i - 1, -1, -1):
+            if times[k] < ref_t - self.o.max_micro_ms or times[k] < self.clamp_t:
+                break
+            if at_rest(k):
+                return float(times[k])
+        return None
 
     def _sample(self, t_ms: float, sample: np.ndarray | None) -> None:
         if sample is not None:

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from realtime_mer.blinks import BlinkDetector, BlinkOptions
+from realtime_mer.blinks import BlinkDetector, BlinkOptions, gaze
 from realtime_mer.face import CANONICAL_STABLE_28, CANONICAL_STRETCH_X
 from realtime_mer.flow import FlowEstimator, create_flow
 from realtime_mer.spot_events import EventDetector, SpotEvent, blink_event
@@ -136,6 +136,11 @@ class SpotterOptions:
     blink: BlinkOptions = field(default_factory=BlinkOptions)
     # Regions a blink moves: masked while the eyes close, and left out of the events around it.
     blink_regions: tuple[str, ...] = ("lids", "brows")
+    # Regions a glance moves: the lid windows border the irises, so between two frames where the
+    # irises sit more than glance_shift eye widths apart (blinks.gaze) they measure the eyeball
+    # turning, not the lids; masked in that pair.
+    glance_regions: tuple[str, ...] = ("lids",)
+    glance_shift: float = 0.1
     stride: int = 2
     max_fps: float = 250.0
 
@@ -165,9 +170,12 @@ class SpotterOptions:
             raise ValueError("release_fraction and edge_fraction must be in [0, 1)")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1; got {self.stride}")
-        unknown = set(self.blink_regions) - {name for name, _ in self.regions}
-        if unknown:
-            raise ValueError(f"blink_regions names regions that do not exist: {sorted(unknown)}")
+        for name in ("blink_regions", "glance_regions"):
+            unknown = set(getattr(self, name)) - {name for name, _ in self.regions}
+            if unknown:
+                raise ValueError(f"{name} names regions that do not exist: {sorted(unknown)}")
+        if not self.glance_shift > 0:
+            raise ValueError(f"glance_shift must be > 0; got {self.glance_shift}")
 
     @property
     def region_names(self) -> tuple[str, ...]:
@@ -381,9 +389,28 @@ def _nearest(times: np.ndarray, target: float) -> int:
     return i - 1 if target - times[i - 1] <= times[i] - target else i
 
 
+class _PairMask:
+    """Which regions a pair of frames (the current one and its reference) cannot measure: the
+    blink regions when either frame is in a blink (they would measure the blink), the glance
+    regions when the irises sit elsewhere in one of them (the eyeball turning)."""
+
+    def __init__(self, options: SpotterOptions) -> None:
+        names = options.region_names
+        self._blink = np.array([name in options.blink_regions for name in names])
+        self._glance = np.array([name in options.glance_regions for name in names])
+        self._shift = options.glance_shift
+
+    def __call__(self, blinking: bool, ref_blinking: bool, gaze: np.ndarray,
+                 ref_gaze: np.ndarray) -> np.ndarray:
+        glance = bool(np.hypot(*(gaze - ref_gaze)) > self._shift)  # False where NaN
+        return self._blink & bool(blinking or ref_blinking) | self._glance & glance
+
+
 def _crop_capacity(options: SpotterOptions) -> int:
-    # The idle reference is at most `lag` back; margin for irregular clocks.
-    return int(math.ceil(options.reference_lag_ms * 1.5 * options.max_fps / 1000.0)) + 2
+    # The idle reference is a lag back, a face at rest before it at most max_micro_ms more
+    # (EventDetector._rest_before); margin for irregular clocks.
+    span_ms = 1.5 * options.reference_lag_ms + options.max_micro_ms
+    return int(math.ceil(span_ms * options.max_fps / 1000.0)) + 2
 
 
 # -- the two paths ------------------------------------------------------------------------------
@@ -418,10 +445,10 @@ class Spotter:
         self._crops = np.zeros((self._capacity, size, size), np.uint8)
         self._times = np.zeros(self._capacity)
         self._blinking = np.zeros(self._capacity, bool)
+        self._gaze = np.full((self._capacity, 2), np.nan)
         self._order = np.arange(self._capacity)
         self._frozen = np.zeros((size, size), np.uint8)
-        self._blink_mask = np.array([name in options.blink_regions
-                                     for name in options.region_names])
+        self._unusable = _PairMask(options)
         self._detector = EventDetector(options)
         self._blinks = BlinkDetector(options.blink)
         self._anchors = _Anchors(options)
@@ -432,6 +459,7 @@ class Spotter:
         self._head = self._n = 0
         self._frozen_t = 0.0
         self._frozen_blinking = False
+        self._frozen_gaze = np.full(2, np.nan)
         self._detector.reset()
         self._blinks.reset()
         self._anchors.reset()
@@ -493,6 +521,7 @@ class Spotter:
         self._crops[pos] = _to_uint8(crop)
         self._times[pos] = t
         self._blinking[pos] = self.blinking
+        self._gaze[pos] = np.nan if landmarks is None else gaze(landmarks)
         self._head = (pos + 1) % self._capacity
         self._n = min(self._n + 1, self._capacity)
 
@@ -501,24 +530,35 @@ class Spotter:
         lag_pos = int(order[_nearest(self._times[order], t - self.options.reference_lag_ms)])
         if det.reference_target(t) is None:
             ref, ref_t, ref_blinking = self._frozen, self._frozen_t, self._frozen_blinking
+            ref_gaze = self._frozen_gaze
         else:  # idle: the reference is the crop a lag back, the baseline's own
             ref, ref_t = self._crops[lag_pos], float(self._times[lag_pos])
-            ref_blinking = bool(self._blinking[lag_pos])
+            ref_blinking, ref_gaze = bool(self._blinking[lag_pos]), self._gaze[lag_pos]
         values = self._values(ref, ref_t, t, pos, weights)
         self.region_values = values
-        # Lids compared with a frame of a blink measure the blink, whichever frame blinks.
-        masked = self._blink_mask & (self.blinking or ref_blinking)
-        lag_t, lag_blinking = float(self._times[lag_pos]), bool(self._blinking[lag_pos])
+
+        def unusable(k_blinking: bool, k_gaze: np.ndarray) -> np.ndarray:
+            return self._unusable(self.blinking, k_blinking, self._gaze[pos], k_gaze)
+
+        masked = unusable(ref_blinking, ref_gaze)
+        lag_t = float(self._times[lag_pos])
         if lag_t == ref_t:
             baseline = (values, ref_t, masked)
         else:  # in or just after an event: the baseline still needs the lag comparison
             baseline = (self._values(self._crops[lag_pos], lag_t, t, pos, weights), lag_t,
-                        self._blink_mask & (self.blinking or lag_blinking))
-        out, opened = det.step(t, values, ref_t, masked, baseline)
+                        unusable(bool(self._blinking[lag_pos]), self._gaze[lag_pos]))
+
+        def remeasure(target: float) -> tuple[np.ndarray, np.ndarray]:
+            k = int(order[_nearest(self._times[order], target)])
+            return (self._values(self._crops[k], float(self._times[k]), t, pos, weights),
+                    unusable(bool(self._blinking[k]), self._gaze[k]))
+
+        out, opened = det.step(t, values, ref_t, masked, baseline, remeasure)
         if opened:
             self._frozen[...] = ref
             self._frozen_t = ref_t
             self._frozen_blinking = ref_blinking
+            self._frozen_gaze = ref_gaze.copy()
         if blink is not None:
             out.append(blink_event(blink))
         return out
@@ -577,8 +617,11 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
     # The per-frame landmark rules first: they depend on the landmarks alone.
     anchors, blinks = _Anchors(options), BlinkDetector(options.blink)
     weights, blinking, blink_at = [], np.zeros(n, bool), {}
+    gazes = np.full((n, 2), np.nan)
     for j in range(n):
         lm = None if landmarks is None else landmarks[j]
+        if lm is not None:
+            gazes[j] = gaze(lm)
         weights.append(anchors.push(float(times[j]), lm))
         blink = blinks.push(float(times[j]), lm)
         blinking[j] = blinks.masking
@@ -604,7 +647,11 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
     idle_done = np.zeros(n, bool)
 
     detector = EventDetector(options)
-    blink_mask = np.array([name in options.blink_regions for name in options.region_names])
+    pair_mask = _PairMask(options)
+
+    def unusable(j: int, k: int) -> np.ndarray:
+        return pair_mask(bool(blinking[j]), bool(blinking[k]), gazes[j], gazes[k])
+
     trace = SpotTrace(times.copy(), np.zeros((n, regions)), np.zeros((n, regions)),
                       blinking, np.zeros(n, bool))
     events: list[SpotEvent] = []
@@ -629,11 +676,16 @@ def spot_offline(times_ms: Sequence[float] | np.ndarray, crops: np.ndarray,
                 extra_ref, extra = ref, {int(c): vals[k] for k, c in enumerate(cur)}
             v = extra[j]
         trace.values[j] = v
-        masked = blink_mask & bool(blinking[j] or blinking[ref])
+        masked = unusable(j, ref)
         lag_j = idle_ref[j]
-        baseline = (idle_values[j], float(times[lag_j]), blink_mask & bool(blinking[j] or
-                                                                           blinking[lag_j]))
-        closed, opened = detector.step(float(times[j]), v, float(times[ref]), masked, baseline)
+        baseline = (idle_values[j], float(times[lag_j]), unusable(j, lag_j))
+
+        def remeasure(target: float, j: int = j) -> tuple[np.ndarray, np.ndarray]:
+            k = window(j) + _nearest(times[window(j):j + 1], target)
+            return values_of(np.array([k]), np.array([j]))[0], unusable(j, k)
+
+        closed, opened = detector.step(float(times[j]), v, float(times[ref]), masked, baseline,
+                                       remeasure)
         trace.floors[j] = detector.floors
         trace.in_event[j] = detector.in_event
         if opened:

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
+from realtime_mer.blinks import gaze
 from realtime_mer.spot_events import EventDetector, refine_apex
 from realtime_mer.spotting import (
     REGION_NAMES, SpotEvent, Spotter, SpotterOptions, _anchor_indices, _default_anchors, _nearest,
@@ -151,16 +152,23 @@ def mouth_200(base_crop):
 def talking_clip(media_dir: Path):
     """The first 8 s of a real talking-head clip through the face stage: times, aligned crops and
     their landmarks (crop pixels). The man speaks, blinks often and puffs his cheeks."""
+    return _through_face_stage(media_dir / "talking" / "d9.mp4", 0.0, 8000.0)
+
+
+def _through_face_stage(path: Path, start_ms: float, end_ms: float):
+    """A stretch of a real video through the face stage: times, aligned crops and their
+    landmarks (crop pixels)."""
     from realtime_mer.capture import open_video
     from realtime_mer.face import FaceAligner, FaceOptions
 
-    path = media_dir / "talking" / "d9.mp4"
     if not path.exists():
         pytest.skip(f"{path} is not present")
     times, crops, landmarks = [], [], []
     with FaceAligner(FaceOptions(crop_size=SIZE, max_faces=1)) as aligner:
         for frame in open_video(path):
-            if frame.t_ms > 8000:
+            if frame.t_ms < start_ms:
+                continue
+            if frame.t_ms > end_ms:
                 break
             result = aligner.process(frame.image_bgr, frame.t_ms)
             assert result.found
@@ -427,6 +435,47 @@ def test_real_blinks_are_blinks_not_micro_expressions(talking_clip):
             assert not closed[(times >= e.onset_ms) & (times <= e.offset_ms)].any(), e
 
 
+@pytest.fixture(scope="module")
+def glancing_clip(media_dir: Path):
+    """4.5 s of a real face that rolls her eyes (5 s to 9.5 s of d14), through the face stage."""
+    return _through_face_stage(media_dir / "talking" / "d14.mp4", 5000.0, 9500.0)
+
+
+def test_a_glance_is_not_a_movement_of_the_lids(glancing_clip):
+    """The lid windows border the irises: between two frames where the eyes look elsewhere they
+    measure the eyeball turning, several times what the lids do. Those pairs mask the lids: no
+    event of the lids on a real face rolling her eyes, where without the mask there is one."""
+    times, crops, landmarks = glancing_clip
+    options = SpotterOptions()
+    lids = options.region_names.index("lids")
+    gazes = np.array([gaze(lm) for lm in landmarks])
+    lag_j = np.array([_nearest(times, t - options.reference_lag_ms) for t in times])
+    glance = np.hypot(*(gazes - gazes[lag_j]).T) > options.glance_shift
+    _, trace = spot_offline(times, crops, landmarks)
+    settled = (times >= times[0] + options.warmup_ms) & ~trace.blinking
+    assert (glance & settled).sum() >= 10, "the clip's eyes roll for about a second"
+    unmasked = SpotterOptions(glance_regions=())
+    events_unmasked, trace_unmasked = spot_offline(times, crops, landmarks, options=unmasked)
+    calm = settled & ~glance & ~trace_unmasked.in_event
+    looking = settled & glance & ~trace_unmasked.in_event
+    assert np.median(trace_unmasked.values[looking, lids]) > \
+        3 * np.median(trace_unmasked.values[calm, lids])
+    idle = looking & ~trace.in_event
+    assert idle.any() and np.isinf(trace.floors[idle, lids]).all()
+
+    events, _ = spot_offline(times, crops, landmarks)
+    for e in movements(events):  # no event of the lids holds a glance
+        assert "lids" not in e.regions or not glance[settled & (times >= e.onset_ms) &
+                                                    (times <= e.offset_ms)].any(), e
+    # Nor do the glances raise the lids' threshold: where the eyes are still, the floor stated
+    # for the lids is lower than with the glances counted as lid movements.
+    floor, floor_unmasked = (np.median(t.floors[calm & ~trace.in_event, lids])
+                             for t in (trace, trace_unmasked))
+    print(f"lids floor where the eyes are still: {floor:.2f} % with glances masked, "
+          f"{floor_unmasked:.2f} % without")
+    assert floor < 0.8 * floor_unmasked
+
+
 # -- the measurement ----------------------------------------------------------------------------
 
 def _weights(options: SpotterOptions = SpotterOptions()) -> np.ndarray:
@@ -496,6 +545,10 @@ def test_options_are_validated():
         SpotterOptions(reference_lag_ms=0.0)
     with pytest.raises(ValueError, match="blink_regions"):
         SpotterOptions(blink_regions=("ears",))
+    with pytest.raises(ValueError, match="glance_regions"):
+        SpotterOptions(glance_regions=("ears",))
+    with pytest.raises(ValueError, match="glance_shift"):
+        SpotterOptions(glance_shift=0.0)
     with pytest.raises(ValueError, match="default position"):
         SpotterOptions(regions=(("chin", (((152,),),)),), region_gains=(1.0,))
     with pytest.raises(ValueError, match="unknown flow"):
@@ -543,7 +596,7 @@ def test_event_rules_on_a_known_signal():
     at the peak, micro vs macro by duration and by size, and a spike shorter than
     min_event_ms dropped."""
     o = SpotterOptions(regions=SpotterOptions().regions[:1], region_gains=(0.5,),
-                       blink_regions=())
+                       blink_regions=(), glance_regions=())
     detector = EventDetector(o)
     step = 10.0
 
@@ -600,7 +653,7 @@ def test_the_way_back_to_neutral_after_an_event_is_no_event_and_no_onset():
     compared with the neutral face frozen before it: the way back to neutral (which the lag
     comparison sees as a movement) opens nothing and is never an onset or a peak."""
     o = SpotterOptions(regions=SpotterOptions().regions[:1], region_gains=(0.5,),
-                       blink_regions=())
+                       blink_regions=(), glance_regions=())
     detector = EventDetector(o)
     step, lag = 10.0, o.reference_lag_ms
 
@@ -632,3 +685,58 @@ def test_the_way_back_to_neutral_after_an_event_is_no_event_and_no_onset():
     assert first.offset_ms <= 3200.0
     assert second.onset_ms > 3200.0 + lag - step  # where it rose from the neutral face
     assert second.peak == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("way", ["back", "out"])
+def test_a_movement_crossing_only_on_its_way_back_opens_nothing(way):
+    """A small movement rises too slowly to cross the threshold against the frame a lag back,
+    then drops back fast: against the frame a lag back (near its apex) the face at rest again
+    crosses. Frozen there, the reference would hold the apex and the event run for seconds.
+    The frame is measured again against the last face at rest before the reference: back at
+    rest, it opens nothing (``way="back"``); still moving out, it opens the event as before
+    (``way="out"``). Without the second measurement the way back opens a 2-s event."""
+    o = SpotterOptions(regions=SpotterOptions().regions[:1], region_gains=(0.5,),
+                       blink_regions=(), glance_regions=())
+    step, lag = 10.0, o.reference_lag_ms
+    threshold = 0.11 + o.threshold_k * 1.4826 * 0.01
+    assert 0.25 < threshold < 0.6
+
+    def against_lag(t):
+        if 3000 <= t < 3150:
+            return 0.25  # rising, never over the threshold against the frame a lag back
+        if 3150 <= t < 3150 + lag:
+            return 0.6  # crossing: back at rest (against the apex), or still moving out
+        return 0.10 + 0.01 * (round(t / step) % 3)
+
+    def against_rest(t):  # the face against the last face at rest before the movement
+        return 0.11 if way == "back" else 0.9
+
+    def run(with_remeasure: bool) -> list:
+        detector = EventDetector(o)
+        events, frozen_ref, asked = [], 0.0, []
+        for t in np.arange(0.0, 6000.0, step):
+            ref = detector.reference_target(t)
+            frozen_ref = frozen_ref if ref is None else ref
+            # frozen at the frame a lag back: near the apex, or still moving out
+            value = 0.6 if ref is None and 3150 <= t < 3150 + 2000 else against_lag(t)
+
+            def remeasure(target, t=t):
+                asked.append((t, target))
+                return np.array([against_rest(t)]), np.array([False])
+
+            baseline = (np.array([against_lag(t)]), t - lag, np.array([False]))
+            closed, _ = detector.step(t, np.array([value]), frozen_ref, np.array([False]),
+                                      baseline, remeasure if with_remeasure else None)
+            events.extend(closed)
+        events.extend(detector.finish())
+        if with_remeasure:  # asked only where the reference was moving, for a face at rest
+            assert asked and all(3150 <= t < 3150 + lag and target < 3000 for t, target in asked)
+        return events
+
+    without = run(with_remeasure=False)
+    assert len(without) == 1 and without[0].duration_ms > 1500  # the stuck event
+    events = run(with_remeasure=True)
+    if way == "back":
+        assert events == []
+    else:
+        assert len(events) == 1 and events[0].onset_ms < 3150
