@@ -463,7 +463,9 @@ def markdown(summary: dict, wall_s: float, workers: int) -> str:
              "fields, "
              "1, 2, 3 % of the eye distance, 200-500 ms; a detection matches a movement when "
              "their intervals have IoU >= 0.5 (one to one). The spotter's settings were chosen "
-             "on the tune clips; the held-out clips were not looked at while choosing them.", ""]
+             "on the tune clips. Some rules were found by looking at why the held-out clips "
+             "failed in an earlier run (each is named in experiments/LOG.md), so those clips "
+             "are not blind to them.", ""]
     lines += ["### Faces that are not speaking (still faces and calm clips)", "",
               "A detection that matches no injected movement is false, even where the spotter "
               "makes the same detection on the untouched original (a movement of the person's "

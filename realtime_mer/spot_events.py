@@ -325,7 +325,9 @@ class EventDetector:
     def _end_group(self, t_ms: float) -> list[SpotEvent]:
         """Release the reference and turn the span's region events into events: overlapping
         ones (IoU >= merge_iou) are one movement, named by the region that stood highest above
-        its floor."""
+        its floor (its apex and peak), from the first onset to the last offset of the regions
+        that overlap that one (IoU >= merge_iou): edges that do not hang on which of two
+        near-tied regions stands highest."""
         o = self.o
         self.in_event = False
         self.clamp_t = t_ms
@@ -348,10 +350,15 @@ class EventDetector:
             others = [o.region_names[e.region] for e in sorted(
                 cluster, key=lambda e: -e.peak / ev.threshold[e.region]) if e is not main]
             regions = tuple(dict.fromkeys([o.region_names[r], *others]))
-            duration = main.offset - main.onset
+            # The regions that moved with the main one (not those a chain of overlaps joined):
+            # a near tie between two of them, whichever wins on a re-encode, gives one span.
+            alike = [e for e in cluster if e is main or _iou(e, main) >= self.merge_iou]
+            onset = min(e.onset for e in alike)
+            offset = max(e.offset for e in alike)
+            duration = offset - onset
             kind = "micro" if duration <= o.max_micro_ms and amplitude <= o.max_micro_pct \
                 else "macro"
-            out.append(SpotEvent(main.onset, main.apex, main.offset, kind, main.peak,
+            out.append(SpotEvent(onset, main.apex, offset, kind, main.peak,
                                  float(ev.threshold[r]), regions, float(amplitude),
                                  float(ev.threshold[r] / self._gains[r]),
                                  any(e.truncated for e in cluster)))
