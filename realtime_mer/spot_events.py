@@ -228,21 +228,26 @@ class EventDetector:
         """Which of the crossing regions are only going back to where they rested before the
         reference. A movement too slow or small to cross on its way out can cross on its way
         back: the face back at rest against a reference near the movement's apex. Frozen there,
-        the reference would hold the apex and the event would not end for seconds. So when the
-        reference was itself moving in those regions, this frame is measured once more against
-        the last face at rest before it (``_rest_before``); a region that is not over its
-        threshold against that one is on its way back, and opens nothing."""
+        the reference would hold the apex and the event would not end for seconds. So when those
+        regions moved shortly before the reference, this frame is measured once more against
+        the last face at rest before that movement (``_rest_before``); a region that is not over
+        its threshold against that one is on its way back, and opens nothing. A region the
+        second pair cannot measure (a blink or a glance in it) keeps its crossing."""
         rest_t = self._rest_before(ref_t, above)
         if rest_t is None:
             return np.zeros_like(above)
         values, masked = remeasure(rest_t)
-        return above & ~((values > self.levels.threshold) & ~masked)
+        return above & ~masked & ~(values > self.levels.threshold)
 
     def _rest_before(self, ref_t: float, regions: np.ndarray) -> float | None:
-        """The latest frame, at most ``max_micro_ms`` before ``ref_t`` (the longest movement
-        that matters here) and not before the last event's end, whose own value against the
-        frame a lag before it is under the release level in ``regions``; None when the frame at
-        ``ref_t`` already is such a face at rest, or none is found."""
+        """The last face at rest before the latest movement of ``regions`` up to ``ref_t``.
+        Walking back from the reference over at most ``max_micro_ms`` (the longest movement
+        that matters here), never to before the last event's end: a frame moved when its own
+        value against the frame a lag before it is over the release level in one of
+        ``regions``, and the first frame at rest before such a frame is the one. The reference's
+        own value alone would not do: a movement too slow to cross moves little in one lag, so
+        a reference near its apex can look at rest. None when nothing moved (the reference
+        stands where the face rested) or no frame at rest is found."""
         times, values, _ = self._stats.last(self._stats.n)
         release = self.levels.release[regions]
         i = int(np.searchsorted(times, ref_t))  # the reference's own sample, or the next
@@ -255,12 +260,13 @@ class EventDetector:
             sample = values[k, regions]
             return bool(np.all(np.isfinite(sample)) and np.all(sample <= release))
 
-        if at_rest(i):
-            return None
-        for k in range(i - 1, -1, -1):
+        moved = False
+        for k in range(i, -1, -1):
             if times[k] < ref_t - self.o.max_micro_ms or times[k] < self.clamp_t:
                 break
-            if at_rest(k):
+            if not at_rest(k):
+                moved = True
+            elif moved:
                 return float(times[k])
         return None
 

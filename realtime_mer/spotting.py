@@ -408,8 +408,8 @@ class _PairMask:
 
 def _crop_capacity(options: SpotterOptions) -> int:
     # The idle reference is a lag back, a face at rest before it at most max_micro_ms more
-    # (EventDetector._rest_before); margin for irregular clocks.
-    span_ms = 1.5 * options.reference_lag_ms + options.max_micro_ms
+    # (EventDetector._rest_before); half as much again for irregular clocks.
+    span_ms = 1.5 * (options.reference_lag_ms + options.max_micro_ms)
     return int(math.ceil(span_ms * options.max_fps / 1000.0)) + 2
 
 
