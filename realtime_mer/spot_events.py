@@ -116,9 +116,9 @@ class EventDetector:
     @property
     def floors(self) -> np.ndarray:
         """Each region's detection floor now (% IOD of movement; NaN while warming up, inf
-        while a blink or a glance masks the region): the threshold as a movement, and while the region is
-        itself moving, what it is doing plus the threshold (a new movement must stand out of
-        it)."""
+        while a blink or a glance masks the region): the threshold as a movement, and while the
+        region is itself moving, what it is doing plus the threshold (a new movement must stand
+        out of it)."""
         levels = self._ev if self.in_event else self.levels
         if levels is None:
             return np.full(len(self.o.regions), np.nan)
@@ -161,12 +161,12 @@ class EventDetector:
              baseline: tuple[np.ndarray, float, np.ndarray],
              remeasure: Remeasure | None = None) -> tuple[list[SpotEvent], bool]:
         """Feed one frame: its region values against the reference ``reference_target`` asked
-        for (taken at ``ref_t``), which regions a blink or a glance makes unusable, and ``baseline``: the
-        same (values, ref_t, masked) against the frame ``reference_lag_ms`` back, whatever the
-        event state. ``remeasure`` measures this frame against an earlier stored one; it is
-        called, rarely, when a region crosses its threshold against a reference that was itself
-        moving (``_returning``). Returns (the events that closed here, whether the reference
-        froze here).
+        for (taken at ``ref_t``), which regions a blink or a glance makes unusable, and
+        ``baseline``: the same (values, ref_t, masked) against the frame ``reference_lag_ms``
+        back, whatever the event state. ``remeasure`` measures this frame against an earlier
+        stored one; it is called, rarely, when a region crosses its threshold shortly after it
+        moved (``_returning``). Returns (the events that closed here, whether the reference froze
+        here).
 
         The thresholds' statistics are taken from the baseline values of every frame, in an
         event or not: they then depend on the input alone, never on which events the rules

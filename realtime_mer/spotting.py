@@ -170,8 +170,9 @@ class SpotterOptions:
             raise ValueError("release_fraction and edge_fraction must be in [0, 1)")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1; got {self.stride}")
+        known = {region for region, _ in self.regions}
         for name in ("blink_regions", "glance_regions"):
-            unknown = set(getattr(self, name)) - {name for name, _ in self.regions}
+            unknown = set(getattr(self, name)) - known
             if unknown:
                 raise ValueError(f"{name} names regions that do not exist: {sorted(unknown)}")
         if not self.glance_shift > 0:
@@ -400,9 +401,9 @@ class _PairMask:
         self._glance = np.array([name in options.glance_regions for name in names])
         self._shift = options.glance_shift
 
-    def __call__(self, blinking: bool, ref_blinking: bool, gaze: np.ndarray,
+    def __call__(self, blinking: bool, ref_blinking: bool, frame_gaze: np.ndarray,
                  ref_gaze: np.ndarray) -> np.ndarray:
-        glance = bool(np.hypot(*(gaze - ref_gaze)) > self._shift)  # False where NaN
+        glance = bool(np.hypot(*(frame_gaze - ref_gaze)) > self._shift)  # False where NaN
         return self._blink & bool(blinking or ref_blinking) | self._glance & glance
 
 
