@@ -164,8 +164,8 @@ class EventDetector:
         for (taken at ``ref_t``), which regions a blink or a glance makes unusable, and
         ``baseline``: the same (values, ref_t, masked) against the frame ``reference_lag_ms``
         back, whatever the event state. ``remeasure`` measures this frame against an earlier
-        stored one; it is called, rarely, when a region crosses its threshold shortly after it
-        moved (``_returning``). Returns (the events that closed here, whether the reference froze
+        stored one; it is called only at a crossing by regions that moved within
+        ``max_micro_ms`` before the reference (``_returning``). Returns (the events that closed here, whether the reference froze
         here).
 
         The thresholds' statistics are taken from the baseline values of every frame, in an
