@@ -165,8 +165,8 @@ class EventDetector:
         ``baseline``: the same (values, ref_t, masked) against the frame ``reference_lag_ms``
         back, whatever the event state. ``remeasure`` measures this frame against an earlier
         stored one; it is called only at a crossing by regions that moved within
-        ``max_micro_ms`` before the reference (``_returning``). Returns (the events that closed here, whether the reference froze
-        here).
+        ``max_micro_ms`` before the reference (``_returning``). Returns (the events that closed
+        here, whether the reference froze here).
 
         The thresholds' statistics are taken from the baseline values of every frame, in an
         event or not: they then depend on the input alone, never on which events the rules
