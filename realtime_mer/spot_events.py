@@ -88,8 +88,6 @@ class EventDetector:
         width = len(options.regions)
         self._gains = np.asarray(options.region_gains, np.float64)
         self._min_threshold = options.min_floor_pct * self._gains
-        self._blink_mask = np.array([name in options.blink_regions
-                                     for name in options.region_names])
         self._stats = TimeSeries(
             TimeSeries.capacity_for(options.baseline_window_ms, options.max_fps), width)
         self._hist = TimeSeries(TimeSeries.capacity_for(
