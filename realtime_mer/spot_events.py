@@ -322,6 +322,8 @@ class EventDetector:
             times[j], series[j], times[j + 1], series[j + 1], level)
         if offset - onset < o.min_event_ms and not truncated:
             return
+        if np.count_nonzero(series > ev.threshold[r]) < o.min_frames_over and not truncated:
+            return
         apex = min(max(refine_apex(times, series, apex_i), onset), offset)
         self._closed.append(_RegionEvent(r, float(onset), float(apex), float(offset), peak,
                                          truncated))

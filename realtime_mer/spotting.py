@@ -110,6 +110,10 @@ class SpotterOptions:
     # Shorter events are noise; longer than max_micro_ms or larger than max_micro_pct → macro;
     # still open after max_event_ms → closed there (a pose change must not hold the spotter).
     min_event_ms: float = 100.0
+    # A region's movement counts only where at least this many of its frames stand over its
+    # threshold: a real movement's apex spans several frames at any webcam rate, while a lone
+    # frame over it is a call that noise (a re-encode, landmark jitter) makes or breaks.
+    min_frames_over: int = 2
     max_micro_ms: float = 500.0
     max_micro_pct: float = 5.0
     max_event_ms: float = 2000.0
@@ -150,6 +154,8 @@ class SpotterOptions:
                      "anchor_window_ms", "anchor_update_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.min_frames_over < 1:
+            raise ValueError(f"min_frames_over must be >= 1; got {self.min_frames_over}")
         if self.crop_size < 32:
             raise ValueError(f"crop_size must be >= 32; got {self.crop_size}")
         if not self.regions:
