@@ -322,7 +322,10 @@ class EventDetector:
             times[j], series[j], times[j + 1], series[j + 1], level)
         if offset - onset < o.min_event_ms and not truncated:
             return
-        if np.count_nonzero(series > ev.threshold[r]) < o.min_frames_over and not truncated:
+        # Time over the threshold: each frame over it for the median frame interval (a
+        # microsecond of slack: three frames at 60 fps are the 50 ms they make).
+        if not truncated and np.count_nonzero(series > ev.threshold[r]) * float(
+                np.median(np.diff(times))) + 1e-3 < o.min_over_ms:
             return
         apex = min(max(refine_apex(times, series, apex_i), onset), offset)
         self._closed.append(_RegionEvent(r, float(onset), float(apex), float(offset), peak,

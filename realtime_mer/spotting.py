@@ -110,10 +110,11 @@ class SpotterOptions:
     # Shorter events are noise; longer than max_micro_ms or larger than max_micro_pct → macro;
     # still open after max_event_ms → closed there (a pose change must not hold the spotter).
     min_event_ms: float = 100.0
-    # A region's movement counts only where at least this many of its frames stand over its
-    # threshold: a real movement's apex spans several frames at any webcam rate, while a lone
-    # frame over it is a call that noise (a re-encode, landmark jitter) makes or breaks.
-    min_frames_over: int = 2
+    # A region's movement counts only where its frames over the threshold last at least this
+    # long (each frame for the frame interval): a lone frame over it at 24-30 fps (33-42 ms) is
+    # a call that noise (a re-encode, landmark jitter) makes or breaks, while a real movement's
+    # apex spans several; at 20 fps and slower one frame is that long already.
+    min_over_ms: float = 50.0
     max_micro_ms: float = 500.0
     max_micro_pct: float = 5.0
     max_event_ms: float = 2000.0
@@ -154,8 +155,8 @@ class SpotterOptions:
                      "anchor_window_ms", "anchor_update_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        if self.min_frames_over < 1:
-            raise ValueError(f"min_frames_over must be >= 1; got {self.min_frames_over}")
+        if not self.min_over_ms >= 0:
+            raise ValueError(f"min_over_ms must be >= 0; got {self.min_over_ms}")
         if self.crop_size < 32:
             raise ValueError(f"crop_size must be >= 32; got {self.crop_size}")
         if not self.regions:

@@ -583,8 +583,8 @@ def test_options_are_validated():
         SpotterOptions(glance_regions=("ears",))
     with pytest.raises(ValueError, match="glance_shift"):
         SpotterOptions(glance_shift=0.0)
-    with pytest.raises(ValueError, match="min_frames_over"):
-        SpotterOptions(min_frames_over=0)
+    with pytest.raises(ValueError, match="min_over_ms"):
+        SpotterOptions(min_over_ms=-1.0)
     with pytest.raises(ValueError, match="default position"):
         SpotterOptions(regions=(("chin", (((152,),),)),), region_gains=(1.0,))
     with pytest.raises(ValueError, match="unknown flow"):
@@ -778,26 +778,30 @@ def test_a_movement_crossing_only_on_its_way_back_opens_nothing(way):
         assert len(events) == 1 and events[0].onset_ms < 3150
 
 
-@pytest.mark.parametrize("frames_over", [1, 2])
-def test_a_lone_frame_over_the_threshold_is_no_movement(frames_over):
+@pytest.mark.parametrize("fps, frames_over, found", [(30, 1, False), (30, 2, True), (60, 2, False),
+                                                     (60, 3, True), (15, 1, True)])
+def test_a_lone_frame_over_the_threshold_is_no_movement(fps, frames_over, found):
     """A 200-ms rise and fall that stands over the threshold at ``frames_over`` frames of its
-    apex: one frame is the near-threshold call that noise makes or breaks, and opens no event
-    (unless min_frames_over allows it); two frames are a movement."""
+    apex. Over it for less than min_over_ms (a lone frame at 30 fps, two at 60) is the
+    near-threshold call that noise makes or breaks, and opens no event; two frames at 30 fps,
+    three at 60 and a single frame at 15 fps (67 ms) are a movement. With min_over_ms 0 every
+    case opens one."""
     o = SpotterOptions(regions=SpotterOptions().regions[:1], region_gains=(0.5,),
                        blink_regions=(), glance_regions=())
-    step = 33.0
+    step = 1000.0 / fps
     threshold = 0.11 + o.threshold_k * 1.4826 * 0.01
-    apex = 3003.0
+    times = np.arange(0.0, 6000.0, step)
+    apex = times[np.searchsorted(times, 3000.0)]
 
     def signal(k, t):
         if abs(t - apex) <= 100:  # over the release level all along, over the threshold at
-            over = apex <= t < apex + step * frames_over  # frames_over frames from the apex
+            over = apex <= t < apex + step * (frames_over - 0.5)  # frames_over frames
             return threshold * (1.02 if over else 0.9)
         return 0.10 + 0.01 * (k % 3)
 
     def run(options):
         detector, events, frozen_ref = EventDetector(options), [], 0.0
-        for k, t in enumerate(np.arange(0.0, 6000.0, step)):
+        for k, t in enumerate(times):
             ref = detector.reference_target(t)
             frozen_ref = frozen_ref if ref is None else ref
             s = np.array([signal(k, t)])
@@ -806,8 +810,6 @@ def test_a_lone_frame_over_the_threshold_is_no_movement(frames_over):
             events.extend(closed)
         return events + detector.finish()
 
-    assert sum(signal(k, t) > threshold for k, t in enumerate(np.arange(0.0, 6000.0, step))) \
-        == frames_over
-    events = run(o)
-    assert len(events) == (frames_over >= o.min_frames_over), events
-    assert len(run(replace(o, min_frames_over=1))) == 1
+    assert sum(signal(k, t) > threshold for k, t in enumerate(times)) == frames_over
+    assert len(run(o)) == found
+    assert len(run(replace(o, min_over_ms=0.0))) == 1
