@@ -322,10 +322,8 @@ class EventDetector:
             times[j], series[j], times[j + 1], series[j + 1], level)
         if offset - onset < o.min_event_ms and not truncated:
             return
-        # Time over the threshold: each frame over it for the median frame interval (a
-        # microsecond of slack: three frames at 60 fps are the 50 ms they make).
-        if not truncated and np.count_nonzero(series > ev.threshold[r]) * float(
-                np.median(np.diff(times))) + 1e-3 < o.min_over_ms:
+        if not truncated and _longest_run(series > ev.threshold[r]) * float(
+                np.median(np.diff(times))) < o.min_over_ms:
             return
         apex = min(max(refine_apex(times, series, apex_i), onset), offset)
         self._closed.append(_RegionEvent(r, float(onset), float(apex), float(offset), peak,
@@ -381,6 +379,16 @@ class EventDetector:
         for r in np.flatnonzero(self._open):
             self._close_region(r, t_last, truncated=True)
         return self._end_group(t_last)
+
+
+def _longest_run(flags: np.ndarray) -> int:
+    """The most consecutive True values in ``flags``: frames over a threshold one after the
+    other (two lone frames apart are two calls, not a movement)."""
+    best = run = 0
+    for flag in flags:
+        run = run + 1 if flag else 0
+        best = max(best, run)
+    return best
 
 
 def _iou(a: _RegionEvent, b: _RegionEvent) -> float:

@@ -110,11 +110,12 @@ class SpotterOptions:
     # Shorter events are noise; longer than max_micro_ms or larger than max_micro_pct → macro;
     # still open after max_event_ms → closed there (a pose change must not hold the spotter).
     min_event_ms: float = 100.0
-    # A region's movement counts only where its frames over the threshold last at least this
-    # long (each frame for the frame interval): a lone frame over it at 24-30 fps (33-42 ms) is
-    # a call that noise (a re-encode, landmark jitter) makes or breaks, while a real movement's
-    # apex spans several; at 20 fps and slower one frame is that long already.
-    min_over_ms: float = 50.0
+    # A region's movement counts only where consecutive frames over the threshold last at
+    # least this long (each frame for the median frame interval): a lone frame over it at
+    # 24-30 fps (33-42 ms) is a call that noise (a re-encode, landmark jitter) makes or breaks,
+    # while a real movement's apex spans several; at 20 fps and slower (50 ms a frame, with room
+    # for a camera's jitter) one frame is enough.
+    min_over_ms: float = 45.0
     max_micro_ms: float = 500.0
     max_micro_pct: float = 5.0
     max_event_ms: float = 2000.0
