@@ -78,3 +78,23 @@ def test_stopping_a_run_stops_its_worker_processes(tmp_path, megc_dir, stop):
             if _running(worker):
                 os.kill(worker, signal.SIGKILL)
         log.close()
+
+
+def test_a_stop_while_workers_start_waits_until_they_are_started():
+    """SIGTERM while the workers are being handed their data is held until every one is
+    started, then handled by the handler in place before (which stops them all): a stop in
+    the middle of the hand-over would leave a worker dying on a truncated pickle."""
+    from training.loso.runner import _stops_deferred
+
+    seen = []
+    interrupt = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with _stops_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert seen == [], "the stop came while the workers were being started"
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is interrupt  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, previous)

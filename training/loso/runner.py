@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import dataclasses
+import logging
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -175,10 +177,9 @@ def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int]
              for i, (outer, inner) in enumerate(shares)]
     say(f"{len(procs)} worker processes, {threads} torch thread(s) each")
     try:
-        # a stop can come while a worker is being started (the data is still being handed
-        # over): the workers started so far are stopped too
-        for p in procs:
-            p.start()
+        with _stops_deferred():
+            for p in procs:
+                p.start()
         for p in procs:
             p.join()
     except BaseException:
@@ -193,6 +194,32 @@ def _run_workers(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int]
         raise LosoWorkerError(f"{', '.join(failed)} failed (the error is printed above); the "
                            f"folds finished so far are kept in {run_dir}: rerun the same "
                            "command to resume")
+
+
+@contextlib.contextmanager
+def _stops_deferred():
+    """Hold SIGTERM and Ctrl+C while the workers are started, then act on them. A worker is
+    handed the data through a pipe as it starts; a stop raised in the middle of that write
+    would cut the data short, and the worker, not yet known to the parent (it has no pid to
+    stop), would die on a truncated pickle with a traceback. Held, the stop comes once every
+    worker is started, and the handler in place before (an exception) stops them all. Signals
+    are only handled in the main thread: elsewhere nothing is held."""
+    held: list[int] = []
+    stops = (signal.SIGTERM, signal.SIGINT)
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                    for s in stops}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if held:
+        signal.raise_signal(held[0])
 
 
 def _worker_main(worker: int, data: Megc3DB, cfg: LosoConfig, run_dir: str, outer: list[int],
