@@ -320,10 +320,10 @@ class EventDetector:
             j += 1
         offset = float(times[j]) if j + 1 >= series.size else _crossing(
             times[j], series[j], times[j + 1], series[j + 1], level)
-        if offset - onset < o.min_event_ms and not truncated:
-            return
-        if not truncated and _longest_run(series > ev.threshold[r]) * float(
-                np.median(np.diff(times))) < o.min_over_ms:
+        # Too brief, or over the threshold too briefly (each frame for the frame interval):
+        # noise, unless the input ended mid-movement.
+        over_ms = _longest_run(series > ev.threshold[r]) * float(np.median(np.diff(times)))
+        if not truncated and (offset - onset < o.min_event_ms or over_ms < o.min_over_ms):
             return
         apex = min(max(refine_apex(times, series, apex_i), onset), offset)
         self._closed.append(_RegionEvent(r, float(onset), float(apex), float(offset), peak,
