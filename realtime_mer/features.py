@@ -1,4 +1,6 @@
-"""Features stage: an onset/apex pair of face crops → the 28×28×3 (u, v, strain) network input.
+"""Features stage: an onset/apex pair of face crops → the 28×28×3 (u, v, strain) network input
+(and, for engines that take both phases of a movement, the apex/offset pair's map beside it:
+:func:`movement_map`).
 
 This is the ONE function that makes the map the 3DB-trained networks expect; training reads the
 published maps with :func:`load_3db_map`, the live pipeline computes them with
@@ -29,12 +31,14 @@ from realtime_mer.errors import InputError
 from realtime_mer.flow import FlowEstimator, TVL1Options, create_flow
 
 __all__ = [
-    "FeatureOptions", "FeatureExtractor", "flow_strain_map", "load_3db_map", "published_strain",
-    "normalise_minmax", "CHANNELS", "CALIBRATED_TVL1", "uses_torch_flow", "area_matrix",
-    "maps_from_flow_tensor",
+    "FeatureOptions", "FeatureExtractor", "flow_strain_map", "movement_map", "load_3db_map",
+    "published_strain", "normalise_minmax", "CHANNELS", "MOVEMENT_CHANNELS", "CALIBRATED_TVL1",
+    "uses_torch_flow", "area_matrix", "maps_from_flow_tensor",
 ]
 
 CHANNELS = ("u", "v", "strain")
+# Both phases of a movement: the onset→apex map, then the apex→offset map (the face going back).
+MOVEMENT_CHANNELS = CHANNELS + tuple(f"{c}_apex_offset" for c in CHANNELS)
 
 # OpenCV's default lambda_ is 0.15. On the calibration pair 0.2 matches the published u and v
 # better both on the raw pair (u r 0.92 → 0.95) and on a lightly blurred copy that undoes its GIF
@@ -272,9 +276,28 @@ def flow_strain_map(
     return _strain_map_from_flow(np.asarray(uv, dtype=np.float32), options)
 
 
+def movement_map(
+    onset: np.ndarray,
+    apex: np.ndarray,
+    offset: np.ndarray,
+    options: FeatureOptions = FeatureOptions(),
+    flow: FlowEstimator | None = None,
+) -> np.ndarray:
+    """Both phases of one movement: (map_size, map_size, 6) float32, the onset→apex map of
+    :func:`flow_strain_map` (channels 0-2) and the apex→offset map made the same way (channels
+    3-5, :data:`MOVEMENT_CHANNELS`), each channel normalised on its own.
+
+    The second phase is the face going back: its u and v mostly oppose the first's. Where the
+    offset is the apex itself (a movement whose end was not seen), the second map has no motion
+    to stretch and is all zeros, as :func:`normalise_minmax` makes a constant channel."""
+    return np.concatenate([flow_strain_map(onset, apex, options, flow),
+                           flow_strain_map(apex, offset, options, flow)], axis=-1)
+
+
 class FeatureExtractor:
     """Stage object for the pipeline: ``FeatureExtractor(options).process(onset, apex)`` →
-    (map_size, map_size, 3) float32 map, as :func:`flow_strain_map`. Owns its flow estimator
+    (map_size, map_size, 3) float32 map, as :func:`flow_strain_map`; with ``offset`` as well,
+    both phases' (map_size, map_size, 6), as :func:`movement_map`. Owns its flow estimator
     (not the shared one), so extractors in different threads do not share a cv2 object."""
 
     def __init__(self, options: FeatureOptions = FeatureOptions(),
@@ -282,13 +305,30 @@ class FeatureExtractor:
         self.options = options
         self._flow = flow if flow is not None else _new_estimator(options)
 
-    def process(self, onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
+    def process(self, onset: np.ndarray, apex: np.ndarray,
+                offset: np.ndarray | None = None) -> np.ndarray:
+        if offset is not None:
+            return movement_map(onset, apex, offset, self.options, self._flow)
         return flow_strain_map(onset, apex, self.options, self._flow)
 
-    def process_batch(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Several onset/apex pairs → their maps. With the PyTorch TV-L1 the pairs go through
-        the flow together and the rest of the recipe runs on the flow's device
-        (:func:`maps_from_flow_tensor`); other flows take them one by one."""
+    def process_batch(self, crops: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+        """Several (onset, apex) or (onset, apex, offset) crops → their maps, as :meth:`process`
+        gives them. With the PyTorch TV-L1 every pair goes through the flow together and the
+        rest of the recipe runs on the flow's device (:func:`maps_from_flow_tensor`); other
+        flows take them one by one."""
+        if any(len(c) not in (2, 3) for c in crops):
+            raise ValueError("each event's crops must be (onset, apex) or (onset, apex, offset)")
+        pairs = [pair for c in crops for pair in zip(c[:-1], c[1:])]
+        maps = self._pair_maps(pairs)
+        out, start = [], 0
+        for c in crops:
+            phases = len(c) - 1
+            out.append(maps[start] if phases == 1
+                       else np.concatenate(maps[start:start + phases], axis=-1))
+            start += phases
+        return out
+
+    def _pair_maps(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         if not hasattr(self._flow, "flow_tensor") or len(pairs) < 2:
             return [self.process(onset, apex) for onset, apex in pairs]
         import torch

@@ -2,7 +2,8 @@
 
 One :class:`Pipeline` object takes frames one at a time (from a file or a webcam alike) and
 returns a :class:`FrameResult` per frame; an event, when the spotter closes one, is classified on
-the spot from the onset and apex crops held in the ring buffer.
+the spot from the onset and apex crops held in the ring buffer (and its offset crop, for an
+engine fed both phases of the movement).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ class Pipeline:
             options.engine_path or default_engine_path(), backend=options.backend,
             device=options.device)
         self.class_names = list(self.engine.manifest.class_names) if self.engine else []
+        # An engine fed both phases of a movement also gets the apex→offset map of each event.
+        self._phases = self.engine.manifest.phases if self.engine is not None else 1
         self.source_name = source_name
         self.timer = StageTimer(synchronize=_synchronizer(self.engine))
         self.aligner = FaceAligner(options.face)
@@ -536,21 +539,25 @@ class Pipeline:
         offset_t = _clamp(spot.offset_ms, buffer)
         self.events_spotted += 1
         blink = spot.kind == "blink"  # reported as it is: no map, so no crops to keep
+        offset_crop = None if blink or self._phases == 1 else \
+            _under_transform(buffer.get(offset_t), onset.transform)
         return _EventJob(self.events_spotted, spot, None if blink else onset.crop.copy(),
                          None if blink else _under_transform(apex, onset.transform),
                          self._frame_index(onset.t_ms), self._frame_index(apex.t_ms),
                          self._frame_index(offset_t), self._map_landmarks(apex.landmarks),
-                         _spoken(track, spot.onset_ms, spot.offset_ms), track.face_id)
+                         _spoken(track, spot.onset_ms, spot.offset_ms), track.face_id,
+                         offset_crop)
 
     def _classify(self, job: _EventJob, feature_map: np.ndarray | None = None
                   ) -> tuple[EventRecord, np.ndarray]:
         if feature_map is None:
             with self.timer.stage("features"):
-                feature_map = self._features.process(job.onset_crop, job.apex_crop)
+                feature_map = self._features.process(*job.crops)
         with self.timer.stage("engine"):
             landmarks = None if job.apex_landmarks5 is None else job.apex_landmarks5[None]
             probabilities = self.engine.predict(
                 feature_map.transpose(2, 0, 1)[None].astype(np.float32), landmarks)[0]
+        feature_map = feature_map[..., :3]  # what is shown and saved: the onset→apex map
         best = int(np.argmax(probabilities))
         record = self._record(job, label=self.class_names[best],
                               confidence=float(probabilities[best]),
@@ -562,7 +569,7 @@ class Pipeline:
     def _classify_batch(self, jobs: list[_EventJob]) -> list[tuple[EventRecord, np.ndarray]]:
         """Events that waited together: their pairs through the flow as one batch."""
         start = time.perf_counter()
-        maps = self._features.process_batch([(job.onset_crop, job.apex_crop) for job in jobs])
+        maps = self._features.process_batch([job.crops for job in jobs])
         per_event_ms = (time.perf_counter() - start) * 1000.0 / len(jobs)
         for _ in jobs:
             self.timer.add("features", per_event_ms)
@@ -620,6 +627,15 @@ class _EventJob:
     apex_landmarks5: np.ndarray | None = None
     speech: bool = False
     face_id: int = 1
+    offset_crop: np.ndarray | None = None  # only for an engine fed both phases
+
+    @property
+    def crops(self) -> tuple[np.ndarray, ...]:
+        """What the feature stage makes the engine's input of: (onset, apex), or (onset, apex,
+        offset) for an engine fed both phases of the movement."""
+        if self.offset_crop is None:
+            return self.onset_crop, self.apex_crop
+        return self.onset_crop, self.apex_crop, self.offset_crop
 
 
 def _under_transform(frame, transform: np.ndarray | None) -> np.ndarray:

@@ -97,7 +97,8 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
                    help="phases of the movement fed to the network: 1 (onset→apex, the "
                         "default) or 2 (also apex→offset, stacked as channels 3-5, the network "
                         "built with in_channels 6); 2 needs --maps causalnet (the 3DB maps "
-                        "have no second phase) and trains and scores, but does not export")
+                        "have no second phase); its engine is fed both phases of each event "
+                        "by the live pipeline, made its own way")
 
 
 def _add_data_and_device(sp) -> None:

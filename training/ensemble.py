@@ -141,6 +141,9 @@ def write_ensemble_engine(result: dict, engines: list[str | Path], out: str | Pa
         m = Manifest.load(manifest_path(engine))
         if sha256_file(engine) != m.sha256:
             raise EnsembleError(f"{engine}: sha256 does not match its manifest")
+        if m.phases != 1:
+            raise EnsembleError(f"{engine} takes both phases of a movement; an ensemble's "
+                                "members take the onset→apex maps")
         quoted = m.loso or {}
         if (Path(str(quoted.get("results_file", ""))).name != Path(member["results"]).name
                 or quoted.get("uf1") is None or abs(quoted["uf1"] - member["uf1"]) > 1e-9):

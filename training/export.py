@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from realtime_mer.errors import EngineError
+from realtime_mer.features import CHANNELS, MOVEMENT_CHANNELS
 from realtime_mer.runtime import engine_format, sha256_file
 from realtime_mer.input_kinds import input_kind
 from training.data.megc3db import CLASS_NAMES, Megc3DB
@@ -175,7 +176,13 @@ def engine_network(model: torch.nn.Module, cfg: LosoConfig) -> torch.nn.Module:
     schedule must have passed :func:`check_engine_schedule`."""
     if cfg.tta == "none":
         return model
-    return MirrorAverage(model, cfg.mean, cfg.std).eval()
+    return MirrorAverage(model, _per_channel(cfg.mean, cfg), _per_channel(cfg.std, cfg)).eval()
+
+
+def _per_channel(values, cfg: LosoConfig) -> list[float]:
+    """The schedule's (u, v, strain) normalisation for every input channel: the triple applies
+    to each phase of the movement, as in training (:func:`training.loso.normalise`)."""
+    return [float(v) for v in values] * cfg.phases
 
 
 ENSEMBLE_RULE = ("CV ensemble: the model trained on all samples and the {k} inner models of "
@@ -412,10 +419,6 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     if fmt not in ("onnx", "torch_export"):
         raise ValueError(f"engine file {out}: export writes .onnx or .pt2 (an .ens ensemble is "
                          "written by `python -m training ensemble`)")
-    if cfg.phases != 1:
-        raise ValueError("an engine of two phases would need the apex→offset map of every "
-                         "event, which the live pipeline does not make: the two-phase input "
-                         "trains and scores in LOSO, but is not exported")
     if weights and ensemble:
         raise ValueError("--ensemble trains its members here; it cannot start from --weights")
     if weights and calibrate:
@@ -503,13 +506,17 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         format=fmt,
         input=_input_spec(cfg, x.shape[-1]),
         output={"name": OUTPUT_NAME, "kind": "logits", "shape": ["N", len(CLASS_NAMES)]},
-        normalization={"mean": list(cfg.mean), "std": list(cfg.std), "applied_by": "runtime",
+        normalization={"mean": _per_channel(cfg.mean, cfg), "std": _per_channel(cfg.std, cfg),
+                       "applied_by": "runtime",
                        "formula": "(x - mean[c]) / std[c] per channel, then the engine"},
         class_names=list(CLASS_NAMES),
         training={"data": "MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 "
                           "(u, v, strain) maps"
                           + ("" if data.maps is None else
-                             f"; trained on the {data.maps[0]} preprocessing of the samples"),
+                             f"; trained on the {data.maps[0]} preprocessing of the samples")
+                          + ("" if cfg.phases == 1 else
+                             "; both phases of each movement, CausalNet's onset->apex and "
+                             "apex->offset maps (the live pipeline makes its own of each)"),
                   "n_samples": len(own),
                   "n_subjects": len(data.subject_list),
                   "class_counts": list(data.class_counts()),
@@ -534,9 +541,10 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
 
 def _input_spec(cfg: LosoConfig, side: int) -> dict:
     if cfg.input_kind == "map28":
-        return {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
-                "layout": "NCHW", "channels": ["u", "v", "strain"], "value_range": [0.0, 1.0],
-                "kind": "map28"}
+        return {"name": INPUT_NAME, "shape": ["N", 3 * cfg.phases, side, side],
+                "dtype": "float32", "layout": "NCHW",
+                "channels": list(CHANNELS if cfg.phases == 1 else MOVEMENT_CHANNELS),
+                "value_range": [0.0, 1.0], "kind": "map28"}
     channels = (["u", "v", "strain"] if cfg.input_kind == "regions5"
                 else ["red", "green", "blue"])
     spec = {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",

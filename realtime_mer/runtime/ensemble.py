@@ -81,6 +81,10 @@ class EnsembleBackend:
             if list(m.class_names) != list(manifest.class_names):
                 raise EngineError(f"{path}: member {m.path.name} has classes {m.class_names}, "
                                   f"the ensemble {manifest.class_names}")
+            if m.manifest.phases != 1:
+                # The ensemble is fed one (N, 3, H, W) batch of onset→apex maps for every member.
+                raise EngineError(f"{path}: member {m.path.name} takes both phases of a "
+                                  "movement; an ensemble's members take the onset→apex maps")
 
     @property
     def class_names(self) -> list[str]:

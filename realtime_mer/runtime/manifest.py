@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from realtime_mer.errors import EngineError
+from realtime_mer.features import MOVEMENT_CHANNELS
 from realtime_mer.input_kinds import INPUT_KINDS, InputKind, check_input_options, input_kind
 
 __all__ = ["Manifest", "manifest_path"]
@@ -25,8 +26,11 @@ class Manifest:
     """What an engine is and how to feed it.
 
     input: {name, shape ["N", 3, 28, 28], dtype "float32", layout "NCHW", channels [u, v,
-    strain], value_range [0, 1], kind "map28" | "regions5" | "colour" | "mcnet" (how the input is built from the
-    maps, ``input_kinds.network_inputs``; absent = "map28"), options (the kind's switches)}; normalization: {mean, std, applied_by "runtime"}; output:
+    strain], value_range [0, 1], kind "map28" | "regions5" | "colour" | "mcnet" (how the input
+    is built from the maps, ``input_kinds.network_inputs``; absent = "map28"), options (the
+    kind's switches)}; a "map28" engine may take both phases of a movement: shape ["N", 6, 28,
+    28], channels ``features.MOVEMENT_CHANNELS`` (onset→apex, then apex→offset);
+    normalization: {mean, std, applied_by "runtime"}; output:
     {name, kind "logits" | "probabilities", shape}; loso: honest LOSO UF1/UAR; sha256 of the
     engine file; versions of the exporting tools.
     """
@@ -49,6 +53,12 @@ class Manifest:
         """How the engine's input is built from the maps ("kind", absent in older manifests:
         the maps themselves); checked when the manifest is read."""
         return input_kind(self.input.get("kind", "map28"))
+
+    @property
+    def phases(self) -> int:
+        """Phases of the movement the engine is fed: 2 when it takes the apex→offset map beside
+        the onset→apex one (six channels), else 1."""
+        return int(self.input["shape"][1]) // 3 if self.input_kind.is_identity else 1
 
     @property
     def networks(self) -> int:
@@ -97,6 +107,11 @@ class Manifest:
         if len(inp["channels"]) != inp["shape"][1]:
             raise EngineError(f"{source}: {len(inp['channels'])} channel names for "
                               f"{inp['shape'][1]} channels")
+        if inp["shape"][1] != 3 and not (INPUT_KINDS[kind].is_identity
+                                         and tuple(inp["channels"]) == MOVEMENT_CHANNELS):
+            raise EngineError(f"{source}: an engine takes 3 channels, or both phases of a "
+                              f"movement ({', '.join(MOVEMENT_CHANNELS)}) as maps; got "
+                              f"{inp['shape'][1]} channels {inp['channels']} of kind {kind!r}")
         norm = d["normalization"]
         c = inp["shape"][1]
         if (not isinstance(norm, dict) or len(norm.get("mean", [])) != c

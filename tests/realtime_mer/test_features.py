@@ -11,8 +11,8 @@ import pytest
 
 from realtime_mer.errors import InputError
 from realtime_mer.features import (
-    FeatureExtractor, FeatureOptions, flow_strain_map, load_3db_map, normalise_minmax,
-    published_strain, to_grey,
+    MOVEMENT_CHANNELS, FeatureExtractor, FeatureOptions, flow_strain_map, load_3db_map,
+    movement_map, normalise_minmax, published_strain, to_grey,
 )
 from realtime_mer.flow import DISFlow, create_flow, optical_strain
 
@@ -196,6 +196,36 @@ def test_extractor_matches_function_and_resets():
     np.testing.assert_array_equal(extractor.process(onset, apex), first)
 
 
+def test_a_movement_that_goes_back_has_a_second_phase_opposing_its_first(calibration):
+    """Both phases of a real micro-expression (the calibration pair's SMIC face) returning to
+    where it started (offset = onset): the apex→offset map is the onset→apex map's motion
+    reversed, so its u and v anti-correlate with the first phase's and its strain (which has no
+    sign) correlates; the first phase is exactly the one-phase map. Measured: r u −0.98, v −0.98,
+    strain +0.92."""
+    onset, apex, _ = calibration
+    both = movement_map(onset, apex, onset)
+    assert both.shape == (28, 28, len(MOVEMENT_CHANNELS)) == (28, 28, 6)
+    np.testing.assert_array_equal(both[..., :3], flow_strain_map(onset, apex))
+    np.testing.assert_array_equal(both[..., 3:], flow_strain_map(apex, onset))
+    r = [_pearson(both[..., c], both[..., 3 + c]) for c in range(3)]
+    assert r[0] < -0.85 and r[1] < -0.85 and r[2] > 0.75, r
+    # a movement whose end was not seen (offset = apex): no motion back, an all-zero phase
+    held = FeatureExtractor().process(onset, apex, apex)
+    np.testing.assert_array_equal(held[..., 3:], 0.0)
+    np.testing.assert_array_equal(held[..., :3], both[..., :3])
+
+
+def test_a_batch_of_one_and_two_phase_events_gives_each_its_own_maps():
+    onset, apex = _textured_pair()
+    back = np.ascontiguousarray(apex[:, ::-1])
+    extractor = FeatureExtractor()
+    batch = extractor.process_batch([(onset, apex), (onset, apex, back)])
+    np.testing.assert_array_equal(batch[0], flow_strain_map(onset, apex))
+    np.testing.assert_array_equal(batch[1], movement_map(onset, apex, back))
+    with pytest.raises(ValueError, match="onset, apex"):
+        extractor.process_batch([(onset,)])
+
+
 def test_identical_frames_give_finite_map():
     onset, _ = _textured_pair()
     m = flow_strain_map(onset, onset)
@@ -317,3 +347,7 @@ def test_a_batch_through_the_pytorch_flow_gives_each_pairs_own_map(calibration, 
     batch = extractor.process_batch(pairs)
     for (first, second), got in zip(pairs, batch):
         np.testing.assert_allclose(got, extractor.process(first, second), atol=1e-4)
+    # both phases of a movement: its two pairs in the same batch, each phase its pair's map
+    (both,) = extractor.process_batch([(onset, apex, onset)])
+    np.testing.assert_allclose(both[..., :3], batch[0], atol=1e-4)
+    np.testing.assert_allclose(both[..., 3:], extractor.process(apex, onset), atol=1e-4)

@@ -175,24 +175,18 @@ def test_frames_with_several_faces_are_counted(media_dir):
         assert pipeline.hard_cuts == 0 and pipeline.frames_with_face == 1
 
 
-def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
-    """Independently of the ring buffer: each event's map is the feature extractor's map of
-    the aligned crops of the frames nearest its onset and apex (which are the frames it names),
-    and its probabilities are the engine's for that map."""
+def _first_seconds_of_wolfgang(media_dir, engine):
+    """The pipeline over the first 6.5 s of Wolfgang's video (three expressions and two
+    blinks): each frame's aligned crop and transform by frame index, the frames' times, and
+    the (event, feature map) of every event that is not a blink."""
     import numpy as np
 
-    from realtime_mer.buffer import StoredFrame
-    from realtime_mer.features import FeatureExtractor
     from realtime_mer.capture import CaptureOptions
-    from realtime_mer.pipeline import _under_transform
 
-    engine = load_engine(default_engine_path())
-    options = PipelineOptions()
     crops, transforms, times, events = {}, {}, {}, []
-    # its first 6.5 s: three expressions and two blinks
     with open_video(media_dir / "WolfgangLanger_Pexels.mp4", CaptureOptions(end_ms=6500.0)) \
             as source, \
-            Pipeline(options, engine=engine) as pipeline:
+            Pipeline(PipelineOptions(), engine=engine) as pipeline:
         for frame in source:
             result = pipeline.process(frame)
             times[frame.index] = frame.t_ms
@@ -202,7 +196,32 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
             events.extend((event, feature_map) for event, feature_map
                           in zip(result.events, result.feature_maps) if event.kind != "blink")
     assert events
-    extractor = FeatureExtractor(options.features)
+    return crops, transforms, times, events
+
+
+def _recut(crops, transforms, frame, under):
+    """Frame ``frame``'s crop re-cut with frame ``under``'s transform, as the pipeline compares
+    an event's frames (independently of its ring buffer)."""
+    import numpy as np
+
+    from realtime_mer.buffer import StoredFrame
+    from realtime_mer.pipeline import _under_transform
+
+    stored = StoredFrame(crops[frame], np.zeros((478, 2)), 0.0, transforms[frame])
+    return _under_transform(stored, transforms[under])
+
+
+def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
+    """Independently of the ring buffer: each event's map is the feature extractor's map of
+    the aligned crops of the frames nearest its onset and apex (which are the frames it names),
+    and its probabilities are the engine's for that map."""
+    import numpy as np
+
+    from realtime_mer.features import FeatureExtractor
+
+    engine = load_engine(default_engine_path())
+    crops, transforms, times, events = _first_seconds_of_wolfgang(media_dir, engine)
+    extractor = FeatureExtractor(PipelineOptions().features)
     frame_ids = np.array(sorted(crops))
     frame_t = np.array([times[i] for i in frame_ids])
     for event, feature_map in events:
@@ -210,9 +229,40 @@ def test_an_event_is_classified_from_its_own_onset_and_apex_frames(media_dir):
             assert named == frame_ids[np.argmin(np.abs(frame_t - t_ms))]
         # The pair is compared under one transform, the onset's: the apex crop re-cut with it.
         onset, apex = event.onset_frame, event.apex_frame
-        stored = StoredFrame(crops[apex], np.zeros((478, 2)), 0.0, transforms[apex])
-        want = extractor.process(crops[onset], _under_transform(stored, transforms[onset]))
+        want = extractor.process(crops[onset], _recut(crops, transforms, apex, onset))
         np.testing.assert_allclose(feature_map, want, atol=1e-6)
+        probs = engine.predict(want.transpose(2, 0, 1)[None].astype(np.float32))[0]
+        np.testing.assert_allclose([event.probabilities[c] for c in engine.class_names], probs,
+                                   atol=1e-6)
+
+
+def test_an_engine_of_both_phases_is_fed_each_events_apex_to_offset_map(media_dir, megc_dir,
+                                                                        tmp_path):
+    """A real engine trained on both phases of each movement (CausalNet's maps of the 442
+    samples, three epochs) in the live path: each event's six channels are its onset→apex and
+    apex→offset maps, made from its own frames under the onset's transform; the event shows
+    the onset→apex map, and its class is the engine's on all six channels."""
+    import numpy as np
+
+    from realtime_mer.features import FeatureExtractor
+    from training.data.megc3db import load_phases
+    from training.export import export_default
+    from training.loso import LosoConfig
+
+    data = load_phases(megc_dir, megc_dir.parent / "megc2019_3db_causalnet")
+    cfg = LosoConfig(epochs=3, select_epochs="fixed", maps="causalnet", phases=2,
+                     model_kwargs={"in_channels": 6})
+    export_default(data, cfg, tmp_path / "phases.onnx")
+    engine = load_engine(tmp_path / "phases.onnx", backend="onnxruntime")
+    crops, transforms, _, events = _first_seconds_of_wolfgang(media_dir, engine)
+    extractor = FeatureExtractor(PipelineOptions().features)
+    for event, feature_map in events:
+        onset, apex, offset = event.onset_frame, event.apex_frame, event.offset_frame
+        assert onset < apex < offset
+        want = extractor.process(crops[onset], _recut(crops, transforms, apex, onset),
+                                 _recut(crops, transforms, offset, onset))
+        assert want.shape == (28, 28, 6) and np.abs(want[..., 3:]).max() > 0
+        np.testing.assert_allclose(feature_map, want[..., :3], atol=1e-6)
         probs = engine.predict(want.transpose(2, 0, 1)[None].astype(np.float32))[0]
         np.testing.assert_allclose([event.probabilities[c] for c in engine.class_names], probs,
                                    atol=1e-6)

@@ -167,6 +167,11 @@ def test_corrupt_onnx_with_matching_hash(tmp_path):
     ({"input": {"kind": "stack16"}}, "unknown input kind"),
     ({"input": {"kind": "mcnet", "options": {"gain": 2}}}, "no option"),
     ({"input": {"kind": "mcnet", "options": {"use_omam": "no"}}}, "must be a true/false"),
+    # six channels are both phases of a movement, named so, and only as the maps themselves
+    ({"input": {"shape": ["N", 6, 28, 28], "channels": list("uvsabc")}}, "both phases"),
+    ({"input": {"shape": ["N", 6, 28, 28], "kind": "colour",
+                "channels": ["u", "v", "strain", "u_apex_offset", "v_apex_offset",
+                             "strain_apex_offset"]}}, "both phases"),
 ])
 def test_manifest_mismatch(tmp_path, change, msg):
     if not ENGINE.is_file():

@@ -1,6 +1,6 @@
 """Two phases of each movement: CausalNet's onset→apex and apex→offset maps stacked as six
 channels, the mirror acting on both, a network built for six channels that learns from the
-second phase, and the schedules that cannot have it refused."""
+second phase, the schedules that cannot have it refused, and its engine fed as it was trained."""
 
 from __future__ import annotations
 
@@ -82,11 +82,43 @@ def test_the_command_line_builds_six_channels_and_refuses_what_cannot_be(tmp_pat
     assert "CausalNet's maps only" in capsys.readouterr().err
 
 
-def test_an_engine_of_two_phases_is_not_exported(tmp_path):
-    """The live pipeline makes the onset→apex map of an event only: an engine fed two phases
-    would be given what it never saw."""
-    from training.export import export_default
+def test_an_engine_of_two_phases_predicts_as_its_training_scored(tmp_path):
+    """An engine trained on both phases takes the six channels (its manifest says which), is
+    normalised per phase as in training, mirrors both phases as the LOSO scoring did, and is
+    moved by its second phase; three channels are refused, not guessed at."""
+    from realtime_mer.errors import InputError
+    from realtime_mer.features import MOVEMENT_CHANNELS
+    from realtime_mer.runtime import load_engine
+    from training.export import export_default, fit_full, save_weights
+    from training.loso import predict_probs
 
-    with pytest.raises(ValueError, match="not exported"):
-        export_default(_second_phase_only(_synthetic()), PHASES, tmp_path / "e.onnx")
-    assert not list(tmp_path.iterdir())
+    data = _second_phase_only(_synthetic())
+    cfg = dataclasses.replace(PHASES, epochs=3, select_epochs="fixed", tta="hflip",
+                              mean=(0.4, 0.5, 0.6), std=(0.3, 0.5, 0.4))
+    model = fit_full(data, cfg)[0]
+    save_weights(model, cfg, tmp_path / "w.pt")
+    manifest = export_default(data, cfg, tmp_path / "phases.onnx", weights=tmp_path / "w.pt")
+    assert manifest["input"]["shape"] == ["N", 6, 28, 28]
+    assert manifest["input"]["channels"] == list(MOVEMENT_CHANNELS)
+    assert manifest["normalization"]["mean"] == [0.4, 0.5, 0.6] * 2
+    assert "both phases" in manifest["training"]["data"]
+    engine = load_engine(tmp_path / "phases.onnx", backend="onnxruntime")
+    assert engine.manifest.phases == 2
+    want = predict_probs(model, data.x, cfg)
+    np.testing.assert_allclose(engine.predict(data.x), want, atol=1e-5)
+    swapped = data.x.copy()
+    swapped[:, 3:] = data.x[::-1, 3:]  # the second phases of other samples
+    assert np.abs(engine.predict(swapped) - want).max() > 0.1
+    with pytest.raises(InputError, match="6, 28, 28"):
+        engine.predict(data.x[:, :3])
+    # an ensemble feeds its members one batch of onset→apex maps: no member of two phases
+    from realtime_mer.errors import EngineError
+    from realtime_mer.runtime.ensemble import EnsembleBackend
+    from training.ensemble import EnsembleError, write_ensemble_engine
+
+    with pytest.raises(EngineError, match="both phases"):
+        EnsembleBackend(tmp_path / "x.ens", engine.manifest, [engine])
+    scored = {"members": [{"results": "loso.json", "uf1": 0.5}], "class_names": ["a"]}
+    with pytest.raises(EnsembleError, match="both phases"):
+        write_ensemble_engine(scored, [tmp_path / "phases.onnx"], tmp_path / "x.ens")
+    assert not (tmp_path / "x.ens").exists()
