@@ -34,8 +34,14 @@ def test_adding_the_other_set_to_score_leaves_the_run_on_its_own_set_unchanged(t
     assert len(both) == 2 * len(data) and both.class_counts() == data.class_counts()
     alone = run_loso(data, CFG, tmp_path / "alone", folds=[0, 1])
     scored = run_loso(both, CFG, tmp_path / "both", folds=[0, 1])
-    # the figures on the set trained on are bit for bit those of the run without the other set
-    assert scored["predictions"] == alone["predictions"]
+    # the figures on the set trained on are those of the run without the other set: the same
+    # models and classes; the probabilities (written to 6 decimals) within 2e-6, as the held-out
+    # maps are fed in a batch of another size and the CPU kernels' rounding depends on it on
+    # some machines (a last digit apart on an Intel Xeon, bit for bit on an AMD EPYC)
+    assert [{k: v for k, v in p.items() if k != "probs"} for p in scored["predictions"]] == \
+        [{k: v for k, v in p.items() if k != "probs"} for p in alone["predictions"]]
+    np.testing.assert_allclose([p["probs"] for p in scored["predictions"]],
+                               [p["probs"] for p in alone["predictions"]], rtol=0, atol=2e-6)
     assert scored["uf1"] == alone["uf1"] and scored["dataset"]["n_samples"] == len(data)
     other = scored["other_maps"]
     assert other["maps"] == "causalnet"
