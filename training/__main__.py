@@ -25,6 +25,7 @@ def default_data_dir(name: str = "megc2019_3db") -> Path:
 
 def _add_schedule(p: argparse.ArgumentParser) -> None:
     from training.loso import LosoConfig
+    from training.loso.config import MAP_SETS
 
     d = LosoConfig()
     g = p.add_argument_group("schedule (the same for every fold and for export)")
@@ -86,19 +87,21 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-options", default="{}",
                    help='JSON dict of the input kind\'s switches, e.g. mcnet: '
                         '\'{"use_omam": false, "use_oaum": true, "alpha": 2.0}\'')
-    g.add_argument("--maps", default=d.maps, choices=("3db", "causalnet"),
+    g.add_argument("--maps", default=d.maps, choices=MAP_SETS,
                    help="the preprocessing trained on: 3db (the maps the live pipeline "
-                        "reproduces, the default) or causalnet (CausalNet's whole-sequence "
-                        "base maps of the same samples, from --causalnet-data); map28 only")
+                        "reproduces, the default), causalnet (CausalNet's whole-sequence "
+                        "base maps of the same samples, from --causalnet-data) or live (the "
+                        "live pipeline's own maps of the raw databases, computed by "
+                        "`preprocess` into --cache); map28 only")
     g.add_argument("--other-maps-share", type=float, default=d.other_maps_share, metavar="P",
                    help="share of training draws that take the sample's other preprocessing "
                         "(0, the default: --maps alone; 0.5: each draw either set at random)")
     g.add_argument("--phases", type=int, default=d.phases, choices=(1, 2),
                    help="phases of the movement fed to the network: 1 (onset→apex, the "
                         "default) or 2 (also apex→offset, stacked as channels 3-5, the network "
-                        "built with in_channels 6); 2 needs --maps causalnet (the 3DB maps "
-                        "have no second phase); its engine is fed both phases of each event "
-                        "by the live pipeline, made its own way")
+                        "built with in_channels 6); 2 needs --maps causalnet or --maps live "
+                        "(the 3DB maps have no second phase); its engine is fed both phases "
+                        "of each event by the live pipeline, made its own way")
 
 
 def _add_data_and_device(sp) -> None:
@@ -118,7 +121,15 @@ def _add_common(sp) -> None:
     """The options of the commands that train on the 3DB maps: data, device, threads and the
     LOSO schedule."""
     _add_data_and_device(sp)
+    sp.add_argument("--cache", help="with --maps live: the folder `python -m training "
+                                    "preprocess` wrote (kinds map28, or phases28 for --phases 2)")
+    sp.add_argument("--databases", help="with --maps live: comma list of the databases in "
+                                        "--cache to use (default all)")
     _add_schedule(sp)
+
+
+def _databases(args) -> list[str] | None:
+    return args.databases.split(",") if args.databases else None
 
 
 def _json_object(text: str, option: str) -> dict:
@@ -218,7 +229,8 @@ def cmd_loso(args) -> int:
     folds = _parse_folds(args.folds)
     data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
                              cfg.input_kind, score_other_maps=args.score_other_maps,
-                             phases=cfg.phases)
+                             phases=cfg.phases,
+                             cache=args.cache, databases=_databases(args))
     run_dir = args.run_dir or (f"runs/loso_{cfg.model}_e{cfg.epochs}_s{cfg.seed}"
                                + ("_nested" if cfg.select_epochs == "nested" else ""))
     print(f"LOSO {cfg.model}: {len(data.primary_rows)} samples, {len(data.subject_list)} "
@@ -288,7 +300,8 @@ def cmd_train(args) -> int:
     _setup(args)
     cfg = _config(args)  # a schedule that does not fit fails before the data is read
     data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
-                             cfg.input_kind, phases=cfg.phases)
+                             cfg.input_kind, phases=cfg.phases,
+                             cache=args.cache, databases=_databases(args))
     model, selection = fit_full(data, cfg, device=args.device,
                                 progress=lambda m: print(m, flush=True))
     save_weights(model, cfg, args.out, selection)
@@ -369,7 +382,8 @@ def cmd_export(args) -> int:
     if args.weights:
         cfg, weights = _schedule_of_weights(args, cfg)
     data = load_for_schedule(args.data, args.causalnet_data, cfg.maps, cfg.other_maps_share,
-                             cfg.input_kind, phases=cfg.phases)
+                             cfg.input_kind, phases=cfg.phases,
+                             cache=args.cache, databases=_databases(args))
     loso_results = (args.loso_results if args.loso_results is not None
                     else default_loso_results(cfg, ensemble=args.ensemble,
                                               calibrated=args.calibrate))
@@ -395,8 +409,9 @@ def _add_export_parser(sub) -> None:
                     help="engine path (default engines/<model>_3db.onnx, "
                          "engines/<model>_cv<k+1>_3db.onnx with --ensemble, then _mirror with "
                          "--tta hflip, _shiftK with --shift K, _cal with --calibrate (prior), "
-                         "_calbias with --calibrate bias, before "
-                         "_3db); a name ending in "
+                         "_calbias with --calibrate bias, _2phases with --phases 2, before "
+                         "the maps learned: _3db, _causalnet or _live, with _mixed for "
+                         "--other-maps-share); a name ending in "
                          ".pt2 writes a torch.export program instead of ONNX (the engine of "
                          "the torch and TensorRT backends); the manifest is written beside it "
                          "as <out>.json")
@@ -515,7 +530,8 @@ def _add_preprocess_parser(sub) -> None:
     sp.add_argument("--root", required=True, help="the database's frame folder")
     sp.add_argument("--sheet", help="annotation sheet, CSV (or .xlsx with openpyxl); not SMIC")
     sp.add_argument("--cache", required=True, help="cache folder (resumable)")
-    sp.add_argument("--kinds", default="map28", help="comma list of map28, colour224, stack16")
+    sp.add_argument("--kinds", default="map28", help="comma list of map28, colour224, stack16, phases28 (both phases of "
+                         "each movement, for `loso --maps live --phases 2`)")
     sp.add_argument("--flow", default="opencv-tvl1",
                     help="flow implementation: opencv-tvl1, torch-tvl1, dis, auto")
     sp.add_argument("--no-align", action="store_true",

@@ -387,13 +387,16 @@ def engine_file_name(cfg: LosoConfig, ensemble: bool = False,
     """The file name ``training export`` gives an engine of this schedule under engines/: the
     network, then what changes its predictions (CV ensemble, mirrored prediction, shifted
     training, calibration: ``_cal`` for the class-prior rule, ``_calbias`` for the class-bias
-    rule), so that engines of different schedules never overwrite one another."""
+    rule, both phases), then the maps it learned (``_3db``; ``_mixed`` where it drew the other
+    set too), so that engines of different schedules never overwrite one another."""
     check_calibration_rule(calibrate)
     name = f"{cfg.model}_cv{cfg.inner_folds + 1}" if ensemble else cfg.model
     name += "_mirror" if cfg.tta == "hflip" else ""
     name += f"_shift{cfg.shift_pixels}" if cfg.shift_pixels else ""
     name += {None: "", "prior": "_cal", "bias": "_calbias"}[calibrate]
-    return f"{name}_3db.onnx"
+    name += "_2phases" if cfg.phases == 2 else ""
+    maps = cfg.maps + ("_mixed" if cfg.other_maps_share else "")
+    return f"{name}_{maps}.onnx"
 
 
 def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
@@ -510,13 +513,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
                        "applied_by": "runtime",
                        "formula": "(x - mean[c]) / std[c] per channel, then the engine"},
         class_names=list(CLASS_NAMES),
-        training={"data": "MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 "
-                          "(u, v, strain) maps"
-                          + ("" if data.maps is None else
-                             f"; trained on the {data.maps[0]} preprocessing of the samples")
-                          + ("" if cfg.phases == 1 else
-                             "; both phases of each movement, CausalNet's onset->apex and "
-                             "apex->offset maps (the live pipeline makes its own of each)"),
+        training={"data": _training_data(data, cfg),
                   "n_samples": len(own),
                   "n_subjects": len(data.subject_list),
                   "class_counts": list(data.class_counts()),
@@ -537,6 +534,21 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
     manifest.save(Path(str(out) + ".json"))
     say(f"engine {out} ({out.stat().st_size} bytes), manifest {out}.json; export check {check}")
     return manifest.to_dict()
+
+
+def _training_data(data: Megc3DB, cfg: LosoConfig) -> str:
+    """What the manifest says the engine was trained on."""
+    phases = "" if cfg.phases == 1 else "; both phases of each movement (onset->apex, apex->offset)"
+    if cfg.maps == "live":
+        databases = ", ".join(sorted(set(map(str, data.databases))))
+        return (f"the live pipeline's own 28x28 (u, v, strain) maps of the raw databases' "
+                f"samples ({databases}), computed from their frames by `python -m training "
+                f"preprocess`{phases}")
+    return ("MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 (u, v, strain) maps"
+            + ("" if data.maps is None else
+               f"; trained on the {data.maps[0]} preprocessing of the samples")
+            + ("" if cfg.phases == 1 else
+               f"{phases}, CausalNet's maps (the live pipeline makes its own of each)"))
 
 
 def _input_spec(cfg: LosoConfig, side: int) -> dict:

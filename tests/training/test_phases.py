@@ -49,9 +49,9 @@ def test_a_network_of_six_channels_learns_from_the_second_phase(tmp_path):
 
 
 def test_schedules_that_cannot_have_two_phases_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="CausalNet's maps only"):
+    with pytest.raises(ValueError, match="CausalNet's maps and"):
         LosoConfig(phases=2)  # the 3DB maps have no second phase
-    with pytest.raises(ValueError, match="CausalNet's maps only"):
+    with pytest.raises(ValueError, match="CausalNet's maps and"):
         LosoConfig(maps="causalnet", phases=2, other_maps_share=0.5)
     with pytest.raises(ValueError, match="phases must be 1 or 2"):
         LosoConfig(maps="causalnet", phases=3)
@@ -79,7 +79,7 @@ def test_the_command_line_builds_six_channels_and_refuses_what_cannot_be(tmp_pat
     assert cfg.model_kwargs == {"in_channels": 6} and cfg.phases == 2
     assert main(["loso", "--phases", "2", "--data", str(tmp_path / "absent"),
                  "--run-dir", str(tmp_path / "run")]) == 2
-    assert "CausalNet's maps only" in capsys.readouterr().err
+    assert "CausalNet's maps and" in capsys.readouterr().err
 
 
 def test_an_engine_of_two_phases_predicts_as_its_training_scored(tmp_path):

@@ -339,3 +339,66 @@ def test_cli_preprocess(tmp_path, casme_frames, capsys):
     rc = main(["preprocess", "--database", "samm", "--root", str(tmp_path / "nowhere"),
                "--sheet", str(sheet), "--cache", str(tmp_path / "cache")])
     assert rc == 4 and "does not exist" in capsys.readouterr().err
+
+
+def _casme2_every_class(root: Path, frames: list[Path]) -> tuple[Path, Path]:
+    """Three subjects with one video of each class, the frames in another order per video (so
+    the movements differ); the happiness videos' offsets are not coded."""
+    data, rows = root / "CASME2", [CASME_HEADER]
+    for subject in (1, 2, 3):
+        for k, emotion in enumerate(("disgust", "happiness", "surprise")):
+            order = np.roll(frames, subject + 3 * k)
+            _video(data / f"sub0{subject}" / f"EP0{k}_0{subject}", list(order),
+                   lambda i: f"img{1 + i}.jpg")
+            offset = 0 if emotion == "happiness" else 9
+            rows.append(f"0{subject},EP0{k}_0{subject},1,4,{offset},4,{emotion}")
+    sheet = root / "casme2.csv"
+    sheet.write_text("\n".join(rows) + "\n")
+    return data, sheet
+
+
+def test_both_phases_of_the_raw_samples_train_and_export_as_the_live_pipeline_makes_them(
+        tmp_path, casme_frames, capsys):
+    """phases28: each sample's onset→apex and apex→offset maps by the live pipeline's own
+    features code (a movement with no annotated offset ends at its apex: an all-zero second
+    phase); `loso --maps live --phases 2` trains and scores on them, and `export` writes an
+    engine of six channels whose manifest says what it learned."""
+    import json
+
+    from realtime_mer.features import movement_map
+    from realtime_mer.runtime import load_engine
+    from training.__main__ import main
+
+    data, sheet = _casme2_every_class(tmp_path, casme_frames)
+    adapter = Casme2Adapter(data, sheet)
+    cache = tmp_path / "cache"
+    preprocess(adapter, cache, kinds=("map28", "phases28"), flow="opencv-tvl1", align=False)
+    options = FeatureOptions(flow="opencv-tvl1")
+    for s in adapter.samples():
+        with np.load(cache / "casme2" / f"{s.sample_id}.npz") as z:
+            one, both = z["map28"], z["phases28"]
+        offset = s.path_of(s.apex if s.offset is None else s.offset)
+        want = movement_map(load_frame(s.onset_path), load_frame(s.path_of(s.apex)),
+                            load_frame(offset), options)
+        np.testing.assert_allclose(both, want, atol=1e-6)
+        np.testing.assert_array_equal(both[..., :3], one)
+        assert (both[..., 3:].max() == 0) == (s.offset is None)
+    assert load_preprocessed(cache, kind="phases28").x.shape == (9, 6, 28, 28)
+
+    quick = ["--maps", "live", "--phases", "2", "--cache", str(cache), "--epochs", "2",
+             "--select-epochs", "fixed", "--batch-size", "3"]
+    assert main(["loso", *quick, "--run-dir", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "loso.json")]) == 0
+    res = json.loads((tmp_path / "loso.json").read_text())
+    assert res["config"]["maps"] == "live" and res["config"]["phases"] == 2
+    assert len(res["predictions"]) == 9 and res["complete"]
+    assert main(["export", *quick, "--out", str(tmp_path / "live.onnx")]) == 0
+    engine = load_engine(tmp_path / "live.onnx", backend="onnxruntime")
+    assert engine.manifest.phases == 2
+    assert "live pipeline's own" in engine.manifest.training["data"]
+    capsys.readouterr()
+    # the live maps come from a cache, and a cache is read for them only
+    assert main(["loso", "--maps", "live", "--run-dir", str(tmp_path / "r2")]) == 2
+    assert "give its --cache folder" in capsys.readouterr().err
+    assert main(["loso", "--cache", str(cache), "--run-dir", str(tmp_path / "r3")]) == 2
+    assert "--cache is read with --maps live only" in capsys.readouterr().err

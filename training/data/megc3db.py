@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -344,15 +345,33 @@ def load_phases(root_3db: str | Path, root_causalnet: str | Path) -> Megc3DB:
 
 def load_for_schedule(root_3db: str | Path, root_causalnet: str | Path, maps: str,
                       other_maps_share: float, input_kind: str = "map28",
-                      score_other_maps: bool = False, phases: int = 1) -> Megc3DB:
+                      score_other_maps: bool = False, phases: int = 1,
+                      cache: str | Path | None = None,
+                      databases: Sequence[str] | None = None) -> Megc3DB:
     """The samples a schedule trains on: the 3DB maps alone, or, when it trains on CausalNet's
     maps, draws from both sets, or is to be scored on the other set too, both sets with
     ``maps`` first (:func:`load_map_sets`); with ``phases`` 2, CausalNet's maps of both phases
-    (:func:`load_phases`)."""
+    (:func:`load_phases`). ``maps`` "live": the live pipeline's maps of the raw databases in
+    ``cache`` (``databases`` of them, default all), written by ``python -m training preprocess``
+    with kind map28 (one phase) or phases28 (two)."""
+    if maps == "live":
+        if cache is None:
+            raise ValueError("--maps live trains on the maps `python -m training preprocess` "
+                             "computed from the raw databases: give its --cache folder")
+        if other_maps_share or score_other_maps:
+            raise ValueError("the live pipeline's maps of the raw databases have no other "
+                             "preprocessing to draw from or to score on")
+        from training.data.preprocess import load_preprocessed
+
+        return load_preprocessed(cache, databases, "phases28" if phases == 2 else "map28")
+    if cache is not None:
+        raise ValueError(f"--cache is read with --maps live only (this schedule trains on the "
+                         f"{maps} maps)")
     if phases == 2:
         if maps != "causalnet" or other_maps_share or score_other_maps:
-            raise ValueError("two phases exist in CausalNet's maps only: they train with "
-                             "--maps causalnet, without the other set")
+            raise ValueError("two phases exist in CausalNet's maps and the live pipeline's "
+                             "only: they train with --maps causalnet or --maps live, without "
+                             "the other set")
         return load_phases(root_3db, root_causalnet)
     both = maps != "3db" or bool(other_maps_share) or score_other_maps
     if both and input_kind != "map28":

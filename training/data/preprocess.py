@@ -98,7 +98,11 @@ def preprocess(
         [0, 1] from :func:`realtime_mer.features.flow_strain_map` (onset → apex);
         ``"colour224"`` (224, 224, 3) uint8 RGB colour-coded onset → apex flow (MJFN), made from
         the same flow field; ``"stack16"`` (stack_frames, stack_size, stack_size, 3) float32
-        flow stack over onset → offset (:func:`realtime_mer.input_kinds.flow_stack`).
+        flow stack over onset → offset (:func:`realtime_mer.input_kinds.flow_stack`);
+        ``"phases28"`` (28, 28, 6) float32, both phases of the movement as the live pipeline
+        makes them for an engine of two phases (:func:`realtime_mer.features.movement_map`):
+        the onset → apex map, then the apex → offset map (where no offset is annotated, the
+        movement is taken to end at its apex, as for ``"stack16"``: an all-zero second phase).
     flow: the flow implementation by name (:func:`realtime_mer.flow.create_flow`), overriding
         ``features.flow``; ``features``: :class:`~realtime_mer.features.FeatureOptions`.
     align: find the face on the onset frame with :class:`~realtime_mer.face.FaceAligner`
@@ -235,7 +239,7 @@ def _compute(sample: RawSample, kinds, features, estimator, aligner, stack_frame
             return img
 
     onset_c, apex_c = crop(onset), crop(apex)
-    if "map28" in kinds or "colour224" in kinds:
+    if "map28" in kinds or "colour224" in kinds or "phases28" in kinds:
         m = flow_strain_map(onset_c, apex_c, features, flow=estimator)
         if "map28" in kinds:
             arrays["map28"] = m.astype(np.float32)
@@ -244,6 +248,13 @@ def _compute(sample: RawSample, kinds, features, estimator, aligner, stack_frame
 
             uv = estimator.last
             arrays["colour224"] = colour_coded_flow(uv[..., 0], uv[..., 1], 224)
+        if "phases28" in kinds:
+            # movement_map's two phases, the first one reused (features.movement_map is the
+            # same two calls)
+            offset_c = (apex_c if sample.offset is None
+                        else crop(load_frame(sample.path_of(sample.offset))))
+            back = flow_strain_map(apex_c, offset_c, features, flow=estimator)
+            arrays["phases28"] = np.concatenate([m, back], axis=-1).astype(np.float32)
     if "stack16" in kinds:
         from realtime_mer.input_kinds import flow_stack
 
@@ -276,15 +287,15 @@ def load_preprocessed(cache_dir: str | Path, databases: Sequence[str] | None = N
                       kind: str = "map28"):
     """The cached inputs of every database under ``cache_dir`` (or ``databases``) as a
     :class:`~training.data.megc3db.Megc3DB` (subjects ``"<database>/<subject>"``). ``kind``:
-    ``"map28"`` gives x (N, 3, 28, 28) float32, ready for the LOSO runner; ``"stack16"`` the
-    3D network's clips, x (N, 3, T, H, W) float32 (:func:`~realtime_mer.input_kinds.
-    clip_layout`). Samples that failed are left out. Raises DatasetError when there is no index
-    or a listed file is missing or lacks ``kind``."""
+    ``"map28"`` gives x (N, 3, 28, 28) float32, ready for the LOSO runner (``"phases28"``: both
+    phases, (N, 6, 28, 28)); ``"stack16"`` the 3D network's clips, x (N, 3, T, H, W) float32
+    (:func:`~realtime_mer.input_kinds.clip_layout`). Samples that failed are left out. Raises
+    DatasetError when there is no index or a listed file is missing or lacks ``kind``."""
     from realtime_mer.input_kinds import clip_layout
     from training.data.megc3db import Megc3DB
 
-    if kind not in ("map28", "stack16"):
-        raise ValueError(f"kind must be 'map28' or 'stack16', got {kind!r}")
+    if kind not in ("map28", "phases28", "stack16"):
+        raise ValueError(f"kind must be 'map28', 'phases28' or 'stack16', got {kind!r}")
 
     cache_dir = Path(cache_dir)
     if databases is None:
@@ -314,8 +325,8 @@ def load_preprocessed(cache_dir: str | Path, databases: Sequence[str] | None = N
     if not rows:
         raise DatasetError(f"{cache_dir}: no preprocessed samples")
     return Megc3DB(
-        x=(np.ascontiguousarray(np.stack(maps).transpose(0, 3, 1, 2)) if kind == "map28"
-           else np.stack([clip_layout(m) for m in maps])),
+        x=(np.stack([clip_layout(m) for m in maps]) if kind == "stack16"
+           else np.ascontiguousarray(np.stack(maps).transpose(0, 3, 1, 2))),
         y=np.array([int(r["label"]) for r, _ in rows], dtype=np.int64),
         subjects=np.array([f"{r['database']}/{r['subject']}" for r, _ in rows]),
         databases=np.array([r["database"] for r, _ in rows]),

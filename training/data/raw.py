@@ -41,7 +41,7 @@ __all__ = [
 
 CLASS_NAMES = ("negative", "positive", "surprise")
 RAW_DATABASES = ("casme2", "samm", "smic", "casme3")
-KINDS = ("map28", "colour224", "stack16")
+KINDS = ("map28", "colour224", "stack16", "phases28")
 APEX_METHODS = ("max_flow", "middle")
 CACHE_VERSION = 1
 

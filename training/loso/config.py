@@ -17,6 +17,12 @@ RESULTS_FORMAT = 1
 # model stops at its fold's chosen epoch; the same honest scores, faster).
 OUTER_EPOCHS = ("all", "chosen")
 
+# The preprocessings a schedule trains on: "3db", the published maps the live pipeline
+# reproduces; "causalnet", CausalNet's maps of the same 442 samples (both in ../shared);
+# "live", the live pipeline's own maps of the raw databases' samples, computed from their
+# frames by `python -m training preprocess` (the databases are licensed and not in ../shared).
+MAP_SETS = ("3db", "causalnet", "live")
+
 
 class LosoWorkerError(RuntimeError):
     """A worker process of a parallel LOSO run failed (its own error was printed)."""
@@ -94,7 +100,9 @@ class LosoConfig:
     # The phases of the movement the network sees: 1, the onset→apex maps; 2, also the
     # apex→offset maps of the same samples (CausalNet's ``_1``; training/data/README.md),
     # stacked after them as channels 3-5, so the network is built with 6 input channels.
-    # Only CausalNet's preprocessing has the second phase.
+    # CausalNet's preprocessing has the second phase, and so has the live pipeline's ("live":
+    # the maps `training preprocess` computes from the raw databases' frames); the 3DB maps
+    # have not.
     phases: int = 1
 
     def __post_init__(self) -> None:
@@ -124,21 +132,24 @@ class LosoConfig:
             raise ValueError(f"input_kind {self.input_kind!r} is not one of "
                              f"{', '.join(NETWORK_INPUT_KINDS)}")
         check_input_options(self.input_kind, self.input_options)
-        if self.maps not in ("3db", "causalnet"):
-            raise ValueError(f"maps {self.maps!r} is not one of 3db, causalnet")
+        if self.maps not in MAP_SETS:
+            raise ValueError(f"maps {self.maps!r} is not one of {', '.join(MAP_SETS)}")
         if not 0.0 <= self.other_maps_share <= 1.0:  # also rejects NaN
             raise ValueError(f"other_maps_share must be in [0, 1], got {self.other_maps_share}")
+        if self.maps == "live" and self.other_maps_share:
+            raise ValueError("the live pipeline's maps of the raw databases have no other "
+                             "preprocessing to draw from: other_maps_share must be 0")
         if (self.maps != "3db" or self.other_maps_share) and self.input_kind != "map28":
             # the facial points that regions5 and mcnet use are of the 3DB maps only
             raise ValueError(f"input kind {self.input_kind!r} is built from the 3DB maps' "
-                             "facial points; the CausalNet maps train as map28 only")
+                             f"facial points; the {self.maps} maps train as map28 only")
         if self.phases not in (1, 2):
             raise ValueError(f"phases must be 1 or 2, got {self.phases!r}")
-        if self.phases == 2 and (self.maps != "causalnet" or self.other_maps_share
-                                 or self.input_kind != "map28"):
+        if self.phases == 2 and (self.maps == "3db" or self.other_maps_share):
             raise ValueError("two phases (onset→apex and apex→offset) exist in CausalNet's "
-                             "maps only: they need maps 'causalnet', no share of the other "
-                             "set, and input kind map28")
+                             "maps and in the live pipeline's maps of the raw databases only: "
+                             "they need maps 'causalnet' or 'live', no share of the other set, "
+                             "and input kind map28")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
