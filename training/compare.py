@@ -17,7 +17,7 @@ import numpy as np
 
 from training.metrics import uf1_uar
 
-__all__ = ["CompareError", "paired_comparison", "load_results"]
+__all__ = ["CompareError", "paired_comparison", "paired_seeds_comparison", "load_results"]
 
 
 class CompareError(ValueError):
@@ -86,18 +86,11 @@ def _by_index(doc: dict) -> dict[int, dict]:
     return {int(p["index"]): p for p in doc["predictions"]}
 
 
-def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, seed: int = 0,
-                      database: str | None = None) -> dict:
-    """Score ``variant`` and ``reference`` on the variant's samples and bootstrap the
-    difference over subjects (only those of ``database`` when given).
-
-    Every sample of the variant must be in the reference with the same file, subject and
-    label. Returns n, subjects, both runs' UF1/UAR on those samples, ``delta_uf1`` /
-    ``delta_uar`` (variant - reference), ``ci95_delta_uf1`` (subject bootstrap), the share of
-    bootstrap draws where the variant's UF1 is lower, and how many predictions differ.
-    """
-    if n_boot < 0:
-        raise CompareError(f"bootstrap draws must be >= 0, not {n_boot}")
+def _paired(reference: dict, variant: dict, database: str | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, the reference's and the variant's predicted classes and the subjects of the
+    variant's samples (only those of ``database`` when given), in index order; CompareError
+    unless every one is in the reference with the same file, subject and label."""
     ref = _by_index(reference)
     var = _by_index(variant)
     if database is not None:  # e.g. the paper's own table: CASME II subjects only
@@ -115,10 +108,23 @@ def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, see
             if a.get(key) != b.get(key):
                 raise CompareError(f"sample {i}: {key} {b.get(key)!r} in the variant but "
                                    f"{a.get(key)!r} in the reference")
-    y = np.array([var[i]["label"] for i in idx])
-    p_ref = np.array([ref[i]["pred"] for i in idx])
-    p_var = np.array([var[i]["pred"] for i in idx])
-    subj = np.array([var[i]["subject"] for i in idx])
+    return (np.array([var[i]["label"] for i in idx]), np.array([ref[i]["pred"] for i in idx]),
+            np.array([var[i]["pred"] for i in idx]), np.array([var[i]["subject"] for i in idx]))
+
+
+def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, seed: int = 0,
+                      database: str | None = None) -> dict:
+    """Score ``variant`` and ``reference`` on the variant's samples and bootstrap the
+    difference over subjects (only those of ``database`` when given).
+
+    Every sample of the variant must be in the reference with the same file, subject and
+    label. Returns n, subjects, both runs' UF1/UAR on those samples, ``delta_uf1`` /
+    ``delta_uar`` (variant - reference), ``ci95_delta_uf1`` (subject bootstrap), the share of
+    bootstrap draws where the variant's UF1 is lower, and how many predictions differ.
+    """
+    if n_boot < 0:
+        raise CompareError(f"bootstrap draws must be >= 0, not {n_boot}")
+    y, p_ref, p_var, subj = _paired(reference, variant, database)
     names = list(dict.fromkeys(subj.tolist()))
     members = [np.flatnonzero(subj == s) for s in names]
 
@@ -131,7 +137,7 @@ def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, see
         deltas[b] = uf1_uar(y[pick], p_var[pick])[0] - uf1_uar(y[pick], p_ref[pick])[0]
     lo, hi = (np.percentile(deltas, [2.5, 97.5]) if n_boot else (float("nan"),) * 2)
     return {
-        "n": len(idx),
+        "n": len(y),
         "database": database or "all",
         "subjects": names,
         "reference": {"uf1": ref_uf1, "uar": ref_uar},
@@ -142,4 +148,47 @@ def paired_comparison(reference: dict, variant: dict, *, n_boot: int = 2000, see
         "p_variant_lower": float(np.mean(deltas < 0)) if n_boot else float("nan"),
         "bootstrap": {"draws": n_boot, "seed": seed, "unit": "subject"},
         "predictions_differ": int(np.sum(p_ref != p_var)),
+    }
+
+
+def paired_seeds_comparison(pairs: list[tuple[dict, dict]], *, n_boot: int = 2000,
+                            seed: int = 0) -> dict:
+    """The mean over seeds of a variant's UF1 difference from its reference, each
+    (reference, variant) pair one seed of both, with one subject bootstrap for all seeds: each
+    draw picks subjects with replacement once, scores every pair's predictions of them and
+    averages the seeds' differences (the seeds themselves are not resampled: they are the runs
+    there are). Every pair must cover the same samples (a complete run each)."""
+    if not pairs:
+        raise CompareError("no (reference, variant) pair to compare")
+    if n_boot < 0:
+        raise CompareError(f"bootstrap draws must be >= 0, not {n_boot}")
+    arrays = [_paired(reference, variant) for reference, variant in pairs]
+    y, _, _, subj = arrays[0]
+    for k, (y_k, _, _, subj_k) in enumerate(arrays[1:], 1):
+        if not (np.array_equal(y_k, y) and np.array_equal(subj_k, subj)):
+            raise CompareError(f"pair {k + 1} covers other samples than pair 1: compare "
+                               "complete runs over the same data")
+    names = list(dict.fromkeys(subj.tolist()))
+    members = [np.flatnonzero(subj == s) for s in names]
+    per_seed = [{"reference": uf1_uar(y, p_ref)[0], "variant": uf1_uar(y, p_var)[0]}
+                for _, p_ref, p_var, _ in arrays]
+    for row in per_seed:
+        row["delta_uf1"] = row["variant"] - row["reference"]
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        deltas[b] = np.mean([uf1_uar(y[pick], p_var[pick])[0] - uf1_uar(y[pick], p_ref[pick])[0]
+                             for _, p_ref, p_var, _ in arrays])
+    lo, hi = (np.percentile(deltas, [2.5, 97.5]) if n_boot else (float("nan"),) * 2)
+    return {
+        "n": int(len(y)),
+        "seeds": len(pairs),
+        "per_seed": per_seed,
+        "reference_mean_uf1": float(np.mean([r["reference"] for r in per_seed])),
+        "variant_mean_uf1": float(np.mean([r["variant"] for r in per_seed])),
+        "mean_delta_uf1": float(np.mean([r["delta_uf1"] for r in per_seed])),
+        "ci95_mean_delta_uf1": [float(lo), float(hi)],
+        "p_variant_lower": float(np.mean(deltas < 0)) if n_boot else float("nan"),
+        "bootstrap": {"draws": n_boot, "seed": seed, "unit": "subject, one draw for all seeds"},
     }

@@ -1,8 +1,8 @@
 """The commands that score finished LOSO runs without training: ``ensemble`` (the mean
 probability of several runs), ``compare`` (paired comparison with a subject bootstrap),
-``window`` (averaging checkpoints around each fold's nested choice) and ``calibrate`` (class
-calibration chosen by the inner CV). Each adds its own parser; ``python -m training`` lists
-them."""
+``compare-seeds`` (its mean over seeds, paired by seed), ``window`` (averaging checkpoints
+around each fold's nested choice) and ``calibrate`` (class calibration chosen by the inner CV).
+Each adds its own parser; ``python -m training`` lists them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ __all__ = ["add_parsers"]
 def add_parsers(sub) -> None:
     _add_ensemble_parser(sub)
     _add_compare_parser(sub)
+    _add_compare_seeds_parser(sub)
     _add_window_parser(sub)
     _add_calibrate_parser(sub)
 
@@ -107,6 +108,51 @@ def cmd_compare(args) -> int:
                                               "comparisons": rows}, indent=1) + "\n")
         print(f"comparison: {args.out}")
     return 0
+
+
+def cmd_compare_seeds(args) -> int:
+    from training.compare import CompareError, load_results, paired_seeds_comparison
+
+    if len(args.reference) != len(args.variant):
+        raise CompareError(f"{len(args.reference)} reference run(s) for {len(args.variant)} "
+                           "variant run(s): give one of each per seed, in the same order")
+    pairs = [(load_results(r), load_results(v)) for r, v in zip(args.reference, args.variant)]
+    r = paired_seeds_comparison(pairs, n_boot=args.bootstrap, seed=args.seed)
+    print(f"{'reference':<54} {'variant':<46} {'ref UF1':>8} {'UF1':>7} {'dUF1':>7}")
+    for ref, var, row in zip(args.reference, args.variant, r["per_seed"]):
+        print(f"{Path(ref).name:<54} {Path(var).name:<46} {row['reference']:>8.4f} "
+              f"{row['variant']:>7.4f} {row['delta_uf1']:>+7.4f}")
+    lo, hi = r["ci95_mean_delta_uf1"]
+    print(f"mean of {r['seeds']} seeds ({r['n']} samples each): reference "
+          f"{r['reference_mean_uf1']:.4f}, variant {r['variant_mean_uf1']:.4f}, dUF1 "
+          f"{r['mean_delta_uf1']:+.4f} [{lo:+.3f}, {hi:+.3f}] (95 % subject bootstrap, one "
+          "draw for all seeds)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"references": [str(p) for p in args.reference],
+                                              "variants": [str(p) for p in args.variant],
+                                              **r}, indent=1) + "\n")
+        print(f"comparison: {args.out}")
+    return 0
+
+
+def _add_compare_seeds_parser(sub) -> None:
+    sp = sub.add_parser("compare-seeds", help="the mean UF1 difference of a variant over "
+                                              "seeds, paired by seed, with a subject bootstrap",
+                        description="Each seed's variant run is scored against the same "
+                                    "seed's reference run; the differences are averaged over "
+                                    "seeds, and one subject bootstrap (the same subjects drawn "
+                                    "for every seed) gives the mean's interval "
+                                    "(training/compare.py).")
+    sp.add_argument("--reference", nargs="+", required=True,
+                    help="the reference's results per seed (the forms of `compare`, e.g. "
+                         "RESULTS:cv_ensemble)")
+    sp.add_argument("--variant", nargs="+", required=True,
+                    help="the variant's results per seed, in the same seed order")
+    sp.add_argument("--bootstrap", type=int, default=2000, help="subject bootstrap draws")
+    sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    sp.add_argument("--out", help="write the comparison here (JSON)")
+    sp.set_defaults(func=cmd_compare_seeds)
 
 
 def _add_compare_parser(sub) -> None:

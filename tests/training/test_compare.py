@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from training.__main__ import main
-from training.compare import CompareError, load_results, paired_comparison
+from training.compare import (CompareError, load_results, paired_comparison,
+                              paired_seeds_comparison)
 from training.metrics import uf1_uar
 
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
@@ -151,6 +152,36 @@ def test_cv_ensemble_source_and_ensemble_files_compare_by_their_recorded_scores(
 def test_cv_ensemble_source_of_a_run_without_one_is_refused():
     with pytest.raises(CompareError, match="no nested_cv_ensemble"):
         load_results(f"{FULL}:cv_ensemble")
+
+
+def test_seeds_are_paired_by_seed_and_their_differences_averaged_under_one_bootstrap(
+        tmp_path, capsys):
+    """One pair is exactly `compare` (the same draws, so the same interval); two pairs average
+    their differences; pairs over other samples, and references without their variants, are
+    refused."""
+    ref, var = load_results(FULL), load_results(VARIANT)
+    one = paired_comparison(ref, var, n_boot=300)
+    alone = paired_seeds_comparison([(ref, var)], n_boot=300)
+    assert alone["mean_delta_uf1"] == pytest.approx(one["delta_uf1"], abs=1e-12)
+    assert alone["ci95_mean_delta_uf1"] == one["ci95_delta_uf1"]
+    swapped = paired_comparison(var, ref, n_boot=300)
+    two = paired_seeds_comparison([(ref, var), (var, ref)], n_boot=300)
+    assert two["seeds"] == 2 and [r["delta_uf1"] for r in two["per_seed"]] == \
+        pytest.approx([one["delta_uf1"], swapped["delta_uf1"]], abs=1e-12)
+    assert two["mean_delta_uf1"] == pytest.approx(0.0, abs=1e-12)
+    lo, hi = two["ci95_mean_delta_uf1"]  # a variant and its mirror: the mean cannot move
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.0, abs=1e-12)
+    part = _subset(var, {"casme2/sub01", "samm/006"})
+    with pytest.raises(CompareError, match="other samples"):
+        paired_seeds_comparison([(ref, var), (ref, part)], n_boot=10)
+    out = tmp_path / "seeds.json"
+    assert main(["compare-seeds", "--reference", str(FULL), str(VARIANT), "--variant",
+                 str(VARIANT), str(FULL), "--bootstrap", "50", "--out", str(out)]) == 0
+    assert "mean of 2 seeds" in capsys.readouterr().out
+    assert json.loads(out.read_text())["mean_delta_uf1"] == pytest.approx(0.0, abs=1e-12)
+    assert main(["compare-seeds", "--reference", str(FULL), str(VARIANT), "--variant",
+                 str(VARIANT)]) == 2
+    assert "one of each per seed" in capsys.readouterr().err
 
 
 def _published_results():
