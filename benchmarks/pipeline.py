@@ -158,25 +158,31 @@ def background_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def shared_maps(n: int) -> "np.ndarray":
-    """The first n real 3DB maps (the events an engine sees in the pipeline are maps like these)."""
+def shared_maps(n: int, phases: int = 1) -> "np.ndarray":
+    """The first n real 3DB maps (the events an engine sees in the pipeline are maps like these);
+    for an engine of two phases, CausalNet's maps of both phases of the same samples."""
     import numpy as np
 
-    from training.data.megc3db import load_megc3db
+    from training.data.megc3db import load_megc3db, load_phases
 
-    return np.asarray(load_megc3db(shared_root() / "data" / "megc2019_3db").x[:n], np.float32)
+    data = shared_root() / "data"
+    if phases == 2:
+        return np.asarray(load_phases(data / "megc2019_3db",
+                                      data / "megc2019_3db_causalnet").x[:n], np.float32)
+    return np.asarray(load_megc3db(data / "megc2019_3db").x[:n], np.float32)
 
 
 def time_engines(paths: list[Path], calls: int) -> list[dict]:
     """Per-event engine latency (predict on one map), engines interleaved call by call."""
     engines = [load_engine(p) for p in paths]
-    maps = shared_maps(calls)
+    maps = {phases: shared_maps(calls, phases) for phases in {e.manifest.phases for e in engines}}
     for engine in engines:  # warm-up: first calls allocate and pick kernels
-        for m in maps[:5]:
+        for m in maps[engine.manifest.phases][:5]:
             engine.predict(m[None])
     times: list[list[float]] = [[] for _ in engines]
-    for m in maps:
+    for i in range(min(len(m) for m in maps.values())):
         for k, engine in enumerate(engines):
+            m = maps[engine.manifest.phases][i]
             t0 = time.perf_counter()
             engine.predict(m[None])
             times[k].append((time.perf_counter() - t0) * 1e3)

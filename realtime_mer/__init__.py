@@ -21,7 +21,7 @@ _PUBLIC = {
     "RingBuffer": "buffer",
     "TVL1Options": "flow", "create_flow": "flow", "optical_strain": "flow",
     "FeatureOptions": "features", "FeatureExtractor": "features",
-    "flow_strain_map": "features", "load_3db_map": "features",
+    "flow_strain_map": "features", "movement_map": "features", "load_3db_map": "features",
     "SpotterOptions": "spotting", "SpotEvent": "spotting", "Spotter": "spotting",
     "spot_offline": "spotting",
     "Manifest": "runtime", "load_engine": "runtime", "default_engine_path": "runtime",

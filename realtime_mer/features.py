@@ -290,6 +290,9 @@ def movement_map(
     The second phase is the face going back: its u and v mostly oppose the first's. Where the
     offset is the apex itself (a movement whose end was not seen), the second map has no motion
     to stretch and is all zeros, as :func:`normalise_minmax` makes a constant channel."""
+    if np.shape(offset)[:2] != np.shape(apex)[:2]:
+        raise ValueError(f"apex and offset differ in size: {np.shape(apex)} vs "
+                         f"{np.shape(offset)}")
     return np.concatenate([flow_strain_map(onset, apex, options, flow),
                            flow_strain_map(apex, offset, options, flow)], axis=-1)
 
@@ -337,7 +340,8 @@ class FeatureExtractor:
         for onset, apex in pairs:
             onset, apex = to_grey(onset, "onset"), to_grey(apex, "apex")
             if onset.shape != apex.shape:
-                raise ValueError(f"onset and apex differ in size: {onset.shape} vs {apex.shape}")
+                raise ValueError(f"the crops of an event differ in size: {onset.shape} vs "
+                                 f"{apex.shape}")
             prepared.append((_prepare(onset, self.options), _prepare(apex, self.options)))
         onsets = torch.from_numpy(np.stack([o for o, _ in prepared]))
         apexes = torch.from_numpy(np.stack([a for _, a in prepared]))

@@ -552,7 +552,8 @@ class Pipeline:
                   ) -> tuple[EventRecord, np.ndarray]:
         if feature_map is None:
             with self.timer.stage("features"):
-                feature_map = self._features.process(*job.crops)
+                # as a batch: an event's two phases go through a PyTorch flow together
+                feature_map = self._features.process_batch([job.crops])[0]
         with self.timer.stage("engine"):
             landmarks = None if job.apex_landmarks5 is None else job.apex_landmarks5[None]
             probabilities = self.engine.predict(

@@ -129,7 +129,8 @@ def _add_common(sp) -> None:
 
 
 def _databases(args) -> list[str] | None:
-    return args.databases.split(",") if args.databases else None
+    names = [d.strip() for d in (args.databases or "").split(",") if d.strip()]
+    return names or None
 
 
 def _json_object(text: str, option: str) -> dict:
@@ -331,6 +332,8 @@ def default_loso_results(cfg, results_dir: Path | None = None,
     from training.calibrate import calibration_kind
     from training.export import check_loso_results
 
+    if cfg.maps == "live":
+        return None  # runs on a user's cache are not in the repository: quote what is given
     folder = results_dir or REPO_ROOT / "experiments" / "results"
     if calibrated is not None:
         folder = folder / CALIBRATION_FOLDERS[calibrated]

@@ -188,6 +188,9 @@ def paired_seeds_comparison(pairs: list[tuple[dict, dict]], *, n_boot: int = 200
         "reference_mean_uf1": float(np.mean([r["reference"] for r in per_seed])),
         "variant_mean_uf1": float(np.mean([r["variant"] for r in per_seed])),
         "mean_delta_uf1": float(np.mean([r["delta_uf1"] for r in per_seed])),
+        # the seeds' own spread, which the subject bootstrap does not hold
+        "sd_delta_uf1": (float(np.std([r["delta_uf1"] for r in per_seed], ddof=1))
+                         if len(per_seed) > 1 else float("nan")),
         "ci95_mean_delta_uf1": [float(lo), float(hi)],
         "p_variant_lower": float(np.mean(deltas < 0)) if n_boot else float("nan"),
         "bootstrap": {"draws": n_boot, "seed": seed, "unit": "subject, one draw for all seeds"},

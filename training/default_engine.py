@@ -68,7 +68,9 @@ def protocol_of(config: dict) -> str:
 def _scored_on_live_maps(config: dict) -> bool:
     """Whether a run's scores are on the maps the live pipeline makes: the 3DB maps, one phase
     (runs trained on both preprocessings count; those trained on CausalNet's maps are scored on
-    theirs, and two-phase runs on CausalNet's maps of both phases, not on the live path's)."""
+    theirs, and two-phase runs on CausalNet's maps of both phases, not on the live path's). Runs
+    on the live maps of a user's raw databases are scored on other samples than the 442, so
+    their figures are not comparable with the rest; they are left out too."""
     return config.get("maps", "3db") == "3db" and config.get("phases", 1) == 1
 
 

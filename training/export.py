@@ -1,5 +1,6 @@
-"""Train a model on all 3DB samples with its LOSO schedule and export it as an ONNX engine plus
-manifest (``engines/<model>_3db.onnx`` + ``.onnx.json``).
+"""Train a model on all samples with its LOSO schedule and export it as an ONNX engine plus
+manifest (``engines/<model>_3db.onnx`` + ``.onnx.json``; :func:`engine_file_name` names engines
+of other maps and of both phases).
 
 The epoch count is set the way the quoted LOSO score was estimated. ``select_epochs="fixed"``:
 ``cfg.epochs``, chosen a priori. ``select_epochs="nested"`` (the CLI default): the nested rule of
@@ -445,7 +446,7 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
         raise ValueError(f"--loso-results {loso_results}: no such file")
     if loso_results:
         loso_doc = LosoResults.load(loso_results).doc
-        check_loso_results(loso_doc, cfg, str(loso_results))
+        check_loso_results(loso_doc, cfg, str(loso_results), data)
         if ensemble and "nested_cv_ensemble" not in loso_doc:
             raise ValueError(f"{loso_results} holds no nested_cv_ensemble score to quote for "
                              "an ensemble engine (it predates the CV ensemble; rerun the LOSO)")
@@ -538,17 +539,18 @@ def export_default(data: Megc3DB, cfg: LosoConfig, out: str | Path, *,
 
 def _training_data(data: Megc3DB, cfg: LosoConfig) -> str:
     """What the manifest says the engine was trained on."""
-    phases = "" if cfg.phases == 1 else "; both phases of each movement (onset->apex, apex->offset)"
+    both = "both phases of each movement (onset->apex, apex->offset)"
     if cfg.maps == "live":
         databases = ", ".join(sorted(set(map(str, data.databases))))
         return (f"the live pipeline's own 28x28 (u, v, strain) maps of the raw databases' "
                 f"samples ({databases}), computed from their frames by `python -m training "
-                f"preprocess`{phases}")
-    return ("MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 (u, v, strain) maps"
-            + ("" if data.maps is None else
-               f"; trained on the {data.maps[0]} preprocessing of the samples")
-            + ("" if cfg.phases == 1 else
-               f"{phases}, CausalNet's maps (the live pipeline makes its own of each)"))
+                f"preprocess`" + ("" if cfg.phases == 1 else f"; {both}"))
+    published = ("MEGC2019 3DB composite (SMIC, CASME II, SAMM), published 28x28 (u, v, strain) "
+                 "maps")
+    if cfg.phases == 2:
+        return f"{published}: CausalNet's, {both}; the live pipeline makes its own of each"
+    return published + ("" if data.maps is None else
+                        f"; trained on the {data.maps[0]} preprocessing of the samples")
 
 
 def _input_spec(cfg: LosoConfig, side: int) -> dict:
@@ -585,11 +587,18 @@ def _schedule_key(cfg_dict: dict) -> dict:
     return d
 
 
-def check_loso_results(r: dict, cfg: LosoConfig, name: str = "LOSO results") -> None:
-    """Refuse results measured with another model, schedule or epoch selection rule: a manifest
-    must not claim scores estimated for a different training procedure."""
+def check_loso_results(r: dict, cfg: LosoConfig, name: str = "LOSO results",
+                       data: Megc3DB | None = None) -> None:
+    """Refuse results measured with another model, schedule or epoch selection rule, or (for
+    the live maps of a cache, given ``data``) on other data: a manifest must not claim scores
+    estimated for a different training procedure or other samples."""
     if "config" not in r:
         raise ValueError(f"{name} has no config; it cannot be matched to this export")
+    if data is not None and cfg.maps == "live" \
+            and r.get("dataset", {}).get("sha256") != data.fingerprint():
+        raise ValueError(f"{name} was measured on other live maps than this export's (another "
+                         "cache, other options or other --databases): pass the results of a "
+                         "LOSO run on the same data")
     theirs, ours = _schedule_key(r["config"]), _schedule_key(cfg.to_dict())
     if theirs != ours:
         diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))

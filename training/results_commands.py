@@ -126,7 +126,7 @@ def cmd_compare_seeds(args) -> int:
     print(f"mean of {r['seeds']} seeds ({r['n']} samples each): reference "
           f"{r['reference_mean_uf1']:.4f}, variant {r['variant_mean_uf1']:.4f}, dUF1 "
           f"{r['mean_delta_uf1']:+.4f} [{lo:+.3f}, {hi:+.3f}] (95 % subject bootstrap, one "
-          "draw for all seeds)")
+          f"draw for all seeds); the seeds' differences spread by sd {r['sd_delta_uf1']:.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"references": [str(p) for p in args.reference],

@@ -57,7 +57,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 class Backend:
     """A loaded engine. ``predict(maps, landmarks=None)`` takes raw (N, 3, 28, 28) float32
-    (u, v, strain) maps in [0, 1] (and, for engines whose input kind locates facial regions,
+    (u, v, strain) maps in [0, 1] ((N, 6, 28, 28), both phases of each movement, for an engine
+    whose ``manifest.phases`` is 2) (and, for engines whose input kind locates facial regions,
     their (N, 5, 2) landmarks in the maps' frame; None means the aligned-face template),
     builds the engine's input kind, applies the manifest's normalisation and returns (N, C)
     float32 probabilities summing to 1 (classes ``manifest.class_names``)."""

@@ -32,6 +32,10 @@ def test_the_mirror_acts_on_each_phase_as_on_one():
     torch.testing.assert_close(both[:, :3], hflip_maps(x[:, :3]), rtol=0, atol=0)
     torch.testing.assert_close(both[:, 3:], hflip_maps(x[:, 3:]), rtol=0, atol=0)
     torch.testing.assert_close(hflip_maps(both), x, rtol=0, atol=1e-7)
+    # a phase that never went back (all zeros) has no motion to reverse: it stays zeros
+    still = x.clone()
+    still[:, 3:] = 0.0
+    assert (hflip_maps(still)[:, 3:] == 0).all()
     # the (u, v, strain) normalisation applies to each phase's three channels
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
     torch.testing.assert_close(normalise(x, mean, std)[:, 3:], normalise(x[:, 3:], mean, std))

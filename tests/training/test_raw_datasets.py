@@ -360,7 +360,7 @@ def _casme2_every_class(root: Path, frames: list[Path]) -> tuple[Path, Path]:
 def test_both_phases_of_the_raw_samples_train_and_export_as_the_live_pipeline_makes_them(
         tmp_path, casme_frames, capsys):
     """phases28: each sample's onset→apex and apex→offset maps by the live pipeline's own
-    features code (a movement with no annotated offset ends at its apex: an all-zero second
+    features code (a sample with no annotated offset ends at its apex: an all-zero second
     phase); `loso --maps live --phases 2` trains and scores on them, and `export` writes an
     engine of six channels whose manifest says what it learned."""
     import json
@@ -392,13 +392,25 @@ def test_both_phases_of_the_raw_samples_train_and_export_as_the_live_pipeline_ma
     res = json.loads((tmp_path / "loso.json").read_text())
     assert res["config"]["maps"] == "live" and res["config"]["phases"] == 2
     assert len(res["predictions"]) == 9 and res["complete"]
-    assert main(["export", *quick, "--out", str(tmp_path / "live.onnx")]) == 0
+    assert "live pipeline's maps" in res["dataset"]["name"]
+    assert main(["export", *quick, "--loso-results", str(tmp_path / "loso.json"),
+                 "--out", str(tmp_path / "live.onnx")]) == 0
     engine = load_engine(tmp_path / "live.onnx", backend="onnxruntime")
-    assert engine.manifest.phases == 2
+    assert engine.manifest.phases == 2 and engine.manifest.loso["uf1"] == res["uf1"]
     assert "live pipeline's own" in engine.manifest.training["data"]
+    # the same schedule on maps made another way (another flow) cannot quote that score
+    preprocess(adapter, tmp_path / "dis", kinds=("phases28",), flow="dis", align=False)
     capsys.readouterr()
+    other = [a if a != str(cache) else str(tmp_path / "dis") for a in quick]
+    assert main(["export", *other, "--loso-results", str(tmp_path / "loso.json"),
+                 "--out", str(tmp_path / "dis.onnx")]) == 2
+    assert "other live maps" in capsys.readouterr().err
+    assert not (tmp_path / "dis.onnx").exists()
+    # nor resume the first run's folds
+    assert main(["loso", *other, "--run-dir", str(tmp_path / "run")]) == 2
+    assert "different configuration or data" in capsys.readouterr().err
     # the live maps come from a cache, and a cache is read for them only
     assert main(["loso", "--maps", "live", "--run-dir", str(tmp_path / "r2")]) == 2
     assert "give its --cache folder" in capsys.readouterr().err
     assert main(["loso", "--cache", str(cache), "--run-dir", str(tmp_path / "r3")]) == 2
-    assert "--cache is read with --maps live only" in capsys.readouterr().err
+    assert "--cache and --databases are read with --maps live only" in capsys.readouterr().err

@@ -85,6 +85,16 @@ class Megc3DB:
         y = self.y[self.primary_rows]
         return tuple(int(c) for c in np.bincount(y, minlength=len(CLASS_NAMES)))
 
+    def fingerprint(self) -> str:
+        """sha256 of the inputs, labels and subjects: which data a run was made on, where the
+        folder alone does not say it (a cache of maps recomputed with other options)."""
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(self.x, np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.y, np.int64).tobytes())
+        h.update("\n".join(map(str, self.subjects)).encode())
+        return h.hexdigest()
+
 
 LANDMARKS_FILE = "landmarks5.csv"
 _LANDMARK_COLUMNS = tuple(f"{p}_{a}" for p in ("eye_image_left", "eye_image_right", "nose_tip",
@@ -364,9 +374,9 @@ def load_for_schedule(root_3db: str | Path, root_causalnet: str | Path, maps: st
         from training.data.preprocess import load_preprocessed
 
         return load_preprocessed(cache, databases, "phases28" if phases == 2 else "map28")
-    if cache is not None:
-        raise ValueError(f"--cache is read with --maps live only (this schedule trains on the "
-                         f"{maps} maps)")
+    if cache is not None or databases:
+        raise ValueError(f"--cache and --databases are read with --maps live only (this "
+                         f"schedule trains on the {maps} maps)")
     if phases == 2:
         if maps != "causalnet" or other_maps_share or score_other_maps:
             raise ValueError("two phases exist in CausalNet's maps and the live pipeline's "

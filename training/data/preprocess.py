@@ -101,8 +101,9 @@ def preprocess(
         flow stack over onset → offset (:func:`realtime_mer.input_kinds.flow_stack`);
         ``"phases28"`` (28, 28, 6) float32, both phases of the movement as the live pipeline
         makes them for an engine of two phases (:func:`realtime_mer.features.movement_map`):
-        the onset → apex map, then the apex → offset map (where no offset is annotated, the
-        movement is taken to end at its apex, as for ``"stack16"``: an all-zero second phase).
+        the onset → apex map, then the apex → offset map (the sample's last frame: where no
+        offset is annotated the sample ends at its apex, as for ``"stack16"``, and its second
+        phase is all zeros, which at run time only a movement cut short gives).
     flow: the flow implementation by name (:func:`realtime_mer.flow.create_flow`), overriding
         ``features.flow``; ``features``: :class:`~realtime_mer.features.FeatureOptions`.
     align: find the face on the onset frame with :class:`~realtime_mer.face.FaceAligner`
@@ -251,8 +252,8 @@ def _compute(sample: RawSample, kinds, features, estimator, aligner, stack_frame
         if "phases28" in kinds:
             # movement_map's two phases, the first one reused (features.movement_map is the
             # same two calls)
-            offset_c = (apex_c if sample.offset is None
-                        else crop(load_frame(sample.path_of(sample.offset))))
+            # the sample's last frame: its offset, or its apex where none is annotated
+            offset_c = crop(load_frame(sample.frames[-1]))
             back = flow_strain_map(apex_c, offset_c, features, flow=estimator)
             arrays["phases28"] = np.concatenate([m, back], axis=-1).astype(np.float32)
     if "stack16" in kinds:

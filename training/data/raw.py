@@ -99,10 +99,11 @@ class RawSample:
     """One annotated micro-expression.
 
     Frame numbers are the numbers in the frame files' names (``img46.jpg`` → 46), the numbering
-    the sheets use. ``frames`` holds the paths of every frame from onset to offset (to the last
-    frame of the folder when the offset is not annotated), in order, with their numbers in
-    ``frame_numbers``. ``apex`` is None until estimated when the database has no apex annotation
-    (SMIC) or the row lacks one; ``apex_source`` says which: "annotated", "max_flow", "middle".
+    the sheets use. ``frames`` holds the paths of every frame from onset to offset (to the apex
+    when the offset is not annotated, to the folder's last frame when neither is), in order,
+    with their numbers in ``frame_numbers``. ``apex`` is None until estimated when the database
+    has no apex annotation (SMIC) or the row lacks one; ``apex_source`` says which: "annotated",
+    "max_flow", "middle".
     ``label``: 0 negative, 1 positive, 2 surprise. ``sample_id`` is unique within the database
     and safe as a file name (``<subject>_<video>``, plus ``_<onset>`` where a video holds
     several samples).

@@ -142,7 +142,8 @@ class LosoConfig:
         if (self.maps != "3db" or self.other_maps_share) and self.input_kind != "map28":
             # the facial points that regions5 and mcnet use are of the 3DB maps only
             raise ValueError(f"input kind {self.input_kind!r} is built from the 3DB maps' "
-                             f"facial points; the {self.maps} maps train as map28 only")
+                             "facial points; a run on another preprocessing (CausalNet's, the "
+                             "live maps, or a share of the other set) trains as map28 only")
         if self.phases not in (1, 2):
             raise ValueError(f"phases must be 1 or 2, got {self.phases!r}")
         if self.phases == 2 and (self.maps == "3db" or self.other_maps_share):

@@ -16,6 +16,13 @@ from training.loso.config import LosoConfig, RESULTS_FORMAT
 from training.loso.provenance import _atomic_write_json, _elapsed, git_commit, host_cpu
 
 
+def _dataset_name(cfg: LosoConfig, data: Megc3DB) -> str:
+    if cfg.maps == "live":
+        return ("the live pipeline's maps of the raw databases' samples ("
+                + ", ".join(sorted(set(map(str, data.databases)))) + ")")
+    return "MEGC2019 3DB composite"
+
+
 def _ensemble_block(probs: np.ndarray, y_true: list, dbs: np.ndarray, k: int) -> dict:
     return {
         "description": (f"honest: per fold, the mean probability of the outer model and the "
@@ -123,8 +130,9 @@ def _collect(data: Megc3DB, cfg: LosoConfig, run_dir: Path, folds: list[int],
         "complete": len(folds) == len(subjects),
         "folds_run": len(folds),
         "config": cfg.to_dict(),
-        "dataset": {"name": "MEGC2019 3DB composite", "root": data.root,
+        "dataset": {"name": _dataset_name(cfg, data), "root": data.root,
                     "n_samples": len(data.primary_rows),
+                    **({"sha256": data.fingerprint()} if cfg.maps == "live" else {}),
                     **({} if data.maps is None else {"maps": str(data.maps[0])}),
                     "n_subjects": len(subjects), "class_counts": list(data.class_counts()),
                     "class_names": list(CLASS_NAMES)},

@@ -79,6 +79,8 @@ def run_loso(
     check_model(data, cfg)
     config_doc = {"config": cfg.to_dict(), "n_samples": len(data), "subjects": subjects,
                   "format": RESULTS_FORMAT,
+                  # the live maps come from a cache whose options the folder does not show
+                  **({"data_sha256": data.fingerprint()} if cfg.maps == "live" else {}),
                   # recorded only when not the default, so older run directories still resume;
                   # folds trained to their chosen epoch cannot serve a run that needs them all
                   **({"outer_epochs": outer_epochs} if outer_epochs != "all" else {})}

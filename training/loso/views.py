@@ -19,10 +19,13 @@ def hflip_maps(x: torch.Tensor) -> torch.Tensor:
 
     Mirroring the face also reverses horizontal motion, so u must be negated. The published u is
     min-max normalised per map, u' = (u - min)/(max - min); for -u that is (max - u)/(max - min)
-    = 1 - u'. v and strain only move with the pixels.
+    = 1 - u'. v and strain only move with the pixels. A constant u has no range to reverse (no
+    motion, all zeros, as in a second phase that never went back) and stays as it is.
     """
     out = torch.flip(x, dims=(-1,)).clone()
-    out[:, 0::3] = 1.0 - out[:, 0::3]
+    u = out[:, 0::3]
+    still = u.amax(dim=(-2, -1), keepdim=True) == u.amin(dim=(-2, -1), keepdim=True)
+    out[:, 0::3] = torch.where(still, u, 1.0 - u)
     return out
 
 
